@@ -1,0 +1,1 @@
+"""mpnode.bench (see the repository README)."""

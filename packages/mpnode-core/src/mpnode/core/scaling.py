@@ -1,0 +1,96 @@
+"""The adjoint-scaling interface of the backward recurrence.
+
+The backward pass (:mod:`mpnode.core.adjoint`) seeds each step's
+vector-Jacobian product with ``S * lambda`` and unscales the result by
+``h / S`` in high precision.  A scaling policy chooses ``S`` and may reject
+a block of steps (after which the loop restores its snapshot and redoes
+the block).  ``mpnode.scaler.DynamicAdjointScaler`` implements it for
+float16; :class:`NoAdjointScaling` is the policy used otherwise.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import torch
+
+
+class AdjointScaling(abc.ABC):
+    """What the backward recurrence asks of a scaling policy.
+
+    Call order for one backward pass over ``n_steps`` steps::
+
+        begin(lam_N, n_steps)
+        repeat per block of steps (latest first):
+            snap = snapshot()                          # only if block_size is not None
+            per step m:  S = scale(lam); ...; observe(m, lam, S, grads)
+            accepted = end_block(lo, hi)               # False: restore(snap), redo
+        end(results)
+
+    Every method except ``end_block`` and ``end`` must stay on the device
+    (no ``.item()``, no ``bool(tensor)``) so the loop runs without host
+    synchronisation between checks.
+    """
+
+    #: steps between host checks; ``None`` means the policy never rejects a block.
+    block_size: int | None = None
+
+    def begin(self, lam: torch.Tensor, n_steps: int) -> None:
+        """Start a backward pass; ``lam`` is the terminal adjoint (high precision)."""
+
+    @abc.abstractmethod
+    def scale(self, lam: torch.Tensor) -> torch.Tensor:
+        """The scale ``S`` (float32 0-dim tensor on ``lam``'s device) for the next step's VJP."""
+
+    def observe(self, step: int, lam: torch.Tensor, scale: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+        """See the scaled VJP results ``grads`` of ``step`` (computed with ``scale``)."""
+
+    def snapshot(self) -> object:
+        return None
+
+    def restore(self, snap: object) -> None:
+        pass
+
+    def end_block(self, lo: int, hi: int) -> bool:
+        """Accept (True) or reject (False) steps ``lo .. hi-1``; may raise when it cannot recover."""
+        return True
+
+    def end(self, results: Sequence[torch.Tensor]) -> None:
+        """Called with the final gradients before they are returned to autograd."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """The backward pass produced inf/NaN that no scaling policy recovered."""
+
+
+class NoAdjointScaling(AdjointScaling):
+    """Scale 1.  Optionally raise when the final gradients are not finite.
+
+    Args:
+        raise_on_nonfinite: check the gradients once at the end of backward (one
+            host synchronisation) and raise :class:`NonFiniteGradientError`.
+            With ``False`` non-finite gradients are returned as they are, which is
+            what ``torch.amp.GradScaler`` needs to skip the optimizer step.
+    """
+
+    def __init__(self, raise_on_nonfinite: bool = False) -> None:
+        self.raise_on_nonfinite = raise_on_nonfinite
+        self._one: torch.Tensor | None = None
+
+    def scale(self, lam: torch.Tensor) -> torch.Tensor:
+        if self._one is None or self._one.device != lam.device:
+            self._one = torch.ones((), dtype=torch.float32, device=lam.device)
+        return self._one
+
+    def end(self, results: Sequence[torch.Tensor]) -> None:
+        if not self.raise_on_nonfinite or not results:
+            return
+        finite = torch.stack([torch.isfinite(r).all() for r in results]).all()
+        if not bool(finite):
+            raise NonFiniteGradientError(
+                "the float16 backward pass overflowed (inf/NaN gradients) and no adjoint scaler was used. "
+                "Install mpnode-scaler (pip install packages/mpnode-scaler) and pass "
+                "scaler=mpnode.scaler.DynamicAdjointScaler(), or autocast to torch.bfloat16. "
+                "No gradient was written."
+            )

@@ -1,0 +1,87 @@
+"""Flat views of tensor and tuple states, and the vector field on them."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+import torch
+
+State = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+class FlatState:
+    """The layout of a state: one tensor or a tuple of tensors of one dtype.
+
+    The solver works on a 1-D vector of ``numel`` entries in ``dtype``; this
+    object converts between that vector and the user's structure.
+    """
+
+    def __init__(self, y0: State) -> None:
+        self.is_tuple = not isinstance(y0, torch.Tensor)
+        parts = tuple(y0) if self.is_tuple else (y0,)
+        self.shapes = tuple(p.shape for p in parts)
+        self.sizes = tuple(p.numel() for p in parts)
+        self.numel = sum(self.sizes)
+        self.dtype = parts[0].dtype
+        self.device = parts[0].device
+
+    def flatten(self, y: State) -> torch.Tensor:
+        """User state -> 1-D vector (a view when the state is a single tensor)."""
+        if not self.is_tuple:
+            return y.reshape(-1)
+        return torch.cat([p.reshape(-1) for p in y])
+
+    def unflatten(self, flat: torch.Tensor, lead: tuple[int, ...] = ()) -> State:
+        """``(*lead, numel)`` -> user structure with leading dims ``lead`` (views)."""
+        if not self.is_tuple:
+            return flat.reshape(*lead, *self.shapes[0])
+        parts = torch.split(flat, self.sizes, dim=-1)
+        return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self.shapes))
+
+
+class FlatVectorField:
+    """``func(t, y)`` seen as a map on flat high-precision vectors.
+
+    ``t`` is passed to ``func`` as a 0-dim tensor in the state dtype (as
+    torchdiffeq does), ``y`` in the user's structure.  The result is checked
+    (structure, shape, floating dtype) and cast to the state dtype, so stage
+    sums are accumulated in high precision whatever dtype autocast produced.
+    Every call is counted in ``nfe``.
+    """
+
+    def __init__(self, func: Callable, layout: FlatState) -> None:
+        self.func = func
+        self.layout = layout
+        self.nfe = 0
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        lay = self.layout
+        out = self.func(t.to(lay.dtype), lay.unflatten(y))
+        parts = self._check(out)
+        if not lay.is_tuple:
+            return parts[0].reshape(-1).to(lay.dtype)
+        return torch.cat([p.reshape(-1).to(lay.dtype) for p in parts])
+
+    def _check(self, out) -> Sequence[torch.Tensor]:
+        lay = self.layout
+        if lay.is_tuple:
+            if not isinstance(out, (tuple, list)) or len(out) != len(lay.shapes):
+                raise TypeError(
+                    f"func must return a tuple of {len(lay.shapes)} tensors like y0, got {type(out).__name__}"
+                    + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+                )
+            parts = tuple(out)
+        else:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"func must return a tensor shaped like y0, got {type(out).__name__}")
+            parts = (out,)
+        for i, (p, shape) in enumerate(zip(parts, lay.shapes)):
+            where = f"func output {i}" if lay.is_tuple else "func output"
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{where} must be a tensor, got {type(p).__name__}")
+            if p.shape != shape:
+                raise ValueError(f"{where} has shape {tuple(p.shape)} but the state has shape {tuple(shape)}; dy/dt must match y")
+            if not p.dtype.is_floating_point:
+                raise TypeError(f"{where} has dtype {p.dtype}; the vector field must return a real floating tensor")
+        return parts

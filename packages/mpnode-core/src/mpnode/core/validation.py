@@ -1,0 +1,94 @@
+"""Checks of user input, each raising an error that names the fix."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .precision import STATE_DTYPES
+from .state import State
+
+KNOWN_OPTIONS = ("step_size", "grid_constructor", "checkpoint_dtype", "stats")
+
+
+def check_y0(y0: State) -> None:
+    parts = (y0,) if isinstance(y0, torch.Tensor) else y0
+    if not isinstance(parts, tuple) or not parts or not all(isinstance(p, torch.Tensor) for p in parts):
+        raise TypeError(f"y0 must be a tensor or a non-empty tuple of tensors, got {type(y0).__name__}")
+    dtypes = {p.dtype for p in parts}
+    for p in parts:
+        if not p.dtype.is_floating_point or p.dtype not in STATE_DTYPES:
+            hint = (
+                " (keep the state in float32 and evaluate the network in low precision under torch.autocast)"
+                if p.dtype.is_floating_point
+                else ""
+            )
+            raise TypeError(f"y0 must be float32 or float64, got {p.dtype}{hint}; convert it with y0.float()")
+    if len(dtypes) > 1:
+        raise TypeError(f"all tensors of a tuple y0 must share one dtype, got {sorted(map(str, dtypes))}; cast them to one")
+    devices = {p.device for p in parts}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors of a tuple y0 must be on one device, got {sorted(map(str, devices))}")
+    if not all(bool(torch.isfinite(p).all()) for p in parts):
+        raise ValueError("y0 contains inf or NaN; check the data or the layer that produced the initial state")
+
+
+def check_t(t: Any, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}; use torch.tensor([t0, t1, ...])")
+    if t.dim() != 1:
+        raise ValueError(f"t must be 1-D, got shape {tuple(t.shape)}; pass t.flatten() or the output times as a vector")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"t must be a floating tensor, got {t.dtype}; use t.float()")
+    if t.dtype not in STATE_DTYPES:
+        raise TypeError(
+            f"t has dtype {t.dtype}; times must be float32 or float64 (low-precision time grids lose the step sizes): use t.float()"
+        )
+    if t.device != device:
+        raise ValueError(f"t is on {t.device} but y0 is on {device}; move it with t.to(y0.device)")
+    if t.numel() < 2:
+        raise ValueError("t must hold at least two times (start and end)")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("t contains inf or NaN")
+    check_strictly_monotone("t", t)
+
+
+def check_strictly_monotone(name: str, t: torch.Tensor) -> None:
+    d = t[1:] - t[:-1]
+    if not (bool((d > 0).all()) or bool((d < 0).all())):
+        raise ValueError(f"{name} must be strictly increasing or strictly decreasing (no repeats); sort it and drop duplicates")
+
+
+def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(KNOWN_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; odeint accepts {list(KNOWN_OPTIONS)}")
+    if opts.get("step_size") is not None and opts.get("grid_constructor") is not None:
+        raise ValueError("options 'step_size' and 'grid_constructor' are mutually exclusive; pass one of them")
+    step = opts.get("step_size")
+    if step is not None:
+        try:
+            value = float(step)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"options['step_size'] must be a positive number, got {step!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"options['step_size'] must be positive and finite, got {value}; the direction comes from t")
+        opts["step_size"] = value
+    gc = opts.get("grid_constructor")
+    if gc is not None and not callable(gc):
+        raise TypeError("options['grid_constructor'] must be callable as grid_constructor(func, y0, t) -> grid")
+    return opts
+
+
+def check_grid(grid: Any, t: torch.Tensor) -> None:
+    if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() < 2:
+        raise ValueError("grid_constructor must return a 1-D tensor of at least two times")
+    if grid.dtype != t.dtype or grid.device != t.device:
+        raise ValueError(f"grid_constructor returned {grid.dtype} on {grid.device}; it must match t ({t.dtype} on {t.device})")
+    if not (bool(grid[0] == t[0]) and bool(grid[-1] == t[-1])):
+        raise ValueError("the grid must start at t[0] and end at t[-1] exactly")
+    check_strictly_monotone("the grid", grid)
+    if bool((grid[1] - grid[0]) * (t[1] - t[0]) < 0):
+        raise ValueError("the grid must run in the same direction as t")

@@ -1,0 +1,1 @@
+"""mpnode.models (see the repository README)."""

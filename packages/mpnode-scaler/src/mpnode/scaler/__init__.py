@@ -1,0 +1,1 @@
+"""mpnode.scaler (see the repository README)."""

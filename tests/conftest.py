@@ -1,0 +1,55 @@
+"""Shared test options: the precision matrix and the device.
+
+``--precision`` selects one column of the matrix: tests parametrised over
+``precision`` keep only that value, precision-independent tests run in the
+``float32`` column.  ``--device`` is ``cpu`` or ``cuda``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--precision", choices=(*PRECISIONS, "all"), default="all", help="precision column to run")
+    parser.addoption("--device", default="cpu", help="torch device type for the tests (cpu or cuda)")
+
+
+def pytest_collection_modifyitems(config, items):
+    selected = config.getoption("--precision")
+    if selected == "all":
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        precision = params.params.get("precision", "float32") if params else "float32"
+        (keep if precision == selected else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    items[:] = keep
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
+    return torch.device(name)
+
+
+@pytest.fixture
+def amp(device):
+    """``amp(precision)``: the autocast context of a precision column on the test device."""
+
+    def make(precision: str):
+        if precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=LOW[precision])
+
+    return make
