@@ -69,20 +69,20 @@ def _pytest(session: nox.Session, package: str, precision: str, device: str) -> 
     )
 
 
-@nox.session(name="tests")
-@nox.parametrize("precision", PRECISIONS)
-@nox.parametrize("package", PACKAGES)
-def tests(session: nox.Session, package: str, precision: str) -> None:
-    """pytest for one package at one precision on the CPU."""
-    _pytest(session, package, precision, "cpu")
+def _define_test_session(package: str, precision: str, device: str) -> None:
+    suffix = "" if device == "cpu" else f"-{device}"
+
+    def session_fn(session: nox.Session) -> None:
+        _pytest(session, package, precision, device)
+
+    session_fn.__doc__ = f"pytest tests/{package} at {precision} on {device}"
+    nox.session(name=f"tests-{package}-{precision}{suffix}")(session_fn)
 
 
-@nox.session(name="tests_cuda")
-@nox.parametrize("precision", PRECISIONS)
-@nox.parametrize("package", PACKAGES)
-def tests_cuda(session: nox.Session, package: str, precision: str) -> None:
-    """pytest for one package at one precision on CUDA (skipped without a GPU)."""
-    _pytest(session, package, precision, "cuda")
+for _package in PACKAGES:
+    for _precision in PRECISIONS:
+        for _device in ("cpu", "cuda"):
+            _define_test_session(_package, _precision, _device)
 
 
 @nox.session

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from .parameters import untracked_inputs
 from .precision import PrecisionPolicy
 from .scaling import AdjointScaling
 from .state import FlatVectorField
@@ -124,6 +125,8 @@ def _adjoint_recurrence(
                 t0 = grid[m].detach().requires_grad_(need_grid)
                 t1 = grid[m + 1].detach().requires_grad_(need_grid)
                 phi = rk_increment(tab, f, t0, t1, y)
+                if m == n_steps - 1:
+                    _refuse_untracked(phi, [y, t0, t1, *cfg.params])
                 scale = scaling.scale(lam)
                 inputs = [y, *params, *((t0, t1) if need_grid else ())]
                 vjp = torch.autograd.grad(phi, inputs, grad_outputs=lam * scale, allow_unused=True)
@@ -162,3 +165,15 @@ def _adjoint_recurrence(
     if stats is not None:
         stats.nfe_backward += f.nfe - nfe0
     return lam, sums, grid_grad
+
+
+def _refuse_untracked(phi: torch.Tensor, known: list[torch.Tensor]) -> None:
+    """Raise if the recomputed step depends on grad-requiring tensors odeint was not given."""
+    lost = untracked_inputs(phi, known)
+    if lost:
+        shapes = ", ".join(str(tuple(p.shape)) for p in lost)
+        raise ValueError(
+            f"odeint: func uses {len(lost)} tensor(s) that require grad but are not differentiated (shapes {shapes}), "
+            "so their gradients would be lost. Pass every tensor that needs a gradient as "
+            "odeint(..., adjoint_params=(...)) (include the module's parameters), or detach those that do not."
+        )

@@ -8,7 +8,7 @@ import torch
 
 from .adjoint import MixedPrecisionRK, SolveConfig
 from .grid import grid_from_step_size, plan_outputs, read_outputs
-from .parameters import gradient_targets, untracked_inputs
+from .parameters import gradient_targets
 from .precision import PrecisionPolicy
 from .scaling import AdjointScaling, NoAdjointScaling
 from .state import FlatState, FlatVectorField, State
@@ -53,9 +53,9 @@ def odeint(
             option the grid is ``t``.  Outputs between grid nodes are linearly
             interpolated.
         adjoint_params: the tensors to differentiate when ``func`` is a closure (or
-            to restrict a module's parameters).  A tensor that ``func`` uses, that
-            requires grad and is not listed raises an error instead of silently
-            getting no gradient.
+            to restrict a module's parameters).  If ``func`` uses a tensor that
+            requires grad and is not listed, backward raises an error instead of
+            silently leaving it without gradient.
         scaler: adjoint scaling for float16: an ``AdjointScaling`` (e.g.
             ``mpnode.scaler.DynamicAdjointScaler()``); ``None`` picks the dynamic
             scaler under float16 autocast when mpnode-scaler is installed; ``False``
@@ -88,14 +88,9 @@ def odeint(
     field = FlatVectorField(func, layout)
     y0_flat = layout.flatten(y0)
     targets = gradient_targets(func, adjoint_params)
-    if torch.is_grad_enabled():
-        _check_captured_tensors(field, policy, grid, y0_flat, targets)
-
     cfg = SolveConfig(field, tableau, policy, plan.nodes, targets, scaling, opts.get("stats"))
-    if cfg.stats is not None:
-        cfg.stats.nfe_forward += 1 if torch.is_grad_enabled() else 0
     node_states = MixedPrecisionRK.apply(cfg, grid, y0_flat, *targets)
-    if not bool(torch.isfinite(node_states[-1]).all()):
+    if not bool(torch.isfinite(node_states[-1].detach()).all()):
         raise FloatingPointError(
             "odeint: the solution became inf/NaN. "
             + (
@@ -123,21 +118,3 @@ def resolve_scaling(scaler: AdjointScaling | bool | None, policy: PrecisionPolic
     raise TypeError(
         f"scaler must be an mpnode.core.AdjointScaling (e.g. mpnode.scaler.DynamicAdjointScaler()), None or False; got {scaler!r}"
     )
-
-
-def _check_captured_tensors(
-    field: FlatVectorField, policy: PrecisionPolicy, grid: torch.Tensor, y0_flat: torch.Tensor, targets: list[torch.Tensor]
-) -> None:
-    """Evaluate ``func`` once with a graph and refuse tensors whose gradient would be lost."""
-    with torch.enable_grad(), policy.autocast():
-        probe = field(grid[0].detach(), y0_flat.detach())
-    if not probe.requires_grad:
-        return
-    lost = untracked_inputs(probe, targets)
-    if lost:
-        shapes = ", ".join(str(tuple(p.shape)) for p in lost)
-        raise ValueError(
-            f"func uses {len(lost)} tensor(s) that require grad but are not differentiated by odeint (shapes {shapes}). "
-            "Pass every tensor that needs a gradient as adjoint_params=(...) (include the module's parameters), "
-            "or detach those that do not."
-        )

@@ -14,8 +14,7 @@ class SolverStats:
 
     Attributes:
         steps: Runge–Kutta steps taken in forward passes.
-        nfe_forward: vector-field evaluations in forward passes (including the
-            one evaluation per call that checks which tensors ``func`` uses).
+        nfe_forward: vector-field evaluations in forward passes.
         nfe_backward: evaluations made while recomputing steps in backward
             passes, retries included.
         backward_steps: steps whose vector-Jacobian product was accepted.

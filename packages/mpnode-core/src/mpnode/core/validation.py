@@ -30,7 +30,7 @@ def check_y0(y0: State) -> None:
     devices = {p.device for p in parts}
     if len(devices) > 1:
         raise ValueError(f"all tensors of a tuple y0 must be on one device, got {sorted(map(str, devices))}")
-    if not all(bool(torch.isfinite(p).all()) for p in parts):
+    if not all(bool(torch.isfinite(p.detach()).all()) for p in parts):
         raise ValueError("y0 contains inf or NaN; check the data or the layer that produced the initial state")
 
 
@@ -49,7 +49,7 @@ def check_t(t: Any, device: torch.device) -> None:
         raise ValueError(f"t is on {t.device} but y0 is on {device}; move it with t.to(y0.device)")
     if t.numel() < 2:
         raise ValueError("t must hold at least two times (start and end)")
-    if not bool(torch.isfinite(t).all()):
+    if not bool(torch.isfinite(t.detach()).all()):
         raise ValueError("t contains inf or NaN")
     check_strictly_monotone("t", t)
 
