@@ -109,3 +109,25 @@ def test_rk4_is_the_three_eighths_rule_like_torchdiffeq():
         classic = odeint(func, y0, t, method="rk4_classic")
     assert _rel(ours, ref) < 1e-6
     assert _rel(classic, ref) > 1e-5
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+@pytest.mark.parametrize("method", ["euler", "heun3", "rk4"])
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_low_precision_is_close_to_float32(precision, method, grid, amp):
+    """Under autocast the same call (tuple state, decreasing t) stays within the autocast roundoff."""
+    torch.manual_seed(0)
+    func = TupleField()
+    y0 = (torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True))
+    t = torch.tensor([1.0, 0.6, 0.0]).requires_grad_()
+    params = list(func.parameters())
+    results = []
+    for ctx in (amp("float32"), amp(precision)):
+        with ctx:
+            x, s = odeint(func, y0, t, method=method, options=GRIDS[grid])
+            loss = (x**2).sum() + (s**2).sum()
+        results.append([loss.detach(), *torch.autograd.grad(loss, [*y0, t, *params])])
+    tol = {"bfloat16": 3e-2, "float16": 5e-3}[precision]
+    for a, b in zip(results[1], results[0]):
+        assert a.dtype == b.dtype == torch.float32
+        assert _rel(a, b) <= tol
