@@ -54,7 +54,13 @@ def test_torchdiffeq_holds_far_more(mlp_field, amp, device, saved_bytes):
 def test_unscaled_backward_makes_no_host_sync(precision, mlp_field, amp, device, saved_bytes, sync_counter):
     _, loss = _solve(mlp_field, precision, amp, device, saved_bytes)
     counter = sync_counter()
-    with counter:
-        loss.backward()
+    if device.type == "cuda":  # also catch device-to-host copies, which the dispatch counter cannot see
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with counter:
+            loss.backward()
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
     assert counter.count == 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mlp_field.parameters())

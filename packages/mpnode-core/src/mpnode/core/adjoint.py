@@ -52,7 +52,8 @@ class MixedPrecisionRK(torch.autograd.Function):
     Inputs: ``grid`` the ``N+1`` step nodes (float32/64), ``y0`` the flat
     ``(D,)`` initial state (float32/64), ``params`` the tensors ``func`` uses
     that need gradients.  Saved for backward: ``grid`` and the ``(N, D)``
-    checkpoints in ``cfg.policy.checkpoint_dtype``; nothing per stage.
+    checkpoints in ``cfg.policy.checkpoint_dtype`` (plus the ``N`` step sizes
+    as host floats); nothing per stage.
     """
 
     @staticmethod
@@ -63,19 +64,20 @@ class MixedPrecisionRK(torch.autograd.Function):
         out = torch.empty((len(cfg.nodes), y0.shape[0]), dtype=y0.dtype, device=y0.device)
         f, tab = cfg.field, cfg.tableau
         nfe0 = f.nfe
+        steps = (grid[1:] - grid[:-1]).tolist()  # h_n on the host, exactly as computed in t's dtype
         y = y0
         with cfg.policy.autocast():
             for n in range(n_steps):
                 ckpt[n].copy_(y)
                 if n in rows:
                     out[rows[n]].copy_(y)
-                t0, t1 = grid[n], grid[n + 1]
-                y = y + (t1 - t0) * rk_increment(tab, f, t0, t1, y)
+                y = torch.add(y, rk_increment(tab, f, grid[n], grid[n + 1], y), alpha=steps[n])
         out[rows[n_steps]].copy_(y)
         if cfg.stats is not None:
             cfg.stats.steps += n_steps
             cfg.stats.nfe_forward += f.nfe - nfe0
         ctx.cfg = cfg
+        ctx.steps = steps
         ctx.save_for_backward(grid, ckpt)
         return out
 
@@ -87,7 +89,7 @@ class MixedPrecisionRK(torch.autograd.Function):
         need_grid, need_y0 = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
         params = [cfg.params[i] for i in wanted]
-        grads = _adjoint_recurrence(cfg, grid, ckpt, grad_nodes, params, need_grid)
+        grads = _adjoint_recurrence(cfg, grid, ckpt, ctx.steps, grad_nodes, params, need_grid)
         lam, param_sums, grid_grad = grads
         out_params: list[torch.Tensor | None] = [None] * len(cfg.params)
         for i, g in zip(wanted, param_sums):
@@ -99,11 +101,16 @@ def _adjoint_recurrence(
     cfg: SolveConfig,
     grid: torch.Tensor,
     ckpt: torch.Tensor,
+    steps: list[float],
     grad_nodes: torch.Tensor,
     params: list[torch.Tensor],
     need_grid: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
-    """Run the backward recurrence; returns ``(lam_0, param grads, grid grad)``."""
+    """Run the backward recurrence; returns ``(lam_0, param grads, grid grad)``.
+
+    ``steps`` are the step sizes ``h_n`` copied to the host in forward, so the
+    unscaled recurrence needs no device-to-host transfer.
+    """
     f, tab, policy, scaling, stats = cfg.field, cfg.tableau, cfg.policy, cfg.scaling, cfg.stats
     n_steps = ckpt.shape[0]
     direct = {n: grad_nodes[r] for r, n in enumerate(cfg.nodes)}
@@ -129,18 +136,19 @@ def _adjoint_recurrence(
                     _refuse_untracked(phi, [y, t0, t1, *cfg.params])
                 scale = scaling.scale(lam)
                 inputs = [y, *params, *((t0, t1) if need_grid else ())]
-                vjp = torch.autograd.grad(phi, inputs, grad_outputs=lam * scale, allow_unused=True)
-                coef = (t1 - t0).detach() / scale
+                seed = lam if scale is None else lam * scale
+                vjp = torch.autograd.grad(phi, inputs, grad_outputs=seed, allow_unused=True)
+                coef = steps[m] if scale is None else (t1 - t0).detach() / scale  # h / S
                 if need_grid:
                     dot = (lam * phi.detach()).sum().to(grid.dtype)
                     g0, g1 = (g if g is not None else torch.zeros_like(t0) for g in vjp[-2:])
                     time_terms.append((m, coef * g0 - dot, coef * g1 + dot))
                 scaling.observe(m, lam, scale, [g for g in vjp if g is not None])
                 if vjp[0] is not None:
-                    lam = lam + coef * vjp[0]
+                    lam = _axpy(lam, coef, vjp[0])
                 for s, g in zip(sums, vjp[1 : 1 + len(params)]):
                     if g is not None:
-                        s.add_(coef.to(s.dtype) * g)
+                        _axpy(s, coef, g, inplace=True)
                 if m in direct:
                     lam = lam + direct[m]
             if scaling.end_block(lo, n):
@@ -165,6 +173,14 @@ def _adjoint_recurrence(
     if stats is not None:
         stats.nfe_backward += f.nfe - nfe0
     return lam, sums, grid_grad
+
+
+def _axpy(x: torch.Tensor, a: float | torch.Tensor, g: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``x + a * g`` in ``x``'s dtype; ``a`` a host float (fused) or a 0-dim device tensor."""
+    if isinstance(a, float):
+        return x.add_(g, alpha=a) if inplace else torch.add(x, g, alpha=a)
+    a = a.to(x.dtype)
+    return x.add_(a * g) if inplace else x + a * g
 
 
 def _refuse_untracked(phi: torch.Tensor, known: list[torch.Tensor]) -> None:

@@ -40,8 +40,11 @@ class AdjointScaling(abc.ABC):
         """Start a backward pass; ``lam`` is the terminal adjoint (high precision)."""
 
     @abc.abstractmethod
-    def scale(self, lam: torch.Tensor) -> torch.Tensor:
-        """The scale ``S`` (float32 0-dim tensor on ``lam``'s device) for the next step's VJP."""
+    def scale(self, lam: torch.Tensor) -> torch.Tensor | None:
+        """The scale ``S`` (float32 0-dim tensor on ``lam``'s device) for the next step's VJP.
+
+        ``None`` means exactly 1: the loop then skips the scaling arithmetic.
+        """
 
     def observe(self, step: int, lam: torch.Tensor, scale: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
         """See the scaled VJP results ``grads`` of ``step`` (computed with ``scale``)."""
@@ -76,12 +79,9 @@ class NoAdjointScaling(AdjointScaling):
 
     def __init__(self, raise_on_nonfinite: bool = False) -> None:
         self.raise_on_nonfinite = raise_on_nonfinite
-        self._one: torch.Tensor | None = None
 
-    def scale(self, lam: torch.Tensor) -> torch.Tensor:
-        if self._one is None or self._one.device != lam.device:
-            self._one = torch.ones((), dtype=torch.float32, device=lam.device)
-        return self._one
+    def scale(self, lam: torch.Tensor) -> None:
+        return None
 
     def end(self, results: Sequence[torch.Tensor]) -> None:
         if not self.raise_on_nonfinite or not results:
