@@ -64,3 +64,22 @@ def test_unscaled_backward_makes_no_host_sync(precision, mlp_field, amp, device,
             torch.cuda.set_sync_debug_mode("default")
     assert counter.count == 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mlp_field.parameters())
+
+
+def test_inference_stores_no_checkpoints(mlp_field, device, monkeypatch):
+    """Under no_grad no per-step state is allocated; with gradients one checkpoint per step."""
+    sizes = []
+    original = torch.empty
+
+    def spy(shape, **kw):
+        sizes.append(tuple(shape))
+        return original(shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", spy)
+    y0 = torch.randn(BATCH, DIM, device=device)
+    t = torch.linspace(0, 1, N_STEPS + 1, device=device)
+    with torch.no_grad():
+        odeint(mlp_field.to(device), y0, t)
+    assert (0, BATCH * DIM) in sizes and (N_STEPS, BATCH * DIM) not in sizes
+    odeint(mlp_field.to(device), y0, t)  # the module's parameters require grad
+    assert (N_STEPS, BATCH * DIM) in sizes

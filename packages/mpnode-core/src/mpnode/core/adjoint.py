@@ -44,6 +44,7 @@ class SolveConfig:
     params: Sequence[torch.Tensor]
     scaling: AdjointScaling
     stats: SolverStats | None
+    keep_checkpoints: bool = True  # False for inference (no input needs a gradient)
 
 
 class MixedPrecisionRK(torch.autograd.Function):
@@ -60,7 +61,8 @@ class MixedPrecisionRK(torch.autograd.Function):
     def forward(ctx, cfg: SolveConfig, grid: torch.Tensor, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         n_steps = grid.shape[0] - 1
         rows = {n: r for r, n in enumerate(cfg.nodes)}
-        ckpt = torch.empty((n_steps, y0.shape[0]), dtype=cfg.policy.checkpoint_dtype, device=y0.device)
+        ckpt_rows = n_steps if cfg.keep_checkpoints else 0
+        ckpt = torch.empty((ckpt_rows, y0.shape[0]), dtype=cfg.policy.checkpoint_dtype, device=y0.device)
         out = torch.empty((len(cfg.nodes), y0.shape[0]), dtype=y0.dtype, device=y0.device)
         f, tab = cfg.field, cfg.tableau
         nfe0 = f.nfe
@@ -68,7 +70,8 @@ class MixedPrecisionRK(torch.autograd.Function):
         y = y0
         with cfg.policy.autocast():
             for n in range(n_steps):
-                ckpt[n].copy_(y)
+                if ckpt_rows:
+                    ckpt[n].copy_(y)
                 if n in rows:
                     out[rows[n]].copy_(y)
                 y = torch.add(y, rk_increment(tab, f, grid[n], grid[n + 1], y), alpha=steps[n])

@@ -88,7 +88,8 @@ def odeint(
     field = FlatVectorField(func, layout)
     y0_flat = layout.flatten(y0)
     targets = gradient_targets(func, adjoint_params)
-    cfg = SolveConfig(field, tableau, policy, plan.nodes, targets, scaling, opts.get("stats"))
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (grid, y0_flat, *targets))
+    cfg = SolveConfig(field, tableau, policy, plan.nodes, targets, scaling, opts.get("stats"), needs_grad)
     node_states = MixedPrecisionRK.apply(cfg, grid, y0_flat, *targets)
     if not bool(torch.isfinite(node_states[-1].detach()).all()):
         raise FloatingPointError(
