@@ -18,21 +18,20 @@ import torch
 GridConstructor = Callable[[Callable, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def grid_from_step_size(t: torch.Tensor, step_size: float) -> torch.Tensor:
+def grid_from_step_size(t: torch.Tensor, t_host: torch.Tensor, step_size: float) -> torch.Tensor:
     """``t[0], t[0] +- h, ...`` up to and ending exactly at ``t[-1]`` (torchdiffeq's rule).
 
     The number of nodes is ``ceil(|t[-1] - t[0]| / h + 1)``; the last node is
     replaced by ``t[-1]``.  Interior nodes that would land on or beyond
     ``t[-1]`` through roundoff are dropped so the grid stays strictly monotone.
     """
-    sign = 1.0 if bool(t[-1] >= t[0]) else -1.0
-    start, end = t[0], t[-1]
-    span = float((end - start).detach() * sign)
+    sign = 1.0 if bool(t_host[-1] >= t_host[0]) else -1.0
+    span = float((t_host[-1] - t_host[0]) * sign)
     n_nodes = int(math.ceil(span / step_size + 1))
-    offsets = torch.arange(0, n_nodes - 1, dtype=t.dtype, device=t.device) * (step_size * sign)
-    inner = offsets + start
-    keep = int(((inner - end) * sign < 0).sum())
-    return torch.cat([inner[:keep], end.reshape(1)])
+    offsets = torch.arange(0, n_nodes - 1, dtype=t_host.dtype) * (step_size * sign)
+    keep = int(((offsets + t_host[0] - t_host[-1]) * sign < 0).sum())
+    inner = offsets[:keep].to(t.device) + t[0]  # differentiable in t[0]
+    return torch.cat([inner, t[-1:]])
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,10 @@ class OutputPlan:
         return not any(self.interp) and self.rows == tuple(range(len(self.nodes)))
 
 
-def plan_outputs(grid: torch.Tensor, t: torch.Tensor) -> OutputPlan:
-    """Locate every ``t[j]`` on ``grid`` (one host copy of both, in forward)."""
-    g = grid.detach().cpu().tolist()
-    ts = t.detach().cpu().tolist()
+def plan_outputs(grid_host: torch.Tensor, t_host: torch.Tensor) -> OutputPlan:
+    """Locate every ``t[j]`` on the grid, from host copies of both."""
+    g = grid_host.tolist()
+    ts = t_host.tolist()
     sign = 1.0 if g[-1] >= g[0] else -1.0
     left: list[int] = [0]
     interp: list[bool] = [False]

@@ -68,7 +68,7 @@ def odeint(
     del rtol, atol  # fixed-grid methods take no tolerances
     check_y0(y0)
     layout = FlatState(y0)
-    check_t(t, layout.device)
+    t_host = check_t(t, layout.device)
     tableau = get_tableau(method)
     opts = check_options(options)
     policy = PrecisionPolicy.capture(
@@ -77,19 +77,21 @@ def odeint(
     scaling = resolve_scaling(scaler, policy)
 
     if opts.get("step_size") is not None:
-        grid = grid_from_step_size(t, opts["step_size"])
+        grid = grid_from_step_size(t, t_host, opts["step_size"])
+        grid_host = grid.detach().cpu()
     elif opts.get("grid_constructor") is not None:
         grid = opts["grid_constructor"](func, y0, t)
-        check_grid(grid, t)
+        grid_host = check_grid(grid, t, t_host)
     else:
-        grid = t
-    plan = plan_outputs(grid, t)
+        grid, grid_host = t, t_host
+    plan = plan_outputs(grid_host, t_host)
+    steps = (grid_host[1:] - grid_host[:-1]).tolist()  # h_n, bitwise as the device computes them
 
     field = FlatVectorField(func, layout)
     y0_flat = layout.flatten(y0)
     targets = gradient_targets(func, adjoint_params)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (grid, y0_flat, *targets))
-    cfg = SolveConfig(field, tableau, policy, plan.nodes, targets, scaling, opts.get("stats"), needs_grad)
+    cfg = SolveConfig(field, tableau, policy, plan.nodes, steps, targets, scaling, opts.get("stats"), needs_grad)
     node_states = MixedPrecisionRK.apply(cfg, grid, y0_flat, *targets)
     if not bool(torch.isfinite(node_states[-1].detach()).all()):
         raise FloatingPointError(

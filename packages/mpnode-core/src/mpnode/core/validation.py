@@ -34,7 +34,8 @@ def check_y0(y0: State) -> None:
         raise ValueError("y0 contains inf or NaN; check the data or the layer that produced the initial state")
 
 
-def check_t(t: Any, device: torch.device) -> None:
+def check_t(t: Any, device: torch.device) -> torch.Tensor:
+    """Validate the output times; returns their host copy."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}; use torch.tensor([t0, t1, ...])")
     if t.dim() != 1:
@@ -49,9 +50,11 @@ def check_t(t: Any, device: torch.device) -> None:
         raise ValueError(f"t is on {t.device} but y0 is on {device}; move it with t.to(y0.device)")
     if t.numel() < 2:
         raise ValueError("t must hold at least two times (start and end)")
-    if not bool(torch.isfinite(t.detach()).all()):
+    host = t.detach().cpu()  # the one device-to-host copy of t; all value checks run on it
+    if not bool(torch.isfinite(host).all()):
         raise ValueError("t contains inf or NaN")
-    check_strictly_monotone("t", t)
+    check_strictly_monotone("t", host)
+    return host
 
 
 def check_strictly_monotone(name: str, t: torch.Tensor) -> None:
@@ -82,13 +85,16 @@ def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return opts
 
 
-def check_grid(grid: Any, t: torch.Tensor) -> None:
+def check_grid(grid: Any, t: torch.Tensor, t_host: torch.Tensor) -> torch.Tensor:
+    """Validate a constructed grid against ``t``; returns the grid's host copy."""
     if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() < 2:
         raise ValueError("grid_constructor must return a 1-D tensor of at least two times")
     if grid.dtype != t.dtype or grid.device != t.device:
         raise ValueError(f"grid_constructor returned {grid.dtype} on {grid.device}; it must match t ({t.dtype} on {t.device})")
-    if not (bool(grid[0] == t[0]) and bool(grid[-1] == t[-1])):
+    host = grid.detach().cpu()
+    if not (bool(host[0] == t_host[0]) and bool(host[-1] == t_host[-1])):
         raise ValueError("the grid must start at t[0] and end at t[-1] exactly")
-    check_strictly_monotone("the grid", grid)
-    if bool((grid[1] - grid[0]) * (t[1] - t[0]) < 0):
+    check_strictly_monotone("the grid", host)
+    if bool((host[1] - host[0]) * (t_host[1] - t_host[0]) < 0):
         raise ValueError("the grid must run in the same direction as t")
+    return host
