@@ -120,7 +120,7 @@ def _adjoint_recurrence(
     lam = direct[n_steps].to(state_dtype, copy=True)
     sums = [torch.zeros_like(p) for p in params]
     time_terms: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (m, d/dtau_m, d/dtau_{m+1})
-    nfe0 = f.nfe
+    nfe0, syncs0 = f.nfe, scaling.host_syncs
     block = scaling.block_size
     scaling.begin(lam, n_steps)
     n = n_steps
@@ -174,6 +174,7 @@ def _adjoint_recurrence(
     scaling.end([lam, *sums] + ([grid_grad] if grid_grad is not None else []))
     if stats is not None:
         stats.nfe_backward += f.nfe - nfe0
+        stats.host_syncs += scaling.host_syncs - syncs0
     return lam, sums, grid_grad
 
 

@@ -35,6 +35,8 @@ class AdjointScaling(abc.ABC):
 
     #: steps between host checks; ``None`` means the policy never rejects a block.
     block_size: int | None = None
+    #: host synchronisations made by this policy so far (reported in ``SolverStats.host_syncs``).
+    host_syncs: int = 0
 
     def begin(self, lam: torch.Tensor, n_steps: int) -> None:
         """Start a backward pass; ``lam`` is the terminal adjoint (high precision)."""
@@ -87,6 +89,7 @@ class NoAdjointScaling(AdjointScaling):
         if not self.raise_on_nonfinite or not results:
             return
         finite = torch.stack([torch.isfinite(r).all() for r in results]).all()
+        self.host_syncs += 1
         if not bool(finite):
             raise NonFiniteGradientError(
                 "the float16 backward pass overflowed (inf/NaN gradients) and no adjoint scaler was used. "

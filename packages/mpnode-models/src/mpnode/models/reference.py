@@ -80,3 +80,71 @@ class LinearODE:
         """Relative Frobenius errors of a :meth:`solve` result against :meth:`exact`."""
         ref = self.exact()
         return {k: float((result[k].double().cpu() - ref[k]).norm() / ref[k].norm()) for k in ref}
+
+
+class DecayField(torch.nn.Module):
+    """``f(t, y) = -lambda(t) y`` with ``lambda(t) = a t^2 + b t + c``, for ``y`` of shape ``(B, 1)``.
+
+    The product is written as a ``(B, 1) x (1, 1)`` matmul so that autocast
+    evaluates it (and its VJP) in low precision.  ``a, b, c`` are parameters.
+    """
+
+    def __init__(self, a: float, b: float, c: float, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.coef = torch.nn.Parameter(torch.tensor([a, b, c], dtype=dtype))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a, b, c = self.coef
+        rate = a * t * t + b * t + c
+        return y @ (-rate).reshape(1, 1)
+
+
+@dataclass
+class DynamicRangeODE:
+    """Scalar ``y' = -(a t^2 + b t + c) y`` on ``[0, T]`` whose solution spans float16's range.
+
+    ``y(T) = y0 exp(-(a T^3/3 + b T^2/2 + c T))``; for ``L = 1/2 y(T)^2`` the exact
+    gradients are ``dL/dy0 = y(T)^2 / y0`` and ``dL/d(a, b, c) = -y(T)^2 (T^3/3, T^2/2, T)``.
+    ``loss_scale`` multiplies ``L`` (tiny values provoke underflow, huge ones overflow).
+    The defaults decay ``y`` from 2e3 to 2.3e-4 (``exp(-16)``), so the adjoint falls
+    from 2.3e-4 at ``T`` to 2.5e-11 at 0, far below float16's smallest subnormal (6e-8).
+    """
+
+    y0: float = 2.0e3
+    a: float = 6.0
+    b: float = 8.0
+    c: float = 10.0
+    T: float = 1.0
+    loss_scale: float = 1.0
+
+    def exact(self) -> dict[str, torch.Tensor]:
+        T = self.T
+        decay = self.a * T**3 / 3 + self.b * T**2 / 2 + self.c * T
+        yT = self.y0 * torch.exp(torch.tensor(-decay, dtype=torch.float64))
+        s = self.loss_scale
+        return {
+            "yT": yT.reshape(1),
+            "dy0": (s * yT**2 / self.y0).reshape(1),
+            "dcoef": -s * yT**2 * torch.tensor([T**3 / 3, T**2 / 2, T], dtype=torch.float64),
+        }
+
+    def solve(self, odeint, n_steps: int = 200, device: torch.device | str = "cpu", **kwargs) -> dict[str, torch.Tensor]:
+        """Solve in float32 state (inside the caller's autocast) and return ``y(T)`` and the gradients."""
+        field = DecayField(self.a, self.b, self.c).to(device)
+        y0 = torch.full((1, 1), self.y0, device=device, requires_grad=True)
+        t = torch.linspace(0.0, self.T, n_steps + 1, device=device)
+        yT = odeint(field, y0, t, method="rk4", **kwargs)[-1]
+        loss = self.loss_scale * 0.5 * (yT.float() ** 2).sum()
+        gy0, gcoef = torch.autograd.grad(loss, (y0, field.coef))
+        return {"yT": yT.detach().reshape(1), "dy0": gy0.reshape(1), "dcoef": gcoef}
+
+    def errors(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Relative errors per quantity; ``dcoef`` is split into ``da``, ``db``, ``dc``."""
+        ref = self.exact()
+        out = {}
+        for key in ("yT", "dy0"):
+            out[key] = float(((result[key].double().cpu() - ref[key]).abs() / ref[key].abs()).max())
+        for i, name in enumerate(("da", "db", "dc")):
+            r, g = ref["dcoef"][i], result["dcoef"][i].double().cpu()
+            out[name] = float(((g - r).abs() / r.abs()))
+        return out
