@@ -8,7 +8,7 @@ keeps ``max|S lambda|`` near a target inside float16's range:
   intermediate outputs, so the terminal adjoint can be zero),
   ``S = 2^floor(log2(target / max|lambda|))``;
 * **grow**: after ``growth_interval`` consecutive steps whose *scaled* adjoint
-  stayed below ``target / 2``, S is re-centred on the target (a power of two up);
+  stayed below ``target / 2``, S doubles;
 * **shrink**: a scaled adjoint above ``2 * target`` re-centres S down at once;
 * **backoff**: inf/NaN in a step's VJP rejects the block of steps it belongs to;
   the loop restores its snapshot and redoes the block with half the scale, and the
@@ -98,6 +98,7 @@ class DynamicAdjointScaler(AdjointScaling):
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
         self._trace = torch.zeros(n_steps, dtype=torch.float32, device=dev)  # S used at each step
         self._retries = 0
+        self._target_at_begin = self.target
         self._n_steps = n_steps
         self._backoffs: list[ScaleEvent] = []
 
@@ -114,19 +115,23 @@ class DynamicAdjointScaler(AdjointScaling):
         start = ~self._ready & nonzero
         too_big = self._ready & (scaled > 2 * self.target)
         grow = self._ready & (self._clean >= self.growth_interval)
-        self._scale = torch.where(start | too_big | grow, torch.where(nonzero, centred, self._scale), self._scale)
+        recentre = (start | too_big) & nonzero
+        self._scale = torch.where(recentre, centred, torch.where(grow, 2 * self._scale, self._scale))
         self._clean = torch.where(grow | too_big, torch.zeros_like(self._clean), self._clean)
         self._ready = self._ready | nonzero
         self._amax = amax
+        self._started = start
         return self._scale
 
     def observe(self, step: int, lam: torch.Tensor, scale: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.ones_like(self._bad)
-        self._first_bad = torch.where(~finite & (self._first_bad < 0), torch.full_like(self._first_bad, step), self._first_bad)
+        # code 2*step + 1 when the adjoint entering the step is itself inf/NaN (no scale can fix that)
+        code = 2 * step + (~torch.isfinite(self._amax)).to(self._first_bad.dtype)
+        self._first_bad = torch.where(~finite & (self._first_bad < 0), code, self._first_bad)
         self._bad = self._bad | ~finite
         quiet = (self._amax * scale < self.target / 2) & self._ready
         self._clean = torch.where(quiet, self._clean + 1, torch.zeros_like(self._clean))
-        self._trace[step] = scale
+        self._trace[step] = torch.where(self._started, -scale, scale)  # negative marks the init step
 
     def snapshot(self) -> object:
         return (self._scale.clone(), self._ready.clone(), self._clean.clone())
@@ -145,9 +150,17 @@ class DynamicAdjointScaler(AdjointScaling):
             self._retries = 0
             return True
         self.host_syncs += 1
-        step = int(self._first_bad)
+        step, lam_bad = divmod(int(self._first_bad), 2)
+        if lam_bad:
+            self._give_up()
+            raise NonFiniteGradientError(
+                f"DynamicAdjointScaler: the adjoint entering step {step} of {self._n_steps} is already inf/NaN, so no "
+                "scale can help: the gradient of the loss w.r.t. odeint's output is not finite (check the loss for "
+                "inf/NaN, e.g. log(0)), or it overflowed y0's dtype. No gradient was written."
+            )
         self._retries += 1
         if self._retries > self.max_retries:
+            self._give_up()
             raise NonFiniteGradientError(
                 f"DynamicAdjointScaler: the float16 backward still gives inf/NaN at step {step} of {self._n_steps} "
                 f"after {self.max_retries} halvings of the adjoint scale. The vector field itself is probably "
@@ -159,18 +172,26 @@ class DynamicAdjointScaler(AdjointScaling):
         self._backoffs.append(ScaleEvent("backoff", self._pass, step, float("nan")))
         return False
 
+    def _give_up(self) -> None:
+        """Before raising: record this pass's backoffs and undo its changes to the learned target."""
+        self.history.extend(self._backoffs)
+        self.target = self._target_at_begin
+
     def end(self, results: Sequence[torch.Tensor]) -> None:
         self.host_syncs += 1
         trace = self._trace.tolist()  # one transfer for the whole history of this pass
-        events, previous = [], 1.0
+        events, previous = [], None
         for step in range(self._n_steps - 1, -1, -1):
-            if trace[step] != previous:
-                kind = "init" if not events and previous == 1.0 else ("grow" if trace[step] > previous else "shrink")
-                events.append(ScaleEvent(kind, self._pass, step, trace[step]))
-                if kind != "init":
-                    self.counters[kind + "s"] += 1
-            previous = trace[step]
-        events += [ScaleEvent("backoff", b.backward, b.step, trace[b.step]) for b in self._backoffs]
+            value = abs(trace[step])
+            if trace[step] < 0:
+                events.append(ScaleEvent("init", self._pass, step, value))
+            elif previous is not None and value != previous:
+                kind = "grow" if value > previous else "shrink"
+                events.append(ScaleEvent(kind, self._pass, step, value))
+                self.counters[kind + "s"] += 1
+            if trace[step] < 0 or previous is not None:
+                previous = value
+        events += [ScaleEvent("backoff", b.backward, b.step, abs(trace[b.step])) for b in self._backoffs]
         self.history.extend(sorted(events, key=lambda e: -e.step))  # chronological order of the backward pass
 
     @property
