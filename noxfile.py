@@ -90,3 +90,18 @@ def demo(session: nox.Session) -> None:
     """The main job: the linear-ODE accuracy demo (prints the table, writes a plot)."""
     python = shared_python(session)
     session.run(python, "examples/modeleq_demo.py", *session.posargs, external=True)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The quick benchmark suite on the CPU: table, CSV/JSON and plots under outputs/bench/quick-cpu."""
+    python = shared_python(session)
+    session.run(python, "-m", "mpnode.bench", "run", "--suite", "quick", *session.posargs, external=True)
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """CUDA tests of every package + the gpu benchmark suite (benchmarks/gpu_run.sh; results under $OUT)."""
+    python = shared_python(session)
+    env = {"PYTHON": python, "OUT": os.environ.get("OUT", str(ROOT / "outputs" / "gpu_run"))}
+    session.run("bash", str(ROOT / "benchmarks" / "gpu_run.sh"), *session.posargs, env=env, external=True)

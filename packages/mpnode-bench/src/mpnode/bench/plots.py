@@ -1,0 +1,120 @@
+"""Figures from benchmark rows (matplotlib, Agg backend; skipped with a message when absent).
+
+* ``ratios_<problem>_<axis>.png`` for each size sweep: time and held memory
+  relative to torchdiffeq float32 (and, where timed, speed-up and CUDA peak
+  relative to mpnode float32) against the swept size.
+* ``steps_<problem>.png`` for each steps sweep: time and held memory against
+  the number of steps, with the fitted slope in the legend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .report import linear_fit
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _series(rows: Sequence[dict], x_of, key: str) -> dict[str, tuple[list, list]]:
+    out: dict[str, tuple[list, list]] = {}
+    for r in rows:
+        if r.get("error") or r.get(key) is None:
+            continue
+        xs, ys = out.setdefault(r["impl"], ([], []))
+        xs.append(x_of(r))
+        ys.append(r[key])
+    for xs, ys in out.values():
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        xs[:] = [xs[i] for i in order]
+        ys[:] = [ys[i] for i in order]
+    return out
+
+
+def _size_value(axis: str):
+    def get(r: dict) -> int:
+        return int(dict(kv.split("=") for kv in r["sizes"].split(","))[axis])
+
+    return get
+
+
+def plot_all(rows: Sequence[dict], out_dir: Path, title: str = "") -> list[Path]:
+    """Write every figure the rows allow; returns the written paths (empty without matplotlib)."""
+    plt = _matplotlib()
+    if plt is None:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    sweeps: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("axis") and r["axis"] != "base":
+            sweeps.setdefault((r["problem"], r["axis"]), []).append(r)
+    for (problem, axis), rs in sorted(sweeps.items()):
+        if axis == "steps":
+            written.append(_plot_steps(plt, rs, out_dir / f"steps_{problem}.png", f"{title} {problem}".strip()))
+        else:
+            written.append(_plot_ratios(plt, rs, axis, out_dir / f"ratios_{problem}_{axis}.png",
+                                        f"{title} {problem}".strip()))
+    return written
+
+
+def _plot_ratios(plt, rows, axis, path: Path, title: str) -> Path:
+    x_of = _size_value(axis)
+    panels = [("time_vs_torchdiffeq", "time / torchdiffeq float32"),
+              ("held_vs_torchdiffeq", "held memory / torchdiffeq float32")]
+    if any(r.get("peak_bytes") for r in rows):
+        panels += [("speedup_vs_mpnode_f32", "speed-up vs mpnode float32"),
+                   ("peak_vs_mpnode_f32", "CUDA peak / mpnode float32")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
+    for ax, (key, label) in zip(axes, panels):
+        for impl, (xs, ys) in _series(rows, x_of, key).items():
+            ax.plot(xs, ys, marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        if key.startswith("held") or key.startswith("peak"):
+            ax.set_yscale("log")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(axis)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_steps(plt, rows, path: Path, title: str) -> Path:
+    x_of = lambda r: r["steps"]  # noqa: E731
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label, scale in ((axes[0], "time_s", "time per forward+backward [s]", 1.0),
+                                  (axes[1], "held_bytes", "held for backward [MiB]", 2.0**-20)):
+        for impl, (xs, ys) in _series(rows, x_of, key).items():
+            ys = [y * scale for y in ys]
+            note = ""
+            if len(xs) >= 2:
+                f = linear_fit(xs, ys)
+                note = f" (slope {f.slope:.3g}/step)"
+            ax.plot(xs, ys, marker="o", label=impl + note)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("RK4 steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,352 @@
+"""Profilers usable from any training script: time, memory held for backward, peak memory, host syncs.
+
+Four pieces, each usable alone, and :func:`profile` combining them::
+
+    from mpnode.bench import profile
+    with profile("cuda") as rec:
+        loss = model(x)
+        loss.backward()
+    print(rec.time_s, rec.peak_bytes, rec.held_bytes, rec.host_syncs)
+
+* :func:`time_fn`: warm-up, then ``repeats`` timed calls; CUDA events on a GPU,
+  ``time.perf_counter`` elsewhere; returns a :class:`Timing` (median, min, max,
+  interquartile spread, every sample).
+* :func:`held_memory`: bytes of the distinct storages packed for backward
+  through ``torch.autograd.graph.saved_tensors_hooks`` (this includes
+  ``ctx.save_for_backward``, hence mpnode's checkpoints), i.e. the memory a
+  forward pass keeps alive for its backward pass.
+* :func:`count_host_syncs`: calls of ``aten._local_scalar_dense`` (every
+  ``.item()``, ``bool(tensor)``, ``float(tensor)``) seen by a ``TorchDispatchMode``.
+* :func:`peak_memory`: CUDA ``max_memory_allocated`` over a region (reset at entry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = [
+    "Timing",
+    "time_fn",
+    "HeldMemory",
+    "held_memory",
+    "SyncCount",
+    "count_host_syncs",
+    "PeakMemory",
+    "peak_memory",
+    "ProfileRecord",
+    "profile",
+    "synchronize",
+]
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for all queued work on ``device`` (a no-op on the CPU)."""
+    dev = _as_device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+# --------------------------------------------------------------------------- time
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall times of repeated calls, in seconds.
+
+    Attributes:
+        samples: every timed call's duration (warm-up calls excluded).
+        median_s, min_s, max_s: statistics of ``samples``.
+        spread_s: interquartile range of ``samples`` (0 for fewer than 2 samples).
+    """
+
+    samples: tuple[float, ...]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def min_s(self) -> float:
+        return min(self.samples)
+
+    @property
+    def max_s(self) -> float:
+        return max(self.samples)
+
+    @property
+    def spread_s(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        q = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q[2] - q[0]
+
+
+class _Stopwatch:
+    """One timed interval: CUDA events on a GPU, ``perf_counter`` elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def __enter__(self) -> "_Stopwatch":
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.elapsed_s = self._start.elapsed_time(self._end) / 1000.0
+        else:
+            self.elapsed_s = time.perf_counter() - self._t0
+
+
+def time_fn(
+    fn: Callable[[], object],
+    device: torch.device | str = "cpu",
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    setup: Callable[[], object] | None = None,
+) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones.
+
+    ``setup()`` (untimed) runs before every call, e.g. to zero gradients.  On a
+    CUDA device the interval is measured with CUDA events after a
+    synchronisation, so queued kernels are included and nothing else is.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"time_fn needs repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    dev = _as_device(device)
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        synchronize(dev)
+        with _Stopwatch(dev) as sw:
+            fn()
+        samples.append(sw.elapsed_s)
+    return Timing(tuple(samples))
+
+
+# ------------------------------------------------------------------ held memory
+
+
+@dataclass
+class HeldMemory:
+    """Storages packed for backward during a region.
+
+    Attributes:
+        storages: ``(device, data_ptr) -> (nbytes, dtype)`` of each distinct storage
+            packed outside a backward pass (what the forward keeps for backward).
+        recompute_storages: the same for packs made *inside* a backward pass (for
+            instance a recompute-based adjoint rebuilding one step); these are
+            transient and not counted in :attr:`bytes`.
+        excluded: ``data_ptr`` of storages not to count (e.g. the parameters).
+    """
+
+    storages: dict[tuple[str, int], tuple[int, torch.dtype]] = field(default_factory=dict)
+    recompute_storages: dict[tuple[str, int], tuple[int, torch.dtype]] = field(default_factory=dict)
+    excluded: set[tuple[str, int]] = field(default_factory=set)
+
+    @property
+    def bytes(self) -> int:
+        """Total bytes of the distinct storages held for backward."""
+        return sum(n for n, _ in self.storages.values())
+
+    @property
+    def recompute_bytes(self) -> int:
+        """Total bytes of distinct storages packed during backward passes (transient)."""
+        return sum(n for n, _ in self.recompute_storages.values())
+
+    def bytes_by_dtype(self) -> dict[torch.dtype, int]:
+        out: dict[torch.dtype, int] = {}
+        for n, dt in self.storages.values():
+            out[dt] = out.get(dt, 0) + n
+        return out
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.layout != torch.strided:
+            return x
+        try:
+            s = x.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+            return x
+        key = (str(x.device), s.data_ptr())
+        if key in self.excluded or s.nbytes() == 0:
+            return x
+        inside_backward = torch._C._current_graph_task_id() != -1
+        target = self.recompute_storages if inside_backward else self.storages
+        previous = target.get(key, (0, x.dtype))[0]
+        target[key] = (max(previous, s.nbytes()), x.dtype)
+        return x
+
+
+def _storage_keys(tensors: Iterable[torch.Tensor]) -> set[tuple[str, int]]:
+    return {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors}
+
+
+@contextlib.contextmanager
+def held_memory(exclude: Iterable[torch.Tensor] = ()) -> Iterator[HeldMemory]:
+    """Count the bytes a region keeps alive for backward.
+
+    Every tensor autograd saves (``ctx.save_for_backward`` included) passes
+    through a ``saved_tensors_hooks`` pack hook; storages are deduplicated by
+    ``(device, data_ptr)``, so views of one buffer count once.  Packs made
+    while a backward pass runs (recomputation) are recorded separately as
+    ``recompute_bytes``.  ``exclude``: tensors whose storages are not counted
+    (pass ``model.parameters()`` to leave out the weights both solvers share).
+    Nothing is copied or retained: the hook returns the tensor unchanged.
+    """
+    meter = HeldMemory(excluded=_storage_keys(exclude))
+    with torch.autograd.graph.saved_tensors_hooks(meter._pack, lambda x: x):
+        yield meter
+
+
+# ------------------------------------------------------------------- host syncs
+
+
+class SyncCount(TorchDispatchMode):
+    """A dispatch mode counting ``aten._local_scalar_dense`` calls (device-to-host scalar reads).
+
+    Attributes:
+        count: number of calls seen while active.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[SyncCount]:
+    """Count ``.item()``/``bool(tensor)``-style host synchronisations in a region.
+
+    Every op then passes through Python, so do not time a region while counting.
+    """
+    mode = SyncCount()
+    with mode:
+        yield mode
+
+
+# ------------------------------------------------------------------- peak memory
+
+
+@dataclass
+class PeakMemory:
+    """CUDA memory over a region; all fields ``None`` off CUDA.
+
+    Attributes:
+        peak_bytes: ``torch.cuda.max_memory_allocated`` during the region (reset at entry).
+        start_bytes: ``torch.cuda.memory_allocated`` at entry, so
+            ``peak_bytes - start_bytes`` is what the region added at its peak.
+    """
+
+    peak_bytes: int | None = None
+    start_bytes: int | None = None
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device | str) -> Iterator[PeakMemory]:
+    """Peak CUDA memory allocated in a region (``None`` fields on other devices)."""
+    dev = _as_device(device)
+    rec = PeakMemory()
+    if dev.type != "cuda":
+        yield rec
+        return
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    rec.start_bytes = torch.cuda.memory_allocated(dev)
+    try:
+        yield rec
+    finally:
+        torch.cuda.synchronize(dev)
+        rec.peak_bytes = torch.cuda.max_memory_allocated(dev)
+
+
+# ---------------------------------------------------------------------- profile
+
+
+@dataclass
+class ProfileRecord:
+    """What :func:`profile` measured; filled in when the ``with`` block exits.
+
+    Attributes:
+        time_s: wall time of the region in seconds (device-synchronised on CUDA).
+        peak_bytes: CUDA peak allocated bytes in the region (reset at entry); ``None`` off CUDA.
+        start_bytes: CUDA allocated bytes at entry; ``None`` off CUDA.
+        held_bytes: bytes of distinct storages packed for backward outside backward passes.
+        recompute_bytes: bytes of distinct storages packed inside backward passes.
+        host_syncs: ``aten._local_scalar_dense`` calls, or ``None`` when ``sync_count=False``.
+        held: the full :class:`HeldMemory` (per-storage detail).
+    """
+
+    time_s: float | None = None
+    peak_bytes: int | None = None
+    start_bytes: int | None = None
+    held_bytes: int | None = None
+    recompute_bytes: int | None = None
+    host_syncs: int | None = None
+    held: HeldMemory | None = None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "time_s": self.time_s,
+            "peak_bytes": self.peak_bytes,
+            "held_bytes": self.held_bytes,
+            "recompute_bytes": self.recompute_bytes,
+            "host_syncs": self.host_syncs,
+        }
+
+
+@contextlib.contextmanager
+def profile(
+    device: torch.device | str, sync_count: bool = True, exclude: Iterable[torch.Tensor] = ()
+) -> Iterator[ProfileRecord]:
+    """Measure a region: time, CUDA peak memory, memory held for backward, host syncs.
+
+    ``with profile(dev) as rec: loss = model(x); loss.backward()`` then read
+    ``rec.time_s``, ``rec.peak_bytes``, ``rec.held_bytes``, ``rec.host_syncs``.
+    ``sync_count=True`` routes every op through a Python dispatch mode, which
+    slows the region: use ``sync_count=False`` (or :func:`time_fn`) for timings.
+    ``exclude``: tensors (e.g. parameters) whose storages ``held_bytes`` ignores.
+    """
+    dev = _as_device(device)
+    rec = ProfileRecord()
+    with contextlib.ExitStack() as stack:
+        peak = stack.enter_context(peak_memory(dev))
+        held = stack.enter_context(held_memory(exclude))
+        syncs = stack.enter_context(count_host_syncs()) if sync_count else None
+        synchronize(dev)
+        sw = stack.enter_context(_Stopwatch(dev))
+        yield rec
+    # ExitStack closed the stopwatch first (LIFO), then the counter, hooks and the peak meter.
+    rec.time_s = sw.elapsed_s
+    rec.peak_bytes, rec.start_bytes = peak.peak_bytes, peak.start_bytes
+    rec.held, rec.held_bytes, rec.recompute_bytes = held, held.bytes, held.recompute_bytes
+    rec.host_syncs = None if syncs is None else syncs.count

@@ -1,0 +1,173 @@
+"""Named benchmark suites: which problems, sizes, step counts and implementations.
+
+* ``core-mlp``: the headline CPU comparison (MLP field, state 32, width 128,
+  batch 256, 64 RK4 steps): mpnode float32, float32 with bfloat16
+  checkpoints, bfloat16 autocast, against torchdiffeq ``odeint`` and
+  ``odeint_adjoint``.
+* ``quick``: CPU, float32 and bfloat16, every problem at small size plus
+  sweeps over steps, batch and width of the MLP (a few minutes on 2 cores).
+* ``full``: CPU, larger sweeps (steps 16 ... 1024), every precision.
+* ``gpu``: CUDA, GPU sizes (OT-Flow d = 63, m = 1024; conv block
+  128 x 128 x 128), every implementation timed.
+* ``syncs``: host synchronisations per backward against the step count,
+  float32/bfloat16 (none) and float16 with the dynamic scaler.
+* ``smoke``: tiny sizes, for the test suite.
+
+On a CPU, low-precision implementations are measured for memory, host syncs
+and accuracy but not timed (CPU autocast is 20-100x slower than float32 and
+says nothing about GPU speed); see :attr:`Suite.time_low_precision`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .implementations import Impl
+from .runner import Case
+
+MP32 = Impl("mpnode", "float32")
+MP32_CK16 = Impl("mpnode", "float32", "bfloat16")
+MPBF16 = Impl("mpnode", "bfloat16")
+MPF16 = Impl("mpnode", "float16")
+TD32 = Impl("torchdiffeq", "float32")
+TDA32 = Impl("torchdiffeq-adjoint", "float32")
+TDBF16 = Impl("torchdiffeq", "bfloat16")
+TDF16 = Impl("torchdiffeq", "float16")
+
+CORE_IMPLS = (MP32, MP32_CK16, MPBF16, TD32, TDA32, TDBF16)
+CPU_F32 = (MP32, TD32)
+GPU_IMPLS = (MP32, MPBF16, MPF16, TD32, TDA32, TDBF16, TDF16)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Cases varying one axis (``"steps"`` or a size name) around ``base`` sizes.
+
+    ``axis="base"`` gives a single case at ``base`` and ``steps``.
+    """
+
+    problem: str
+    base: dict
+    steps: int
+    impls: tuple[Impl, ...]
+    axis: str = "base"
+    values: tuple[int, ...] = ()
+
+    def cases(self, time_low_precision: bool) -> list[Case]:
+        timed = tuple(time_low_precision or not i.is_low_precision for i in self.impls)
+        if self.axis == "base":
+            points = [(dict(self.base), self.steps)]
+        elif self.axis == "steps":
+            points = [(dict(self.base), v) for v in self.values]
+        else:
+            points = [({**self.base, self.axis: v}, self.steps) for v in self.values]
+        return [Case(self.problem, tuple(s.items()), n, self.impls, self.axis, timed) for s, n in points]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named list of sweeps with its device type and repeat count."""
+
+    name: str
+    device_type: str
+    sweeps: tuple[Sweep, ...]
+    repeats: int
+    time_low_precision: bool
+    describe: str
+
+    def cases(self) -> list[Case]:
+        return [c for s in self.sweeps for c in s.cases(self.time_low_precision)]
+
+
+MLP_CORE = {"batch": 256, "dim": 32, "width": 128}
+
+SUITES: dict[str, Suite] = {}
+
+
+def _register(s: Suite) -> None:
+    SUITES[s.name] = s
+
+
+_register(Suite(
+    "core-mlp", "cpu",
+    (Sweep("mlp", MLP_CORE, 64, CORE_IMPLS),),
+    repeats=9, time_low_precision=False,
+    describe="MLP field (state 32, width 128, batch 256, 64 RK4 steps): mpnode vs torchdiffeq, float32 timing",
+))
+
+_register(Suite(
+    "quick", "cpu",
+    (
+        Sweep("mlp", MLP_CORE, 64, CORE_IMPLS),
+        Sweep("mlp", MLP_CORE, 64, (MP32, MPBF16, TD32), "steps", (16, 32, 64, 128)),
+        Sweep("mlp", MLP_CORE, 32, CPU_F32, "batch", (64, 256, 1024)),
+        Sweep("mlp", MLP_CORE, 32, CPU_F32, "width", (64, 128, 256)),
+        Sweep("otflow", {"batch": 256, "d": 16, "width": 64}, 16, (MP32, MPBF16, TD32)),
+        Sweep("conv", {"batch": 32, "channels": 64, "size": 6}, 8, (MP32, MPBF16, TD32, TDA32)),
+        Sweep("cnf", {"batch": 512, "width": 64}, 16, (MP32, MPBF16, TD32)),
+    ),
+    repeats=5, time_low_precision=False,
+    describe="CPU, float32 timing + bfloat16 memory/accuracy, all problems small, MLP sweeps",
+))
+
+_register(Suite(
+    "full", "cpu",
+    (
+        Sweep("mlp", MLP_CORE, 64, CORE_IMPLS + (MPF16,)),
+        Sweep("mlp", MLP_CORE, 64, (MP32, MP32_CK16, TD32, TDA32), "steps", (16, 32, 64, 128, 256, 512, 1024)),
+        Sweep("mlp", {"batch": 64, "dim": 32, "width": 64}, 32, (MPBF16, MPF16), "steps", (16, 64, 256)),
+        Sweep("mlp", MLP_CORE, 32, (MP32, TD32, TDA32), "batch", (64, 256, 1024, 4096)),
+        Sweep("mlp", MLP_CORE, 32, (MP32, TD32, TDA32), "width", (32, 64, 128, 256, 512)),
+        Sweep("otflow", {"batch": 256, "d": 63, "width": 128}, 16, (MP32, MPBF16, MPF16, TD32, TDA32)),
+        Sweep("otflow", {"batch": 256, "d": 16, "width": 64}, 16, (MP32, TD32), "width", (32, 64, 128, 256)),
+        Sweep("conv", {"batch": 64, "channels": 64, "size": 6}, 8, (MP32, MPBF16, MPF16, TD32, TDA32)),
+        Sweep("cnf", {"batch": 1024, "width": 64}, 32, (MP32, MPBF16, MPF16, TD32, TDA32)),
+    ),
+    repeats=5, time_low_precision=False,
+    describe="CPU, larger sweeps (steps 16..1024, batch, width), every precision",
+))
+
+_register(Suite(
+    "gpu", "cuda",
+    (  # the issue's target problems first, so a time limit cuts the sweeps, not the targets
+        Sweep("conv", {"batch": 8, "channels": 128, "size": 128}, 8, GPU_IMPLS),
+        Sweep("otflow", {"batch": 256, "d": 63, "width": 1024}, 16, GPU_IMPLS),
+        Sweep("mlp", {"batch": 1024, "dim": 32, "width": 128}, 64, GPU_IMPLS),
+        Sweep("cnf", {"batch": 4096, "width": 256}, 64, GPU_IMPLS),
+        Sweep("mlp", {"batch": 1024, "dim": 32, "width": 128}, 64, (MP32, MPBF16, TD32), "steps",
+              (16, 64, 256, 1024)),
+        Sweep("mlp", {"batch": 1024, "dim": 32, "width": 128}, 32, (MP32, MPBF16, MPF16, TD32), "width",
+              (128, 512, 2048)),
+        Sweep("conv", {"batch": 8, "channels": 128, "size": 128}, 8, (MP32, MPBF16, MPF16, TD32), "steps", (4, 16)),
+        Sweep("otflow", {"batch": 256, "d": 63, "width": 1024}, 16, (MP32, MPBF16, MPF16, TD32), "steps", (8, 32)),
+    ),
+    repeats=5, time_low_precision=True,
+    describe="CUDA: all implementations timed at GPU sizes (targets: low precision >= 2x mpnode float32, memory <= 0.5x)",
+))
+
+_register(Suite(
+    "syncs", "cpu",
+    (Sweep("mlp", {"batch": 64, "dim": 32, "width": 64}, 64, (MP32, MPBF16, MPF16, TD32), "steps", (16, 64, 256)),),
+    repeats=1, time_low_precision=False,
+    describe="host syncs per backward vs steps: 0 unscaled, about N/K + 1 with the float16 dynamic scaler",
+))
+
+_register(Suite(
+    "smoke", "cpu",
+    (
+        Sweep("mlp", {"batch": 8, "dim": 4, "width": 8}, 8, (MP32, MP32_CK16, MPBF16, TD32, TDA32)),
+        Sweep("mlp", {"batch": 8, "dim": 4, "width": 8}, 8, (MP32, TD32), "steps", (4, 8, 16)),
+        Sweep("mlp", {"batch": 8, "dim": 4, "width": 8}, 8, (MP32, TD32), "batch", (4, 16)),
+        Sweep("otflow", {"batch": 8, "d": 3, "width": 8}, 4, (MP32, TD32)),
+        Sweep("conv", {"batch": 2, "channels": 8, "size": 4}, 2, (MP32, TD32)),
+        Sweep("cnf", {"batch": 8, "width": 8}, 4, (MP32, TD32)),
+    ),
+    repeats=2, time_low_precision=False,
+    describe="tiny sizes for the tests (seconds)",
+))
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; choose one of {sorted(SUITES)}")
+    return SUITES[name]

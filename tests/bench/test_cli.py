@@ -1,0 +1,76 @@
+"""The command line in smoke form: files, table, plots; suite listing and dry runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mpnode.bench.cli import main
+from mpnode.bench.suites import SUITES, get_suite
+
+
+def test_smoke_run_writes_table_csv_json_and_plots(tmp_path, capsys):
+    pytest.importorskip("torchdiffeq")
+    out = tmp_path / "res"
+    assert main(["run", "--suite", "smoke", "--problems", "mlp", "--repeats", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "mpnode/float32" in printed and "torchdiffeq/float32" in printed
+    assert "growth with steps" in printed and "ms/step" in printed
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    n_expected = sum(len(c.impls) for c in get_suite("smoke").cases() if c.problem == "mlp")
+    assert len(rows) == n_expected
+    assert all(r["error"] == "" for r in rows)
+    mp = [r for r in rows if r["impl"] == "mpnode/float32" and r["axis"] == "base"][0]
+    assert 0 < float(mp["held_vs_torchdiffeq"]) < 0.2 and int(mp["syncs_backward"]) == 0
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["torch"] == torch.__version__ and meta["suite"] == "smoke" and meta["growth"]
+    pytest.importorskip("matplotlib")
+    assert (out / "steps_mlp.png").stat().st_size > 1000
+    assert (out / "ratios_mlp_batch.png").stat().st_size > 1000
+
+
+def test_plot_command_rerenders(tmp_path, capsys):
+    pytest.importorskip("torchdiffeq")
+    out = tmp_path / "r"
+    main(["run", "--suite", "smoke", "--problems", "cnf", "--repeats", "1", "--out", str(out), "--no-progress",
+          "--no-plots"])
+    capsys.readouterr()
+    assert main(["plot", str(out / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    assert "cnf" in capsys.readouterr().out
+    assert (tmp_path / "again" / "results.csv").exists()
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_dry_run_lists_every_case(suite, capsys):
+    assert main(["run", "--suite", suite, "--dry"]) == 0
+    text = capsys.readouterr().out
+    assert f"{len(get_suite(suite).cases())} cases" in text
+
+
+def test_quick_suite_shape():
+    quick = get_suite("quick")
+    problems = {c.problem for c in quick.cases()}
+    assert problems == {"mlp", "otflow", "conv", "cnf"}
+    precisions = {i.precision for c in quick.cases() for i in c.impls}
+    assert precisions == {"float32", "bfloat16"}
+    assert {c.axis for c in quick.cases()} == {"base", "steps", "batch", "width"}
+
+
+def test_gpu_suite_refuses_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(SystemExit, match="--suite quick"):
+        main(["run", "--suite", "gpu"])
+
+
+def test_module_entry_point_lists_suites():
+    done = subprocess.run([sys.executable, "-m", "mpnode.bench", "list"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "quick" in done.stdout and "core-mlp" in done.stdout and "gpu" in done.stdout
