@@ -29,7 +29,7 @@ from .precision import PrecisionPolicy
 from .scaling import AdjointScaling
 from .state import FlatVectorField
 from .stats import SolverStats
-from .stepper import rk_increment
+from .stepper import rk_increment, stage_time_table
 from .tableau import ButcherTableau
 
 
@@ -67,6 +67,7 @@ class MixedPrecisionRK(torch.autograd.Function):
         f, tab = cfg.field, cfg.tableau
         nfe0 = f.nfe
         steps = cfg.steps
+        times = stage_time_table(tab, grid, cfg.policy.state_dtype)
         y = y0
         with cfg.policy.autocast():
             for n in range(n_steps):
@@ -74,7 +75,8 @@ class MixedPrecisionRK(torch.autograd.Function):
                     ckpt[n].copy_(y)
                 if n in rows:
                     out[rows[n]].copy_(y)
-                y = torch.add(y, rk_increment(tab, f, grid[n], grid[n + 1], y), alpha=steps[n])
+                phi = rk_increment(tab, f, grid[n], grid[n + 1], y, h=steps[n], stage_times=times[n])
+                y = torch.add(y, phi, alpha=steps[n])
         out[rows[n_steps]].copy_(y)
         if cfg.stats is not None:
             cfg.stats.steps += n_steps
@@ -122,6 +124,7 @@ def _adjoint_recurrence(
     time_terms: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (m, d/dtau_m, d/dtau_{m+1})
     nfe0, syncs0 = f.nfe, scaling.host_syncs
     block = scaling.block_size
+    times = None if need_grid else stage_time_table(tab, grid, state_dtype)
     scaling.begin(lam, n_steps)
     n = n_steps
     with torch.enable_grad(), policy.autocast():
@@ -133,7 +136,10 @@ def _adjoint_recurrence(
                 y = ckpt[m].detach().to(state_dtype).requires_grad_(True)
                 t0 = grid[m].detach().requires_grad_(need_grid)
                 t1 = grid[m + 1].detach().requires_grad_(need_grid)
-                phi = rk_increment(tab, f, t0, t1, y)
+                if need_grid:
+                    phi = rk_increment(tab, f, t0, t1, y)
+                else:
+                    phi = rk_increment(tab, f, t0, t1, y, h=steps[m], stage_times=times[m])
                 if m == n_steps - 1:
                     _refuse_untracked(phi, [y, t0, t1, *cfg.params])
                 scale = scaling.scale(lam)
@@ -148,8 +154,11 @@ def _adjoint_recurrence(
                 scaling.observe(m, lam, scale, [g for g in vjp if g is not None])
                 if vjp[0] is not None:
                     lam = _axpy(lam, coef, vjp[0])
-                for s, g in zip(sums, vjp[1 : 1 + len(params)]):
-                    if g is not None:
+                pairs = [(s, g) for s, g in zip(sums, vjp[1 : 1 + len(params)]) if g is not None]
+                if pairs and isinstance(coef, float):
+                    torch._foreach_add_([s for s, _ in pairs], [g for _, g in pairs], alpha=coef)
+                else:
+                    for s, g in pairs:
                         _axpy(s, coef, g, inplace=True)
                 if m in direct:
                     lam = lam + direct[m]

@@ -58,6 +58,9 @@ class FlatVectorField:
         self.nfe += 1
         lay = self.layout
         out = self.func(t.to(lay.dtype), lay.unflatten(y))
+        if not lay.is_tuple and isinstance(out, torch.Tensor) and out.shape == lay.shapes[0] \
+                and out.dtype.is_floating_point:  # the common case, checked without the general path
+            return out.reshape(-1).to(lay.dtype)
         parts = self._check(out)
         if not lay.is_tuple:
             return parts[0].reshape(-1).to(lay.dtype)
