@@ -1,0 +1,38 @@
+"""Smoke runs of the flow experiments (examples/cnf8g.py, examples/otflow.py) with both solvers."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, out: Path, *flags: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--smoke", "--device", "cpu",
+                           "--out", str(out), *flags], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = list(csv.DictReader((out / "summary.csv").open()))
+    return row
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("solver", ["mpnode", "torchdiffeq"])
+def test_cnf8g_smoke(precision, solver, tmp_path):
+    row = run("cnf8g.py", tmp_path, "--precision", precision, "--odeint", solver)
+    assert math.isfinite(float(row["test_nll"])) and int(row["held_bytes"]) > 0
+    assert (tmp_path / "cnf8g_density.png").exists() and (tmp_path / "cnf8g.csv").exists()
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("data", ["8gaussians", "gmm"])
+def test_otflow_smoke(precision, data, tmp_path):
+    row = run("otflow.py", tmp_path, "--precision", precision, "--data", data, "--dim", "4")
+    for key in ("test_nll", "L", "HJB", "mmd"):
+        assert math.isfinite(float(row[key]))
+    assert (tmp_path / "otflow_samples.png").exists()
