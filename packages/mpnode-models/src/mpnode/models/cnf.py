@@ -77,18 +77,18 @@ class CNF(nn.Module):
     def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         z, _ = state
         outer_grad = torch.is_grad_enabled()  # backward recomputation: the divergence must be differentiable
+        if self.divergence == "exact" and hasattr(self.field, "forward_with_divergence"):
+            dz, div = self.field.forward_with_divergence(t, z)  # analytic: no autograd pass needed
+            return dz, -div.to(z.dtype)
         with torch.enable_grad():
             zi = z if z.requires_grad else z.detach().requires_grad_(True)
-            if self.divergence == "exact" and hasattr(self.field, "forward_with_divergence"):
-                dz, div = self.field.forward_with_divergence(t, zi)
+            dz = self.field(t, zi)
+            if self.divergence == "exact":
+                div = exact_divergence(dz, zi, create_graph=outer_grad)
             else:
-                dz = self.field(t, zi)
-                if self.divergence == "exact":
-                    div = exact_divergence(dz, zi, create_graph=outer_grad)
-                else:
-                    if self.noise is None or self.noise.shape != z.shape:
-                        raise RuntimeError("call CNF.resample_noise(z0) before each solve with the Hutchinson estimator")
-                    div = hutchinson_divergence(dz, zi, self.noise, create_graph=outer_grad)
+                if self.noise is None or self.noise.shape != z.shape:
+                    raise RuntimeError("call CNF.resample_noise(z0) before each solve with the Hutchinson estimator")
+                div = hutchinson_divergence(dz, zi, self.noise, create_graph=outer_grad)
         if not outer_grad:
             dz, div = dz.detach(), div.detach()
         return dz, -div.to(z.dtype)
