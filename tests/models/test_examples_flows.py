@@ -36,3 +36,12 @@ def test_otflow_smoke(precision, data, tmp_path):
     for key in ("test_nll", "L", "HJB", "mmd"):
         assert math.isfinite(float(row[key]))
     assert (tmp_path / "otflow_samples.png").exists()
+
+
+@pytest.mark.parametrize("precision", ["float16"])
+@pytest.mark.parametrize("script", ["cnf8g.py", "otflow.py"])
+def test_flows_smoke_float16(precision, script, tmp_path):
+    """float16 goes through mpnode's adjoint scaler and torch's GradScaler; the smoke run must stay finite."""
+    row = run(script, tmp_path, "--precision", precision, "--odeint", "mpnode")
+    assert row["precision"] == "float16" and math.isfinite(float(row["test_nll"]))
+    assert 0 < int(row["held_bytes"])

@@ -137,7 +137,10 @@ class ODEBlock(nn.Module):
 
 
 def downsampling_stem(width: int = 64, in_channels: int = 1) -> nn.Sequential:
-    """``(B, in_channels, 28, 28) -> (B, width, 6, 6)``: conv3x3 (no padding: 26x26), GN, ReLU, conv4x4/2 (13x13), GN, ReLU, conv4x4/2 (6x6)."""
+    """``(B, in_channels, 28, 28) -> (B, width, 6, 6)``.
+
+    conv3x3 without padding (26x26), GN, ReLU, conv4x4/2 (13x13), GN, ReLU, conv4x4/2 (6x6).
+    """
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, 1),
         group_norm(width),

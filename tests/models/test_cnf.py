@@ -1,5 +1,5 @@
-"""CNF and OT-Flow: exact derivatives against brute-force autograd, Hutchinson's estimator,
-and short trainings under autocast that lower the loss."""
+"""CNF: exact divergence against brute-force autograd, Hutchinson's estimator, agreement with
+torchdiffeq, and short trainings under autocast that lower the loss."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from torch.func import jacrev, vmap
 
 from mpnode.core import odeint
 from mpnode.models.cnf import CNF, HyperNetField, MLPField, exact_divergence, hutchinson_divergence
-from mpnode.models.otflow import OTPotential, generate, mmd, otflow_loss
-from mpnode.models.toy_data import DATASETS, eight_gaussians_log_density, sample
+from mpnode.models.toy_data import sample
 
 
 def brute_trace(field, t, z):
@@ -39,7 +38,7 @@ def test_hutchinson_is_unbiased(noise):
     field = MLPField(dim=3).double()
     z = torch.randn(1, 3, dtype=torch.float64).requires_grad_(True)
     t = torch.tensor(0.2, dtype=torch.float64)
-    exact = float(brute_trace(field, t, z.detach())[0])
+    exact = float(brute_trace(field, t, z.detach())[0].detach())
     cnf = CNF(field, divergence="hutchinson", noise=noise)
     gen = torch.Generator().manual_seed(1)
     draws = []
@@ -77,21 +76,6 @@ def test_cnf_gradients_match_torchdiffeq_in_float32():
         assert float((a - b).norm()) <= 1e-5 * float(b.norm()) + 1e-7
 
 
-@pytest.mark.parametrize("dim, width, layers", [(2, 16, 2), (5, 8, 3)])
-def test_otflow_gradient_and_trace_match_autograd(dim, width, layers):
-    torch.manual_seed(0)
-    P = OTPotential(dim, width, layers).double()
-    with torch.no_grad():
-        P.w.normal_()
-        P.c.weight.normal_()
-    s = torch.randn(7, dim + 1, dtype=torch.float64, requires_grad=True)
-    grad, trace = P.grad_and_trace(s)
-    (ref,) = torch.autograd.grad(P(s).sum(), s, create_graph=True)
-    ref_trace = sum(torch.autograd.grad(ref[:, k].sum(), s, retain_graph=True)[0][:, k] for k in range(dim))
-    assert torch.allclose(grad, ref, atol=1e-10, rtol=0)
-    assert torch.allclose(trace, ref_trace, atol=1e-10, rtol=0)
-
-
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_cnf_training_lowers_the_loss(precision, amp, device):
     torch.manual_seed(0)
@@ -114,48 +98,29 @@ def test_cnf_training_lowers_the_loss(precision, amp, device):
     assert after < before - 0.5, (before, after)
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_otflow_training_lowers_the_loss(precision, amp, device):
+# relative tolerance of a log-density / gradient against the float32 solve, per autocast dtype
+# (a few units of each format's roundoff: 2^-8 for bfloat16, 2^-11 for float16)
+REL_TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 3e-3}
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
+def test_cnf_log_prob_and_gradients_under_autocast_stay_close_to_float32(precision, amp, device):
     torch.manual_seed(0)
-    P = OTPotential(2, 16, 2).to(device)
-    opt = torch.optim.Adam(P.parameters(), lr=2e-2)
-    gen = torch.Generator().manual_seed(0)
-    fixed = sample("8gaussians", 256, gen).to(device)
-    with torch.no_grad(), amp(precision):
-        start, _ = otflow_loss(P, fixed, odeint, n_steps=4)
-    for _ in range(30):
-        with amp(precision):
-            loss, _ = otflow_loss(P, sample("8gaussians", 64, gen).to(device), odeint, n_steps=4)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad(), amp(precision):
-        end, info = otflow_loss(P, fixed, odeint, n_steps=4)
-    assert float(end) < 0.9 * float(start), (float(start), float(end))
-    assert all(math.isfinite(v) for v in info.values())
-    with torch.no_grad():
-        xs = generate(P, torch.randn(256, 2, generator=gen).to(device), odeint, n_steps=4)
-    assert xs.shape == (256, 2) and torch.isfinite(xs).all()
+    cnf = CNF(HyperNetField(width=8)).to(device)
+    x = sample("8gaussians", 32, torch.Generator().manual_seed(0)).to(device)
+    t = torch.tensor([0.0, 1.0], device=device)
+    params = tuple(cnf.parameters())
 
+    def solve():
+        lp = cnf.log_prob(x, odeint, t, options={"step_size": 0.25})
+        return lp.detach(), torch.autograd.grad(lp.mean(), params)
 
-def test_mmd_separates_distributions():
-    gen = torch.Generator().manual_seed(0)
-    a, b = sample("8gaussians", 400, gen), sample("8gaussians", 400, gen)
-    c = sample("checkerboard", 400, gen)
-    assert mmd(a, b) < 0.2 * mmd(a, c)
-
-
-@pytest.mark.parametrize("name", sorted(DATASETS))
-def test_toy_data(name):
-    x = sample(name, 2000, torch.Generator().manual_seed(0))
-    assert x.shape == (2000, 2) and x.dtype == torch.float32
-    assert float(x.mean(0).abs().max()) < 0.2 and 0.7 < float(x.std(0).min()) < 2.0
-    with pytest.raises(ValueError, match="unknown toy data set"):
-        sample("moons?", 3)
-
-
-def test_eight_gaussians_log_density_integrates_to_one():
-    grid = torch.linspace(-4, 4, 401, dtype=torch.float64)
-    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
-    dens = eight_gaussians_log_density(torch.stack([xx.flatten(), yy.flatten()], 1)).exp()
-    assert abs(float(dens.sum() * (grid[1] - grid[0]) ** 2) - 1.0) < 1e-3
+    ref_lp, ref_g = solve()
+    with amp(precision):
+        lp, g = solve()
+    assert lp.dtype == torch.float32, "the log-density must come back in the state's dtype"
+    tol = REL_TOL[precision]
+    assert float((lp - ref_lp).abs().max()) <= tol * float(ref_lp.abs().max())
+    num = sum(float((a - b).norm()) ** 2 for a, b in zip(g, ref_g)) ** 0.5
+    den = sum(float(b.norm()) ** 2 for b in ref_g) ** 0.5
+    assert num <= tol * den, (precision, num / den)
