@@ -7,22 +7,11 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from mpnode.bench.profilers import count_host_syncs
 from mpnode.core import NonFiniteGradientError, SolverStats, odeint
 from mpnode.models.reference import DynamicRangeODE
 from mpnode.scaler import DynamicAdjointScaler, GradScalerPassthrough
-
-
-class SyncCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def mlp(device, width: int = 16) -> torch.nn.Module:
@@ -124,8 +113,7 @@ def test_host_syncs_per_block(precision, block_size, amp, device):
         out = odeint(lambda t, y: net(y), y0, t, adjoint_params=tuple(net.parameters()), scaler=scaler,
                      options={"stats": stats})
         loss = (out[-1].float() ** 2).sum()
-    counter = SyncCounter()
-    with counter:
+    with count_host_syncs() as counter:
         loss.backward()
     assert counter.count <= n / block_size + 4
     assert stats.host_syncs <= n / block_size + 4 and stats.host_syncs == scaler.host_syncs
