@@ -27,11 +27,15 @@ import contextlib
 import copy
 import csv
 import math
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from common import print_table  # noqa: E402
 
 from mpnode.core import odeint
 
@@ -164,24 +168,11 @@ def run(n_eps: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     return points, summary
 
 
-def print_table(summary: list[dict]) -> None:
+def print_summary(summary: list[dict]) -> None:
     header = ["kind", "gradient in", "fitted slope of r", "decades of eps^2", "slope of |L(p+ev)-L(p)|", "rel err g.v"]
     cells = [[s["kind"], s["precision"], f"{s['slope']:.3f}", f"{s['decades']:.1f}",
               f"{s['first_difference_slope']:.3f}", f"{s['rel_err_grad_dot_v']:.1e}"] for s in summary]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(" | ".join(header))
-        for c in cells:
-            print(" | ".join(c))
-        return
-    table = Table(title="Taylor test: r(eps) = |L(p+eps v) - L(p) - eps g.v|, L in float64")
-    for h in header:
-        table.add_column(h, justify="right")
-    for c in cells:
-        table.add_row(*c)
-    Console(width=120).print(table)
+    print_table("Taylor test: r(eps) = |L(p+eps v) - L(p) - eps g.v|, L in float64", header, cells)
 
 
 def plot(points: list[dict], summary: list[dict], path: Path) -> None:
@@ -228,7 +219,7 @@ def main(argv=None) -> list[dict]:
         w = csv.DictWriter(fh, fieldnames=list(summary[0]))
         w.writeheader()
         w.writerows(summary)
-    print_table(summary)
+    print_summary(summary)
     plot(points, summary, args.out / "taylor.png")
     print(f"wrote {args.out / 'taylor.csv'}, {args.out / 'taylor_slopes.csv'} and {args.out / 'taylor.png'}")
     return summary

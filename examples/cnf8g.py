@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CSVLog, autocast, base_parser, setup, solver  # noqa: E402
+from common import CSVLog, autocast, base_parser, profiled_train_step, setup, solver  # noqa: E402
 
-from mpnode.bench.profilers import profile  # noqa: E402
 from mpnode.models.cnf import CNF, HyperNetField  # noqa: E402
 from mpnode.models.toy_data import eight_gaussians_log_density, sample  # noqa: E402
 
@@ -49,13 +47,11 @@ def main(argv=None) -> dict:
     held = None
     for it in tqdm(range(args.iters), desc=f"cnf8g {args.odeint} {args.precision}"):
         x = sample("8gaussians", args.batch, gen).to(device)
-        with profile(device, sync_count=False, exclude=list(cnf.parameters())) as rec:
+        def compute_loss():
             with autocast(args, device):
-                loss = -cnf.log_prob(x, odeint, t, **kw).mean()
-            opt.zero_grad(set_to_none=True)
-            grad_scaler.scale(loss).backward()
-            grad_scaler.step(opt)
-            grad_scaler.update()
+                return -cnf.log_prob(x, odeint, t, **kw).mean()
+
+        rec, loss = profiled_train_step(device, cnf, opt, grad_scaler, compute_loss)
         times.append(rec.time_s)
         held = rec.held_bytes
         log.write(iteration=it, loss=float(loss.detach()), time_s=rec.time_s, held_bytes=rec.held_bytes)

@@ -74,3 +74,40 @@ class CSVLog:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def print_table(title: str, header: list[str], cells: list[list[str]]) -> None:
+    """Print rows of strings as a rich table, or as ``|``-separated text when rich is not installed."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        for row in [header, *cells]:
+            print(" | ".join(row))
+        return
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="right")
+    for row in cells:
+        table.add_row(*row)
+    Console(width=120).print(table)
+
+
+def profiled_train_step(device: torch.device, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                        grad_scaler: torch.amp.GradScaler, compute_loss: Callable[[], Any]):
+    """One training iteration measured by ``mpnode.bench.profilers.profile`` (weights excluded from held bytes).
+
+    ``compute_loss()`` runs the forward (call it under the autocast you want) and returns the loss or a
+    ``(loss, extras)`` tuple; backward goes through ``grad_scaler``.  Returns ``(record, compute_loss() result)``.
+    """
+    from mpnode.bench.profilers import profile
+
+    with profile(device, sync_count=False, exclude=list(model.parameters())) as rec:
+        out = compute_loss()
+        loss = out[0] if isinstance(out, tuple) else out
+        opt.zero_grad(set_to_none=True)
+        grad_scaler.scale(loss).backward()
+        grad_scaler.step(opt)
+        grad_scaler.update()
+    return rec, out

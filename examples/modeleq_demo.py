@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PRECISIONS, CSVLog, base_parser, setup, solver  # noqa: E402
+from common import PRECISIONS, CSVLog, base_parser, print_table, setup, solver  # noqa: E402
 
 from mpnode.models.reference import LinearODE  # noqa: E402
 
@@ -44,26 +44,11 @@ def run(args) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # plain text when rich is not installed
-        Console = None
+def print_results(rows: list[dict]) -> None:
     header = ["precision", "method", "steps", "solver", "rel err y(T)", "rel err dL/dy0", "rel err dL/dA"]
     cells = [[r["precision"], r["method"], str(r["steps"]), r["solver"]] + [f"{r[f'err_{q}']:.2e}" for q in QUANTITIES]
              for r in rows]
-    if Console is None:
-        print(" | ".join(header))
-        for c in cells:
-            print(" | ".join(c))
-        return
-    table = Table(title="Relative error against the float64 matrix exponential (y' = A y)")
-    for h in header:
-        table.add_column(h, justify="right")
-    for c in cells:
-        table.add_row(*c)
-    Console(width=120).print(table)
+    print_table("Relative error against the float64 matrix exponential (y' = A y)", header, cells)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -112,7 +97,7 @@ def main(argv=None) -> None:
     if args.quick or args.smoke:
         args.steps = [32, 256] if args.smoke else [32, 256, 2048]
     rows = run(args)
-    print_table(rows)
+    print_results(rows)
     plot(rows, args.out / "modeleq.png")
     print(f"wrote {args.out / 'modeleq.csv'} and {args.out / 'modeleq.png'}")
 

@@ -17,9 +17,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CSVLog, autocast, base_parser, setup, solver  # noqa: E402
+from common import CSVLog, autocast, base_parser, profiled_train_step, setup, solver  # noqa: E402
 
-from mpnode.bench.profilers import profile  # noqa: E402
 from mpnode.models.otflow import OTPotential, gaussian_mixture, generate, mmd, otflow_loss  # noqa: E402
 from mpnode.models.toy_data import DATASETS, sample  # noqa: E402
 
@@ -56,13 +55,11 @@ def main(argv=None) -> dict:
     times, held = [], None
     for it in tqdm(range(args.iters), desc=f"otflow {args.data} {args.odeint} {args.precision}"):
         x = draw(args, args.batch, gen).to(device)
-        with profile(device, sync_count=False, exclude=list(potential.parameters())) as rec:
+        def compute_loss():
             with autocast(args, device):
-                loss, parts = otflow_loss(potential, x, odeint, n_steps=args.steps, alphas=tuple(args.alphas))
-            opt.zero_grad(set_to_none=True)
-            grad_scaler.scale(loss).backward()
-            grad_scaler.step(opt)
-            grad_scaler.update()
+                return otflow_loss(potential, x, odeint, n_steps=args.steps, alphas=tuple(args.alphas))
+
+        rec, (loss, parts) = profiled_train_step(device, potential, opt, grad_scaler, compute_loss)
         times.append(rec.time_s)
         held = rec.held_bytes
         log.write(iteration=it, loss=float(loss.detach()), **parts, time_s=rec.time_s, held_bytes=rec.held_bytes)
