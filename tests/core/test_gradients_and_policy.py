@@ -18,7 +18,7 @@ def test_frozen_parameters_are_skipped(mlp_field):
     mlp_field.l1.weight.requires_grad_(False)
     y0 = torch.randn(3, 4, requires_grad=True)
     t = torch.linspace(0, 1, 6)
-    odeint(mlp_field, y0, t)[-1].pow(2).sum().backward()
+    odeint(mlp_field, y0, t, method="rk4")[-1].pow(2).sum().backward()
     ours = [p.grad.clone() for p in mlp_field.parameters() if p.requires_grad]
     assert mlp_field.l1.weight.grad is None
     mlp_field.zero_grad(set_to_none=True)
@@ -57,7 +57,7 @@ def test_loss_on_intermediate_outputs_only(mlp_field):
 def test_float64_state_with_float32_times(mlp_field):
     f = mlp_field.double()
     y0 = torch.randn(3, 4, dtype=torch.float64)
-    out = odeint(f, y0, torch.linspace(0, 1, 4))
+    out = odeint(f, y0, torch.linspace(0, 1, 4), method="rk4")
     assert out.dtype == torch.float64 and out.shape == (4, 3, 4)
 
 
@@ -91,7 +91,7 @@ def test_precision_policy(precision, amp, device):
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: packed.append(x.dtype) or x, lambda x: x):
         with amp(precision):
-            out = odeint(f, y0, torch.linspace(0, 1, 5, device=device), scaler=False)
+            out = odeint(f, y0, torch.linspace(0, 1, 5, device=device), method="rk4", scaler=False)
     assert out.dtype == torch.float32
     assert set(seen) == {(torch.float32, torch.float32, low)}
     assert low in packed  # the checkpoints
@@ -100,7 +100,7 @@ def test_precision_policy(precision, amp, device):
     assert y0.grad.dtype == torch.float32
     # autocast on y0's device was honoured: the result differs from a float32 solve
     with torch.no_grad():
-        ref = odeint(f, y0, torch.linspace(0, 1, 5, device=device))
+        ref = odeint(f, y0, torch.linspace(0, 1, 5, device=device), method="rk4")
     assert 0 < float((out.detach() - ref).abs().max()) < 0.05
 
 
@@ -108,7 +108,7 @@ def test_float16_overflow_without_scaler_raises_and_writes_no_gradient(mlp_field
     f = mlp_field.to(device)
     y0 = torch.randn(3, 4, device=device, requires_grad=True)
     with amp("float16"):
-        out = odeint(f, y0, torch.linspace(0, 1, 5, device=device), scaler=False)
+        out = odeint(f, y0, torch.linspace(0, 1, 5, device=device), method="rk4", scaler=False)
         loss = 1e30 * out[-1].sum()  # the adjoint seed overflows float16
     before = [p.detach().clone() for p in f.parameters()]
     with pytest.raises(NonFiniteGradientError, match="mpnode-scaler"):

@@ -28,7 +28,8 @@ def test_invalid_tableau_is_rejected(kwargs, message):
 
 
 def test_named_tableaux_are_consistent():
-    expected = {"euler": 1, "midpoint": 2, "heun2": 2, "ralston": 2, "heun3": 3, "ssprk3": 3, "rk4": 4, "rk4_classic": 4}
+    expected = {"euler": 1, "midpoint": 2, "heun2": 2, "ralston": 2, "heun3": 3, "ssprk3": 3, "rk4": 4, "rk4_classic": 4,
+                "dopri5": 5, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 2, "dopri8": 8, "tsit5": 5}
     assert {k: v.order for k, v in TABLEAUX.items()} == expected
     for tab in TABLEAUX.values():
         assert math.isclose(sum(tab.b), 1.0, abs_tol=1e-15)
@@ -58,26 +59,30 @@ def forced_linear(t, y):
     return A @ y + torch.sin(3 * t) * Y0
 
 
+T_SPAN = torch.tensor([0.0, 2.0], dtype=torch.float64)
+
+
 @functools.lru_cache(maxsize=1)
 def _reference() -> torch.Tensor:
     with torch.no_grad():
-        return odeint(forced_linear, Y0, torch.linspace(0, 2, 4097, dtype=torch.float64), method="rk4_classic")[-1]
+        return odeint(forced_linear, Y0, T_SPAN, method="dopri8", options={"step_size": 2 / 512})[-1]
 
 
 def _linear_error(tab: ButcherTableau, n: int) -> float:
     with torch.no_grad():
-        y = odeint(forced_linear, Y0, torch.linspace(0, 2, n + 1, dtype=torch.float64), method=tab)[-1]
+        y = odeint(forced_linear, Y0, T_SPAN, method=tab, options={"step_size": 2 / n})[-1]
     return float((y - _reference()).norm())
 
 
 @pytest.mark.parametrize("name", list(TABLEAUX))
 def test_observed_convergence_order(name):
     tab = TABLEAUX[name]
-    e1, e2 = _linear_error(tab, 40), _linear_error(tab, 80)
+    n = 40 if tab.order <= 4 else (32 if tab.order <= 5 else 8)  # asymptotic, above float64 roundoff
+    e1, e2 = _linear_error(tab, n), _linear_error(tab, 2 * n)
     observed = math.log2(e1 / e2)
     assert abs(observed - tab.order) <= 0.2, f"{name}: observed order {observed:.3f}, declared {tab.order}"
 
 
 def test_unknown_method_names_the_choices():
-    with pytest.raises(ValueError, match="unknown method 'dopri5'.*rk4"):
-        get_tableau("dopri5")
+    with pytest.raises(ValueError, match="unknown method 'dopri7'.*rk4"):
+        get_tableau("dopri7")

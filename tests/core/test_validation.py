@@ -27,7 +27,7 @@ CASES = {
     "t not monotone": (lambda f, y0, t: dict(t=torch.tensor([0.0, 0.5, 0.3, 1.0])), ValueError, "strictly increasing or strictly decreasing"),
     "t repeated": (lambda f, y0, t: dict(t=torch.tensor([0.0, 0.5, 0.5, 1.0])), ValueError, "no repeats"),
     "t on another device": (lambda f, y0, t: dict(t=torch.linspace(0, 1, 5, device="meta")), ValueError, "t.to\\(y0.device\\)"),
-    "t single time": (lambda f, y0, t: dict(t=t[:1]), ValueError, "at least two times"),
+    "t empty": (lambda f, y0, t: dict(t=t[:0]), ValueError, "at least one time"),
     "t NaN": (lambda f, y0, t: dict(t=torch.tensor([0.0, float("nan"), 1.0])), ValueError, "inf or NaN"),
     "t not a tensor": (lambda f, y0, t: dict(t=[0.0, 1.0]), TypeError, "torch.tensor"),
     "y0 integer": (lambda f, y0, t: dict(y0=torch.ones(3, 4, dtype=torch.long)), TypeError, "y0 must be float32 or float64"),
@@ -35,7 +35,7 @@ CASES = {
     "y0 NaN": (lambda f, y0, t: dict(y0=torch.full((3, 4), float("nan"))), ValueError, "y0 contains inf or NaN"),
     "y0 mixed tuple": (lambda f, y0, t: dict(y0=(y0, y0.detach().double())), TypeError, "share one dtype"),
     "y0 list": (lambda f, y0, t: dict(y0=[y0]), TypeError, "tensor or a non-empty tuple"),
-    "unknown method": (lambda f, y0, t: dict(method="dopri5"), ValueError, "unknown method 'dopri5'"),
+    "unknown method": (lambda f, y0, t: dict(method="dopri7"), ValueError, "unknown method 'dopri7'"),
     "unknown option": (lambda f, y0, t: dict(options={"stepsize": 0.1}), ValueError, "unknown option\\(s\\) \\['stepsize'\\]"),
     "step_size zero": (lambda f, y0, t: dict(options={"step_size": 0.0}), ValueError, "must be positive"),
     "step_size negative": (lambda f, y0, t: dict(options={"step_size": -0.1}), ValueError, "direction comes from t"),
@@ -54,7 +54,7 @@ CASES = {
 def test_input_error(case, setup):
     f, y0, t = setup
     make, error, message = CASES[case]
-    kwargs = dict(func=f, y0=y0, t=t)
+    kwargs = dict(func=f, y0=y0, t=t, method="rk4")
     kwargs.update(make(f, y0, t))
     func, y, tt = kwargs.pop("func"), kwargs.pop("y0"), kwargs.pop("t")
     with pytest.raises(error, match=message):
@@ -64,13 +64,13 @@ def test_input_error(case, setup):
 def test_blow_up_in_forward_is_reported(setup):
     f, y0, t = setup
     with pytest.raises(FloatingPointError, match="became inf/NaN"):
-        odeint(lambda t, y: torch.exp(torch.exp(10 * y.abs())), y0.detach(), t)
+        odeint(lambda t, y: torch.exp(torch.exp(10 * y.abs())), y0.detach(), t, method="rk4")
 
 
 def test_captured_tensor_is_refused_at_backward(setup):
     f, y0, t = setup
     w = torch.randn(4, requires_grad=True)
-    out = odeint(lambda t, y: f(t, y) * w, y0, t)
+    out = odeint(lambda t, y: f(t, y) * w, y0, t, method="rk4")
     with pytest.raises(ValueError, match="adjoint_params"):
         out.sum().backward()
     assert w.grad is None

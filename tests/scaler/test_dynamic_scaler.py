@@ -22,6 +22,7 @@ def mlp(device, width: int = 16) -> torch.nn.Module:
 def solve_grads(net, y0, t, amp_ctx, loss_fn, decay: float = 0.0, **kwargs):
     params = tuple(net.parameters())
     with amp_ctx:
+        kwargs.setdefault("method", "rk4")
         out = odeint(lambda t, y: net(y) - decay * y, y0, t, adjoint_params=params, **kwargs)
         loss = loss_fn(out)
     return torch.autograd.grad(loss, (y0, *params))
@@ -110,7 +111,7 @@ def test_host_syncs_per_block(precision, block_size, amp, device):
     stats = SolverStats()
     scaler = DynamicAdjointScaler(block_size=block_size)
     with amp(precision):
-        out = odeint(lambda t, y: net(y), y0, t, adjoint_params=tuple(net.parameters()), scaler=scaler,
+        out = odeint(lambda t, y: net(y), y0, t, method="rk4", adjoint_params=tuple(net.parameters()), scaler=scaler,
                      options={"stats": stats})
         loss = (out[-1].float() ** 2).sum()
     with count_host_syncs() as counter:
@@ -132,7 +133,7 @@ def test_unrecoverable_overflow_reports_the_step_and_touches_nothing(precision, 
     before = [p.detach().clone() for p in net.parameters()]
     scaler = DynamicAdjointScaler(max_retries=3)
     with amp(precision):
-        out = odeint(field, y0, torch.linspace(0, 1, 65, device=device), adjoint_params=tuple(net.parameters()),
+        out = odeint(field, y0, torch.linspace(0, 1, 65, device=device), method="rk4", adjoint_params=tuple(net.parameters()),
                      scaler=scaler)
         loss = (out[-1].float() ** 2).sum()
     with pytest.raises(NonFiniteGradientError, match="step 32 of 64"):
@@ -150,7 +151,7 @@ def test_gradscaler_mode_skips_the_step_on_overflow(precision, amp, device):
     y0 = torch.randn(8, 4, device=device)
     before = [p.detach().clone() for p in net.parameters()]
     with amp(precision):
-        out = odeint(lambda t, y: net(y), y0, torch.linspace(0, 1, 9, device=device),
+        out = odeint(lambda t, y: net(y), y0, torch.linspace(0, 1, 9, device=device), method="rk4",
                      adjoint_params=tuple(net.parameters()), scaler=GradScalerPassthrough())
         loss = (out[-1].float() ** 2).sum()
     grad_scaler.scale(loss).backward()
@@ -181,7 +182,7 @@ def test_automatic_choice(precision, amp, device):
     y0 = torch.randn(4, 4, device=device, requires_grad=True)
     stats = SolverStats()
     with amp(precision):
-        out = odeint(net and (lambda t, y: net(y)), y0, torch.linspace(0, 1, 17, device=device),
+        out = odeint(net and (lambda t, y: net(y)), y0, torch.linspace(0, 1, 17, device=device), method="rk4",
                      adjoint_params=tuple(net.parameters()), options={"stats": stats})
     out[-1].sum().backward()
     # the dynamic scaler checks once per block; bfloat16 runs unscaled with no host sync

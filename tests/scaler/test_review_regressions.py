@@ -16,7 +16,7 @@ def _setup():
 
 def _grads(net, params, y0, t, scaler, weight, amp=True):
     with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
-        out = odeint(lambda t, y: net(y), y0, t, adjoint_params=params, scaler=scaler)
+        out = odeint(lambda t, y: net(y), y0, t, method="rk4", adjoint_params=params, scaler=scaler)
         loss = (out[-1] * weight).sum()
     return torch.autograd.grad(loss, params)
 

@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from .adjoint import MixedPrecisionRK, SolveConfig
-from .grid import grid_from_step_size, plan_outputs, read_outputs
+from .callbacks import Callbacks
+from .controllers import (
+    ConstructedGrid,
+    IntegralController,
+    OutputTimesGrid,
+    StepSizeController,
+    StepSizeGrid,
+    Tolerance,
+)
+from .march import AdaptiveOptions, AdaptiveStepping, FixedGridStepping, Problem, Stepping
+from .methods import get_tableau
+from .outputs import OUTPUT_RULES
 from .parameters import gradient_targets
 from .precision import PrecisionPolicy
-from .scaling import AdjointScaling, NoAdjointScaling
+from .scaling import AdjointScaling
 from .state import FlatState, FlatVectorField, State
-from .tableau import ButcherTableau, get_tableau
-from .validation import check_grid, check_options, check_t, check_y0
+from .stats import SolverStats
+from .strategies import AdjointStrategy, RecomputeAdjoint, SolveInputs
+from .tableau import ButcherTableau
+from .validation import (
+    ADAPTIVE_OPTIONS,
+    FIXED_GRID_OPTIONS,
+    check_func,
+    check_options,
+    check_t,
+    check_y0,
+    refuse_options,
+)
+
+#: torchdiffeq's default tolerances.
+DEFAULT_RTOL, DEFAULT_ATOL = 1e-7, 1e-9
 
 
 def odeint(
@@ -21,20 +45,22 @@ def odeint(
     y0: State,
     t: torch.Tensor,
     *,
-    rtol: float | None = None,
-    atol: float | None = None,
-    method: str | ButcherTableau = "rk4",
+    rtol: float | torch.Tensor | None = None,
+    atol: float | torch.Tensor | None = None,
+    method: str | ButcherTableau | None = None,
     options: Mapping[str, Any] | None = None,
     adjoint_params: Iterable[torch.Tensor] | None = None,
     scaler: AdjointScaling | bool | None = None,
+    adjoint: AdjointStrategy | None = None,
 ) -> State:
-    """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` on a fixed grid, in mixed precision.
+    """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` in mixed precision.
 
     Call it like ``torchdiffeq.odeint`` and, to use low precision, inside
     ``torch.autocast(y0.device.type, dtype=...)``: the vector field is then
-    evaluated in the autocast dtype while the state, the stage sums, the
-    adjoint and every gradient sum stay in ``y0``'s dtype.  Backward recomputes
-    each step from one checkpoint per step (discretize-then-optimize).
+    evaluated in the autocast dtype while the state, the stage sums, the error
+    estimate, the adjoint and every gradient sum stay in ``y0``'s dtype.  Backward
+    recomputes each accepted step from one checkpoint per step
+    (discretize-then-optimize) unless ``adjoint`` says otherwise.
 
     Args:
         func: ``func(t, y) -> dy/dt``; ``t`` a 0-dim tensor in ``y0``'s dtype, ``y``
@@ -42,82 +68,179 @@ def odeint(
             with ``requires_grad`` receive gradients.
         y0: float32/float64 tensor of any shape, or a tuple of such tensors.
         t: 1-D float32/float64 tensor of output times, strictly increasing or
-            decreasing, on ``y0``'s device.
-        rtol, atol: accepted for torchdiffeq compatibility; fixed-grid methods ignore them.
-        method: a name in ``mpnode.core.TABLEAUX`` (``"rk4"`` is the 3/8 rule like
-            torchdiffeq; ``"rk4_classic"`` the 1/6 rule) or a ``ButcherTableau``.
-        options: ``step_size`` (grid ``t[0], t[0] +- h, ..., t[-1]``),
-            ``grid_constructor`` (``f(func, y0, t) -> grid``), ``checkpoint_dtype``
-            (dtype of the stored states; default the autocast dtype, else ``y0``'s),
-            ``stats`` (a :class:`SolverStats` updated in place).  Without a grid
-            option the grid is ``t``.  Outputs between grid nodes are linearly
-            interpolated.
+            decreasing, on ``y0``'s device.  A single time returns ``y0``.
+        rtol, atol: tolerances of adaptive methods (numbers, per-element tensors,
+            or a tuple per part of a tuple state); default 1e-7 and 1e-9 as
+            torchdiffeq.  Fixed-grid methods ignore them.
+        method: a name in ``mpnode.core.TABLEAUX`` or a ``ButcherTableau``.  Default:
+            ``"dopri5"`` (adaptive, as torchdiffeq) unless ``options`` has
+            ``step_size`` or ``grid_constructor``, then ``"rk4"`` (the 3/8 rule, as
+            torchdiffeq's ``rk4``).
+        options: fixed grids: ``step_size``, ``grid_constructor``, ``interp``
+            (``"linear"``/``"cubic"``), ``perturb``; adaptive methods:
+            ``first_step``, ``max_num_steps``, ``min_step``, ``max_step``,
+            ``safety``, ``ifactor``, ``dfactor``, ``norm``, ``step_t``, ``jump_t``,
+            ``controller`` (a :class:`StepSizeController`); both:
+            ``checkpoint_dtype`` and ``stats`` (a :class:`SolverStats` updated in
+            place).  Unknown keys, and options of the other kind of stepping, raise.
         adjoint_params: the tensors to differentiate when ``func`` is a closure (or
-            to restrict a module's parameters).  If ``func`` uses a tensor that
-            requires grad and is not listed, backward raises an error instead of
-            silently leaving it without gradient.
-        scaler: adjoint scaling for float16: an ``AdjointScaling`` (e.g.
-            ``mpnode.scaler.DynamicAdjointScaler()``); ``None`` picks the dynamic
-            scaler under float16 autocast when mpnode-scaler is installed; ``False``
-            disables scaling.
+            to restrict a module's parameters).
+        scaler: shorthand for ``adjoint=RecomputeAdjoint(scaling=scaler)``: adjoint
+            scaling for float16; ``None`` automatic, ``False`` none.
+        adjoint: an adjoint strategy, e.g. ``RecomputeAdjoint(checkpoint_dtype=...,
+            scaling=...)`` (the default).
 
     Returns:
         ``(len(t), *y0.shape)`` tensor in ``y0``'s dtype, or a tuple of such
         tensors for a tuple ``y0``.
     """
-    del rtol, atol  # fixed-grid methods take no tolerances
+    check_func(func)
     check_y0(y0)
     layout = FlatState(y0)
     t_host = check_t(t, layout.device)
-    tableau = get_tableau(method)
     opts = check_options(options)
-    policy = PrecisionPolicy.capture(
-        y0 if isinstance(y0, torch.Tensor) else y0[0], opts.get("checkpoint_dtype")
-    )
-    scaling = resolve_scaling(scaler, policy)
-
-    if opts.get("step_size") is not None:
-        grid = grid_from_step_size(t, t_host, opts["step_size"])
-        grid_host = grid.detach().cpu()
-    elif opts.get("grid_constructor") is not None:
-        grid = opts["grid_constructor"](func, y0, t)
-        grid_host = check_grid(grid, t, t_host)
-    else:
-        grid, grid_host = t, t_host
-    plan = plan_outputs(grid_host, t_host)
-    steps = (grid_host[1:] - grid_host[:-1]).tolist()  # h_n, bitwise as the device computes them
-
-    field = FlatVectorField(func, layout)
+    stats = _check_stats(opts.get("stats"))
+    if t.shape[0] == 1:
+        return layout.unflatten(layout.flatten(y0).unsqueeze(0), (1,))
+    tableau = get_tableau(method if method is not None else _default_method(opts))
+    policy = PrecisionPolicy.capture(y0 if isinstance(y0, torch.Tensor) else y0[0])
+    stepping = _stepping(tableau, opts, rtol, atol, layout, policy)
+    strategy = _strategy(adjoint, scaler, opts.get("checkpoint_dtype"))
+    problem = Problem(FlatVectorField(func, layout), tableau, policy, stepping.output_rule, Callbacks(func, layout))
     y0_flat = layout.flatten(y0)
     targets = gradient_targets(func, adjoint_params)
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (grid, y0_flat, *targets))
-    cfg = SolveConfig(field, tableau, policy, plan.nodes, steps, targets, scaling, opts.get("stats"), needs_grad)
-    node_states = MixedPrecisionRK.apply(cfg, grid, y0_flat, *targets)
-    if not bool(torch.isfinite(node_states[-1].detach()).all()):
-        raise FloatingPointError(
-            "odeint: the solution became inf/NaN. "
-            + (
-                "Under float16 autocast the vector field may overflow: try torch.bfloat16, a smaller step, or scaling the inputs."
-                if policy.autocast_dtype == torch.float16
-                else "Check the vector field for blow-up and try a smaller step size."
-            )
-        )
-    out = read_outputs(plan, node_states, grid, t)
+    grid = grid_host = None
+    if isinstance(stepping, FixedGridStepping):
+        grid, grid_host = stepping.rule.build(func, y0, t, t_host)
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (t, grid, y0_flat, *targets)
+    )
+    inputs = SolveInputs(t, t_host, grid, grid_host, y0_flat, targets, needs_grad, stats)
+    out = strategy.solve(problem, stepping, inputs)
+    _check_finite(out, policy)
     return layout.unflatten(out, (t.shape[0],))
 
 
-def resolve_scaling(scaler: AdjointScaling | bool | None, policy: PrecisionPolicy) -> AdjointScaling:
-    """The scaling policy of a solve (see ``odeint``'s ``scaler`` argument)."""
-    if isinstance(scaler, AdjointScaling):
-        return scaler
-    if scaler is None and policy.is_float16:
-        try:
-            from mpnode.scaler import default_scaler
-        except ImportError:
-            return NoAdjointScaling(raise_on_nonfinite=True)
-        return default_scaler()
-    if scaler is None or scaler is False:
-        return NoAdjointScaling(raise_on_nonfinite=policy.is_float16)
-    raise TypeError(
-        f"scaler must be an mpnode.core.AdjointScaling (e.g. mpnode.scaler.DynamicAdjointScaler()), None or False; got {scaler!r}"
+def _default_method(opts: Mapping[str, Any]) -> str:
+    grid_given = opts.get("step_size") is not None or opts.get("grid_constructor") is not None
+    return "rk4" if grid_given else "dopri5"
+
+
+def _check_stats(stats: Any) -> SolverStats | None:
+    if stats is not None and not isinstance(stats, SolverStats):
+        raise TypeError(f"options['stats'] must be a mpnode.core.SolverStats, got {type(stats).__name__}")
+    return stats
+
+
+def _stepping(tableau: ButcherTableau, opts: dict, rtol, atol, layout: FlatState, policy: PrecisionPolicy) -> Stepping:
+    """Fixed grid when a grid option is given or the method has no error estimate; adaptive otherwise."""
+    grid_given = opts.get("step_size") is not None or opts.get("grid_constructor") is not None
+    if grid_given or not tableau.is_adaptive:
+        refuse_options(opts, ADAPTIVE_OPTIONS, f"apply to adaptive methods only, but this solve uses a fixed grid "
+                       f"(method {tableau.name!r}{' with a grid option' if grid_given else ''}); remove them")
+        return _fixed_grid_stepping(opts)
+    refuse_options(opts, FIXED_GRID_OPTIONS, f"apply to fixed grids only, but method {tableau.name!r} is adaptive; "
+                   "remove them, or pass step_size to run it on a fixed grid")
+    tolerance = Tolerance(
+        DEFAULT_RTOL if rtol is None else rtol, DEFAULT_ATOL if atol is None else atol, layout, opts.get("norm"),
+        roundoff=policy.roundoff,
     )
+    return AdaptiveStepping(tableau, tolerance, _controller(opts), _adaptive_options(opts))
+
+
+def _fixed_grid_stepping(opts: dict) -> FixedGridStepping:
+    if opts.get("step_size") is not None:
+        rule = StepSizeGrid(opts["step_size"])
+    elif opts.get("grid_constructor") is not None:
+        rule = ConstructedGrid(opts["grid_constructor"])
+    else:
+        rule = OutputTimesGrid()
+    interp = opts.get("interp", "linear")
+    if interp not in OUTPUT_RULES:
+        raise ValueError(f"options['interp'] must be one of {sorted(OUTPUT_RULES)}, got {interp!r}")
+    perturb = opts.get("perturb", False)
+    if not isinstance(perturb, bool):
+        raise TypeError(f"options['perturb'] must be True or False, got {perturb!r}")
+    return FixedGridStepping(rule, OUTPUT_RULES[interp](), perturb)
+
+
+def _controller(opts: dict) -> StepSizeController:
+    factors = {k: opts[k] for k in ("safety", "ifactor", "dfactor") if opts.get(k) is not None}
+    controller = opts.get("controller")
+    if controller is None:
+        return IntegralController(**factors)
+    if not isinstance(controller, StepSizeController):
+        raise TypeError(
+            f"options['controller'] must be a mpnode.core.StepSizeController such as PIController(), got {controller!r}"
+        )
+    if factors:
+        raise ValueError(f"options {sorted(factors)} configure the default controller; pass them to {controller!r} instead")
+    return controller
+
+
+def _adaptive_options(opts: dict) -> AdaptiveOptions:
+    out = AdaptiveOptions()
+    if opts.get("first_step") is not None:
+        out.first_step = _positive_time("first_step", opts["first_step"])
+    if opts.get("min_step") is not None:
+        out.min_step = _positive_time("min_step", opts["min_step"], allow_zero=True)
+    if opts.get("max_step") is not None:
+        out.max_step = _positive_time("max_step", opts["max_step"], allow_inf=True)
+    if out.min_step > out.max_step:
+        raise ValueError(f"options['min_step'] = {out.min_step} exceeds options['max_step'] = {out.max_step}")
+    if opts.get("max_num_steps") is not None:
+        n = opts["max_num_steps"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"options['max_num_steps'] must be a positive int, got {n!r}")
+        out.max_num_steps = n
+    out.step_t = _times("step_t", opts.get("step_t"))
+    out.jump_t = _times("jump_t", opts.get("jump_t"))
+    if set(out.step_t) & set(out.jump_t):
+        raise ValueError("options 'step_t' and 'jump_t' must not share any time; a jump already ends a step there")
+    return out
+
+
+def _positive_time(name: str, value: Any, allow_zero: bool = False, allow_inf: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"options[{name!r}] must be a number, got {value!r}") from None
+    if isinstance(value, bool) or math.isnan(v) or v < 0 or (v == 0 and not allow_zero) or (math.isinf(v) and not allow_inf):
+        raise ValueError(f"options[{name!r}] must be {'non-negative' if allow_zero else 'positive'}"
+                         f"{'' if allow_inf else ' and finite'}, got {value!r} (step sizes are magnitudes)")
+    return v
+
+
+def _times(name: str, value: Any) -> tuple[float, ...]:
+    if value is None:
+        return ()
+    values = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(-1)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"options[{name!r}] contains inf or NaN")
+    if values.unique().numel() != values.numel():
+        raise ValueError(f"options[{name!r}] has repeated times; pass each time once")
+    return tuple(values.tolist())
+
+
+def _strategy(adjoint: AdjointStrategy | None, scaler: AdjointScaling | bool | None, checkpoint_dtype) -> AdjointStrategy:
+    if adjoint is None:
+        return RecomputeAdjoint(checkpoint_dtype=checkpoint_dtype, scaling=scaler)
+    if not isinstance(adjoint, AdjointStrategy):
+        raise TypeError(f"adjoint must be a mpnode.core.AdjointStrategy such as RecomputeAdjoint(), got {adjoint!r}")
+    if scaler is not None or checkpoint_dtype is not None:
+        raise ValueError(
+            "scaler= and options['checkpoint_dtype'] are shorthands for the default adjoint strategy; with adjoint= "
+            f"pass them to the strategy instead, e.g. RecomputeAdjoint(checkpoint_dtype=..., scaling=...) (got {adjoint!r})"
+        )
+    return adjoint
+
+
+def _check_finite(out: torch.Tensor, policy: PrecisionPolicy) -> None:
+    if bool(torch.isfinite(out[-1].detach()).all()):
+        return
+    hint = (
+        "Under float16 autocast the vector field may overflow: try torch.bfloat16, a smaller step, or scaling the inputs."
+        if policy.autocast_dtype == torch.float16
+        else "Check the vector field for blow-up and try a smaller step size."
+    )
+    raise FloatingPointError("odeint: the solution became inf/NaN. " + hint)

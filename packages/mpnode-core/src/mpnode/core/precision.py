@@ -1,4 +1,15 @@
-"""The precision policy (DESIGN.md section 3): which dtype each quantity lives in."""
+"""The precision policy: which dtype each quantity lives in (see docs/precision.md).
+
+=========================================================  ===========================================
+quantity                                                   dtype
+=========================================================  ===========================================
+``y0``, states, stage inputs, stage sums, outputs          ``y0``'s dtype (float32/float64)
+vector-field evaluations and their VJPs                    what autocast selects for ``y0.device.type``
+checkpoints                                                the adjoint strategy's ``checkpoint_dtype``
+adjoint, gradient sums for ``y0``, ``t``, parameters       ``y0``'s dtype; parameters' own for their grads
+times, step sizes                                          ``t``'s dtype (fixed grids), float64 (adaptive)
+=========================================================  ===========================================
+"""
 
 from __future__ import annotations
 
@@ -6,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 STATE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -19,35 +29,32 @@ class PrecisionPolicy:
         autocast_dtype: the low precision of the vector field, or ``None`` when
             autocast is off for ``device_type`` at the call.
         state_dtype: dtype of ``y0``: state, stage inputs, adjoint and outputs.
-        checkpoint_dtype: dtype of the one stored state per step.
     """
 
     device_type: str
     autocast_dtype: torch.dtype | None
     state_dtype: torch.dtype
-    checkpoint_dtype: torch.dtype
 
     @classmethod
-    def capture(cls, y0: torch.Tensor, checkpoint_dtype: torch.dtype | None = None) -> "PrecisionPolicy":
+    def capture(cls, y0: torch.Tensor) -> "PrecisionPolicy":
         """Read the autocast state of ``y0``'s device type at the call site."""
         device_type = y0.device.type
         enabled = torch.is_autocast_enabled(device_type)
         low = torch.get_autocast_dtype(device_type) if enabled else None
-        if checkpoint_dtype is None:
-            checkpoint_dtype = low if low is not None else y0.dtype
-        elif not isinstance(checkpoint_dtype, torch.dtype) or not checkpoint_dtype.is_floating_point:
-            raise TypeError(
-                f"options['checkpoint_dtype'] must be a floating torch.dtype such as torch.bfloat16, got {checkpoint_dtype!r}"
-            )
-        return cls(device_type, low, y0.dtype, checkpoint_dtype)
+        return cls(device_type, low, y0.dtype)
 
     @property
-    def is_float16(self) -> bool:
-        """True when float16's narrow range makes adjoint overflow possible."""
-        return self.autocast_dtype == torch.float16 or self.checkpoint_dtype == torch.float16
+    def roundoff(self) -> float:
+        """Unit roundoff of the vector field's dtype under autocast (bfloat16 2^-8, float16 2^-11); 0 without autocast."""
+        return 0.0 if self.autocast_dtype is None else torch.finfo(self.autocast_dtype).eps / 2
 
-    def autocast(self) -> torch.autocast:
-        """The autocast context of this solve, entered once around a whole loop."""
+    def autocast(self, cache_enabled: bool = True) -> torch.autocast:
+        """The autocast context of this solve, entered once around a whole loop.
+
+        ``cache_enabled=False`` casts the weights afresh at every use, so that each
+        use's weight gradient is converted to the weight's dtype before autograd
+        sums them (used by the direct strategy).
+        """
         if self.autocast_dtype is None:
             return torch.autocast(self.device_type, enabled=False)
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)

@@ -11,9 +11,13 @@ float16; :class:`NoAdjointScaling` is the policy used otherwise.
 from __future__ import annotations
 
 import abc
+from importlib.metadata import entry_points
 from typing import Sequence
 
 import torch
+
+#: Entry-point group through which a package supplies the float16 default (mpnode-scaler does).
+SCALING_ENTRY_POINTS = "mpnode.adjoint_scaling"
 
 
 class AdjointScaling(abc.ABC):
@@ -97,3 +101,21 @@ class NoAdjointScaling(AdjointScaling):
                 "scaler=mpnode.scaler.DynamicAdjointScaler(), or autocast to torch.bfloat16. "
                 "No gradient was written."
             )
+
+
+def default_scaling(float16: bool) -> AdjointScaling:
+    """The scaling a solve uses when none is given.
+
+    Without float16 in the solve: none.  With float16: the policy registered under
+    the entry point ``float16`` of group ``mpnode.adjoint_scaling`` (installing
+    mpnode-scaler registers its dynamic scaler there), else no scaling with an
+    error on overflow that names the package.
+    """
+    if not float16:
+        return NoAdjointScaling()
+    for entry in entry_points(group=SCALING_ENTRY_POINTS, name="float16"):
+        try:
+            return entry.load()()
+        except ImportError:  # registered but not importable (e.g. a broken install): run unscaled, raise on overflow
+            break
+    return NoAdjointScaling(raise_on_nonfinite=True)

@@ -1,7 +1,28 @@
-"""One generic explicit Runge–Kutta step over tableau data."""
+"""One generic explicit Runge–Kutta step over tableau data.
+
+The stages of a step from ``(t0, y)`` with step ``h`` are
+``Y_i = y + h sum_{j<i} a_ij k_j`` and ``k_i = f(t_i, Y_i)``.  Stage inputs and
+every weighted sum of stages are formed in ``y``'s dtype (``f`` returns its
+evaluation already cast to it); only ``f`` runs in whatever precision autocast
+selects.
+
+Two arithmetic paths form the stage inputs:
+
+* fused (:func:`_stage_input_fused`): ``h`` is a host float, each term is one
+  ``add`` with ``alpha = h a_ij`` (used whenever no gradient w.r.t. the times is
+  needed);
+* traced (:func:`_stage_input_traced`): ``h`` is a 0-dim tensor that autograd
+  differentiates (gradients w.r.t. the grid).
+
+Stage times come precomputed (:func:`stage_time_table` for a whole grid, or
+:func:`traced_stage_times` for one differentiable step), with optional
+perturbation to the neighbouring float (torchdiffeq's ``perturb``): a field that
+jumps at a grid time is evaluated on the side of the step it belongs to.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -10,65 +31,149 @@ from .tableau import ButcherTableau
 
 VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+#: Perturbation of a stage time: none, the next float towards the step's end, the previous float towards its start.
+NONE, NEXT, PREV = 0, 1, -1
 
-def rk_increment(
-    tableau: ButcherTableau,
-    f: VectorField,
-    t0: torch.Tensor,
-    t1: torch.Tensor,
-    y: torch.Tensor,
-    h: float | None = None,
-    stage_times: Sequence[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The increment ``Phi = sum_i b_i k_i`` of one step from ``(t0, y)`` to ``t1``.
 
-    The step is ``y1 = y + (t1 - t0) * Phi``.  Stage inputs
-    ``Y_i = y + h sum_j a_ij k_j`` and the sum are formed in ``y``'s dtype
-    (``f`` returns its evaluation already cast to it); only ``f`` itself runs
-    in whatever precision autocast selects.  Stage times are ``t0 + c_i h``,
-    using ``t1`` itself where ``c_i = 1``.  Differentiable in ``t0``, ``t1``,
-    ``y`` and whatever ``f`` closes over.
+@dataclass(frozen=True)
+class StagePerturbation:
+    """Which stage times are nudged to the neighbouring float (in the state dtype).
 
-    When no gradient w.r.t. the times is needed, pass the step as a host float
-    ``h`` and the precomputed ``stage_times`` (a row of :func:`stage_time_table`):
-    the stage sums are then fused into one ``add`` per coefficient.
+    Attributes:
+        first: perturbation of the first stage (``c = 0``): ``NEXT`` keeps it after ``t0``.
+        end: perturbation of the stages at ``c = 1`` (except the first): ``PREV`` keeps them before ``t1``.
+        direction: +1 for increasing time, -1 for decreasing (``NEXT`` moves with it).
     """
-    fused = h is not None
-    if not fused:
-        h_t = t1 - t0
-    ks: list[torch.Tensor] = []
-    for i, (a_i, c_i) in enumerate(zip(tableau.a, tableau.c)):
-        terms = [(a_ij, k_j) for a_ij, k_j in zip(a_i, ks) if a_ij != 0.0]
-        if not terms:
-            y_i = y
-        elif fused:
-            y_i = y
-            for a_ij, k_j in terms:
-                y_i = torch.add(y_i, k_j, alpha=h * a_ij)
-        else:
-            acc = terms[0][1] * terms[0][0]
-            for a_ij, k_j in terms[1:]:
-                acc = acc.add(k_j, alpha=a_ij)
-            y_i = y + h_t * acc
-        if stage_times is not None:
-            t_i = stage_times[i]
-        else:
-            t_i = t0 if c_i == 0.0 else (t1 if c_i == 1.0 else t0 + h_t * c_i)
-        ks.append(f(t_i, y_i))
-    phi = None
-    for b_i, k_i in zip(tableau.b, ks):
-        if b_i != 0.0:
-            phi = k_i * b_i if phi is None else phi.add(k_i, alpha=b_i)
-    return phi
+
+    first: int = NONE
+    end: int = NONE
+    direction: int = 1
+
+    def for_stage(self, i: int, c_i: float) -> int:
+        if i == 0:
+            return self.first
+        return self.end if c_i == 1.0 else NONE
 
 
-def stage_time_table(tableau: ButcherTableau, grid: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
-    """Stage times ``tau_n + c_i h_n`` of every step, in ``dtype``: one tuple of ``s`` 0-dim tensors per step.
+def _nudge(t: torch.Tensor, how: int, direction: int) -> torch.Tensor:
+    """``t`` moved to the neighbouring float (``how * direction`` gives the way); gradient passes straight through."""
+    if how == NONE:
+        return t
+    target = torch.full_like(t, float("inf") * how * direction)
+    moved = torch.nextafter(t.detach(), target)
+    return moved if not t.requires_grad else t + (moved - t.detach())
 
-    Computed once per solve (a few vector ops) instead of two scalar ops per stage.
+
+def stage_time_table(
+    tableau: ButcherTableau,
+    grid: torch.Tensor,
+    dtype: torch.dtype,
+    perturbation: StagePerturbation | Sequence[StagePerturbation] = StagePerturbation(),
+) -> list[tuple[torch.Tensor, ...]]:
+    """Stage times ``tau_n + c_i h_n`` of every step of ``grid`` in ``dtype``: one tuple of ``s`` 0-dim tensors per step.
+
+    Computed in ``grid``'s dtype, then cast (``c_i = 1`` uses ``tau_{n+1}``
+    itself), then perturbed; ``perturbation`` is one rule for all steps or one per
+    step.  A few vector ops per solve instead of scalar ops per stage.
     """
     grid = grid.detach()
     t0, t1 = grid[:-1], grid[1:]
     h = t1 - t0
     cols = [t0 if c == 0.0 else (t1 if c == 1.0 else t0 + h * c) for c in tableau.c]
-    return [row.unbind() for row in torch.stack(cols, dim=1).to(dtype)]
+    table = torch.stack(cols, dim=1).to(dtype)
+    rules = [perturbation] if isinstance(perturbation, StagePerturbation) else list(perturbation)
+    for rule in set(rules):
+        rows = slice(None) if len(rules) == 1 else torch.tensor([n for n, r in enumerate(rules) if r == rule])
+        for i, c in enumerate(tableau.c):
+            how = rule.for_stage(i, c)
+            if how != NONE:
+                table[rows, i] = _nudge(table[rows, i], how, rule.direction)
+    return [row.unbind() for row in table]
+
+
+def traced_stage_times(
+    tableau: ButcherTableau,
+    t0: torch.Tensor,
+    t1: torch.Tensor,
+    dtype: torch.dtype,
+    perturbation: StagePerturbation = StagePerturbation(),
+) -> list[torch.Tensor]:
+    """The stage times of one step as differentiable functions of ``t0`` and ``t1`` (same values as the table)."""
+    h = t1 - t0
+    times = []
+    for i, c in enumerate(tableau.c):
+        t_i = t0 if c == 0.0 else (t1 if c == 1.0 else t0 + h * c)
+        times.append(_nudge(t_i.to(dtype), perturbation.for_stage(i, c), perturbation.direction))
+    return times
+
+
+@dataclass
+class Stages:
+    """The stages of one step: ``ks`` (``s`` tensors in the state dtype) and the last stage's input ``Y_s``."""
+
+    ks: list[torch.Tensor]
+    last_input: torch.Tensor
+
+
+def rk_stages(
+    tableau: ButcherTableau,
+    f: VectorField,
+    y: torch.Tensor,
+    h: float | torch.Tensor,
+    stage_times: Sequence[torch.Tensor],
+    first_stage: torch.Tensor | None = None,
+) -> Stages:
+    """Evaluate the ``s`` stages of a step from ``y`` with step ``h`` at ``stage_times``.
+
+    ``first_stage``, when given, is used as ``k_1`` instead of evaluating
+    ``f(t_1, y)`` (a reused or carried first stage).  ``h`` is a host float
+    (fused arithmetic) or a 0-dim tensor (traced arithmetic, differentiable).
+    """
+    stage_input = _stage_input_fused if isinstance(h, float) else _stage_input_traced
+    ks: list[torch.Tensor] = []
+    y_i = y
+    for i, a_i in enumerate(tableau.a):
+        y_i = stage_input(y, [(a_ij, k_j) for a_ij, k_j in zip(a_i, ks) if a_ij != 0.0], h)
+        if i == 0 and first_stage is not None:
+            ks.append(first_stage)
+        else:
+            ks.append(f(stage_times[i], y_i))
+    return Stages(ks, y_i)
+
+
+def _stage_input_fused(y: torch.Tensor, terms: list[tuple[float, torch.Tensor]], h: float) -> torch.Tensor:
+    """``y + sum (h a_ij) k_j``, one fused ``add`` per term."""
+    out = y
+    for a_ij, k_j in terms:
+        out = torch.add(out, k_j, alpha=h * a_ij)
+    return out
+
+
+def _stage_input_traced(y: torch.Tensor, terms: list[tuple[float, torch.Tensor]], h: torch.Tensor) -> torch.Tensor:
+    """``y + h * sum a_ij k_j`` with ``h`` a 0-dim tensor (autograd sees ``h``)."""
+    if not terms:
+        return y
+    acc = terms[0][1] * terms[0][0]
+    for a_ij, k_j in terms[1:]:
+        acc = acc.add(k_j, alpha=a_ij)
+    return y + h.to(y.dtype) * acc
+
+
+def weighted_sum(weights: Sequence[float], ks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_i w_i k_i`` over the non-zero weights (a zero tensor shaped like ``ks[0]`` if all are zero)."""
+    out = None
+    for w, k in zip(weights, ks):
+        if w != 0.0:
+            out = k * w if out is None else out.add(k, alpha=w)
+    return torch.zeros_like(ks[0]) if out is None else out
+
+
+def step_end(tableau: ButcherTableau, y: torch.Tensor, h: float, stages: Stages) -> torch.Tensor:
+    """``y1 = y + h sum b_i k_i``; for first-same-as-last methods the last stage's input, exactly.
+
+    Taking ``Y_s`` itself makes ``f(t1, y1)`` of the next step bitwise equal to
+    this step's last stage, so the stage can be reused (and recomputed in backward).
+    """
+    if tableau.is_fsal:
+        return stages.last_input
+    return torch.add(y, weighted_sum(tableau.b, stages.ks), alpha=h)

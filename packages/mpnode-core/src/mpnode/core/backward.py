@@ -1,0 +1,351 @@
+"""The discrete adjoint by recomputation: per-step VJP, the accumulator, the block driver.
+
+Each step is ``y_{n+1} = y_n + h_n Phi_n`` with ``Phi_n = sum_i b_i k_i`` and each
+output inside it ``o_j = y_n + h_n Psi_j`` (see :mod:`mpnode.core.outputs`).  Walking
+the steps from last to first, with ``lam`` the adjoint of the state
+(docs/backward.md derives it)::
+
+    v                    = S * (lam_{n+1}, g_j, mu_{n+1} / h_n)      seeds of (Phi_n, Psi_j, carried stage)
+    (gy, g_th, g_k, g_t) = VJP of those at (y_n, theta, first stage, times)   # the field under autocast
+    lam_n                = lam_{n+1} + sum_j g_j + (h_n / S) gy  (+ dL/dy_n when y_n is an output)
+    grad_theta          += (h_n / S) g_th
+    mu_n                 = (h_n / S) g_k                          (only when the first stage is carried)
+    grad_tau_{n+1}      += D + (h_n / S) dPsi/dtau_{n+1},  grad_tau_n += -D + (h_n / S) dPsi/dtau_n
+    grad_t_j            += (h_n / S) dPsi_j/dt_j
+
+with ``D = lam_{n+1}.Phi_n + sum_j g_j.Psi_j`` (all elements summed) and ``g_j =
+dL/do_j``.  ``lam``, ``mu`` and every sum stay in high precision.  The pieces:
+
+* :func:`step_vjp`: rebuild one step from its checkpoint and return a :class:`StepVJP`;
+* :class:`AdjointAccumulator`: ``lam``, ``mu``, parameter and time sums, with snapshot/restore;
+* :func:`run_adjoint`: the loop over blocks of steps that talks to the scaling policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .march import CARRIED, Problem, Trajectory
+from .parameters import untracked_inputs
+from .scaling import AdjointScaling
+from .stepper import rk_stages, stage_time_table, traced_stage_times, weighted_sum
+
+
+@dataclass
+class BackwardPlan:
+    """The constants of one backward pass.
+
+    Attributes:
+        problem: the solve's field, tableau, policy, output rule, callbacks and counters.
+        trajectory: the forward pass's accepted steps and output placement.
+        params: the tensors whose gradients are wanted (a subset of ``known``).
+        known: every tensor the solve differentiates (for the captured-tensor check).
+        t: the output times, detached (``(T,)``, ``t``'s dtype).
+        need_times: whether gradients w.r.t. grid nodes and output times are wanted.
+    """
+
+    problem: Problem
+    trajectory: Trajectory
+    params: list[torch.Tensor]
+    known: list[torch.Tensor]
+    t: torch.Tensor
+    need_times: bool
+    stage_times: list[tuple[torch.Tensor, ...]] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if not self.need_times:
+            traj = self.trajectory
+            self.stage_times = stage_time_table(
+                self.problem.tableau, traj.grid, self.problem.policy.state_dtype, traj.perturbations
+                if len(traj.perturbations) > 1 else traj.perturbations[0],
+            )
+
+
+@dataclass
+class StepVJP:
+    """The scaled VJP results of one step (multiply by ``h / S`` to use them).
+
+    Attributes:
+        dy: w.r.t. the step's start state ``(D,)``, or ``None`` if the step does not depend on it.
+        dparams: w.r.t. each wanted parameter (``None`` where unused).
+        dfirst: w.r.t. a carried first stage ``(D,)``.
+        dt0, dt1: w.r.t. the step's nodes (0-dim, grid dtype), when times are traced.
+        dout: ``(j, grad)`` w.r.t. each output time inside the step, when traced.
+        dot: ``lam.Phi + sum_j g_j.Psi_j`` (0-dim, state dtype), when times are traced.
+        phi: the recomputed increment (detached), for checks.
+    """
+
+    dy: torch.Tensor | None
+    dparams: list[torch.Tensor | None]
+    dfirst: torch.Tensor | None = None
+    dt0: torch.Tensor | None = None
+    dt1: torch.Tensor | None = None
+    dout: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    dot: torch.Tensor | None = None
+
+
+def step_vjp(
+    plan: BackwardPlan,
+    n: int,
+    y_stored: torch.Tensor,
+    first_stored: torch.Tensor | None,
+    lam: torch.Tensor,
+    mu: torch.Tensor | None,
+    out_grads: Sequence[tuple[int, float, torch.Tensor]],
+    scale: torch.Tensor | None,
+    check_captured: bool = False,
+) -> StepVJP:
+    """Rebuild step ``n`` from its stored start state and take the VJP of its outputs.
+
+    ``out_grads`` holds ``(j, x_j, g_j)`` for the outputs interpolated in this step;
+    ``mu`` the adjoint of the next step's carried first stage (this step's last
+    stage), or ``None``.  ``scale`` is ``S`` (``None`` means 1).
+    """
+    prob, traj = plan.problem, plan.trajectory
+    tab, state_dtype = prob.tableau, prob.policy.state_dtype
+    y = y_stored.detach().to(state_dtype).requires_grad_(True)
+    first = None if first_stored is None else first_stored.detach().to(state_dtype).requires_grad_(True)
+    h_host = traj.steps[n]
+    if plan.need_times:
+        t0 = traj.grid[n].detach().requires_grad_(True)
+        t1 = traj.grid[n + 1].detach().requires_grad_(True)
+        h: float | torch.Tensor = t1 - t0
+        times = traced_stage_times(tab, t0, t1, state_dtype, traj.perturbation(n))
+    else:
+        h, times = h_host, plan.stage_times[n]
+    stages = rk_stages(tab, prob.field, y, h, times, first_stage=first)
+    phi = weighted_sum(tab.b, stages.ks)
+    if check_captured:
+        leaves = [y] + ([first] if first is not None else []) + ([t0, t1] if plan.need_times else [])
+        _refuse_untracked(phi, leaves + plan.known)
+
+    outputs, seeds = [phi], [lam]
+    out_times = []
+    if out_grads:
+        slope = _end_slope(plan, n, y, h, phi, stages) if prob.output_rule.needs_end_slope else None
+        for j, x, g in out_grads:
+            if plan.need_times:
+                t_j = plan.t[j].detach().to(traj.grid.dtype).requires_grad_(True)
+                out_times.append((j, t_j))
+                x = (t_j - t0) / (t1 - t0)
+            outputs.append(prob.output_rule.increment(x, stages, phi, slope))
+            seeds.append(g)
+    if mu is not None:
+        outputs.append(stages.ks[-1])
+        seeds.append(mu / h_host)
+    if scale is not None:
+        seeds = [s * scale for s in seeds]
+
+    inputs = [y, *plan.params]
+    if first is not None:
+        inputs.append(first)
+    if plan.need_times:
+        inputs += [t0, t1, *(t_j for _, t_j in out_times)]
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs=seeds, allow_unused=True)
+    k = 1 + len(plan.params)
+    result = StepVJP(grads[0], list(grads[1:k]))
+    if first is not None:
+        result.dfirst = grads[k]
+        k += 1
+    if plan.need_times:
+        result.dt0, result.dt1 = grads[k], grads[k + 1]
+        result.dout = [(j, g) for (j, _), g in zip(out_times, grads[k + 2:])]
+        unscaled = [lam] + [g for _, _, g in out_grads]
+        result.dot = sum((s * o.detach()).sum() for s, o in zip(unscaled, outputs)).to(traj.grid.dtype)
+    return result
+
+
+def _end_slope(plan: BackwardPlan, n: int, y, h, phi, stages) -> torch.Tensor:
+    """``f(tau_{n+1}, y_{n+1})`` rebuilt as the forward built it (cubic Hermite outputs)."""
+    prob, traj = plan.problem, plan.trajectory
+    y1 = stages.last_input if prob.tableau.is_fsal else (
+        torch.add(y, phi, alpha=h) if isinstance(h, float) else y + h.to(y.dtype) * phi
+    )
+    t1 = traj.grid[n + 1].detach() if not plan.need_times else traj.grid[n + 1]
+    return prob.field(t1.to(prob.policy.state_dtype), y1)
+
+
+class AdjointAccumulator:
+    """The running adjoint and gradient sums of a backward pass, in high precision.
+
+    Attributes:
+        lam: adjoint of the state ``(D,)`` (state dtype).
+        mu: adjoint of a carried first stage ``(D,)``, or ``None``.
+        sums: gradient sums of the wanted parameters (their own dtypes).
+        time_terms: ``(m, dL/dtau_m, dL/dtau_{m+1})`` contributions, newest last.
+        out_time: ``j -> dL/dt_j`` through the interpolation of output ``j``.
+    """
+
+    def __init__(self, lam: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+        self.lam = lam
+        self.mu: torch.Tensor | None = None
+        self.sums = [torch.zeros_like(p) for p in params]
+        self.time_terms: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.out_time: dict[int, torch.Tensor] = {}
+
+    def add_step(self, m: int, vjp: StepVJP, coef: float | torch.Tensor, direct: torch.Tensor | None) -> None:
+        """Apply step ``m``'s VJP: ``lam += direct + coef * dy``, sums, carried stage, time terms."""
+        lam = self.lam if direct is None else self.lam + direct
+        if vjp.dy is not None:
+            lam = _axpy(lam, coef, vjp.dy)
+        self.lam = lam
+        self.mu = None if vjp.dfirst is None else _axpy(torch.zeros_like(vjp.dfirst), coef, vjp.dfirst)
+        pairs = [(s, g) for s, g in zip(self.sums, vjp.dparams) if g is not None]
+        if pairs and isinstance(coef, float):
+            torch._foreach_add_([s for s, _ in pairs], [g for _, g in pairs], alpha=coef)
+        else:
+            for s, g in pairs:
+                _axpy(s, coef, g, inplace=True)
+        if vjp.dot is not None:
+            dot = vjp.dot
+            g0 = _scaled(coef, vjp.dt0, dot)
+            g1 = _scaled(coef, vjp.dt1, dot)
+            self.time_terms.append((m, g0 - dot, g1 + dot))
+            for j, g in vjp.dout:
+                if g is not None:
+                    term = _scaled(coef, g, g)
+                    self.out_time[j] = self.out_time[j] + term if j in self.out_time else term
+
+    def add_node_output(self, g: torch.Tensor) -> None:
+        """``lam += dL/dy_n`` for an output read off the node the adjoint has reached."""
+        self.lam = self.lam + g
+
+    def snapshot(self) -> tuple:
+        return (self.lam, self.mu, [s.clone() for s in self.sums], len(self.time_terms), dict(self.out_time))
+
+    def restore(self, snap: tuple) -> None:
+        self.lam, self.mu, self.sums, n_terms, self.out_time = snap[0], snap[1], snap[2], snap[3], dict(snap[4])
+        del self.time_terms[n_terms:]
+
+
+def _scaled(coef: float | torch.Tensor, g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if g is None:
+        return torch.zeros_like(like)
+    return g * (coef.to(g.dtype) if isinstance(coef, torch.Tensor) else coef)
+
+
+def _axpy(x: torch.Tensor, a: float | torch.Tensor, g: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``x + a * g`` in ``x``'s dtype; ``a`` a host float (fused) or a 0-dim device tensor."""
+    if isinstance(a, float):
+        return x.add_(g, alpha=a) if inplace else torch.add(x, g.to(x.dtype), alpha=a)
+    a = a.to(x.dtype)
+    return x.add_(a * g) if inplace else x + a * g
+
+
+@dataclass
+class AdjointResult:
+    """Gradients of one backward pass: ``lam0`` ``(D,)``, parameter sums, grid ``(N+1,)`` and output-time grads."""
+
+    lam0: torch.Tensor
+    param_grads: list[torch.Tensor]
+    grid_grad: torch.Tensor | None
+    out_time: dict[int, torch.Tensor]
+
+
+def run_adjoint(
+    plan: BackwardPlan,
+    states: "StateSource",
+    grad_outputs: torch.Tensor,
+    scaling: AdjointScaling,
+) -> AdjointResult:
+    """Walk the steps from last to first in blocks, as the scaling policy accepts them.
+
+    ``grad_outputs`` is ``dL/d outputs`` ``(T, D)``.  ``states`` gives each step's
+    stored start state and carried first stage.  Counters go to
+    ``plan.problem.counters``; callbacks ``*_adjoint`` are called per step.
+    """
+    prob, traj = plan.problem, plan.trajectory
+    f, counters, cb = prob.field, prob.counters, prob.callbacks
+    state_dtype = prob.policy.state_dtype
+    placement = traj.placement
+    n_steps = traj.n_steps
+    g = grad_outputs.to(state_dtype)
+    lam = torch.zeros_like(g[0])
+    for j in placement.at_node.get(n_steps, ()):
+        lam = lam + g[j]
+    acc = AdjointAccumulator(lam, plan.params)
+    nfe0, syncs0 = f.nfe, scaling.host_syncs
+    block = scaling.block_size
+    scaling.begin(acc.lam, n_steps)
+    n = n_steps
+    with torch.enable_grad(), prob.policy.autocast():
+        while n > 0:
+            lo = 0 if block is None else max(0, n - block)
+            snap = acc.snapshot() if block is not None else None
+            scaling_snap = scaling.snapshot() if block is not None else None
+            for m in range(n - 1, lo - 1, -1):
+                _adjoint_step(plan, states, m, acc, g, scaling, check_captured=(m == n_steps - 1))
+            if scaling.end_block(lo, n):
+                if cb.wants("callback_accept_step_adjoint"):
+                    for m in range(n - 1, lo - 1, -1):
+                        cb.call("callback_accept_step_adjoint", traj.grid[m], states.state(m), traj.steps[m], traj.grid.dtype)
+                counters.backward_steps += n - lo
+                n = lo
+            else:
+                if cb.wants("callback_reject_step_adjoint"):
+                    for m in range(n - 1, lo - 1, -1):
+                        cb.call("callback_reject_step_adjoint", traj.grid[m], states.state(m), traj.steps[m], traj.grid.dtype)
+                acc.restore(snap)
+                scaling.restore(scaling_snap)
+                counters.retries += n - lo
+    grid_grad = _grid_gradient(acc, traj) if plan.need_times else None
+    scaling.end([acc.lam, *acc.sums] + ([grid_grad] if grid_grad is not None else []))
+    counters.nfe_backward += f.nfe - nfe0
+    counters.host_syncs += scaling.host_syncs - syncs0
+    return AdjointResult(acc.lam, acc.sums, grid_grad, acc.out_time)
+
+
+def _adjoint_step(plan, states, m, acc: AdjointAccumulator, g, scaling: AdjointScaling, check_captured: bool) -> None:
+    traj, cb = plan.trajectory, plan.problem.callbacks
+    y_stored = states.state(m)
+    if cb:
+        cb.call("callback_step_adjoint", traj.grid[m], y_stored.to(plan.problem.policy.state_dtype), traj.steps[m],
+                traj.grid.dtype)
+    first = states.first_stage(m) if traj.first_stage[m] == CARRIED else None
+    inside = [(j, x, g[j]) for j, x in traj.placement.in_step.get(m, ())]
+    carried_next = m + 1 < traj.n_steps and traj.first_stage[m + 1] == CARRIED
+    scale = scaling.scale(acc.lam)
+    vjp = step_vjp(plan, m, y_stored, first, acc.lam, acc.mu if carried_next else None, inside, scale, check_captured)
+    coef = traj.steps[m] if scale is None else scale.double().reciprocal() * traj.steps[m]  # h / S
+    scaling.observe(m, acc.lam, scale, [x for x in (vjp.dy, *vjp.dparams, vjp.dfirst) if x is not None])
+    direct = None
+    for _, _, gj in inside:
+        direct = gj if direct is None else direct + gj
+    acc.add_step(m, vjp, coef, direct)
+    for j in traj.placement.at_node.get(m, ()):
+        acc.add_node_output(g[j])
+
+
+def _grid_gradient(acc: AdjointAccumulator, traj: Trajectory) -> torch.Tensor:
+    grid = traj.grid
+    out = torch.zeros_like(grid)
+    if acc.time_terms:
+        idx = torch.tensor([m for m, _, _ in acc.time_terms], device=grid.device)
+        out.index_add_(0, idx, torch.stack([a.to(grid.dtype) for _, a, _ in acc.time_terms]))
+        out.index_add_(0, idx + 1, torch.stack([b.to(grid.dtype) for _, _, b in acc.time_terms]))
+    return out
+
+
+class StateSource:
+    """Where the backward pass reads each step's start state (and carried first stage) from."""
+
+    def state(self, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def first_stage(self, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _refuse_untracked(phi: torch.Tensor, known: list[torch.Tensor]) -> None:
+    """Raise if the recomputed step depends on grad-requiring tensors odeint was not given."""
+    lost = untracked_inputs(phi, known)
+    if lost:
+        shapes = ", ".join(str(tuple(p.shape)) for p in lost)
+        raise ValueError(
+            f"odeint: func uses {len(lost)} tensor(s) that require grad but are not differentiated (shapes {shapes}), "
+            "so their gradients would be lost. Pass every tensor that needs a gradient as "
+            "odeint(..., adjoint_params=(...)) (include the module's parameters), or detach those that do not."
+        )

@@ -1,0 +1,355 @@
+"""The forward pass: stepping over a fixed grid or with adaptive step-size control.
+
+Both steppings walk the accepted steps in order, hand each step's start state to
+a :class:`Recorder` (the adjoint strategy decides what to keep), fill the outputs
+and return a :class:`Trajectory`: the constants the backward pass needs (the
+accepted nodes, step sizes, how each step's first stage was obtained, where each
+output lies).  Under ``torch.no_grad`` nothing else is kept; with autograd on (the
+direct strategy) the graph of every step is.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .callbacks import Callbacks
+from .controllers import GridRule, IntegralController, StepSizeController, Tolerance, initial_step
+from .outputs import DenseOutput, OutputPlacement, OutputRule, place_on_grid
+from .precision import PrecisionPolicy
+from .state import FlatVectorField
+from .stats import SolverStats
+from .stepper import NEXT, NONE, PREV, StagePerturbation, Stages, rk_stages, stage_time_table, weighted_sum
+from .tableau import ButcherTableau
+
+#: Marks a step whose first stage is inherited from the previous step rather than evaluated.
+CARRIED = 2
+
+
+class MixedPrecisionToleranceWarning(UserWarning):
+    """rtol was below what the autocast dtype can resolve and was raised to the documented floor."""
+
+
+class Recorder:
+    """Receives the start of every accepted step; the base class keeps nothing."""
+
+    def record(self, n: int, y: torch.Tensor, first_stage: torch.Tensor | None) -> None:
+        """Step ``n`` starts from ``y``; ``first_stage`` is its inherited first stage (carrying methods only)."""
+
+
+@dataclass
+class Trajectory:
+    """What the forward pass decided, held as constants for the backward pass.
+
+    Attributes:
+        nodes: accepted step nodes ``tau_0 .. tau_N`` as host floats (grid dtype values).
+        steps: signed step sizes ``h_n = tau_{n+1} - tau_n`` as host floats.
+        grid: the nodes as a device tensor in the grid dtype (for fixed grids the
+            differentiable grid built from ``t``).
+        perturbations: stage-time perturbation of every step (one entry for all
+            steps, or one per step).
+        first_stage: per step, ``CARRIED`` when its first stage is inherited, else the
+            perturbation (``NONE``/``NEXT``/``PREV``) of its freshly evaluated first stage.
+        placement: where each output time lies.
+        rejected: rejected attempts (adaptive).
+    """
+
+    nodes: list[float]
+    steps: list[float]
+    grid: torch.Tensor
+    perturbations: list[StagePerturbation]
+    first_stage: list[int]
+    placement: OutputPlacement
+    rejected: int = 0
+
+    def perturbation(self, n: int) -> StagePerturbation:
+        return self.perturbations[0] if len(self.perturbations) == 1 else self.perturbations[n]
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+
+@dataclass
+class Problem:
+    """Everything a solve's forward and backward share besides the differentiable inputs."""
+
+    field: FlatVectorField
+    tableau: ButcherTableau
+    policy: PrecisionPolicy
+    output_rule: OutputRule
+    callbacks: Callbacks
+    counters: SolverStats = field(default_factory=SolverStats)
+
+
+class Stepping(abc.ABC):
+    """How the steps of a solve are chosen: a fixed grid or adaptive control."""
+
+    output_rule: OutputRule
+
+    @abc.abstractmethod
+    def march(
+        self, problem: Problem, y0: torch.Tensor, t: torch.Tensor, t_host: torch.Tensor, grid: torch.Tensor | None,
+        grid_host: torch.Tensor | None, recorder: Recorder,
+    ) -> tuple[torch.Tensor, Trajectory]:
+        """Run the forward pass; returns the ``(len(t), D)`` outputs and the trajectory."""
+
+
+def _interp_output(problem: Problem, y: torch.Tensor, h: float, stages: Stages, phi: torch.Tensor, x: float,
+                   end_slope: torch.Tensor | None) -> torch.Tensor:
+    return torch.add(y, problem.output_rule.increment(x, stages, phi, end_slope), alpha=h)
+
+
+def _end_slope(problem: Problem, t1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+    """``f(tau_{n+1}, y_{n+1})`` for rules that need it (cubic Hermite)."""
+    return problem.field(t1.to(problem.policy.state_dtype), y1)
+
+
+class FixedGridStepping(Stepping):
+    """Steps on a grid built before the solve by a :class:`GridRule`."""
+
+    def __init__(self, rule: GridRule, output_rule: OutputRule, perturb: bool = False) -> None:
+        self.rule = rule
+        self.output_rule = output_rule
+        self.perturb = bool(perturb)
+
+    def perturbation(self, direction: int) -> StagePerturbation:
+        if not self.perturb:
+            return StagePerturbation(direction=direction)
+        return StagePerturbation(first=NEXT, end=PREV, direction=direction)
+
+    def march(self, problem, y0, t, t_host, grid, grid_host, recorder):
+        tab, f = problem.tableau, problem.field
+        nodes = grid_host.tolist()
+        steps = (grid_host[1:] - grid_host[:-1]).tolist()  # h_n, bitwise as the device computes them
+        direction = 1 if nodes[-1] > nodes[0] else -1
+        rule = self.perturbation(direction)
+        placement = place_on_grid(grid_host, t_host, self.output_rule)
+        times = stage_time_table(tab, grid, problem.policy.state_dtype, rule)
+        rows: list[torch.Tensor | None] = [None] * t.shape[0]
+        cb = problem.callbacks
+        y = y0
+        for n, h in enumerate(steps):
+            if cb:
+                cb.call("callback_step", grid[n], y, grid[n + 1] - grid[n], grid.dtype)
+            recorder.record(n, y, None)
+            for j in placement.at_node.get(n, ()):
+                rows[j] = y
+            stages = rk_stages(tab, f, y, h, times[n])
+            phi = weighted_sum(tab.b, stages.ks)
+            y1 = stages.last_input if tab.is_fsal else torch.add(y, phi, alpha=h)
+            inside = placement.in_step.get(n, ())
+            if inside:
+                slope = _end_slope(problem, grid[n + 1], y1) if self.output_rule.needs_end_slope else None
+                for j, x in inside:
+                    rows[j] = _interp_output(problem, y, h, stages, phi, x, slope)
+            y = y1
+        for j in placement.at_node.get(len(steps), ()):
+            rows[j] = y
+        trajectory = Trajectory(nodes, steps, grid, [rule], [rule.first] * len(steps), placement)
+        return torch.stack(rows), trajectory
+
+
+@dataclass
+class AdaptiveOptions:
+    """Validated options of adaptive stepping (torchdiffeq's names)."""
+
+    first_step: float | None = None
+    min_step: float = 0.0
+    max_step: float = math.inf
+    max_num_steps: int = 2**31 - 1
+    step_t: tuple[float, ...] = ()
+    jump_t: tuple[float, ...] = ()
+    max_rejections: int = 64
+
+
+class AdaptiveStepping(Stepping):
+    """Embedded-pair stepping with an error-ratio controller and dense output (torchdiffeq's algorithm).
+
+    Per attempt: clamp ``h`` to ``[min_step, max_step]``; shorten it to land on the
+    next ``step_t``/``jump_t`` inside the step; take the step; error ratio
+    ``r = norm(h sum b_err_i k_i / tol)`` (one host read); accept when ``r <= 1``
+    (always at ``min_step``); the controller proposes the next size.  Outputs are
+    the dense output of the accepted step that reaches them.  After a ``jump_t``
+    the next first stage is evaluated just after the jump.  More than
+    ``max_rejections`` consecutive rejections raise instead of looping.
+    """
+
+    def __init__(self, tableau: ButcherTableau, tolerance: Tolerance, controller: StepSizeController | None,
+                 options: AdaptiveOptions) -> None:
+        if not tableau.is_adaptive or tableau.dense is None:
+            raise ValueError(
+                f"method {tableau.name!r} has no embedded error estimate and dense output, so it cannot choose its steps; "
+                "pass options={'step_size': ...} for a fixed grid or use an adaptive method such as 'dopri5'"
+            )
+        self.tableau = tableau
+        self.tolerance = tolerance
+        self.controller = controller or IntegralController()
+        self.options = options
+        self.output_rule = DenseOutput(tableau)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _time(self, value: float, problem: Problem) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float64, device=problem.field.layout.device)
+
+    def _stage_times(self, problem: Problem, t0: float, t1: float, rule: StagePerturbation) -> Sequence[torch.Tensor]:
+        pair = torch.tensor([t0, t1], dtype=torch.float64, device=problem.field.layout.device)
+        return stage_time_table(self.tableau, pair, problem.policy.state_dtype, rule)[0]
+
+    def _roundoff_size(self, problem: Problem, h: float, stages: Stages) -> torch.Tensor | None:
+        u = problem.policy.roundoff
+        if u == 0.0:
+            return None
+        noise = weighted_sum([abs(e) for e in self.tableau.b_err], [k.abs() for k in stages.ks])
+        return noise * (2 * u * abs(h))
+
+    def _apply_tolerance_floor(self, problem: Problem) -> None:
+        u = problem.policy.roundoff
+        if u and self.tolerance.raise_rtol(u):
+            warnings.warn(
+                f"odeint: rtol is below what {problem.policy.autocast_dtype} can resolve in the vector field; "
+                f"it was raised to the floor {u:.3g} (the unit roundoff of {problem.policy.autocast_dtype}). "
+                "Loosen rtol, or run the field in float32 for tighter tolerances.",
+                MixedPrecisionToleranceWarning,
+                stacklevel=5,
+            )
+
+    # -- the march -------------------------------------------------------------------------------
+    def march(self, problem, y0, t, t_host, grid, grid_host, recorder):
+        tab, f, opts, cb = self.tableau, problem.field, self.options, problem.callbacks
+        outputs = t_host.to(torch.float64).tolist()
+        direction = 1 if outputs[-1] > outputs[0] else -1
+        self._apply_tolerance_floor(problem)
+        t0 = outputs[0]
+        k_first = f(self._time(t0, problem).to(problem.policy.state_dtype), y0)
+        mode = NONE
+        h = opts.first_step if opts.first_step is not None else initial_step(
+            f, t0, direction, y0, k_first, tab.order, self.tolerance, torch.float64
+        )
+        nodes, steps, modes, rules = [t0], [], [], []
+        placement = OutputPlacement()
+        placement.add_node(0, 0)
+        rows: list[torch.Tensor | None] = [y0] + [None] * (len(outputs) - 1)
+        step_t = _upcoming(opts.step_t, t0, direction)
+        jump_t = _upcoming(opts.jump_t, t0, direction)
+        y, j, attempts, rejections, rejected, previous_ratio = y0, 1, 0, 0, 0, None
+        while j < len(outputs):
+            h = self._clamp(h)
+            t1 = t0 + direction * h
+            if cb:
+                cb.call("callback_step", t0, y, h, torch.float64)
+            if t1 == t0:
+                raise FloatingPointError(
+                    f"odeint: the step size underflowed at t = {t0:.17g} (h = {h:.3g}); the problem may be stiff or the "
+                    "field non-smooth there: use a smaller rtol/atol only if the field is smooth, set options['min_step'], "
+                    "or use a fixed grid"
+                )
+            t1, on_step, on_jump = _clip_to_marks(t0, t1, direction, step_t, jump_t)
+            hn = t1 - t0
+            rule = StagePerturbation(first=NONE if mode == CARRIED else mode, end=PREV, direction=direction)
+            stages = rk_stages(tab, f, y, hn, self._stage_times(problem, t0, t1, rule), first_stage=k_first)
+            phi = weighted_sum(tab.b, stages.ks)
+            y1 = stages.last_input if tab.is_fsal else torch.add(y, phi, alpha=hn)
+            err = weighted_sum(tab.b_err, stages.ks) * hn
+            ratio_t = self.tolerance.error_ratio(err, y, y1, self._roundoff_size(problem, hn, stages))
+            ratio = float(ratio_t)  # the one host synchronisation of an attempt
+            if not math.isfinite(ratio):
+                ratio = math.inf
+            accept = ratio <= 1.0
+            if abs(hn) > opts.max_step:
+                accept = False
+            if abs(hn) <= opts.min_step:
+                accept = True
+            attempts += 1
+            if attempts > opts.max_num_steps:
+                raise RuntimeError(
+                    f"odeint: max_num_steps = {opts.max_num_steps} attempts were exceeded before reaching t = {outputs[j]:.6g}; "
+                    "raise options['max_num_steps'] or loosen rtol/atol"
+                )
+            if accept:
+                if cb:
+                    cb.call("callback_accept_step", t0, y, hn, torch.float64)
+                n = len(steps)
+                recorder.record(n, y, k_first if mode == CARRIED else None)
+                modes.append(mode)
+                rules.append(rule)
+                slope = None
+                while j < len(outputs) and direction * (outputs[j] - t1) <= 0:
+                    x = (outputs[j] - t0) / (t1 - t0)
+                    placement.add_interp(n, j, x)
+                    rows[j] = _interp_output(problem, y, hn, stages, phi, x, slope)
+                    j += 1
+                    attempts = 0
+                nodes.append(t1)
+                steps.append(hn)
+                if on_step:
+                    step_t.pop(0)
+                if on_jump:
+                    jump_t.pop(0)
+                    k_first = f(_after(t1, direction, problem), y1)
+                    mode = NEXT
+                elif tab.reuse_last_stage:
+                    k_first = stages.ks[-1]
+                    mode = PREV if tab.is_fsal else CARRIED
+                else:
+                    k_first, mode = None, NONE
+                y, t0 = y1, t1
+                rejections = 0
+            else:
+                if cb:
+                    cb.call("callback_reject_step", t0, y, hn, torch.float64)
+                rejected += 1
+                rejections += 1
+                if rejections > opts.max_rejections:
+                    raise self._rejection_error(problem, t0, hn, ratio)
+            h = self.controller.propose(abs(hn), ratio, accept, tab.order, previous_ratio)
+            if accept:
+                previous_ratio = ratio
+        grid = torch.tensor(nodes, dtype=torch.float64, device=y0.device)
+        trajectory = Trajectory(nodes, steps, grid, rules, modes, placement, rejected)
+        return torch.stack(rows), trajectory
+
+    def _clamp(self, h: float) -> float:
+        if not math.isfinite(h):
+            h = self.options.min_step
+        return min(max(h, self.options.min_step), self.options.max_step)
+
+    def _rejection_error(self, problem: Problem, t0: float, h: float, ratio: float) -> Exception:
+        if ratio == math.inf:
+            return FloatingPointError(
+                f"odeint: the solution became inf/NaN near t = {t0:.6g} and {self.options.max_rejections} smaller steps did "
+                "not help; check the vector field for blow-up (under float16 autocast it may overflow: try bfloat16)"
+            )
+        dtype = problem.policy.autocast_dtype or problem.policy.state_dtype
+        return RuntimeError(
+            f"odeint: {self.options.max_rejections} consecutive steps were rejected at t = {t0:.6g} (last h = {abs(h):.3g}, "
+            f"error ratio {ratio:.3g}); the tolerances cannot be met in {dtype} here: loosen rtol/atol, set "
+            "options['min_step'], or use a fixed grid"
+        )
+
+
+def _upcoming(marks: Sequence[float], t0: float, direction: int) -> list[float]:
+    """Marks strictly ahead of ``t0`` in the direction of integration, in the order they will be met."""
+    ahead = sorted((m for m in marks if direction * (m - t0) >= 0), key=lambda m: direction * m)
+    return [m for m in ahead if m != t0] if ahead else []
+
+
+def _clip_to_marks(t0: float, t1: float, direction: int, step_t: list[float], jump_t: list[float]):
+    """Shorten the step to end on the next ``step_t`` / ``jump_t`` strictly inside it (jumps win)."""
+    on_step = on_jump = False
+    if step_t and direction * (step_t[0] - t0) > 0 and direction * (t1 - step_t[0]) > 0:
+        t1, on_step = step_t[0], True
+    if jump_t and direction * (jump_t[0] - t0) > 0 and direction * (t1 - jump_t[0]) > 0:
+        t1, on_step, on_jump = jump_t[0], False, True
+    return t1, on_step, on_jump
+
+
+def _after(t: float, direction: int, problem: Problem) -> torch.Tensor:
+    """``t`` as a 0-dim tensor in the state dtype, moved to the next float in the direction of integration."""
+    value = torch.tensor(t, dtype=torch.float64, device=problem.field.layout.device).to(problem.policy.state_dtype)
+    return torch.nextafter(value, torch.full_like(value, math.inf * direction))

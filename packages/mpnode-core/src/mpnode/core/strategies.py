@@ -1,0 +1,243 @@
+"""Adjoint strategies: how a solve keeps what its backward pass needs.
+
+A strategy is passed as ``odeint(..., adjoint=...)`` and owns the checkpoint
+dtype and the adjoint scaling of the solves it runs:
+
+* :class:`RecomputeAdjoint` (the default): one checkpoint of the state per
+  accepted step; backward rebuilds each step from its checkpoint and applies the
+  discrete adjoint recurrence (:mod:`mpnode.core.backward`).  Time: about one
+  extra graph-free forward; memory: ``N`` checkpoints.
+
+``odeint``'s ``scaler=`` and ``options["checkpoint_dtype"]`` are shorthands for
+``RecomputeAdjoint(checkpoint_dtype=..., scaling=...)``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .backward import BackwardPlan, StateSource, run_adjoint
+from .checkpoints import CheckpointStore
+from .march import CARRIED, AdaptiveStepping, Problem, Recorder, Stepping, Trajectory
+from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
+from .stats import SolverStats
+
+
+@dataclass
+class SolveInputs:
+    """The differentiable inputs of a solve and their host copies.
+
+    Attributes:
+        t: output times ``(T,)`` (float32/64).
+        t_host: ``t`` on the host.
+        grid: the fixed grid ``(N+1,)`` built from ``t`` (``None`` for adaptive steps).
+        grid_host: ``grid`` on the host.
+        y0: the flat initial state ``(D,)``.
+        params: tensors ``func`` uses that receive gradients.
+        needs_grad: whether any input needs a gradient (else nothing is kept).
+        user_stats: the caller's :class:`SolverStats` (updated when a pass completes), or ``None``.
+    """
+
+    t: torch.Tensor
+    t_host: torch.Tensor
+    grid: torch.Tensor | None
+    grid_host: torch.Tensor | None
+    y0: torch.Tensor
+    params: list[torch.Tensor]
+    needs_grad: bool
+    user_stats: SolverStats | None
+
+
+class AdjointStrategy(abc.ABC):
+    """What a solve keeps for backward and how backward uses it."""
+
+    #: label reported in ``SolverStats.last_adjoint``.
+    name: str = "adjoint"
+
+    @abc.abstractmethod
+    def solve(self, problem: Problem, stepping: Stepping, inputs: SolveInputs) -> torch.Tensor:
+        """Run the forward pass and return the ``(T, D)`` outputs, differentiable as this strategy provides."""
+
+
+def _check_checkpoint_dtype(dtype: object) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"checkpoint_dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}"
+        )
+    return dtype
+
+
+def _check_scaling(scaling: object) -> AdjointScaling | bool | None:
+    if scaling is None or scaling is False or isinstance(scaling, AdjointScaling):
+        return scaling
+    raise TypeError(
+        "scaler must be an mpnode.core.AdjointScaling (e.g. mpnode.scaler.DynamicAdjointScaler()), None or False; "
+        f"got {scaling!r}"
+    )
+
+
+class RecomputeAdjoint(AdjointStrategy):
+    """One checkpoint per accepted step; backward recomputes each step (discretize-then-optimize).
+
+    Args:
+        checkpoint_dtype: dtype of the stored states; ``None`` = the autocast dtype
+            under autocast, else the state's dtype.
+        scaling: adjoint scaling for float16 backward passes: an ``AdjointScaling``
+            (e.g. ``mpnode.scaler.DynamicAdjointScaler()``), ``None`` = automatic
+            (the registered float16 default when float16 is involved, none
+            otherwise), ``False`` = none.
+    """
+
+    name = "recompute"
+
+    def __init__(self, checkpoint_dtype: torch.dtype | None = None, scaling: AdjointScaling | bool | None = None) -> None:
+        self.checkpoint_dtype = _check_checkpoint_dtype(checkpoint_dtype)
+        self.scaling = _check_scaling(scaling)
+
+    def __repr__(self) -> str:
+        return f"RecomputeAdjoint(checkpoint_dtype={self.checkpoint_dtype}, scaling={self.scaling!r})"
+
+    def resolved_checkpoint_dtype(self, problem: Problem) -> torch.dtype:
+        policy = problem.policy
+        return self.checkpoint_dtype or policy.autocast_dtype or policy.state_dtype
+
+    def resolved_scaling(self, problem: Problem) -> AdjointScaling:
+        if isinstance(self.scaling, AdjointScaling):
+            return self.scaling
+        float16 = torch.float16 in (problem.policy.autocast_dtype, self.resolved_checkpoint_dtype(problem))
+        if self.scaling is None:
+            return default_scaling(float16)
+        return NoAdjointScaling(raise_on_nonfinite=float16)
+
+    def solve(self, problem, stepping, inputs):
+        if not inputs.needs_grad:
+            nfe0 = problem.field.nfe
+            with torch.no_grad(), problem.policy.autocast():
+                outputs, trajectory = stepping.march(
+                    problem, inputs.y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, Recorder()
+                )
+            _commit_forward(problem, trajectory, inputs.user_stats, self.name, nfe0)
+            return outputs
+        return _RecomputeFunction.apply(_RecomputeSetup(self, problem, stepping, inputs), inputs.t, inputs.grid,
+                                        inputs.y0, *inputs.params)
+
+
+def _commit_forward(problem: Problem, trajectory: Trajectory, user_stats: SolverStats | None, name: str,
+                    nfe0: int) -> None:
+    """Add a completed forward pass's counters to the caller's stats."""
+    counters = problem.counters
+    counters.nfe_forward += problem.field.nfe - nfe0
+    counters.steps += trajectory.n_steps
+    counters.rejected_steps += trajectory.rejected
+    counters.last_grid = tuple(trajectory.nodes)
+    counters.last_adjoint = name
+    if user_stats is not None:
+        user_stats.add(counters)
+    problem.counters = SolverStats()
+
+
+class CheckpointRecorder(Recorder):
+    """Stores every accepted step's start state (and carried first stage) in ``checkpoint_dtype``."""
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device, rows: int | None, carries: bool) -> None:
+        self.states = CheckpointStore(width, dtype, device, rows)
+        self.first_stages = CheckpointStore(width, dtype, device) if carries else None
+        self.first_stage_row: dict[int, int] = {}
+
+    def record(self, n, y, first_stage):
+        self.states.append(y)
+        if first_stage is not None:
+            self.first_stage_row[n] = len(self.first_stages)
+            self.first_stages.append(first_stage)
+
+
+class StoredStates(StateSource):
+    """Reads checkpoints back from the tensors saved for backward."""
+
+    def __init__(self, state_chunks: list[torch.Tensor], first_chunks: list[torch.Tensor], first_row: dict[int, int]):
+        self.state_chunks, self.first_chunks, self.first_row = state_chunks, first_chunks, first_row
+
+    def state(self, n):
+        return CheckpointStore.row(self.state_chunks, n)
+
+    def first_stage(self, n):
+        return CheckpointStore.row(self.first_chunks, self.first_row[n])
+
+
+@dataclass
+class _RecomputeSetup:
+    strategy: RecomputeAdjoint
+    problem: Problem
+    stepping: Stepping
+    inputs: SolveInputs
+
+
+class _RecomputeFunction(torch.autograd.Function):
+    """``apply(setup, t, grid, y0, *params) -> (T, D)`` outputs; backward by recomputation.
+
+    Saved for backward (through ``save_for_backward``): the checkpoint chunks
+    (``N`` rows of ``D`` in the checkpoint dtype) and, for methods that carry
+    their first stage, one more row per carried step; nothing per stage.
+    """
+
+    @staticmethod
+    def forward(ctx, setup: _RecomputeSetup, t, grid, y0, *params):
+        problem, stepping, inputs = setup.problem, setup.stepping, setup.inputs
+        fixed = not isinstance(stepping, AdaptiveStepping)
+        rows = inputs.grid_host.numel() - 1 if fixed else None
+        carries = not fixed and problem.tableau.carries_first_stage
+        ckpt_dtype = setup.strategy.resolved_checkpoint_dtype(problem)
+        recorder = CheckpointRecorder(y0.shape[0], ckpt_dtype, y0.device, rows, carries)
+        nfe0 = problem.field.nfe
+        with problem.policy.autocast():
+            outputs, trajectory = stepping.march(problem, y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host,
+                                                 recorder)
+        states = recorder.states.finish()
+        firsts = recorder.first_stages.finish() if carries else []
+        ctx.setup, ctx.trajectory = setup, trajectory
+        ctx.layout = (len(states), dict(recorder.first_stage_row))
+        ctx.save_for_backward(*states, *firsts)
+        _commit_forward(problem, trajectory, inputs.user_stats, setup.strategy.name, nfe0)
+        return outputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_outputs):
+        setup, trajectory = ctx.setup, ctx.trajectory
+        problem, inputs = setup.problem, setup.inputs
+        n_state_chunks, first_row = ctx.layout
+        saved = ctx.saved_tensors
+        source = StoredStates(list(saved[:n_state_chunks]), list(saved[n_state_chunks:]), first_row)
+        need_t, need_grid, need_y0 = ctx.needs_input_grad[1:4]
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
+        problem.counters = SolverStats()
+        plan = BackwardPlan(problem, trajectory, [inputs.params[i] for i in wanted], inputs.params, inputs.t.detach(),
+                            need_times=need_t or need_grid)
+        result = run_adjoint(plan, source, grad_outputs, setup.strategy.resolved_scaling(problem))
+        t_grad = _output_time_gradient(result, inputs, trajectory, need_t, adaptive=inputs.grid is None)
+        param_grads: list[torch.Tensor | None] = [None] * len(inputs.params)
+        for i, g in zip(wanted, result.param_grads):
+            param_grads[i] = g
+        if inputs.user_stats is not None:
+            inputs.user_stats.add(problem.counters)
+        problem.counters = SolverStats()
+        grid_grad = result.grid_grad if need_grid else None
+        return (None, t_grad, grid_grad, result.lam0 if need_y0 else None, *param_grads)
+
+
+def _output_time_gradient(result, inputs: SolveInputs, trajectory: Trajectory, need_t: bool, adaptive: bool):
+    """``dL/dt``: interpolation terms per output, plus (adaptive steps) every node's term on ``t[0]``."""
+    if not need_t:
+        return None
+    grad = torch.zeros_like(inputs.t)
+    for j, g in result.out_time.items():
+        grad[j] += g.to(grad.dtype)
+    if adaptive and result.grid_grad is not None:
+        grad[0] += result.grid_grad.sum().to(grad.dtype)  # tau_n = t[0] + constants
+    return grad
