@@ -158,7 +158,11 @@ def test_history_size_zero_keeps_no_events(precision):
 
 
 def test_default_history_is_bounded():
-    assert DynamicAdjointScaler().history.maxlen == DynamicAdjointScaler().history_size == 1000
+    scaler = DynamicAdjointScaler()
+    events = [ScaleEvent("init", i, 0, 1.0) for i in range(1005)]
+    scaler._record(events[:600])
+    scaler._record(events[600:])
+    assert scaler.history_size == 1000 and scaler.history == events[5:] and scaler.history_dropped == 5
 
 
 # -- recovery of the learned target ----------------------------------------------------------------
@@ -255,7 +259,7 @@ def test_state_dict_survives_weights_only_load_and_resumes_exactly(precision):
     assert resumed.state_dict() == state
     assert (resumed.initial_target, resumed.growth_interval, resumed.block_size, resumed.history_size) == (
         2.0**14, 4, 4, 50)
-    assert list(resumed.history) == list(original.history) and resumed.history.maxlen == 50
+    assert resumed.history == original.history and resumed.history_size == 50
     assert resumed.scale_value == original.scale_value is not None
     # training continues identically from either scaler
     net, params = _mlp()

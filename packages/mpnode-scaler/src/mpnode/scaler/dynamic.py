@@ -34,7 +34,6 @@ included, like ``torch.amp.GradScaler``.
 
 from __future__ import annotations
 
-import collections
 import math
 import numbers
 from dataclasses import dataclass
@@ -139,8 +138,8 @@ class DynamicAdjointScaler(AdjointScaling):
     :meth:`state_dict`):
 
     * ``target``: the learned target (float), ``initial_target``: the setting;
-    * ``history``: a ``collections.deque`` of the last ``history_size``
-      :class:`ScaleEvent`, oldest first; ``history_dropped``: events dropped from it;
+    * ``history``: a list of the last ``history_size`` :class:`ScaleEvent`, oldest
+      first; ``history_dropped``: how many older events were dropped from it;
     * ``counters``: ``backward`` (passes begun), ``blocks``, ``backoffs``, ``grows``,
       ``shrinks``, ``recoveries``; ``host_syncs``;
     * ``clean_passes``: completed passes without a backoff since the target was
@@ -192,7 +191,7 @@ class DynamicAdjointScaler(AdjointScaling):
         self.counters = dict(learned["counters"])
         self.host_syncs = learned["host_syncs"]
         self.clean_passes = learned["clean_passes"]
-        self.history: collections.deque[ScaleEvent] = collections.deque(learned["history"], maxlen=self.history_size)
+        self.history: list[ScaleEvent] = list(learned["history"])
         self.history_dropped = learned["history_dropped"]
         self._last_scale = learned["last_scale"]
 
@@ -308,10 +307,12 @@ class DynamicAdjointScaler(AdjointScaling):
         self._update_recovery(clean=not self._backoffs)
 
     def _record(self, events: Sequence[ScaleEvent]) -> None:
-        """Append to the bounded ``history``, counting what falls off its front."""
-        overflow = len(self.history) + len(events) - self.history_size
-        self.history_dropped += max(0, overflow)
+        """Append to ``history`` and drop its oldest events beyond ``history_size``, counting them."""
         self.history.extend(events)
+        excess = len(self.history) - self.history_size
+        if excess > 0:
+            del self.history[:excess]
+            self.history_dropped += excess
 
     def _update_recovery(self, clean: bool) -> None:
         """After a completed pass: count clean passes while the target is lowered; double it every
