@@ -12,27 +12,52 @@ keeps ``max|S lambda|`` near a target inside float16's range:
 * **shrink**: a scaled adjoint above ``2 * target`` re-centres S down at once;
 * **backoff**: inf/NaN in a step's VJP rejects the block of steps it belongs to;
   the loop restores its snapshot and redoes the block with half the scale, and the
-  target is halved for the rest of this scaler's life (it learns the headroom the
-  network's reductions need).  After ``max_retries`` rejections of one block it
-  raises, before any gradient is written.
+  learned target is halved (it learns the headroom the network's reductions need).
+  After ``max_retries`` rejections of one block it raises, before any gradient is
+  written, and leaves the learned target as the pass found it;
+* **recovery**: after ``recovery_interval`` consecutive completed backward passes
+  without a backoff, a target below the initial one doubles (never above the
+  initial target), so occasional overflows over a long training cannot ratchet
+  the target down into underflow.
 
 Everything per step is a device-side tensor op; the host reads one flag per block
 of ``block_size`` steps (optimistic execution) and the scale history once at the
 end of backward, so an N-step backward synchronises about ``N / block_size + 1``
 times.
+
+State for resuming training: :meth:`DynamicAdjointScaler.state_dict` returns plain
+Python numbers, strings, lists and dicts (``torch.save`` it with the model and
+optimizer; ``torch.load(..., weights_only=True)`` reads it back), and
+:meth:`DynamicAdjointScaler.load_state_dict` validates and restores it, settings
+included, like ``torch.amp.GradScaler``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from mpnode.core import AdjointScaling, NonFiniteGradientError
 
 FLOAT16_MAX = 65504.0
+#: the learned target never goes below float16's smallest subnormal
+MIN_TARGET = 2.0**-24
+#: version of the layout written by ``state_dict``
+STATE_VERSION = 1
+EVENT_KINDS = ("init", "grow", "shrink", "backoff")
+COUNTER_NAMES = ("backward", "blocks", "backoffs", "grows", "shrinks", "recoveries")
+SETTING_DEFAULTS: dict[str, Any] = {
+    "target": 2.0**8,
+    "growth_interval": 16,
+    "block_size": 16,
+    "max_retries": 10,
+    "history_size": 1000,
+    "recovery_interval": 100,
+}
 
 
 @dataclass(frozen=True)
@@ -50,47 +75,131 @@ class ScaleEvent:
     scale: float
 
 
+def _require_int(name: str, value: Any, minimum: int, where: str = "") -> int:
+    """``value`` as an int ``>= minimum``; ``bool``, floats and strings are refused (TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{where}{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__}); "
+            f"pass a whole number, e.g. {name}={int(SETTING_DEFAULTS.get(name, minimum))}"
+        )
+    if value < minimum:
+        raise ValueError(f"{where}{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def _require_power_of_two(name: str, value: Any, low: float, high: float, where: str = "") -> float:
+    """``value`` as a float power of two in ``[low, high]``; non-numbers are refused (TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{where}{name} must be a float power of two (e.g. {name}=2.0**8), got {value!r} ({type(value).__name__})"
+        )
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high and math.log2(value).is_integer()):
+        raise ValueError(
+            f"{where}{name} must be a power of two in [2^{math.log2(low):g}, 2^{math.log2(high):g}] "
+            f"(below float16's max 65504), got {value}"
+        )
+    return value
+
+
+def _validated_settings(settings: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """The constructor's settings, type- and range-checked (one home for both __init__ and load)."""
+    return {
+        "target": _require_power_of_two("target", settings["target"], MIN_TARGET, 2.0**15, where),
+        "growth_interval": _require_int("growth_interval", settings["growth_interval"], 1, where),
+        "block_size": _require_int("block_size", settings["block_size"], 1, where),
+        "max_retries": _require_int("max_retries", settings["max_retries"], 0, where),
+        "history_size": _require_int("history_size", settings["history_size"], 0, where),
+        "recovery_interval": _require_int("recovery_interval", settings["recovery_interval"], 1, where),
+    }
+
+
 class DynamicAdjointScaler(AdjointScaling):
     """Dynamic power-of-two adjoint scaling for float16 (see the module docstring).
 
     Args:
-        target: the scaled adjoint's intended max magnitude (a power of two); the
-            default 2^8 leaves 2^8 of headroom below float16's max 65504 for the
-            sums inside the network's VJP, and 2^32 above its smallest subnormal.
+        target: the scaled adjoint's intended max magnitude, a power of two in
+            ``[2^-24, 2^15]``; the default 2^8 leaves 2^8 of headroom below float16's
+            max 65504 for the sums inside the network's VJP, and 2^32 above its
+            smallest subnormal.  It is also the ceiling of the learned target.
         growth_interval: clean steps below ``target / 2`` before the scale grows.
         block_size: steps per host check (``K``); a backward of N steps makes
             about ``N / K + 1`` host synchronisations.
         max_retries: rejections of one block before giving up with an error.
+        history_size: the most events ``history`` keeps (oldest dropped first,
+            counted in ``history_dropped``); 0 keeps none.  The counters count
+            every event regardless.
+        recovery_interval: completed backward passes in a row without a backoff
+            after which a learned target below ``target`` doubles.
 
-    Keep one instance across training iterations to keep its learned target,
-    counters and history (``history``, ``counters``, ``host_syncs``).
+    Integer arguments must be ints (``1.5``, ``True`` or ``"3"`` raise TypeError).
+
+    What it keeps (keep one instance across training iterations; save it with
+    :meth:`state_dict`):
+
+    * ``target``: the learned target (float), ``initial_target``: the setting;
+    * ``history``: a list of the last ``history_size`` :class:`ScaleEvent`, oldest
+      first; ``history_dropped``: how many older events were dropped from it;
+    * ``counters``: ``backward`` (passes begun), ``blocks``, ``backoffs``, ``grows``,
+      ``shrinks``, ``recoveries``; ``host_syncs``;
+    * ``clean_passes``: completed passes without a backoff since the target was
+      last lowered or raised (counted only while it is below ``initial_target``).
+
+    Not thread-safe: one instance serves one backward pass at a time (its
+    per-pass state lives on the instance); give each thread its own scaler.
     """
 
     def __init__(
         self,
-        target: float = 2.0**8,
-        growth_interval: int = 16,
-        block_size: int = 16,
-        max_retries: int = 10,
+        target: float = SETTING_DEFAULTS["target"],
+        growth_interval: int = SETTING_DEFAULTS["growth_interval"],
+        block_size: int = SETTING_DEFAULTS["block_size"],
+        max_retries: int = SETTING_DEFAULTS["max_retries"],
+        history_size: int = SETTING_DEFAULTS["history_size"],
+        recovery_interval: int = SETTING_DEFAULTS["recovery_interval"],
     ) -> None:
-        if target <= 0 or target >= FLOAT16_MAX or not math.log2(target).is_integer():
-            raise ValueError(f"target must be a power of two below float16's max 65504, got {target}")
-        if growth_interval < 1 or block_size < 1 or max_retries < 0:
-            raise ValueError("growth_interval and block_size must be >= 1 and max_retries >= 0")
-        self.target = float(target)
-        self.growth_interval = int(growth_interval)
-        self.block_size = int(block_size)
-        self.max_retries = int(max_retries)
-        self.history: list[ScaleEvent] = []
-        self.counters = {"backward": 0, "blocks": 0, "backoffs": 0, "grows": 0, "shrinks": 0}
-        self.host_syncs = 0
-        self._pass = -1
+        settings = _validated_settings(
+            {
+                "target": target,
+                "growth_interval": growth_interval,
+                "block_size": block_size,
+                "max_retries": max_retries,
+                "history_size": history_size,
+                "recovery_interval": recovery_interval,
+            }
+        )
+        self._apply(settings, learned=None)
+
+    def _apply(self, settings: dict[str, Any], learned: dict[str, Any] | None) -> None:
+        """Set settings and learned state together (``learned=None``: a fresh scaler)."""
+        self.initial_target = settings["target"]
+        self.growth_interval = settings["growth_interval"]
+        self.block_size = settings["block_size"]
+        self.max_retries = settings["max_retries"]
+        self.history_size = settings["history_size"]
+        self.recovery_interval = settings["recovery_interval"]
+        learned = learned or {
+            "learned_target": self.initial_target,
+            "counters": dict.fromkeys(COUNTER_NAMES, 0),
+            "host_syncs": 0,
+            "clean_passes": 0,
+            "history": [],
+            "history_dropped": 0,
+            "last_scale": None,
+        }
+        self.target = learned["learned_target"]
+        self.counters = dict(learned["counters"])
+        self.host_syncs = learned["host_syncs"]
+        self.clean_passes = learned["clean_passes"]
+        self.history: list[ScaleEvent] = list(learned["history"])
+        self.history_dropped = learned["history_dropped"]
+        self._last_scale = learned["last_scale"]
 
     # -- one backward pass ------------------------------------------------------------
     def begin(self, lam: torch.Tensor, n_steps: int) -> None:
         dev = lam.device
-        self._pass += 1
         self.counters["backward"] += 1
+        self._pass = self.counters["backward"] - 1
         self._scale = torch.ones((), dtype=torch.float32, device=dev)
         self._ready = torch.zeros((), dtype=torch.bool, device=dev)  # initialised from a non-zero adjoint
         self._clean = torch.zeros((), dtype=torch.int32, device=dev)  # consecutive steps below target/2
@@ -168,13 +277,13 @@ class DynamicAdjointScaler(AdjointScaling):
                 "No gradient was written."
             )
         self.counters["backoffs"] += 1
-        self.target = max(self.target / 2, 2.0**-24)  # learned headroom, kept across iterations
+        self.target = max(self.target / 2, MIN_TARGET)  # learned headroom, kept across iterations
         self._backoffs.append(ScaleEvent("backoff", self._pass, step, float("nan")))
         return False
 
     def _give_up(self) -> None:
         """Before raising: record this pass's backoffs and undo its changes to the learned target."""
-        self.history.extend(self._backoffs)
+        self._record(self._backoffs)
         self.target = self._target_at_begin
 
     def end(self, results: Sequence[torch.Tensor]) -> None:
@@ -192,9 +301,150 @@ class DynamicAdjointScaler(AdjointScaling):
             if trace[step] < 0 or previous is not None:
                 previous = value
         events += [ScaleEvent("backoff", b.backward, b.step, abs(trace[b.step])) for b in self._backoffs]
-        self.history.extend(sorted(events, key=lambda e: -e.step))  # chronological order of the backward pass
+        self._record(sorted(events, key=lambda e: -e.step))  # chronological order of the backward pass
+        if trace:
+            self._last_scale = abs(trace[0])
+        self._update_recovery(clean=not self._backoffs)
+
+    def _record(self, events: Sequence[ScaleEvent]) -> None:
+        """Append to ``history`` and drop its oldest events beyond ``history_size``, counting them."""
+        self.history.extend(events)
+        excess = len(self.history) - self.history_size
+        if excess > 0:
+            del self.history[:excess]
+            self.history_dropped += excess
+
+    def _update_recovery(self, clean: bool) -> None:
+        """After a completed pass: count clean passes while the target is lowered; double it every
+        ``recovery_interval`` of them (never above ``initial_target``)."""
+        if not clean or self.target >= self.initial_target:
+            self.clean_passes = 0
+            return
+        self.clean_passes += 1
+        if self.clean_passes >= self.recovery_interval:
+            self.target = min(2 * self.target, self.initial_target)
+            self.counters["recoveries"] += 1
+            self.clean_passes = 0
 
     @property
-    def scale_value(self) -> float:
-        """The current scale (one host read)."""
-        return float(self._scale)
+    def scale_value(self) -> float | None:
+        """The scale used at the last step (``n = 0``) of the latest completed backward pass.
+
+        ``None`` before any backward pass has completed (the scale is chosen from
+        the adjoint when a pass starts, so there is none yet).  No host read: the
+        value was read with the pass's trace.
+        """
+        return self._last_scale
+
+    # -- saving and resuming ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: settings, learned target, counters, history, last scale.
+
+        Only plain ``int``/``float``/``str``/``None``/``list``/``dict`` values, so
+        ``torch.load(path, weights_only=True)`` reads a ``torch.save``-d copy.
+        Call it between backward passes, not during one.
+        """
+        return {
+            "version": STATE_VERSION,
+            "settings": {
+                "target": self.initial_target,
+                "growth_interval": self.growth_interval,
+                "block_size": self.block_size,
+                "max_retries": self.max_retries,
+                "history_size": self.history_size,
+                "recovery_interval": self.recovery_interval,
+            },
+            "learned_target": self.target,
+            "counters": dict(self.counters),
+            "host_syncs": self.host_syncs,
+            "clean_passes": self.clean_passes,
+            "history": [
+                {"kind": e.kind, "backward": e.backward, "step": e.step, "scale": e.scale} for e in self.history
+            ],
+            "history_dropped": self.history_dropped,
+            "last_scale": self._last_scale,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, settings included (they overwrite this instance's,
+        as ``torch.amp.GradScaler.load_state_dict`` does).
+
+        Everything is validated before anything changes: a missing or unexpected
+        key or an out-of-range value raises ``ValueError``, a wrong type ``TypeError``,
+        each naming the entry, and the scaler is left as it was.
+        """
+        settings, learned = _parse_state(state)
+        self._apply(settings, learned)
+
+
+def _check_keys(where: str, value: Any, expected: Sequence[str]) -> None:
+    """``value`` must be a mapping with exactly the keys ``expected``."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{where} must be a dict (from DynamicAdjointScaler.state_dict()), got {type(value).__name__}")
+    missing = [k for k in expected if k not in value]
+    unexpected = [k for k in value if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"{where} does not match DynamicAdjointScaler.state_dict(): missing {missing}, unexpected {unexpected}"
+        )
+
+
+def _parse_state(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate a state dict; returns ``(settings, learned)`` ready for ``_apply``."""
+    where = "DynamicAdjointScaler.load_state_dict: "
+    top = ("version", "settings", "learned_target", "counters", "host_syncs", "clean_passes", "history",
+           "history_dropped", "last_scale")
+    _check_keys(where + "state", state, top)
+    if _require_int("version", state["version"], 1, where + "state: ") != STATE_VERSION:
+        raise ValueError(f"{where}state['version'] is {state['version']}; this mpnode-scaler reads version {STATE_VERSION}")
+    _check_keys(where + "state['settings']", state["settings"], tuple(SETTING_DEFAULTS))
+    settings = _validated_settings(state["settings"], where + "state['settings']: ")
+    _check_keys(where + "state['counters']", state["counters"], COUNTER_NAMES)
+    counters = {k: _require_int(k, state["counters"][k], 0, where + "state['counters']: ") for k in COUNTER_NAMES}
+    clean = _require_int("clean_passes", state["clean_passes"], 0, where + "state: ")
+    if clean >= settings["recovery_interval"]:
+        raise ValueError(f"{where}state['clean_passes'] = {clean} must be below recovery_interval = "
+                         f"{settings['recovery_interval']}")
+    history = state["history"]
+    if not isinstance(history, (list, tuple)):
+        raise TypeError(f"{where}state['history'] must be a list of events, got {type(history).__name__}")
+    if len(history) > settings["history_size"]:
+        raise ValueError(f"{where}state['history'] has {len(history)} events, more than history_size = "
+                         f"{settings['history_size']}")
+    learned = {
+        "learned_target": _require_power_of_two("learned_target", state["learned_target"], MIN_TARGET,
+                                                settings["target"], where + "state: "),
+        "counters": counters,
+        "host_syncs": _require_int("host_syncs", state["host_syncs"], 0, where + "state: "),
+        "clean_passes": clean,
+        "history": [_parse_event(e, i, where) for i, e in enumerate(history)],
+        "history_dropped": _require_int("history_dropped", state["history_dropped"], 0, where + "state: "),
+        "last_scale": _parse_last_scale(state["last_scale"], where),
+    }
+    return settings, learned
+
+
+def _parse_event(event: Any, index: int, where: str) -> ScaleEvent:
+    """One ``state['history']`` entry as a :class:`ScaleEvent`."""
+    at = f"{where}state['history'][{index}]"
+    _check_keys(at, event, ("kind", "backward", "step", "scale"))
+    if event["kind"] not in EVENT_KINDS:
+        raise ValueError(f"{at}['kind'] must be one of {EVENT_KINDS}, got {event['kind']!r}")
+    scale = event["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{at}['scale'] must be a float, got {scale!r} ({type(scale).__name__})")
+    return ScaleEvent(
+        event["kind"],
+        _require_int("backward", event["backward"], 0, at + ": "),
+        _require_int("step", event["step"], 0, at + ": "),
+        float(scale),
+    )
+
+
+def _parse_last_scale(value: Any, where: str) -> float | None:
+    """``state['last_scale']``: ``None`` or a positive finite float."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}state['last_scale'] must be None or a positive finite float, got {value!r}")
+    return float(value)

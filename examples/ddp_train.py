@@ -1,0 +1,175 @@
+"""Data-parallel training of a neural-ODE classifier with torch.distributed (DDP).
+
+Task: two concentric noisy circles (radii 1 and 2, ``mpnode.models.toy_data.circles``), labelled by
+ring; a linear encoder lifts each point to ``--dim`` features, an MLP vector field flows them from
+t = 0 to 1 (RK4, ``--step-size``), a linear head gives the two logits.  Every rank builds the same
+data set (same seed); ``DistributedSampler`` gives each rank its own share of every epoch, and
+DDP averages the gradients after each backward.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 examples/ddp_train.py
+    python -m torch.distributed.run --standalone --nproc_per_node 2 examples/ddp_train.py --precision bfloat16
+    python examples/ddp_train.py --smoke          # one process, no process group
+
+On CPU the ranks talk over gloo, on CUDA over NCCL (one GPU per rank: ``cuda:LOCAL_RANK``).
+``--precision float16`` runs the vector field in float16 with mpnode's dynamic adjoint scaler
+(one per process, kept across iterations) and a ``torch.amp.GradScaler`` for the other layers.
+Rank 0 prints one line per epoch and the final loss, and writes ``<out>/ddp_train.csv``
+(epoch, mean training loss over all ranks, test loss and accuracy, seconds, world size).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import CSVLog, autocast, base_parser, setup, solver  # noqa: E402
+
+
+class Field(nn.Module):
+    """``f(t, y) = W2 tanh(W1 y + b1) + b2`` on states ``(B, dim)``."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, dim))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(y)
+
+
+class ODEClassifier(nn.Module):
+    """Points ``(B, 2)`` -> logits ``(B, 2)``: ``head(y(1))``, ``y' = Field(y)``, ``y(0) = encoder(x)``."""
+
+    def __init__(self, odeint, dim: int, width: int, step_size: float, scaler=None) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(2, dim)
+        self.field = Field(dim, width)
+        self.head = nn.Linear(dim, 2)
+        self.register_buffer("t", torch.tensor([0.0, 1.0]))
+        self.odeint, self.step_size, self.scaler = odeint, step_size, scaler
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y0 = self.encoder(x).float()  # the ODE state stays float32; the field runs in the autocast dtype
+        extra = {} if self.scaler is None else {"scaler": self.scaler}
+        y1 = self.odeint(self.field, y0, self.t, method="rk4", options={"step_size": self.step_size}, **extra)[-1]
+        return self.head(y1)
+
+
+def circles_dataset(n: int, seed: int) -> TensorDataset:
+    """``n`` points of the two circles and their ring label (0 inner, 1 outer); the same on every rank."""
+    from mpnode.models.toy_data import circles
+
+    x = circles(n, generator=torch.Generator().manual_seed(seed))
+    return TensorDataset(x, (x.norm(dim=1) > 1.5).long())
+
+
+def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``; joins the process group when launched by torchrun."""
+    if "RANK" not in os.environ:  # a plain ``python examples/ddp_train.py``
+        return 0, 1, torch.device(device_arg)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.device(device_arg).type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def mean_over_ranks(value: float, world_size: int, device: torch.device) -> float:
+    """The mean of a per-rank number over all ranks (an all-reduce; no-op for one process)."""
+    if world_size == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total) / world_size
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorDataset, args, device) -> tuple[float, float]:
+    """Test loss and accuracy of ``model`` (the plain module, no collectives) on ``data``."""
+    x, labels = (t.to(device) for t in data.tensors)
+    with autocast(args, device):
+        logits = model(x)
+    loss = nn.functional.cross_entropy(logits.float(), labels)
+    return float(loss), float((logits.argmax(1) == labels).float().mean())
+
+
+def train(args) -> float:
+    rank, world_size, device = init_distributed(args.device)
+    args.device = str(device)
+    setup(args)
+    scaler = None
+    if args.precision == "float16" and args.odeint == "mpnode":
+        from mpnode.scaler import DynamicAdjointScaler
+
+        scaler = DynamicAdjointScaler()  # per process: its decisions are this rank's own
+    model = ODEClassifier(solver(args.odeint), args.dim, args.width, args.step_size, scaler).to(device)
+    ddp = DistributedDataParallel(model) if world_size > 1 else model
+    train_set, test_set = circles_dataset(args.n_train, args.seed), circles_dataset(args.n_test, args.seed + 1)
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    opt = torch.optim.Adam(ddp.parameters(), lr=args.lr)
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
+    log = CSVLog(args.out / "ddp_train.csv") if rank == 0 else None
+    start, train_loss = time.perf_counter(), float("nan")
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)  # a different shuffle per epoch, the same on every rank
+        loss_sum, steps = torch.zeros((), device=device), 0
+        for step, (x, labels) in enumerate(loader):
+            if step == args.max_steps:
+                break
+            x, labels = x.to(device), labels.to(device)
+            with autocast(args, device):
+                loss = nn.functional.cross_entropy(ddp(x).float(), labels)
+            opt.zero_grad(set_to_none=True)
+            grad_scaler.scale(loss).backward()  # DDP all-reduces the gradients here
+            grad_scaler.step(opt)
+            grad_scaler.update()
+            loss_sum, steps = loss_sum + loss.detach(), steps + 1
+        train_loss = mean_over_ranks(float(loss_sum) / steps, world_size, device)  # one host read per epoch
+        if rank == 0:
+            test_loss, accuracy = evaluate(model, test_set, args, device)
+            row = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_accuracy=accuracy,
+                       seconds=time.perf_counter() - start, world_size=world_size, precision=args.precision)
+            log.write(**row)
+            print(f"epoch {epoch:3d}  train loss {train_loss:.3e}  test loss {test_loss:.3e}  "
+                  f"accuracy {accuracy:.3f}  ({row['seconds']:.1f} s, {world_size} process(es))", flush=True)
+    if rank == 0:
+        log.close()
+        print(f"final loss {train_loss:.6e}", flush=True)
+        if scaler is not None:
+            print(f"rank 0 adjoint scaler: learned target {scaler.target:g}, {scaler.counters}", flush=True)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return train_loss
+
+
+def main(argv=None) -> float:
+    parser = base_parser("ddp_train", __doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
+    parser.add_argument("--n-train", type=int, default=4096)
+    parser.add_argument("--n-test", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=64, help="per rank")
+    parser.add_argument("--dim", type=int, default=4, help="ODE state size (>2: room to separate the rings)")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--step-size", type=float, default=0.25)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.max_steps, args.n_train, args.n_test, args.batch_size = 2, 3, 512, 128, 32
+    return train(args)
+
+
+if __name__ == "__main__":
+    main()
