@@ -53,7 +53,7 @@ def _grads(net, params, y0, t, scaler, gain: float = 1.0, weight: float = 1.0, a
         return z if gain == 1.0 else _NeedsHeadroom.apply(z, gain)
 
     with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
-        out = odeint(field, y0, t, adjoint_params=params, scaler=scaler)
+        out = odeint(field, y0, t, method="rk4", adjoint_params=params, scaler=scaler)
         loss = weight * (out[-1].float() ** 2).sum()
     in_backward = True
     return torch.autograd.grad(loss, params)
