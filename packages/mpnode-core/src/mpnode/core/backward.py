@@ -16,7 +16,9 @@ the steps from last to first, with ``lam`` the adjoint of the state
 with ``D = lam_{n+1}.Phi_n + sum_j g_j.Psi_j`` (all elements summed) and ``g_j =
 dL/do_j``.  ``lam``, ``mu`` and every sum stay in high precision.  The pieces:
 
-* :func:`step_vjp`: rebuild one step from its checkpoint and return a :class:`StepVJP`;
+* :func:`build_step_graph`: evaluate one step from its stored start state with autograd on;
+* :func:`step_graph_vjp`: the VJP of a :class:`StepGraph`, as a :class:`StepVJP`;
+* :class:`StepSource`: where step graphs come from (rebuilt or kept: the adjoint strategies);
 * :class:`AdjointAccumulator`: ``lam``, ``mu``, parameter and time sums, with snapshot/restore;
 * :func:`run_adjoint`: the loop over blocks of steps that talks to the scaling policy.
 """
@@ -28,10 +30,10 @@ from typing import Sequence
 
 import torch
 
-from .march import CARRIED, Problem, Trajectory
+from .march import Problem, Trajectory
 from .parameters import untracked_inputs
 from .scaling import AdjointScaling
-from .stepper import rk_stages, stage_time_table, traced_stage_times, weighted_sum
+from .stepper import Stages, rk_stages, stage_time_table, traced_stage_times, weighted_sum
 
 
 @dataclass
@@ -87,67 +89,115 @@ class StepVJP:
     dot: torch.Tensor | None = None
 
 
-def step_vjp(
-    plan: BackwardPlan,
+@dataclass
+class StepGraph:
+    """One step built with autograd on, from leaf inputs, ready for VJPs.
+
+    Attributes:
+        y: the start state, a leaf ``(D,)`` in the state dtype.
+        first: the first stage as an input leaf ``(D,)`` (inherited from the previous
+            step), or ``None`` when the step evaluates it.
+        t0, t1: the step's nodes as leaves (0-dim, grid dtype) when times are traced.
+        h: the step size (host float, or ``t1 - t0``).
+        stages: the stages (with their graph).
+        phi: ``sum_i b_i k_i`` (with its graph).
+        end_slope: ``f(tau_{n+1}, y_{n+1})`` when the output rule needs it, else ``None``.
+    """
+
+    y: torch.Tensor
+    first: torch.Tensor | None
+    t0: torch.Tensor | None
+    t1: torch.Tensor | None
+    h: float | torch.Tensor
+    stages: Stages
+    phi: torch.Tensor
+    end_slope: torch.Tensor | None = None
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [x for x in (self.y, self.first, self.t0, self.t1) if x is not None]
+
+
+def build_step_graph(
+    problem: Problem,
+    trajectory: Trajectory,
     n: int,
     y_stored: torch.Tensor,
     first_stored: torch.Tensor | None,
+    need_times: bool,
+    stage_times: Sequence[torch.Tensor] | None,
+    with_end_slope: bool,
+) -> StepGraph:
+    """Evaluate step ``n`` from its stored start state (and inherited first stage) with autograd on.
+
+    Call inside ``torch.enable_grad()`` and the solve's autocast.  ``stage_times``
+    is the step's row of the stage-time table (ignored when ``need_times``: the
+    times are then traced from leaf nodes).
+    """
+    tab, state_dtype = problem.tableau, problem.policy.state_dtype
+    y = y_stored.detach().to(state_dtype).requires_grad_(True)
+    first = None if first_stored is None else first_stored.detach().to(state_dtype).requires_grad_(True)
+    t0 = t1 = None
+    if need_times:
+        t0 = trajectory.grid[n].detach().requires_grad_(True)
+        t1 = trajectory.grid[n + 1].detach().requires_grad_(True)
+        h: float | torch.Tensor = t1 - t0
+        stage_times = traced_stage_times(tab, t0, t1, state_dtype, trajectory.perturbation(n))
+    else:
+        h = trajectory.steps[n]
+    stages = rk_stages(tab, problem.field, y, h, stage_times, first_stage=first)
+    phi = weighted_sum(tab.b, stages.ks)
+    graph = StepGraph(y, first, t0, t1, h, stages, phi)
+    if with_end_slope:
+        y1 = stages.last_input if tab.is_fsal else (
+            torch.add(y, phi, alpha=h) if isinstance(h, float) else y + h.to(y.dtype) * phi
+        )
+        t_end = t1 if t1 is not None else trajectory.grid[n + 1].detach()
+        graph.end_slope = problem.field(t_end.to(state_dtype), y1)
+    return graph
+
+
+def step_graph_vjp(
+    plan: BackwardPlan,
+    n: int,
+    graph: StepGraph,
     lam: torch.Tensor,
     mu: torch.Tensor | None,
     out_grads: Sequence[tuple[int, float, torch.Tensor]],
     scale: torch.Tensor | None,
-    check_captured: bool = False,
+    retain_graph: bool = False,
 ) -> StepVJP:
-    """Rebuild step ``n`` from its stored start state and take the VJP of its outputs.
+    """The VJP of step ``n``'s outputs: ``Phi`` (seed ``lam``), each output inside it, and its last stage.
 
-    ``out_grads`` holds ``(j, x_j, g_j)`` for the outputs interpolated in this step;
-    ``mu`` the adjoint of the next step's carried first stage (this step's last
-    stage), or ``None``.  ``scale`` is ``S`` (``None`` means 1).
+    ``out_grads`` holds ``(j, x_j, g_j)`` for the outputs interpolated in this
+    step; ``mu`` the adjoint of the next step's inherited first stage (this step's
+    last stage), or ``None``.  ``scale`` is ``S`` (``None`` means 1).
     """
     prob, traj = plan.problem, plan.trajectory
-    tab, state_dtype = prob.tableau, prob.policy.state_dtype
-    y = y_stored.detach().to(state_dtype).requires_grad_(True)
-    first = None if first_stored is None else first_stored.detach().to(state_dtype).requires_grad_(True)
-    h_host = traj.steps[n]
-    if plan.need_times:
-        t0 = traj.grid[n].detach().requires_grad_(True)
-        t1 = traj.grid[n + 1].detach().requires_grad_(True)
-        h: float | torch.Tensor = t1 - t0
-        times = traced_stage_times(tab, t0, t1, state_dtype, traj.perturbation(n))
-    else:
-        h, times = h_host, plan.stage_times[n]
-    stages = rk_stages(tab, prob.field, y, h, times, first_stage=first)
-    phi = weighted_sum(tab.b, stages.ks)
-    if check_captured:
-        leaves = [y] + ([first] if first is not None else []) + ([t0, t1] if plan.need_times else [])
-        _refuse_untracked(phi, leaves + plan.known)
-
+    stages, phi = graph.stages, graph.phi
     outputs, seeds = [phi], [lam]
     out_times = []
-    if out_grads:
-        slope = _end_slope(plan, n, y, h, phi, stages) if prob.output_rule.needs_end_slope else None
-        for j, x, g in out_grads:
-            if plan.need_times:
-                t_j = plan.t[j].detach().to(traj.grid.dtype).requires_grad_(True)
-                out_times.append((j, t_j))
-                x = (t_j - t0) / (t1 - t0)
-            outputs.append(prob.output_rule.increment(x, stages, phi, slope))
-            seeds.append(g)
+    for j, x, g in out_grads:
+        if plan.need_times:
+            t_j = plan.t[j].detach().to(traj.grid.dtype).requires_grad_(True)
+            out_times.append((j, t_j))
+            x = (t_j - graph.t0) / (graph.t1 - graph.t0)
+        outputs.append(prob.output_rule.increment(x, stages, phi, graph.end_slope))
+        seeds.append(g)
     if mu is not None:
         outputs.append(stages.ks[-1])
-        seeds.append(mu / h_host)
+        seeds.append(mu / traj.steps[n])
     if scale is not None:
         seeds = [s * scale for s in seeds]
 
-    inputs = [y, *plan.params]
-    if first is not None:
-        inputs.append(first)
+    inputs = [graph.y, *plan.params]
+    if graph.first is not None:
+        inputs.append(graph.first)
     if plan.need_times:
-        inputs += [t0, t1, *(t_j for _, t_j in out_times)]
-    grads = torch.autograd.grad(outputs, inputs, grad_outputs=seeds, allow_unused=True)
+        inputs += [graph.t0, graph.t1, *(t_j for _, t_j in out_times)]
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs=seeds, allow_unused=True, retain_graph=retain_graph)
     k = 1 + len(plan.params)
     result = StepVJP(grads[0], list(grads[1:k]))
-    if first is not None:
+    if graph.first is not None:
         result.dfirst = grads[k]
         k += 1
     if plan.need_times:
@@ -156,16 +206,6 @@ def step_vjp(
         unscaled = [lam] + [g for _, _, g in out_grads]
         result.dot = sum((s * o.detach()).sum() for s, o in zip(unscaled, outputs)).to(traj.grid.dtype)
     return result
-
-
-def _end_slope(plan: BackwardPlan, n: int, y, h, phi, stages) -> torch.Tensor:
-    """``f(tau_{n+1}, y_{n+1})`` rebuilt as the forward built it (cubic Hermite outputs)."""
-    prob, traj = plan.problem, plan.trajectory
-    y1 = stages.last_input if prob.tableau.is_fsal else (
-        torch.add(y, phi, alpha=h) if isinstance(h, float) else y + h.to(y.dtype) * phi
-    )
-    t1 = traj.grid[n + 1].detach() if not plan.need_times else traj.grid[n + 1]
-    return prob.field(t1.to(prob.policy.state_dtype), y1)
 
 
 class AdjointAccumulator:
@@ -247,14 +287,14 @@ class AdjointResult:
 
 def run_adjoint(
     plan: BackwardPlan,
-    states: "StateSource",
+    source: "StepSource",
     grad_outputs: torch.Tensor,
     scaling: AdjointScaling,
 ) -> AdjointResult:
     """Walk the steps from last to first in blocks, as the scaling policy accepts them.
 
-    ``grad_outputs`` is ``dL/d outputs`` ``(T, D)``.  ``states`` gives each step's
-    stored start state and carried first stage.  Counters go to
+    ``grad_outputs`` is ``dL/d outputs`` ``(T, D)``.  ``source`` gives each step's
+    graph.  Counters go to
     ``plan.problem.counters``; callbacks ``*_adjoint`` are called per step.
     """
     prob, traj = plan.problem, plan.trajectory
@@ -277,17 +317,17 @@ def run_adjoint(
             snap = acc.snapshot() if block is not None else None
             scaling_snap = scaling.snapshot() if block is not None else None
             for m in range(n - 1, lo - 1, -1):
-                _adjoint_step(plan, states, m, acc, g, scaling, check_captured=(m == n_steps - 1))
+                _adjoint_step(plan, source, m, acc, g, scaling, check_captured=(m == n_steps - 1))
             if scaling.end_block(lo, n):
                 if cb.wants("callback_accept_step_adjoint"):
                     for m in range(n - 1, lo - 1, -1):
-                        cb.call("callback_accept_step_adjoint", traj.grid[m], states.state(m), traj.steps[m], traj.grid.dtype)
+                        cb.call("callback_accept_step_adjoint", traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
                 counters.backward_steps += n - lo
                 n = lo
             else:
                 if cb.wants("callback_reject_step_adjoint"):
                     for m in range(n - 1, lo - 1, -1):
-                        cb.call("callback_reject_step_adjoint", traj.grid[m], states.state(m), traj.steps[m], traj.grid.dtype)
+                        cb.call("callback_reject_step_adjoint", traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
                 acc.restore(snap)
                 scaling.restore(scaling_snap)
                 counters.retries += n - lo
@@ -298,17 +338,20 @@ def run_adjoint(
     return AdjointResult(acc.lam, acc.sums, grid_grad, acc.out_time)
 
 
-def _adjoint_step(plan, states, m, acc: AdjointAccumulator, g, scaling: AdjointScaling, check_captured: bool) -> None:
+def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, scaling: AdjointScaling,
+                  check_captured: bool) -> None:
     traj, cb = plan.trajectory, plan.problem.callbacks
-    y_stored = states.state(m)
     if cb:
-        cb.call("callback_step_adjoint", traj.grid[m], y_stored.to(plan.problem.policy.state_dtype), traj.steps[m],
-                traj.grid.dtype)
-    first = states.first_stage(m) if traj.first_stage[m] == CARRIED else None
+        cb.call("callback_step_adjoint", traj.grid[m], source.state(m).to(plan.problem.policy.state_dtype),
+                traj.steps[m], traj.grid.dtype)
     inside = [(j, x, g[j]) for j, x in traj.placement.in_step.get(m, ())]
-    carried_next = m + 1 < traj.n_steps and traj.first_stage[m + 1] == CARRIED
+    graph = source.graph(plan, m, with_end_slope=bool(inside) and plan.problem.output_rule.needs_end_slope)
+    if check_captured:
+        _refuse_untracked(graph.phi, graph.leaves() + plan.known)
+    inherits_next = m + 1 < traj.n_steps and source.first_is_input(m + 1)
     scale = scaling.scale(acc.lam)
-    vjp = step_vjp(plan, m, y_stored, first, acc.lam, acc.mu if carried_next else None, inside, scale, check_captured)
+    vjp = step_graph_vjp(plan, m, graph, acc.lam, acc.mu if inherits_next else None, inside, scale,
+                         retain_graph=source.retain_graphs and scaling.block_size is not None)
     coef = traj.steps[m] if scale is None else scale.double().reciprocal() * traj.steps[m]  # h / S
     scaling.observe(m, acc.lam, scale, [x for x in (vjp.dy, *vjp.dparams, vjp.dfirst) if x is not None])
     direct = None
@@ -329,13 +372,25 @@ def _grid_gradient(acc: AdjointAccumulator, traj: Trajectory) -> torch.Tensor:
     return out
 
 
-class StateSource:
-    """Where the backward pass reads each step's start state (and carried first stage) from."""
+class StepSource:
+    """Where the backward pass gets each step's graph: rebuilt from a checkpoint, or kept from the forward.
 
-    def state(self, n: int) -> torch.Tensor:
+    Attributes:
+        retain_graphs: the graphs are kept from the forward (VJPs must retain them
+            while a scaled block may still be redone).
+    """
+
+    retain_graphs: bool = False
+
+    def graph(self, plan: BackwardPlan, n: int, with_end_slope: bool) -> StepGraph:
         raise NotImplementedError
 
-    def first_stage(self, n: int) -> torch.Tensor:
+    def state(self, n: int) -> torch.Tensor:
+        """Step ``n``'s start state as stored (for callbacks)."""
+        raise NotImplementedError
+
+    def first_is_input(self, n: int) -> bool:
+        """Whether step ``n``'s first stage is an input inherited from step ``n-1``."""
         raise NotImplementedError
 
 

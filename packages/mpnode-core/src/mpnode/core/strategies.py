@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .backward import BackwardPlan, StateSource, run_adjoint
+from .backward import BackwardPlan, StepGraph, StepSource, build_step_graph, run_adjoint
 from .checkpoints import CheckpointStore
 from .march import CARRIED, AdaptiveStepping, Problem, Recorder, Stepping, Trajectory
 from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
@@ -157,17 +157,25 @@ class CheckpointRecorder(Recorder):
             self.first_stages.append(first_stage)
 
 
-class StoredStates(StateSource):
-    """Reads checkpoints back from the tensors saved for backward."""
+class RecomputedSteps(StepSource):
+    """Rebuilds each step's graph from the checkpoints saved for backward."""
 
-    def __init__(self, state_chunks: list[torch.Tensor], first_chunks: list[torch.Tensor], first_row: dict[int, int]):
+    def __init__(self, trajectory: Trajectory, state_chunks: list[torch.Tensor], first_chunks: list[torch.Tensor],
+                 first_row: dict[int, int]) -> None:
+        self.trajectory = trajectory
         self.state_chunks, self.first_chunks, self.first_row = state_chunks, first_chunks, first_row
 
     def state(self, n):
         return CheckpointStore.row(self.state_chunks, n)
 
-    def first_stage(self, n):
-        return CheckpointStore.row(self.first_chunks, self.first_row[n])
+    def first_is_input(self, n):
+        return self.trajectory.first_stage[n] == CARRIED
+
+    def graph(self, plan: BackwardPlan, n: int, with_end_slope: bool) -> StepGraph:
+        first = CheckpointStore.row(self.first_chunks, self.first_row[n]) if self.first_is_input(n) else None
+        times = None if plan.need_times else plan.stage_times[n]
+        return build_step_graph(plan.problem, self.trajectory, n, self.state(n), first, plan.need_times, times,
+                                with_end_slope)
 
 
 @dataclass
@@ -213,7 +221,7 @@ class _RecomputeFunction(torch.autograd.Function):
         problem, inputs = setup.problem, setup.inputs
         n_state_chunks, first_row = ctx.layout
         saved = ctx.saved_tensors
-        source = StoredStates(list(saved[:n_state_chunks]), list(saved[n_state_chunks:]), first_row)
+        source = RecomputedSteps(trajectory, list(saved[:n_state_chunks]), list(saved[n_state_chunks:]), first_row)
         need_t, need_grid, need_y0 = ctx.needs_input_grad[1:4]
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
         problem.counters = SolverStats()
