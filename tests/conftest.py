@@ -16,6 +16,12 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def pytest_configure(config):
+    # The tests' tensors are small: one intra-op thread avoids OpenMP spin-waiting, which made small ops 10-50x
+    # slower whenever the 2-core machine had other work (measured: a float64 dopri5 solve took 46 s vs 1 s).
+    torch.set_num_threads(1)
+
+
 def pytest_addoption(parser):
     parser.addoption("--precision", choices=(*PRECISIONS, "all"), default="all", help="precision column to run")
     parser.addoption("--device", default="cpu", help="torch device type for the tests (cpu or cuda)")

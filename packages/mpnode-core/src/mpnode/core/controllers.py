@@ -213,6 +213,8 @@ class Tolerance:
         self.layout = layout
         self.rtol = _on_state(_flat_tolerance("rtol", rtol, layout), layout)
         self.atol = _on_state(_flat_tolerance("atol", atol, layout), layout)
+        if isinstance(self.rtol, float) and isinstance(self.atol, float) and self.rtol == 0.0 and self.atol == 0.0:
+            raise ValueError("rtol and atol are both zero, so no step can be accepted; give a positive rtol or atol")
         if norm is not None and not callable(norm):
             raise TypeError(f"options['norm'] must be callable as norm(error) -> 0-dim tensor, got {norm!r}")
         self.norm = norm
@@ -318,7 +320,7 @@ def initial_step(
     d0, d1 = d
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     h0 = float(torch.tensor(h0, dtype=y0.dtype))  # torchdiffeq forms h0 in the state's dtype
-    y1 = torch.add(y0, f0, alpha=h0)
+    y1 = torch.add(y0, f0, alpha=direction * h0)  # the Euler probe goes the way time goes
     t1 = torch.tensor(t0 + direction * h0, dtype=time_dtype, device=y0.device)
     d2 = float(tol.apply_norm((f(t1, y1) - f0) / scale).abs()) / h0
     if d1 <= 1e-15 and d2 <= 1e-15:

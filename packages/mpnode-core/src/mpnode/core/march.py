@@ -237,20 +237,17 @@ class AdaptiveStepping(Stepping):
         rows: list[torch.Tensor | None] = [y0] + [None] * (len(outputs) - 1)
         step_t = _upcoming(opts.step_t, t0, direction)
         jump_t = _upcoming(opts.jump_t, t0, direction)
-        y, j, attempts, rejections, rejected, previous_ratio = y0, 1, 0, 0, 0, None
+        y, j, attempts, rejections, rejected, previous_ratio, last_ratio = y0, 1, 0, 0, 0, None, 0.0
         while j < len(outputs):
             h = self._clamp(h)
             t1 = t0 + direction * h
             if cb:
                 cb.call("callback_step", t0, y, h, torch.float64)
             if t1 == t0:
-                raise FloatingPointError(
-                    f"odeint: the step size underflowed at t = {t0:.17g} (h = {h:.3g}); the problem may be stiff or the "
-                    "field non-smooth there: use a smaller rtol/atol only if the field is smooth, set options['min_step'], "
-                    "or use a fixed grid"
-                )
+                raise self._underflow_error(problem, t0, h, last_ratio)
             t1, on_step, on_jump = _clip_to_marks(t0, t1, direction, step_t, jump_t)
             hn = t1 - t0
+            size = abs(hn) if (on_step or on_jump) else h  # the size the rules compare (not t1 - t0's rounding)
             rule = StagePerturbation(first=NONE if mode == CARRIED else mode, end=PREV, direction=direction)
             stages = rk_stages(tab, f, y, hn, self._stage_times(problem, t0, t1, rule), first_stage=k_first)
             phi = weighted_sum(tab.b, stages.ks)
@@ -260,10 +257,11 @@ class AdaptiveStepping(Stepping):
             ratio = float(ratio_t)  # the one host synchronisation of an attempt
             if not math.isfinite(ratio):
                 ratio = math.inf
+            last_ratio = ratio
             accept = ratio <= 1.0
-            if abs(hn) > opts.max_step:
+            if size > opts.max_step:
                 accept = False
-            if abs(hn) <= opts.min_step:
+            if size <= opts.min_step:
                 accept = True
             attempts += 1
             if attempts > opts.max_num_steps:
@@ -307,7 +305,7 @@ class AdaptiveStepping(Stepping):
                 rejections += 1
                 if rejections > opts.max_rejections:
                     raise self._rejection_error(problem, t0, hn, ratio)
-            h = self.controller.propose(abs(hn), ratio, accept, tab.order, previous_ratio)
+            h = self.controller.propose(size, ratio, accept, tab.order, previous_ratio)
             if accept:
                 previous_ratio = ratio
         grid = torch.tensor(nodes, dtype=torch.float64, device=y0.device)
@@ -319,11 +317,20 @@ class AdaptiveStepping(Stepping):
             h = self.options.min_step
         return min(max(h, self.options.min_step), self.options.max_step)
 
+    def _underflow_error(self, problem: Problem, t0: float, h: float, last_ratio: float) -> Exception:
+        if last_ratio == math.inf:
+            return self._rejection_error(problem, t0, h, last_ratio)
+        return FloatingPointError(
+            f"odeint: the step size underflowed at t = {t0:.17g} (h = {h:.3g}); the problem may be stiff or the "
+            "field non-smooth there: loosen rtol/atol, set options['min_step'], mark a known discontinuity with "
+            "options['jump_t'], or use a fixed grid"
+        )
+
     def _rejection_error(self, problem: Problem, t0: float, h: float, ratio: float) -> Exception:
         if ratio == math.inf:
             return FloatingPointError(
-                f"odeint: the solution became inf/NaN near t = {t0:.6g} and {self.options.max_rejections} smaller steps did "
-                "not help; check the vector field for blow-up (under float16 autocast it may overflow: try bfloat16)"
+                f"odeint: the solution became inf/NaN near t = {t0:.6g} and smaller steps did not help; check the vector "
+                "field for blow-up (under float16 autocast it may overflow: try bfloat16)"
             )
         dtype = problem.policy.autocast_dtype or problem.policy.state_dtype
         return RuntimeError(
