@@ -3,7 +3,8 @@
 Public API: :func:`odeint`; methods as data (:class:`ButcherTableau`,
 :data:`TABLEAUX`, :func:`get_tableau`); step-size control
 (:class:`IntegralController`, :class:`PIController`); adjoint strategies
-(:class:`AdjointStrategy`, :class:`RecomputeAdjoint`); :class:`SolverStats`;
+(:class:`AdjointStrategy`, :class:`RecomputeAdjoint`, :class:`DirectAdjoint`,
+:class:`SegmentedAdjoint`, :class:`AutoAdjoint`); :class:`SolverStats`;
 :class:`PrecisionPolicy`; and the scaling interface :class:`AdjointScaling` /
 :class:`NoAdjointScaling`.
 """
@@ -15,7 +16,7 @@ from .odeint import odeint
 from .precision import PrecisionPolicy
 from .scaling import AdjointScaling, NoAdjointScaling, NonFiniteGradientError
 from .stats import SolverStats
-from .strategies import AdjointStrategy, RecomputeAdjoint
+from .strategies import AdjointStrategy, AutoAdjoint, DirectAdjoint, RecomputeAdjoint, SegmentedAdjoint
 from .tableau import ButcherTableau
 
 __all__ = [
@@ -28,6 +29,9 @@ __all__ = [
     "PIController",
     "AdjointStrategy",
     "RecomputeAdjoint",
+    "DirectAdjoint",
+    "SegmentedAdjoint",
+    "AutoAdjoint",
     "SolverStats",
     "PrecisionPolicy",
     "AdjointScaling",

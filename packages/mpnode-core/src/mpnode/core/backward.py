@@ -16,7 +16,8 @@ the steps from last to first, with ``lam`` the adjoint of the state
 with ``D = lam_{n+1}.Phi_n + sum_j g_j.Psi_j`` (all elements summed) and ``g_j =
 dL/do_j``.  ``lam``, ``mu`` and every sum stay in high precision.  The pieces:
 
-* :func:`build_step_graph`: evaluate one step from its stored start state with autograd on;
+* :func:`build_step_graph`: evaluate one step from its stored start state with autograd on (a
+  :class:`~mpnode.core.graphs.StepGraph`);
 * :func:`step_graph_vjp`: the VJP of a :class:`StepGraph`, as a :class:`StepVJP`;
 * :class:`StepSource`: where step graphs come from (rebuilt or kept: the adjoint strategies);
 * :class:`AdjointAccumulator`: ``lam``, ``mu``, parameter and time sums, with snapshot/restore;
@@ -33,7 +34,8 @@ import torch
 from .march import Problem, Trajectory
 from .parameters import untracked_inputs
 from .scaling import AdjointScaling
-from .stepper import Stages, rk_stages, stage_time_table, traced_stage_times, weighted_sum
+from .graphs import StepGraph, evaluate_step
+from .stepper import stage_time_table
 
 
 @dataclass
@@ -58,8 +60,8 @@ class BackwardPlan:
     stage_times: list[tuple[torch.Tensor, ...]] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        if not self.need_times:
-            traj = self.trajectory
+        traj = self.trajectory
+        if self.stage_times is None:  # also used to replay steps when the times are traced
             self.stage_times = stage_time_table(
                 self.problem.tableau, traj.grid, self.problem.policy.state_dtype, traj.perturbations
                 if len(traj.perturbations) > 1 else traj.perturbations[0],
@@ -89,71 +91,15 @@ class StepVJP:
     dot: torch.Tensor | None = None
 
 
-@dataclass
-class StepGraph:
-    """One step built with autograd on, from leaf inputs, ready for VJPs.
-
-    Attributes:
-        y: the start state, a leaf ``(D,)`` in the state dtype.
-        first: the first stage as an input leaf ``(D,)`` (inherited from the previous
-            step), or ``None`` when the step evaluates it.
-        t0, t1: the step's nodes as leaves (0-dim, grid dtype) when times are traced.
-        h: the step size (host float, or ``t1 - t0``).
-        stages: the stages (with their graph).
-        phi: ``sum_i b_i k_i`` (with its graph).
-        end_slope: ``f(tau_{n+1}, y_{n+1})`` when the output rule needs it, else ``None``.
-    """
-
-    y: torch.Tensor
-    first: torch.Tensor | None
-    t0: torch.Tensor | None
-    t1: torch.Tensor | None
-    h: float | torch.Tensor
-    stages: Stages
-    phi: torch.Tensor
-    end_slope: torch.Tensor | None = None
-
-    def leaves(self) -> list[torch.Tensor]:
-        return [x for x in (self.y, self.first, self.t0, self.t1) if x is not None]
-
-
 def build_step_graph(
-    problem: Problem,
-    trajectory: Trajectory,
-    n: int,
-    y_stored: torch.Tensor,
-    first_stored: torch.Tensor | None,
-    need_times: bool,
-    stage_times: Sequence[torch.Tensor] | None,
-    with_end_slope: bool,
+    plan: BackwardPlan, n: int, y_stored: torch.Tensor, first_stored: torch.Tensor | None, with_end_slope: bool
 ) -> StepGraph:
-    """Evaluate step ``n`` from its stored start state (and inherited first stage) with autograd on.
-
-    Call inside ``torch.enable_grad()`` and the solve's autocast.  ``stage_times``
-    is the step's row of the stage-time table (ignored when ``need_times``: the
-    times are then traced from leaf nodes).
-    """
-    tab, state_dtype = problem.tableau, problem.policy.state_dtype
-    y = y_stored.detach().to(state_dtype).requires_grad_(True)
-    first = None if first_stored is None else first_stored.detach().to(state_dtype).requires_grad_(True)
-    t0 = t1 = None
-    if need_times:
-        t0 = trajectory.grid[n].detach().requires_grad_(True)
-        t1 = trajectory.grid[n + 1].detach().requires_grad_(True)
-        h: float | torch.Tensor = t1 - t0
-        stage_times = traced_stage_times(tab, t0, t1, state_dtype, trajectory.perturbation(n))
-    else:
-        h = trajectory.steps[n]
-    stages = rk_stages(tab, problem.field, y, h, stage_times, first_stage=first)
-    phi = weighted_sum(tab.b, stages.ks)
-    graph = StepGraph(y, first, t0, t1, h, stages, phi)
-    if with_end_slope:
-        y1 = stages.last_input if tab.is_fsal else (
-            torch.add(y, phi, alpha=h) if isinstance(h, float) else y + h.to(y.dtype) * phi
-        )
-        t_end = t1 if t1 is not None else trajectory.grid[n + 1].detach()
-        graph.end_slope = problem.field(t_end.to(state_dtype), y1)
-    return graph
+    """Evaluate step ``n`` of the trajectory from its stored start state (and inherited first stage), with autograd on."""
+    traj = plan.trajectory
+    nodes = (traj.grid[n], traj.grid[n + 1])
+    times = None if plan.need_times else plan.stage_times[n]
+    return evaluate_step(plan.problem, y_stored, first_stored, traj.steps[n], nodes, traj.perturbation(n), times,
+                         plan.need_times, with_end_slope)
 
 
 def step_graph_vjp(

@@ -11,6 +11,7 @@ direct strategy) the graph of every step is.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 
 from .callbacks import Callbacks
 from .controllers import GridRule, IntegralController, StepSizeController, Tolerance, initial_step
+from .graphs import StepGraph, evaluate_step
 from .outputs import DenseOutput, OutputPlacement, OutputRule, place_on_grid
 from .precision import PrecisionPolicy
 from .state import FlatVectorField
@@ -36,10 +38,26 @@ class MixedPrecisionToleranceWarning(UserWarning):
 
 
 class Recorder:
-    """Receives the start of every accepted step; the base class keeps nothing."""
+    """What the forward pass hands to the adjoint strategy; the base class keeps nothing.
+
+    Attributes:
+        keeps_graphs: the march evaluates every step with autograd on (from leaf
+            inputs) and hands the step's graph to :meth:`keep` (the direct strategy).
+        need_times: those graphs must trace the step times (gradients w.r.t. ``t``).
+    """
+
+    keeps_graphs: bool = False
+    need_times: bool = False
 
     def record(self, n: int, y: torch.Tensor, first_stage: torch.Tensor | None) -> None:
-        """Step ``n`` starts from ``y``; ``first_stage`` is its inherited first stage (carrying methods only)."""
+        """Accepted step ``n`` starts from ``y``; ``first_stage`` is its inherited first stage (carrying methods only)."""
+
+    def keep(self, n: int, graph: StepGraph) -> None:
+        """Accepted step ``n``'s graph (only called while :attr:`keeps_graphs`)."""
+
+    def graph_context(self):
+        """A context entered around each step evaluated with autograd (e.g. to meter saved tensors)."""
+        return contextlib.nullcontext()
 
 
 @dataclass
@@ -100,6 +118,31 @@ class Stepping(abc.ABC):
         """Run the forward pass; returns the ``(len(t), D)`` outputs and the trajectory."""
 
 
+@dataclass
+class _Attempt:
+    """One evaluated step: detached stages for the march, and its graph when the recorder keeps graphs."""
+
+    stages: Stages
+    phi: torch.Tensor
+    y1: torch.Tensor
+    graph: StepGraph | None = None
+
+
+def _evaluate(problem: Problem, recorder: Recorder, y: torch.Tensor, first: torch.Tensor | None, h: float,
+              nodes: tuple[torch.Tensor, torch.Tensor], rule: StagePerturbation, times: Sequence[torch.Tensor],
+              with_end_slope: bool = False) -> _Attempt:
+    """Take one step; with graphs kept, the march continues on detached copies of the graph's values."""
+    tab = problem.tableau
+    if not recorder.keeps_graphs:
+        stages = rk_stages(tab, problem.field, y, h, times, first_stage=first)
+        phi = weighted_sum(tab.b, stages.ks)
+        return _Attempt(stages, phi, stages.last_input if tab.is_fsal else torch.add(y, phi, alpha=h))
+    with torch.enable_grad(), recorder.graph_context():
+        graph = evaluate_step(problem, y, first, h, nodes, rule, times, recorder.need_times, with_end_slope)
+    stages = Stages([k.detach() for k in graph.stages.ks], graph.stages.last_input.detach())
+    return _Attempt(stages, graph.phi.detach(), graph.end_state().detach(), graph)
+
+
 def _interp_output(problem: Problem, y: torch.Tensor, h: float, stages: Stages, phi: torch.Tensor, x: float,
                    end_slope: torch.Tensor | None) -> torch.Tensor:
     return torch.add(y, problem.output_rule.increment(x, stages, phi, end_slope), alpha=h)
@@ -140,15 +183,19 @@ class FixedGridStepping(Stepping):
             recorder.record(n, y, None)
             for j in placement.at_node.get(n, ()):
                 rows[j] = y
-            stages = rk_stages(tab, f, y, h, times[n])
-            phi = weighted_sum(tab.b, stages.ks)
-            y1 = stages.last_input if tab.is_fsal else torch.add(y, phi, alpha=h)
             inside = placement.in_step.get(n, ())
+            with_slope = bool(inside) and self.output_rule.needs_end_slope
+            step = _evaluate(problem, recorder, y, None, h, (grid[n], grid[n + 1]), rule, times[n], with_slope)
+            if step.graph is not None:
+                recorder.keep(n, step.graph)
             if inside:
-                slope = _end_slope(problem, grid[n + 1], y1) if self.output_rule.needs_end_slope else None
+                slope = None
+                if with_slope:
+                    slope = step.graph.end_slope.detach() if step.graph is not None else _end_slope(
+                        problem, grid[n + 1], step.y1)
                 for j, x in inside:
-                    rows[j] = _interp_output(problem, y, h, stages, phi, x, slope)
-            y = y1
+                    rows[j] = _interp_output(problem, y, h, step.stages, step.phi, x, slope)
+            y = step.y1
         for j in placement.at_node.get(len(steps), ()):
             rows[j] = y
         trajectory = Trajectory(nodes, steps, grid, [rule], [rule.first] * len(steps), placement)
@@ -196,10 +243,6 @@ class AdaptiveStepping(Stepping):
     # -- helpers ---------------------------------------------------------------------------------
     def _time(self, value: float, problem: Problem) -> torch.Tensor:
         return torch.tensor(value, dtype=torch.float64, device=problem.field.layout.device)
-
-    def _stage_times(self, problem: Problem, t0: float, t1: float, rule: StagePerturbation) -> Sequence[torch.Tensor]:
-        pair = torch.tensor([t0, t1], dtype=torch.float64, device=problem.field.layout.device)
-        return stage_time_table(self.tableau, pair, problem.policy.state_dtype, rule)[0]
 
     def _roundoff_size(self, problem: Problem, h: float, stages: Stages) -> torch.Tensor | None:
         u = problem.policy.roundoff
@@ -249,9 +292,12 @@ class AdaptiveStepping(Stepping):
             hn = t1 - t0
             size = abs(hn) if (on_step or on_jump) else h  # the size the rules compare (not t1 - t0's rounding)
             rule = StagePerturbation(first=NONE if mode == CARRIED else mode, end=PREV, direction=direction)
-            stages = rk_stages(tab, f, y, hn, self._stage_times(problem, t0, t1, rule), first_stage=k_first)
-            phi = weighted_sum(tab.b, stages.ks)
-            y1 = stages.last_input if tab.is_fsal else torch.add(y, phi, alpha=hn)
+            pair = torch.tensor([t0, t1], dtype=torch.float64, device=y.device)
+            times = stage_time_table(tab, pair, problem.policy.state_dtype, rule)[0]
+            # a kept graph must contain a freshly evaluated first stage (it depends on y): evaluate it again there
+            inherited = k_first if (mode in (PREV, CARRIED) or not recorder.keeps_graphs) else None
+            step = _evaluate(problem, recorder, y, inherited, hn, (pair[0], pair[1]), rule, times)
+            stages, phi, y1 = step.stages, step.phi, step.y1
             err = weighted_sum(tab.b_err, stages.ks) * hn
             ratio_t = self.tolerance.error_ratio(err, y, y1, self._roundoff_size(problem, hn, stages))
             ratio = float(ratio_t)  # the one host synchronisation of an attempt
@@ -274,6 +320,8 @@ class AdaptiveStepping(Stepping):
                     cb.call("callback_accept_step", t0, y, hn, torch.float64)
                 n = len(steps)
                 recorder.record(n, y, k_first if mode == CARRIED else None)
+                if step.graph is not None:
+                    recorder.keep(n, step.graph)
                 modes.append(mode)
                 rules.append(rule)
                 slope = None
@@ -360,3 +408,35 @@ def _after(t: float, direction: int, problem: Problem) -> torch.Tensor:
     """``t`` as a 0-dim tensor in the state dtype, moved to the next float in the direction of integration."""
     value = torch.tensor(t, dtype=torch.float64, device=problem.field.layout.device).to(problem.policy.state_dtype)
     return torch.nextafter(value, torch.full_like(value, math.inf * direction))
+
+
+def replay(
+    problem: Problem,
+    trajectory: Trajectory,
+    stage_times: Sequence[Sequence[torch.Tensor]],
+    start: int,
+    stop: int,
+    y: torch.Tensor,
+    first_stage: torch.Tensor | None,
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Re-run accepted steps ``start .. stop-1`` from ``y`` exactly as the forward ran them (no graph).
+
+    ``first_stage`` is step ``start``'s inherited first stage when it carries one.
+    Returns each step's start state and, for carried steps, its inherited first
+    stage: what a checkpoint strategy would have stored for those steps.
+    """
+    tab, f = problem.tableau, problem.field
+    out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    last = None
+    for m in range(start, stop):
+        mode = trajectory.first_stage[m]
+        if m == start:
+            k1 = first_stage if mode == CARRIED else None  # a reused (PREV) first stage is re-evaluated, bitwise alike
+        else:
+            k1 = last if mode in (PREV, CARRIED) else None
+        out.append((y, k1 if mode == CARRIED else None))
+        h = trajectory.steps[m]
+        stages = rk_stages(tab, f, y, h, stage_times[m], first_stage=k1)
+        y = stages.last_input if tab.is_fsal else torch.add(y, weighted_sum(tab.b, stages.ks), alpha=h)
+        last = stages.ks[-1]
+    return out
