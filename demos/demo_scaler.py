@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from mpnode.bench.experiment import add_device_flag, print_table, pyplot, save_figure, script_parser, setup, write_csv
+from mpnode.bench.experiment import add_device_flag, add_number_flags, print_table, pyplot, save_figure, script_parser, setup, write_csv
 from mpnode.core import NonFiniteGradientError, odeint
 from mpnode.core.testing import DynamicRangeODE
 from mpnode.scaler import DynamicAdjointScaler
@@ -154,11 +154,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     p = script_parser("demo_scaler", __doc__.splitlines()[0])
     add_device_flag(p)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--T", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=0.05)
+    add_number_flags(p, iters=5, steps=64, batch=16, T=1.0, lr=0.05)
     args = p.parse_args(argv)
     if args.smoke:
         args.iters, args.steps = 2, 16

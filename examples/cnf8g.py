@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mpnode.bench.experiment import (
-    add_solver_flags, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver, train, write_summary,
+    add_number_flags, add_solver_flags, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver, train, write_summary,
 )
 from mpnode.models.cnf import CNF, HyperNetField
 from mpnode.models.toy_data import eight_gaussians_log_density, sample
@@ -22,11 +22,8 @@ from mpnode.models.toy_data import eight_gaussians_log_density, sample
 def main(argv=None) -> dict:
     p = script_parser("cnf8g", __doc__.splitlines()[0])
     add_solver_flags(p)
-    p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--width", type=int, default=32)
+    add_number_flags(p, iters=300, batch=256, width=32, lr=1e-2)
     p.add_argument("--steps", type=int, default=8, help="RK4 steps on [0, 1]")
-    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--divergence", choices=["exact", "hutchinson"], default="exact")
     args = p.parse_args(argv)
     if args.smoke:

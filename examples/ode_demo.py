@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mpnode.bench.experiment import (
-    CSVLog, add_solver_flags, autocast, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver,
+    CSVLog, add_number_flags, add_solver_flags, autocast, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver,
 )
 
 A_TRUE = [[-0.1, 2.0], [-2.0, -0.1]]
@@ -118,14 +118,8 @@ def plot_results(t, y_true, y_pred, func, losses, path: Path, loss_path: Path, t
 def main(argv=None) -> list[dict]:
     parser = script_parser("ode_demo", __doc__.splitlines()[0])
     add_solver_flags(parser)
-    parser.add_argument("--niters", type=int, default=1000)
-    parser.add_argument("--data-size", type=int, default=1000)
-    parser.add_argument("--t-end", type=float, default=25.0)
-    parser.add_argument("--batch-time", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--hidden", type=int, default=50)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--test-freq", type=int, default=50)
+    add_number_flags(parser, niters=1000, data_size=1000, t_end=25.0, batch_time=10, batch_size=20, hidden=50,
+                     lr=1e-3, test_freq=50)
     args = parser.parse_args(argv)
     if args.smoke:
         args.niters, args.data_size, args.batch_time, args.batch_size, args.test_freq = 6, 40, 5, 8, 3

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mpnode.bench.experiment import (
-    add_solver_flags, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver, train, write_summary,
+    add_number_flags, add_solver_flags, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver, train, write_summary,
 )
 from mpnode.models.otflow import OTPotential, gaussian_mixture, generate, mmd, otflow_loss
 from mpnode.models.toy_data import DATASETS, sample
@@ -31,12 +31,8 @@ def main(argv=None) -> dict:
     add_solver_flags(p)
     p.add_argument("--data", choices=[*sorted(DATASETS), "gmm"], default="8gaussians")
     p.add_argument("--dim", type=int, default=8, help="dimension of the Gaussian mixture (--data gmm)")
-    p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--layers", type=int, default=2)
+    add_number_flags(p, iters=300, batch=256, width=32, layers=2, lr=2e-2)
     p.add_argument("--steps", type=int, default=8, help="RK4 steps on [0, 1]")
-    p.add_argument("--lr", type=float, default=2e-2)
     p.add_argument("--alphas", type=float, nargs=3, default=[1.0, 100.0, 5.0], metavar=("A_L", "A_C", "A_R"))
     args = p.parse_args(argv)
     if args.smoke:

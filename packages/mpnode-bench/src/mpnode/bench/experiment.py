@@ -4,7 +4,7 @@ One home for what every experiment script needs:
 
 * command-line flags: :func:`script_parser` (``--out``, ``--seed``, ``--smoke``
   with its alias ``--quick``), :func:`add_device_flag`, :func:`add_solver_flags`
-  (``--precision``, ``--odeint``, ``--device``) and :func:`setup`;
+  (``--precision``, ``--odeint``, ``--device``), :func:`add_number_flags` and :func:`setup`;
 * precision and solver by name: :data:`PRECISIONS`, :func:`autocast`,
   :data:`SOLVERS`, :func:`solver`, :func:`make_grad_scaler`;
 * output: :class:`CSVLog` / :func:`write_csv`, :func:`format_table` /
@@ -38,6 +38,7 @@ __all__ = [
     "script_parser",
     "add_device_flag",
     "add_solver_flags",
+    "add_number_flags",
     "setup",
     "CSVLog",
     "write_csv",
@@ -117,6 +118,12 @@ def add_solver_flags(parser: argparse.ArgumentParser) -> None:
                         help="autocast dtype of the vector field")
     parser.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
     add_device_flag(parser)
+
+
+def add_number_flags(parser: argparse.ArgumentParser, **defaults: int | float) -> None:
+    """One ``--name`` flag per keyword, typed like its default (``data_size=1000`` gives ``--data-size``, an int)."""
+    for name, default in defaults.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
 
 
 def setup(args: argparse.Namespace) -> torch.device:

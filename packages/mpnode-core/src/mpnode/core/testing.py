@@ -132,7 +132,7 @@ class DecayField(torch.nn.Module):
 
 @dataclass
 class DynamicRangeODE:
-    """Scalar ``y' = -(a t^2 + b t + c) y`` on ``[0, T]`` whose solution spans float16's range.
+    """Scalar ``y' = -(a t^2 + b t + c) y`` on ``[0, T]`` whose solution spans float16's range; ``coef = (a, b, c)``.
 
     ``y(T) = y0 exp(-(a T^3/3 + b T^2/2 + c T))``; for ``L = s/2 y(T)^2`` (``s`` =
     ``loss_scale``: tiny values provoke underflow, huge ones overflow) the exact
@@ -142,16 +142,14 @@ class DynamicRangeODE:
     """
 
     y0: float = 2.0e3
-    a: float = 6.0
-    b: float = 8.0
-    c: float = 10.0
+    coef: tuple[float, float, float] = (6.0, 8.0, 10.0)
     T: float = 1.0
     loss_scale: float = 1.0
 
     def exact(self) -> dict[str, torch.Tensor]:
         """Float64 ``yT`` (``(1,)``), ``dy0`` (``(1,)``) and ``dcoef`` (``(3,)``: ``dL/da, dL/db, dL/dc``)."""
-        T = self.T
-        decay = self.a * T**3 / 3 + self.b * T**2 / 2 + self.c * T
+        T, (a, b, c) = self.T, self.coef
+        decay = a * T**3 / 3 + b * T**2 / 2 + c * T
         yT = self.y0 * torch.exp(torch.tensor(-decay, dtype=torch.float64))
         s = self.loss_scale
         return {
@@ -163,7 +161,7 @@ class DynamicRangeODE:
     def solve(self, odeint: Callable, n_steps: int = 200, device: torch.device | str = "cpu",
               **kwargs) -> dict[str, torch.Tensor]:
         """Solve with a float32 state (inside the caller's autocast); returns ``yT``, ``dy0``, ``dcoef``."""
-        field = DecayField(self.a, self.b, self.c).to(device)
+        field = DecayField(*self.coef).to(device)
         y0 = torch.full((1, 1), self.y0, device=device, requires_grad=True)
         t = torch.linspace(0.0, self.T, n_steps + 1, device=device)
         yT = odeint(field, y0, t, method="rk4", **kwargs)[-1]
