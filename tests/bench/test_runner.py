@@ -87,3 +87,12 @@ def test_rows_round_trip_through_json(tmp_path):
     write_results_json([row], {"suite": "s"}, tmp_path / "r.json")
     meta, (back,) = read_results_json(tmp_path / "r.json")
     assert back == row and meta == {"suite": "s"}
+
+
+def test_gradient_error_is_measured_when_a_parameter_is_unused(device):
+    """OT-Flow's potential has a bias that no gradient depends on: torchdiffeq leaves its .grad None, mpnode zero."""
+    pytest.importorskip("torchdiffeq")
+    sizes = (("batch", 4), ("d", 2), ("width", 4))
+    impls = (Impl("mpnode"), Impl("torchdiffeq"))
+    rows = {r.impl: r for r in run_case(Case("otflow", sizes, 4, impls, timed=(False, False)), device, repeats=1)}
+    assert rows["mpnode/float32"].grad_rel_err < 1e-5

@@ -111,7 +111,12 @@ class Case:
 
 
 def _grad_vector(module: torch.nn.Module) -> torch.Tensor:
-    parts = [p.grad.detach().reshape(-1).double() for p in module.parameters() if p.grad is not None]
+    """Every parameter's gradient, flattened to float64; a parameter the loss does not use counts as zeros.
+
+    (torchdiffeq leaves such a gradient ``None``, mpnode returns zeros: both mean the same.)
+    """
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).double()
+             for p in module.parameters()]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
