@@ -8,8 +8,8 @@
 
 Environments (under ``.nox/``, rebuilt only when what they were built from changes):
 
-* ``base``: torch and torchvision (installed once per run) and the test tools of
-  ``requirements-test.txt``;
+* ``base``: torch and torchvision (installed once per run), the test tools of
+  ``requirements-test.txt`` and the packages' build backend;
 * ``pkg-<package>``: that package and the mpnode packages it declares in its
   ``pyproject.toml``, installed editable, plus their other declared
   dependencies; it sees ``base`` through a ``.pth`` file, so torch is shared
@@ -40,6 +40,8 @@ TEST_SUITES = (*PACKAGES, "examples")  # tests/<suite>; "examples" = example and
 PRECISIONS = ("float32", "bfloat16", "float16")
 # torch 2.14.1 is the release with a matching torchvision (MNIST helpers); both install from the local wheel cache.
 TORCH = ("torch==2.14.1", "torchvision==0.29.1")
+# The packages' build backend, in the base so editable installs need no isolated build environment each.
+BUILD_TOOLS = ("hatchling", "editables")
 PIP_FLAGS = ("-q", "--disable-pip-version-check")
 
 nox.options.sessions = [f"tests-{s}-{q}" for s in TEST_SUITES for q in PRECISIONS] + ["docs"]
@@ -103,13 +105,13 @@ def _site_packages(session: nox.Session, python: str) -> str:
 def base_python(session: nox.Session) -> str:
     """The shared base environment (torch, torchvision, test tools), built once per change of its requirements."""
     env = NOX_DIR / "base"
-    want = _fingerprint(" ".join(TORCH), ROOT / "requirements-test.txt")
+    want = _fingerprint(" ".join(TORCH + BUILD_TOOLS), ROOT / "requirements-test.txt")
     if not _is_current(env, want):
         session.log(f"building {env}: torch and the test tools (once per change of requirements)")
         session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
         pip = [_python(env), "-m", "pip", "install", *PIP_FLAGS]
         session.run(*pip, *TORCH, external=True)
-        session.run(*pip, "-r", str(ROOT / "requirements-test.txt"), external=True)
+        session.run(*pip, "-r", str(ROOT / "requirements-test.txt"), *BUILD_TOOLS, external=True)
         (env / ".installed").write_text(want)
     return _python(env)
 
@@ -132,7 +134,7 @@ def suite_python(session: nox.Session, suite: str) -> str:
     base_site = _site_packages(session, base)
     (Path(_site_packages(session, python)) / "zz_mpnode_base.pth").write_text(f"import site; site.addsitedir({base_site!r})\n")
     editable = [arg for p in members for arg in ("-e", str(ROOT / "packages" / f"mpnode-{p}"))]
-    session.run(python, "-m", "pip", "install", *PIP_FLAGS, *editable, external=True)
+    session.run(python, "-m", "pip", "install", *PIP_FLAGS, "--no-build-isolation", *editable, external=True)
     _check_boundaries(session, python, members)
     (env / ".installed").write_text(want)
     return python

@@ -1,9 +1,15 @@
-"""Running the example and demo scripts from the tests: as subprocesses, or in-process by path."""
+"""Running the example and demo scripts from the tests: as subprocesses, or in-process by path.
+
+A command-line run pays a fresh interpreter (about 4 s of CPU importing torch); each script runs
+that way once in the test matrix, its other variants in-process.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +39,16 @@ def _run_in_process(script: str, *args: str):
         del sys.modules[spec.name]
 
 
+def _run(script: str, *args: str, as_command: bool) -> str:
+    """The script's stdout, from a subprocess (``as_command``) or from ``main(args)`` in this process."""
+    if as_command:
+        return _run_script(script, *args)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        _run_in_process(script, *args)
+    return out.getvalue()
+
+
 def _read_csv(path: Path) -> list[dict]:
     with path.open() as fh:
         return list(csv.DictReader(fh))
@@ -46,6 +62,12 @@ def run_script():
 @pytest.fixture
 def run_in_process():
     return _run_in_process
+
+
+@pytest.fixture
+def run():
+    """``run(script, *args, as_command=...)``: see :func:`_run`."""
+    return _run
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ def torchvision_or_skip():
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
-def test_ode_demo_smoke(precision, device, tmp_path, run_script, read_csv):
-    out = run_script("examples/ode_demo.py", "--smoke", "--precision", precision, "--device", device.type,
-                     "--out", str(tmp_path))
+def test_ode_demo_smoke(precision, device, tmp_path, run, read_csv):
+    out = run("examples/ode_demo.py", "--smoke", "--precision", precision, "--device", device.type,
+              "--out", str(tmp_path), as_command=precision == "float32")
     rows = read_csv(tmp_path / "log.csv")
     assert [int(r["iter"]) for r in rows] == [3, 6]
     test_losses = [float(r["test_loss"]) for r in rows]
@@ -36,10 +36,10 @@ def test_ode_demo_torchdiffeq_smoke(precision, device, tmp_path, run_in_process,
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
-def test_ode_mnist_smoke(precision, device, tmp_path, run_script, read_csv):
+def test_ode_mnist_smoke(precision, device, tmp_path, run, read_csv):
     torchvision_or_skip()
-    run_script("examples/ode_mnist.py", "--smoke", "--precision", precision, "--device", device.type,
-               "--out", str(tmp_path))
+    run("examples/ode_mnist.py", "--smoke", "--precision", precision, "--device", device.type,
+        "--out", str(tmp_path), as_command=precision == "float32")
     (row,) = read_csv(tmp_path / "log.csv")
     assert row["precision"] == precision and int(row["train_n"]) == 16 and int(row["test_n"]) == 8
     assert float(row["nfe_forward"]) == 4  # 1 RK4 step x 4 evaluations
