@@ -197,6 +197,10 @@ for _suite in TEST_SUITES:
 def docs(session: nox.Session) -> None:
     """Build the documentation into site/ (mkdocs --strict: a broken link or reference fails), check README links."""
     python = docs_python(session)
+    probe = session.run(python, "-c", "import importlib.util as u; print(bool(u.find_spec('mkdocstrings')))",
+                        silent=True, external=True)
+    if "True" not in str(probe):
+        session.error(f"{python} has no mkdocs/mkdocstrings: pip install -r requirements-docs.txt")
     session.run(python, "-m", "mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *session.posargs,
                 external=True)
     _check_readme_links(session)
