@@ -68,7 +68,7 @@ fi
 
 fail=0
 : > "$OUT/tests-summary.txt"
-for pkg in core scaler models bench; do
+for pkg in core scaler models bench examples; do
     [ -d "tests/$pkg" ] || continue
     start=$(date +%s)
     timeout "$TEST_LIMIT" "$PY" -m pytest "tests/$pkg" --precision=all --device=cuda -p no:cacheprovider \

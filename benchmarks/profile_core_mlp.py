@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from mpnode.bench.experiment import add_number_flags
 from mpnode.bench.problems import build
 from mpnode.core import odeint
 
@@ -97,12 +98,7 @@ def report(name: str, m: dict[str, float], steps: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--threads", type=int, default=1)
+    add_number_flags(p, batch=256, width=128, dim=32, steps=64, repeats=15, threads=1)
     p.add_argument("--no-profiler", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

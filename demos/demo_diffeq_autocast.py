@@ -19,13 +19,11 @@ of RK4 steps grows, for both solvers in bfloat16 and float16.
 Writes ``<out>/dtypes.csv``, ``<out>/census.csv``, ``<out>/errors.csv`` and
 ``<out>/diffeq_autocast.png``.
 
-    python demos/demo_diffeq_autocast.py [--quick] [--out outputs/demo_diffeq_autocast]
+    python demos/demo_diffeq_autocast.py [--smoke] [--out outputs/demo_diffeq_autocast]
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 from collections import Counter
 from pathlib import Path
 
@@ -34,18 +32,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
-from mpnode.models.reference import LinearField, LinearODE
+from mpnode.bench.experiment import print_table, pyplot, save_figure, script_parser, setup, solver, write_csv
+from mpnode.core.testing import LinearField, LinearODE
 
 SOLVERS = ("torchdiffeq", "mpnode")
 ARITH = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "addcmul_", "lerp_"}
-
-
-def get_odeint(name: str):
-    if name == "mpnode":
-        from mpnode.core import odeint
-    else:
-        from torchdiffeq import odeint
-    return odeint
 
 
 def _name(t) -> str:
@@ -102,16 +93,17 @@ class ArithmeticCensus(TorchDispatchMode):
         return out
 
 
-def dtype_census(solver: str, dtype: torch.dtype, steps: int = 8) -> tuple[dict[str, str], Counter]:
+def dtype_census(solver_name: str, dtype: torch.dtype, steps: int = 8, seed: int = 0
+                 ) -> tuple[dict[str, str], Counter]:
     """Part 1 for one solver: ``(quantity -> dtypes, arithmetic census)``."""
-    problem = LinearODE.random(dim=8, batch=4, seed=0)
+    problem = LinearODE.random(dim=8, batch=4, seed=seed)
     rec = Recorder(LinearField(problem.A.float()))
     y0 = problem.y0.float().requires_grad_(True)
     t = torch.linspace(0.0, 1.0, steps + 1)
     census = ArithmeticCensus(rec, y0.numel(), problem.A.numel())
     with census:
         with torch.autocast("cpu", dtype=dtype):
-            out = get_odeint(solver)(rec, y0, t, method="rk4")
+            out = solver(solver_name)(rec, y0, t, method="rk4")
             loss = 0.5 * (out[-1].float() ** 2).sum()
         census.phase = "backward"
         loss.backward()
@@ -122,60 +114,42 @@ def dtype_census(solver: str, dtype: torch.dtype, steps: int = 8) -> tuple[dict[
     return table, census.counts
 
 
-def error_growth(steps: list[int], precisions: list[str]) -> list[dict]:
+def error_growth(steps: list[int], precisions: list[str], seed: int = 0) -> list[dict]:
     """Part 2: relative errors of dL/dA and dL/dy0 against the matrix exponential."""
-    problem = LinearODE.random(dim=8, batch=4, seed=0)
+    problem = LinearODE.random(dim=8, batch=4, seed=seed)
     rows = []
     grid = [(p, n, s) for p in precisions for n in steps for s in SOLVERS]
-    for precision, n, solver in tqdm(grid, desc="solves", unit="solve"):
+    for precision, n, name in tqdm(grid, desc="solves", unit="solve"):
         with torch.autocast("cpu", dtype=getattr(torch, precision)):
-            result = problem.solve(get_odeint(solver), n, method="rk4")
+            result = problem.solve(solver(name), n, method="rk4")
         err = problem.errors(result)
-        rows.append(dict(precision=precision, steps=n, solver=solver, err_dA=err["dA"], err_dy0=err["dy0"],
+        rows.append(dict(precision=precision, steps=n, solver=name, err_dA=err["dA"], err_dy0=err["dy0"],
                          err_yT=err["yT"]))
     return rows
 
 
 def print_tables(dtypes: dict[str, dict[str, str]], census: dict[str, Counter], rows: list[dict], low: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=120)
-    t1 = Table(title=f"dtypes under {low} autocast (float32 y0 and A, RK4)")
-    t1.add_column("quantity")
-    for s in SOLVERS:
-        t1.add_column(s)
-    for q in dtypes[SOLVERS[0]]:
-        t1.add_row(q, *(dtypes[s][q] for s in SOLVERS))
-    console.print(t1)
-    t2 = Table(title="elementwise sums/products outside the vector field (count by dtype)")
-    for h in ("phase", "size", *SOLVERS):
-        t2.add_column(h)
+    print_table(f"dtypes under {low} autocast (float32 y0 and A, RK4)", ["quantity", *SOLVERS],
+                [[q, *(dtypes[s][q] for s in SOLVERS)] for q in dtypes[SOLVERS[0]]], left=("quantity", *SOLVERS))
     keys = sorted({(p, z) for s in SOLVERS for (p, z, _) in census[s]}, key=lambda k: (k[0] != "forward", k[1]))
+    cells = []
     for phase, size in keys:
-        cells = []
+        counts = []
         for s in SOLVERS:
             c = {d: n for (p, z, d), n in census[s].items() if (p, z) == (phase, size)}
-            cells.append(", ".join(f"{n} {d}" for d, n in sorted(c.items())) or "-")
-        t2.add_row(phase, size, *cells)
-    console.print(t2)
-    t3 = Table(title="relative error against the float64 matrix exponential (RK4, y' = A y)")
-    for h in ("precision", "steps", "solver", "dL/dA", "dL/dy0", "y(1)"):
-        t3.add_column(h, justify="right")
-    for r in rows:
-        t3.add_row(r["precision"], str(r["steps"]), r["solver"], f"{r['err_dA']:.2e}", f"{r['err_dy0']:.2e}",
-                   f"{r['err_yT']:.2e}")
-    console.print(t3)
+            counts.append(", ".join(f"{n} {d}" for d, n in sorted(c.items())) or "-")
+        cells.append([phase, size, *counts])
+    print_table("elementwise sums/products outside the vector field (count by dtype)", ["phase", "size", *SOLVERS],
+                cells, left=("phase", "size", *SOLVERS))
+    print_table("relative error against the float64 matrix exponential (RK4, y' = A y)",
+                ["precision", "steps", "solver", "dL/dA", "dL/dy0", "y(1)"],
+                [[r["precision"], str(r["steps"]), r["solver"], f"{r['err_dA']:.2e}", f"{r['err_dy0']:.2e}",
+                  f"{r['err_yT']:.2e}"] for r in rows])
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     precisions = sorted({r["precision"] for r in rows})
-    fig, axes = plt.subplots(1, len(precisions), figsize=(5.5 * len(precisions), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(precisions), figsize=(5.5 * len(precisions), 4), squeeze=False)
     colors = {"torchdiffeq": "tab:red", "mpnode": "tab:blue"}
     for ax, p in zip(axes[0], precisions):
         for s, c in colors.items():
@@ -185,32 +159,21 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(title=f"{p} autocast, RK4", xlabel="steps", ylabel="relative gradient error")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="demo_diffeq_autocast.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("outputs") / "demo_diffeq_autocast")
-    parser.add_argument("--quick", action="store_true", help="steps 16, 64, 256 and bfloat16 only in part 2")
+    parser = script_parser("demo_diffeq_autocast", __doc__.splitlines()[0])
     parser.add_argument("--census-dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parser.parse_args(argv)  # --smoke: steps 16, 64, 256 and bfloat16 only in part 2
+    setup(args)
     low = getattr(torch, args.census_dtype)
     dtypes, census = {}, {}
     for s in SOLVERS:
-        dtypes[s], census[s] = dtype_census(s, low)
-    steps = [16, 64, 256] if args.quick else [32, 128, 512, 2048, 8192]
-    precisions = ["bfloat16"] if args.quick else ["bfloat16", "float16"]
-    rows = error_growth(steps, precisions)
+        dtypes[s], census[s] = dtype_census(s, low, seed=args.seed)
+    steps = [16, 64, 256] if args.smoke else [32, 128, 512, 2048, 8192]
+    precisions = ["bfloat16"] if args.smoke else ["bfloat16", "float16"]
+    rows = error_growth(steps, precisions, seed=args.seed)
     print_tables(dtypes, census, rows, args.census_dtype)
     write_csv(args.out / "dtypes.csv",
               [dict(quantity=q, **{s: dtypes[s][q] for s in SOLVERS}) for q in dtypes[SOLVERS[0]]])

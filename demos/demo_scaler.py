@@ -15,29 +15,25 @@ Each step's gradient is compared with the float64 gradient through the matrix
 exponential at the same ``A``.  Prints the errors per scenario and solver, the
 scaler's event history, and writes ``demo_scaler.csv`` and ``demo_scaler.png``.
 
-First it prints the errors on the dynamic-range problem of DESIGN.md section 7
-(``mpnode.models.reference.DynamicRangeODE``: ``y' = -(a t^2 + b t + c) y`` from
+First it prints the errors on the dynamic-range problem (docs/scaler.md;
+``mpnode.core.testing.DynamicRangeODE``: ``y' = -(a t^2 + b t + c) y`` from
 2e3 down to 2.3e-4, analytic gradients), unscaled and scaled, at three loss scales.
 
-    python demos/demo_scaler.py [--iters 5] [--steps 64] [--quick]
+    python demos/demo_scaler.py [--iters 5] [--steps 64] [--smoke]
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from common import CSVLog  # noqa: E402
-
-from mpnode.core import NonFiniteGradientError, odeint  # noqa: E402
-from mpnode.models.reference import DynamicRangeODE  # noqa: E402
-from mpnode.scaler import DynamicAdjointScaler  # noqa: E402
+from mpnode.bench.experiment import add_device_flag, add_number_flags, print_table, pyplot, save_figure, script_parser, setup, write_csv
+from mpnode.core import NonFiniteGradientError, odeint
+from mpnode.core.testing import DynamicRangeODE
+from mpnode.scaler import DynamicAdjointScaler
 
 SCENARIOS = {"benign": 1.0, "overflow": 1e8, "underflow": 1e-10}
 SOLVERS = ("torchdiffeq+GradScaler", "mpnode unscaled", "mpnode dynamic")
@@ -109,8 +105,7 @@ def run(args) -> tuple[list[dict], DynamicAdjointScaler]:
 
 def dynamic_range_table(device: torch.device) -> None:
     """Relative errors on DynamicRangeODE: float32, float16 unscaled, float16 dynamic."""
-    print("Dynamic-range problem y' = -(a t^2 + b t + c) y, 200 RK4 steps, relative error vs analytic gradients")
-    print(f"{'loss scale':>10} {'solver':<22} {'dL/dy0':>9} {'dL/da':>9} {'dL/db':>9} {'dL/dc':>9}")
+    cells = []
     for loss_scale in (1.0, 1e-6, 1e8):
         problem = DynamicRangeODE(loss_scale=loss_scale)
         for name, precision, scaler in (("float32", None, False), ("float16 unscaled", torch.float16, False),
@@ -118,11 +113,12 @@ def dynamic_range_table(device: torch.device) -> None:
             try:
                 with torch.autocast(device.type, dtype=precision or torch.float16, enabled=precision is not None):
                     e = problem.errors(problem.solve(odeint, device=device, scaler=scaler))
-                cells = " ".join(f"{e[k]:>9.1e}" for k in ("dy0", "da", "db", "dc"))
+                errors = [f"{e[k]:.1e}" for k in ("dy0", "da", "db", "dc")]
             except NonFiniteGradientError:
-                cells = f"{'overflow: NonFiniteGradientError':>39}"
-            print(f"{loss_scale:>10.0e} {name:<22} {cells}")
-    print()
+                errors = ["overflow: NonFiniteGradientError", "", "", ""]
+            cells.append([f"{loss_scale:.0e}", name, *errors])
+    print_table("Dynamic-range problem y' = -(a t^2 + b t + c) y, 200 RK4 steps, relative error vs analytic gradients",
+                ["loss scale", "solver", "dL/dy0", "dL/da", "dL/db", "dL/dc"], cells, left=("solver",))
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -141,12 +137,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(SCENARIOS), figsize=(14, 3.8), sharey=True)
+    fig, axes = pyplot().subplots(1, len(SCENARIOS), figsize=(14, 3.8), sharey=True)
     for ax, scenario in zip(axes, SCENARIOS):
         for solver in SOLVERS:
             sel = [r for r in rows if r["scenario"] == scenario and r["solver"] == solver]
@@ -157,36 +148,25 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("rel. error of dL/dA (10 = inf)")
     axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--T", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("outputs/demo_scaler"))
-    p.add_argument("--quick", action="store_true", help="2 iterations of 16 steps (for the tests)")
+    p = script_parser("demo_scaler", __doc__.splitlines()[0])
+    add_device_flag(p)
+    add_number_flags(p, iters=5, steps=64, batch=16, T=1.0, lr=0.05)
     args = p.parse_args(argv)
-    if args.quick:
+    if args.smoke:
         args.iters, args.steps = 2, 16
-    args.out.mkdir(parents=True, exist_ok=True)
-    dynamic_range_table(torch.device(args.device))
+    device = setup(args)
+    dynamic_range_table(device)
     rows, scaler = run(args)
-    log = CSVLog(args.out / "demo_scaler.csv")
-    for r in rows:
-        log.write(**r)
-    log.close()
-    print(f"{'scenario':<10} {'solver':<24} {'median rel err dL/dA':>21} {'usable steps':>13} {'loss start':>11} {'loss end':>11}")
-    for s in summarise(rows):
-        print(f"{s['scenario']:<10} {s['solver']:<24} {s['median_rel_err']:>21.2e} {s['usable_steps']:>13} "
-              f"{s['loss_start']:>11.3e} {s['loss_end']:>11.3e}")
+    write_csv(args.out / "demo_scaler.csv", rows)
+    print_table("Learned stiff linear system under float16 autocast: error of dL/dA per training step",
+                ["scenario", "solver", "median rel err dL/dA", "usable steps", "loss start", "loss end"],
+                [[s["scenario"], s["solver"], f"{s['median_rel_err']:.2e}", s["usable_steps"],
+                  f"{s['loss_start']:.3e}", f"{s['loss_end']:.3e}"] for s in summarise(rows)],
+                left=("scenario", "solver"))
     if scaler is not None:
         print("\nDynamicAdjointScaler history, overflow scenario (backward pass, step, event, scale):")
         for e in scaler.history[:12]:

@@ -17,26 +17,22 @@ Prints, for each precision and parameter kind, the slope of ``log r`` against
 decades, and the relative error of ``g.v``; writes ``<out>/taylor.csv`` and
 ``<out>/taylor.png``.
 
-    python demos/demo_taylor.py [--quick] [--out outputs/demo_taylor]
+    python demos/demo_taylor.py [--smoke] [--out outputs/demo_taylor]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import csv
 import math
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from common import print_table  # noqa: E402
-
+from mpnode.bench.experiment import print_table, pyplot, save_figure, script_parser, setup, write_csv
+from mpnode.bench.report import linear_fit
 from mpnode.core import odeint
 
 PRECISIONS = ("float64", "float32", "bfloat16", "float16")
@@ -135,9 +131,7 @@ def fit_second_order(eps: list[float], rem: list[float], lo: float = 1.5, hi: fl
     a, b = best_span
     xs = [math.log10(e) for e in eps[a : b + 1]]
     ys = [math.log10(r) for r in rem[a : b + 1]]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return slope, xs[0] - xs[-1]
+    return linear_fit(xs, ys).slope, xs[0] - xs[-1]
 
 
 def run(n_eps: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -176,13 +170,8 @@ def print_summary(summary: list[dict]) -> None:
 
 
 def plot(points: list[dict], summary: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     colors = {"float64": "black", "float32": "tab:blue", "bfloat16": "tab:orange", "float16": "tab:green"}
-    fig, axes = plt.subplots(1, len(KINDS), figsize=(5 * len(KINDS), 4))
+    fig, axes = pyplot().subplots(1, len(KINDS), figsize=(5 * len(KINDS), 4))
     for ax, kind in zip(axes, KINDS):
         for precision in PRECISIONS:
             sel = [p for p in points if p["kind"] == kind and p["precision"] == precision]
@@ -198,27 +187,16 @@ def plot(points: list[dict], summary: list[dict], path: Path) -> None:
         ax.set_ylim(bottom=1e-18)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="demo_taylor.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("outputs") / "demo_taylor")
-    parser.add_argument("--quick", action="store_true", help="16 values of eps instead of 34")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = script_parser("demo_taylor", __doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    points, summary = run(16 if args.quick else 34, args.seed)
-    with (args.out / "taylor.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(points[0]))
-        w.writeheader()
-        w.writerows(points)
-    with (args.out / "taylor_slopes.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(summary[0]))
-        w.writeheader()
-        w.writerows(summary)
+    setup(args)
+    points, summary = run(16 if args.smoke else 34, args.seed)  # --smoke: 16 values of eps instead of 34
+    write_csv(args.out / "taylor.csv", points)
+    write_csv(args.out / "taylor_slopes.csv", summary)
     print_summary(summary)
     plot(points, summary, args.out / "taylor.png")
     print(f"wrote {args.out / 'taylor.csv'}, {args.out / 'taylor_slopes.csv'} and {args.out / 'taylor.png'}")

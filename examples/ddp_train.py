@@ -20,9 +20,7 @@ Rank 0 prints one line per epoch and the final loss, and writes ``<out>/ddp_trai
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,8 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import CSVLog, autocast, base_parser, setup, solver  # noqa: E402
+from mpnode.bench.experiment import CSVLog, add_solver_flags, autocast, script_parser, setup, solver
 
 
 class Field(nn.Module):
@@ -98,7 +95,7 @@ def mean_over_ranks(value: float, world_size: int, device: torch.device) -> floa
 def evaluate(model: nn.Module, data: TensorDataset, args, device) -> tuple[float, float]:
     """Test loss and accuracy of ``model`` (the plain module, no collectives) on ``data``."""
     x, labels = (t.to(device) for t in data.tensors)
-    with autocast(args, device):
+    with autocast(args.precision, device):
         logits = model(x)
     loss = nn.functional.cross_entropy(logits.float(), labels)
     return float(loss), float((logits.argmax(1) == labels).float().mean())
@@ -129,7 +126,7 @@ def train(args) -> float:
             if step == args.max_steps:
                 break
             x, labels = x.to(device), labels.to(device)
-            with autocast(args, device):
+            with autocast(args.precision, device):
                 loss = nn.functional.cross_entropy(ddp(x).float(), labels)
             opt.zero_grad(set_to_none=True)
             grad_scaler.scale(loss).backward()  # DDP all-reduces the gradients here
@@ -155,7 +152,8 @@ def train(args) -> float:
 
 
 def main(argv=None) -> float:
-    parser = base_parser("ddp_train", __doc__.splitlines()[0])
+    parser = script_parser("ddp_train", __doc__.splitlines()[0])
+    add_solver_flags(parser)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
     parser.add_argument("--n-train", type=int, default=4096)

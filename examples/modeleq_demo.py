@@ -5,22 +5,22 @@ steps, in bfloat16 and float16, prints the relative errors of the solution
 y(T), of dL/dy0 and of dL/dA (L = 1/2 ||y(T)||^2) against float64 ground truth,
 writes them to ``<out>/modeleq.csv`` and plots them to ``<out>/modeleq.png``.
 
-    python examples/modeleq_demo.py [--quick] [--out outputs/modeleq_demo]
+    python examples/modeleq_demo.py [--out outputs/modeleq_demo]
+    python examples/modeleq_demo.py --steps 32 256 2048     # a shorter run
+    python examples/modeleq_demo.py --smoke                  # 32 and 256 steps (the tests)
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import PRECISIONS, CSVLog, base_parser, print_table, setup, solver  # noqa: E402
-
-from mpnode.models.reference import LinearODE  # noqa: E402
+from mpnode.bench.experiment import (
+    PRECISIONS, CSVLog, add_device_flag, autocast, print_table, pyplot, save_figure, script_parser, setup, solver,
+)
+from mpnode.core.testing import LinearODE
 
 QUANTITIES = ("yT", "dy0", "dA")
 
@@ -33,7 +33,7 @@ def run(args) -> list[dict]:
     rows = []
     for precision, method, n, name in tqdm(grid, desc="solves", unit="solve"):
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=PRECISIONS[precision]):
+        with autocast(precision, device):
             result = problem.solve(solver(name), n, method=method, device=device)
         errors = problem.errors(result)
         row = dict(precision=precision, method=method, steps=n, solver=name,
@@ -52,14 +52,9 @@ def print_results(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     precisions = sorted({r["precision"] for r in rows}, key=list(PRECISIONS).index)
     methods = sorted({r["method"] for r in rows})
-    fig, axes = plt.subplots(len(precisions), len(methods), figsize=(5 * len(methods), 3.6 * len(precisions)),
+    fig, axes = pyplot().subplots(len(precisions), len(methods), figsize=(5 * len(methods), 3.6 * len(precisions)),
                              squeeze=False, sharex=True)
     styles = {"dA": "-o", "dy0": "--s", "yT": ":^"}
     colors = {"torchdiffeq": "tab:red", "mpnode": "tab:blue"}
@@ -79,23 +74,21 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_ylabel("relative error")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> None:
-    parser = base_parser("modeleq_demo", __doc__.splitlines()[0])
+    parser = script_parser("modeleq_demo", __doc__.splitlines()[0])
+    add_device_flag(parser)
     parser.add_argument("--steps", type=int, nargs="+", default=[32, 128, 512, 2048, 8192])
     parser.add_argument("--methods", nargs="+", default=["euler", "rk4"])
     parser.add_argument("--precisions", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16", "float16"])
     parser.add_argument("--solvers", nargs="+", choices=["torchdiffeq", "mpnode"], default=["torchdiffeq", "mpnode"])
     parser.add_argument("--dim", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--quick", action="store_true", help="32, 256 and 2048 steps only")
     args = parser.parse_args(argv)
-    if args.quick or args.smoke:
-        args.steps = [32, 256] if args.smoke else [32, 256, 2048]
+    if args.smoke:
+        args.steps = [32, 256]
     rows = run(args)
     print_results(rows)
     plot(rows, args.out / "modeleq.png")

@@ -15,7 +15,6 @@ true vector field to ``<out>/ode_demo.png`` and the loss curves to ``<out>/loss.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import CSVLog, autocast, base_parser, setup, solver  # noqa: E402
+from mpnode.bench.experiment import (
+    CSVLog, add_number_flags, add_solver_flags, autocast, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver,
+)
 
 A_TRUE = [[-0.1, 2.0], [-2.0, -0.1]]
 
@@ -40,7 +40,7 @@ class Spiral(nn.Module):
         return (y**3) @ self.A
 
 
-class MLPField(nn.Module):
+class CubeFeatureMLP(nn.Module):
     """Learned field ``f(t, y) = W2 tanh(W1 y^3 + b1) + b2`` (hidden width ``--hidden``)."""
 
     def __init__(self, hidden: int = 50) -> None:
@@ -76,11 +76,7 @@ def get_batch(t: torch.Tensor, y: torch.Tensor, batch_time: int, batch_size: int
 
 
 def plot_results(t, y_true, y_pred, func, losses, path: Path, loss_path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tt, yt, yp = t.cpu(), y_true[:, 0].cpu(), y_pred[:, 0].cpu()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     ax = axes[0]
@@ -108,9 +104,7 @@ def plot_results(t, y_true, y_pred, func, losses, path: Path, loss_path: Path, t
     ax.set(title="vector field (directions)", xlabel="y1", ylabel="y2", xlim=(-2, 2), ylim=(-2, 2))
     ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.semilogy([r["iter"] for r in losses], [r["train_loss"] for r in losses], label="train (windows)")
@@ -118,30 +112,23 @@ def plot_results(t, y_true, y_pred, func, losses, path: Path, loss_path: Path, t
     ax.set(xlabel="iteration", ylabel="mean |y - y_true|", title=title.split(",")[0])
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(loss_path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, loss_path, dpi=110)
 
 
 def main(argv=None) -> list[dict]:
-    parser = base_parser("ode_demo", __doc__.splitlines()[0])
-    parser.add_argument("--niters", type=int, default=1000)
-    parser.add_argument("--data-size", type=int, default=1000)
-    parser.add_argument("--t-end", type=float, default=25.0)
-    parser.add_argument("--batch-time", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--hidden", type=int, default=50)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--test-freq", type=int, default=50)
+    parser = script_parser("ode_demo", __doc__.splitlines()[0])
+    add_solver_flags(parser)
+    add_number_flags(parser, niters=1000, data_size=1000, t_end=25.0, batch_time=10, batch_size=20, hidden=50,
+                     lr=1e-3, test_freq=50)
     args = parser.parse_args(argv)
     if args.smoke:
         args.niters, args.data_size, args.batch_time, args.batch_size, args.test_freq = 6, 40, 5, 8, 3
     device = setup(args)
     odeint = solver(args.odeint)
     t, y_true = ground_truth(args.data_size, args.t_end, device)
-    func = MLPField(args.hidden).to(device)
+    func = CubeFeatureMLP(args.hidden).to(device)
     opt = torch.optim.RMSprop(func.parameters(), lr=args.lr)
-    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
+    grad_scaler = make_grad_scaler(args.precision, device)
     gen = torch.Generator().manual_seed(args.seed)
     title = f"spiral, {args.odeint}, {args.precision}, rk4 on {args.data_size} points, {args.niters} iterations"
     log = CSVLog(args.out / "log.csv")
@@ -152,14 +139,14 @@ def main(argv=None) -> list[dict]:
         for it in bar:
             y0, bt, by = get_batch(t, y_true, args.batch_time, args.batch_size, gen)
             opt.zero_grad(set_to_none=True)
-            with autocast(args, device):
+            with autocast(args.precision, device):
                 pred = odeint(func, y0.to(device), bt, method="rk4")
                 loss = (pred.float() - by).abs().mean()
             grad_scaler.scale(loss).backward()
             grad_scaler.step(opt)
             grad_scaler.update()
             if it % args.test_freq == 0 or it == args.niters:
-                with torch.no_grad(), autocast(args, device):
+                with torch.no_grad(), autocast(args.precision, device):
                     y_pred = odeint(func, y_true[0], t, method="rk4").float()
                 test_loss = float((y_pred - y_true).abs().mean())
                 row = dict(iter=it, train_loss=float(loss.detach()), test_loss=test_loss,

@@ -16,17 +16,16 @@ from ``<data-root>/MNIST/raw``; nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import CSVLog, autocast, base_parser, setup, solver  # noqa: E402
-
-from mpnode.models.mnist import ODENet, mnist_loaders, write_idx_mnist  # noqa: E402
+from mpnode.bench.experiment import (
+    CSVLog, add_solver_flags, autocast, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver,
+)
+from mpnode.models.mnist import ODENet, mnist_loaders, write_idx_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +41,7 @@ def _mib(n: int | None) -> float | str:
     return "" if n is None else round(n / 2**20, 2)
 
 
-def train_epoch(model, loader, opt, scaler, args, device, bar, profile) -> dict:
+def train_epoch(model, loader, opt, grad_scaler, args, device, bar, profile) -> dict:
     """One pass over ``loader``; returns mean loss, accuracy, NFE per batch and the first step's profile.
 
     The first batch's forward+backward is profiled on its own (``held_mib``: bytes
@@ -59,16 +58,16 @@ def train_epoch(model, loader, opt, scaler, args, device, bar, profile) -> dict:
         n0 = func.nfe
         ctx = profile(device, exclude=list(model.parameters())) if i == 0 else contextlib.nullcontext()
         with ctx as rec:
-            with autocast(args, device):
+            with autocast(args.precision, device):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
             n1 = func.nfe
-            scaler.scale(loss).backward()
+            grad_scaler.scale(loss).backward()
         step_rec = rec if i == 0 else step_rec
         nfe_f += n1 - n0
         nfe_b += func.nfe - n1
-        scaler.step(opt)
-        scaler.update()
+        grad_scaler.step(opt)
+        grad_scaler.update()
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
@@ -87,7 +86,7 @@ def evaluate(model, loader, args, device) -> float:
     correct = seen = 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        with autocast(args, device):
+        with autocast(args.precision, device):
             logits = model(x)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
@@ -95,13 +94,8 @@ def evaluate(model, loader, args, device) -> float:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ep = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(ep, [r["train_acc"] for r in rows], "-o", label="train")
     axes[0].plot(ep, [r["test_acc"] for r in rows], "-s", label="test")
     axes[0].set_ylabel("accuracy")
@@ -116,13 +110,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> list[dict]:
-    parser = base_parser("ode_mnist", __doc__.splitlines()[0])
+    parser = script_parser("ode_mnist", __doc__.splitlines()[0])
+    add_solver_flags(parser)
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data",
                         help="folder containing MNIST/raw/*-ubyte (default ../shared/data)")
     parser.add_argument("--epochs", type=int, default=2)
@@ -148,7 +141,7 @@ def main(argv=None) -> list[dict]:
     model = ODENet(width=args.width, n_steps=args.steps, method=args.method, odeint=solver(args.odeint)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
+    grad_scaler = make_grad_scaler(args.precision, device)
     profile = profiler()
     title = (f"ODE-Net ({n_params} params), {args.odeint}, {args.precision}, {args.method} x{args.steps}, "
              f"train {len(train_loader.dataset)}, test {len(test_loader.dataset)}, {device.type}")
@@ -158,7 +151,7 @@ def main(argv=None) -> list[dict]:
     bar = tqdm(total=args.epochs * len(train_loader), desc="train", unit="batch")
     for epoch in range(1, args.epochs + 1):
         with profile(device, sync_count=False) as rec:
-            stats = train_epoch(model, train_loader, opt, scaler, args, device, bar, profile)
+            stats = train_epoch(model, train_loader, opt, grad_scaler, args, device, bar, profile)
         with profile(device, sync_count=False) as rec_test:
             test_acc = evaluate(model, test_loader, args, device)
         row = dict(epoch=epoch, precision=args.precision, odeint=args.odeint, train_n=len(train_loader.dataset),

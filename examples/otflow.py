@@ -9,18 +9,15 @@ Writes ``<out>/otflow.csv`` (per iteration), ``<out>/summary.csv`` and
 
 from __future__ import annotations
 
-import statistics
-import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import CSVLog, autocast, base_parser, profiled_train_step, setup, solver  # noqa: E402
-
-from mpnode.models.otflow import OTPotential, gaussian_mixture, generate, mmd, otflow_loss  # noqa: E402
-from mpnode.models.toy_data import DATASETS, sample  # noqa: E402
+from mpnode.bench.experiment import (
+    add_number_flags, add_solver_flags, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver, train, write_summary,
+)
+from mpnode.models.otflow import OTPotential, gaussian_mixture, generate, mmd, otflow_loss
+from mpnode.models.toy_data import DATASETS, sample
 
 
 def draw(args, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -30,15 +27,12 @@ def draw(args, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def main(argv=None) -> dict:
-    p = base_parser("otflow", __doc__.splitlines()[0])
+    p = script_parser("otflow", __doc__.splitlines()[0])
+    add_solver_flags(p)
     p.add_argument("--data", choices=[*sorted(DATASETS), "gmm"], default="8gaussians")
     p.add_argument("--dim", type=int, default=8, help="dimension of the Gaussian mixture (--data gmm)")
-    p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--layers", type=int, default=2)
+    add_number_flags(p, iters=300, batch=256, width=32, layers=2, lr=2e-2)
     p.add_argument("--steps", type=int, default=8, help="RK4 steps on [0, 1]")
-    p.add_argument("--lr", type=float, default=2e-2)
     p.add_argument("--alphas", type=float, nargs=3, default=[1.0, 100.0, 5.0], metavar=("A_L", "A_C", "A_R"))
     args = p.parse_args(argv)
     if args.smoke:
@@ -48,50 +42,30 @@ def main(argv=None) -> dict:
     dim = args.dim if args.data == "gmm" else 2
     potential = OTPotential(dim, args.width, args.layers).to(device)
     opt = torch.optim.Adam(potential.parameters(), lr=args.lr)
-    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
     gen = torch.Generator().manual_seed(args.seed)
     test = draw(args, 2000 if not args.smoke else 200, gen).to(device)
-    log = CSVLog(args.out / "otflow.csv")
-    times, held = [], None
-    for it in tqdm(range(args.iters), desc=f"otflow {args.data} {args.odeint} {args.precision}"):
-        x = draw(args, args.batch, gen).to(device)
-        def compute_loss():
-            with autocast(args, device):
-                return otflow_loss(potential, x, odeint, n_steps=args.steps, alphas=tuple(args.alphas))
-
-        rec, (loss, parts) = profiled_train_step(device, potential, opt, grad_scaler, compute_loss)
-        times.append(rec.time_s)
-        held = rec.held_bytes
-        log.write(iteration=it, loss=float(loss.detach()), **parts, time_s=rec.time_s, held_bytes=rec.held_bytes)
-    log.close()
+    run = train(potential, opt, make_grad_scaler(args.precision, device), device, args.precision, args.iters,
+                draw_batch=lambda: draw(args, args.batch, gen).to(device),
+                loss_fn=lambda x: otflow_loss(potential, x, odeint, n_steps=args.steps, alphas=tuple(args.alphas)),
+                log_path=args.out / "otflow.csv", desc=f"otflow {args.data} {args.odeint} {args.precision}")
     with torch.no_grad():
         _, parts = otflow_loss(potential, test, odeint, n_steps=args.steps, alphas=tuple(args.alphas))
         z = torch.randn(test.shape, generator=gen).to(device)
         generated = generate(potential, z, odeint, n_steps=args.steps)
     summary = dict(data=args.data, dim=dim, odeint=args.odeint, precision=args.precision, iters=args.iters,
                    test_nll=parts["nll"], L=parts["L"], HJB=parts["R"], mmd=mmd(generated.cpu(), test.cpu()),
-                   median_iter_s=statistics.median(times), held_bytes=held)
-    s = CSVLog(args.out / "summary.csv")
-    s.write(**summary)
-    s.close()
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+                   median_iter_s=run.median_iter_s, held_bytes=run.held_bytes)
+    write_summary(summary, args.out)
     plot(test.cpu(), generated.cpu(), args.out / "otflow_samples.png")
     return summary
 
 
 def plot(data: torch.Tensor, generated: torch.Tensor, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
     for ax, pts, title in zip(axes, (data, generated), ("data", "generated (z ~ N(0, I) pulled back)")):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

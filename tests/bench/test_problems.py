@@ -1,33 +1,24 @@
-"""The benchmark problems compute what they claim (analytic gradients and traces vs autograd)."""
+"""The benchmark problems: built from the library's own fields, at the sizes asked for."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mpnode.bench.problems import PROBLEMS, CNFField, OTFlowField, build
+from mpnode.bench.problems import PROBLEMS, build
+from mpnode.core.testing import MLPField
+from mpnode.models.cnf import CNF, HyperNetField
+from mpnode.models.otflow import OTFlowDynamics
 
 
-def test_otflow_gradient_and_trace_match_autograd():
-    torch.manual_seed(1)
-    f = OTFlowField(d=5, m=12).double()
-    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-    grad, trace = f.grad_and_trace(x, t)
-    gx, gt = torch.autograd.grad(f.potential(x, t).sum(), (x, t), create_graph=True)
-    assert torch.allclose(grad[:, :5], gx, atol=1e-12)
-    assert torch.allclose(grad[:, 5].sum(), gt, atol=1e-12)
-    hess_diag = torch.stack([torch.autograd.grad(gx[:, i].sum(), x, retain_graph=True)[0][:, i] for i in range(5)], -1)
-    assert torch.allclose(trace, hess_diag.sum(-1), atol=1e-12)
-
-
-def test_cnf_trace_is_the_exact_jacobian_trace():
-    torch.manual_seed(2)
-    f = CNFField(width=16).double()
-    z = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
-    dz, minus_trace = f(torch.tensor(0.7, dtype=torch.float64), (z, torch.zeros(6, 1, dtype=torch.float64)))
-    jac_diag = torch.stack([torch.autograd.grad(dz[:, i].sum(), z, retain_graph=True)[0][:, i] for i in range(2)], -1)
-    assert torch.allclose(-minus_trace.squeeze(-1), jac_diag.sum(-1), atol=1e-12)
+def test_problems_use_the_library_fields():
+    """The benchmarks time mpnode.models' OT-Flow and CNF and mpnode.core.testing's MLP, not copies."""
+    sizes = {"mlp": {"batch": 2, "dim": 3, "width": 4}, "otflow": {"batch": 2, "d": 2, "width": 4},
+             "cnf": {"batch": 2, "width": 4}}
+    fields = {name: build(name, s, "cpu").func for name, s in sizes.items()}
+    assert isinstance(fields["mlp"], MLPField) and len(fields["mlp"].hidden) == 2
+    assert isinstance(fields["otflow"], OTFlowDynamics) and fields["otflow"].potential.w.abs().sum() > 0
+    assert isinstance(fields["cnf"], CNF) and isinstance(fields["cnf"].field, HyperNetField)
 
 
 @pytest.mark.parametrize(

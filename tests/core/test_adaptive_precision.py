@@ -9,34 +9,20 @@ import torch
 
 from mpnode.core import MixedPrecisionToleranceWarning, SolverStats, odeint
 from mpnode.core.controllers import Tolerance
+from mpnode.core.testing import LinearField, MLPField
 
 LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGET_TOL = {"bfloat16": 1e-2, "float16": 1e-3}
 
 
-class LinearField(torch.nn.Module):
-    def __init__(self, A: torch.Tensor) -> None:
-        super().__init__()
-        self.A = torch.nn.Parameter(A.clone())
-
-    def forward(self, t, y):
-        return torch.nn.functional.linear(y, self.A)
-
-
-class MLPField(torch.nn.Module):
-    """A time-dependent tanh MLP with weights scaled by ``gain`` (nonlinear enough to need several steps)."""
-
-    def __init__(self, dim: int = 8, width: int = 32, gain: float = 2.0, seed: int = 1) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.l1 = torch.nn.Linear(dim + 1, width)
-        self.l2 = torch.nn.Linear(width, dim)
-        with torch.no_grad():
-            self.l1.weight.mul_(gain)
-            self.l2.weight.mul_(gain)
-
-    def forward(self, t, y):
-        return self.l2(torch.tanh(self.l1(torch.cat([y, t.expand(*y.shape[:-1], 1)], -1))))
+def _gained_mlp(gain: float = 2.0, seed: int = 1) -> MLPField:
+    """The reference tanh MLP (dim 8, width 32) with weights scaled by ``gain``: nonlinear enough to need several steps."""
+    torch.manual_seed(seed)
+    field = MLPField(dim=8, width=32)
+    with torch.no_grad():
+        for layer in (*field.hidden, field.out):
+            layer.weight.mul_(gain)
+    return field
 
 
 def _linear_field() -> LinearField:
@@ -66,7 +52,7 @@ def _grad_and_steps(field, y0, T, dtype, amp_dtype, tol, device):
 @pytest.mark.parametrize("problem", ["linear", "mlp"])
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_low_precision_gradient_within_3x_of_float32_with_at_most_1_5x_the_steps(precision, problem, device):
-    field = _linear_field() if problem == "linear" else MLPField().double()
+    field = _linear_field() if problem == "linear" else _gained_mlp().double()
     y0, T, tol = _y0(), 5.0, TARGET_TOL[precision]
     reference, _ = _grad_and_steps(field, y0, T, torch.float64, None, 1e-10, device)
     g32, steps32 = _grad_and_steps(field, y0, T, torch.float32, None, tol, device)
@@ -89,7 +75,7 @@ def test_error_estimate_and_ratio_are_in_the_state_dtype(monkeypatch, device):
         return ratio
 
     monkeypatch.setattr(Tolerance, "error_ratio", spy)
-    field = MLPField().to(device)
+    field = _gained_mlp().to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         odeint(field, _y0().float().to(device), torch.tensor([0.0, 1.0], device=device), rtol=1e-2, atol=1e-2)
     assert seen and all(d == (torch.float32,) * 3 for d in seen)
@@ -99,6 +85,9 @@ def test_times_stay_float64_and_the_field_sees_the_state_dtype(device):
     seen_field, seen_callback = set(), set()
 
     class Field(MLPField):
+        def __init__(self):
+            super().__init__(dim=8, width=32)
+
         def forward(self, t, y):
             seen_field.add(t.dtype)
             return super().forward(t, y)
@@ -113,7 +102,7 @@ def test_times_stay_float64_and_the_field_sees_the_state_dtype(device):
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_tolerances_below_the_floor_warn_once_and_do_not_collapse_the_step(precision, device):
-    field = MLPField().to(device)
+    field = _gained_mlp().to(device)
     y0 = _y0().float().to(device)
     t = torch.tensor([0.0, 5.0], device=device)
     floor = torch.finfo(LOW[precision]).eps / 2

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mpnode.core import odeint
-from mpnode.models.reference import LinearODE
+from mpnode.core.testing import LinearODE
 
 STEPS = (32, 256, 2048)
 # Measured on this CPU (torch 2.13): mpnode's errors are flat at about 2.1e-3 (bfloat16)

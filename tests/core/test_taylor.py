@@ -1,4 +1,4 @@
-"""Taylor tests (DESIGN.md section 7) of the gradients w.r.t. inputs, weights and times.
+"""Taylor tests (docs/tests.md) of the gradients w.r.t. inputs, weights and times.
 
 For a loss ``L`` with gradient ``g`` at ``p`` and a unit direction ``v``, the
 remainder ``|L(p + eps v) - L(p) - eps g.v|`` must fall as ``eps^2`` (slope 2

@@ -10,7 +10,7 @@ import torch
 from torch.func import jacrev, vmap
 
 from mpnode.core import odeint
-from mpnode.models.cnf import CNF, HyperNetField, MLPField, exact_divergence, hutchinson_divergence
+from mpnode.models.cnf import CNF, HyperNetField, SoftplusMLPField, exact_divergence, hutchinson_divergence
 from mpnode.models.toy_data import sample
 
 
@@ -19,7 +19,7 @@ def brute_trace(field, t, z):
     return J.diagonal(dim1=1, dim2=2).sum(-1)
 
 
-@pytest.mark.parametrize("field_cls", [HyperNetField, MLPField])
+@pytest.mark.parametrize("field_cls", [HyperNetField, SoftplusMLPField])
 def test_exact_divergence_matches_the_jacobian_trace(field_cls):
     torch.manual_seed(0)
     field = field_cls().double()
@@ -35,7 +35,7 @@ def test_exact_divergence_matches_the_jacobian_trace(field_cls):
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
 def test_hutchinson_is_unbiased(noise):
     torch.manual_seed(0)
-    field = MLPField(dim=3).double()
+    field = SoftplusMLPField(dim=3).double()
     z = torch.randn(1, 3, dtype=torch.float64).requires_grad_(True)
     t = torch.tensor(0.2, dtype=torch.float64)
     exact = float(brute_trace(field, t, z.detach())[0].detach())
@@ -53,7 +53,7 @@ def test_hutchinson_is_unbiased(noise):
 
 
 def test_hutchinson_requires_noise_and_keeps_it_fixed_along_the_solve():
-    cnf = CNF(MLPField(), divergence="hutchinson")
+    cnf = CNF(SoftplusMLPField(), divergence="hutchinson")
     x = torch.randn(4, 2)
     with pytest.raises(RuntimeError, match="resample_noise"):
         cnf(torch.tensor(0.0), (x, torch.zeros(4)))

@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 
-from mpnode.bench.profilers import count_host_syncs
 from mpnode.core import NonFiniteGradientError, SolverStats, odeint
-from mpnode.models.reference import DynamicRangeODE
+from mpnode.core.testing import DynamicRangeODE, count_host_syncs
 from mpnode.scaler import DynamicAdjointScaler, GradScalerPassthrough
 
 
@@ -203,20 +202,3 @@ def test_invalid_settings_are_refused():
     with pytest.raises(ValueError, match="block_size"):
         DynamicAdjointScaler(block_size=0)
 
-
-def test_demo_scaler_runs(tmp_path):
-    """The scaler demo in its quick form: the dynamic scaler is the only solver usable in all scenarios."""
-    import csv
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, str(root / "demos" / "demo_scaler.py"), "--quick", "--device", "cpu",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "float16 dynamic" in proc.stdout and (tmp_path / "demo_scaler.png").exists()
-    rows = list(csv.DictReader((tmp_path / "demo_scaler.csv").open()))
-    dyn = [float(r["rel_err_dA"]) for r in rows if r["solver"] == "mpnode dynamic"]
-    unscaled_overflow = [r["status"] for r in rows if r["solver"] == "mpnode unscaled" and r["scenario"] == "overflow"]
-    assert len(dyn) == 6 and max(dyn) < 0.05
-    assert set(unscaled_overflow) == {"error (overflow)"}

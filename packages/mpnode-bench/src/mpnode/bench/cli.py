@@ -20,8 +20,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .report import growth_with_steps, read_json, render_growth, render_table, write_csv, write_json
-from .runner import REFERENCE, run_cases
+from .report import (
+    growth_with_steps, read_results_json, render_growth, render_table, write_results_csv, write_results_json,
+)
+from .runner import REFERENCE, BenchRow, run_cases
 from .suites import SUITES, get_suite
 
 GPU_TARGET_PROBLEMS = ("conv", "otflow")
@@ -80,53 +82,53 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def headline(rows: Sequence[dict]) -> str:
-    """One line per mpnode row of each base case: the ratios the README quotes."""
+def headline(rows: Sequence[BenchRow]) -> str:
+    """One line per mpnode row of each base case: the ratios the docs quote."""
     lines = []
-    cases: dict[tuple, list[dict]] = {}
+    cases: dict[tuple, list[BenchRow]] = {}
     for r in rows:
-        if r.get("axis") == "base":
-            cases.setdefault((r["problem"], r["sizes"], r["steps"]), []).append(r)
+        if r.axis == "base":
+            cases.setdefault((r.problem, r.sizes, r.steps), []).append(r)
     for (problem, sizes, steps), rs in cases.items():
-        by = {r["impl"]: r for r in rs}
+        by = {r.impl: r for r in rs}
         adj = by.get("torchdiffeq-adjoint/float32")
         lines.append(f"{problem} [{sizes}] {steps} steps:")
         for r in rs:
-            if r["solver"] != "mpnode" or r.get("error"):
+            if r.solver != "mpnode" or r.error:
                 continue
             parts = []
-            if r.get("time_vs_torchdiffeq") is not None:
-                parts.append(f"time {r['time_vs_torchdiffeq']:.2f}x torchdiffeq direct")
-                if adj and adj.get("time_s"):
-                    parts.append(f"{r['time_s'] / adj['time_s']:.2f}x torchdiffeq adjoint")
-            if r.get("speedup_vs_mpnode_f32") is not None and r["precision"] != "float32":
-                parts.append(f"speed-up {r['speedup_vs_mpnode_f32']:.2f}x vs mpnode float32")
-            if r.get("held_vs_torchdiffeq"):
-                parts.append(f"held 1/{1 / r['held_vs_torchdiffeq']:.1f} of torchdiffeq direct")
-            if r.get("peak_vs_mpnode_f32") is not None:
-                parts.append(f"CUDA peak {r['peak_vs_mpnode_f32']:.2f}x mpnode float32")
-            parts.append(f"host syncs forward/backward {r['syncs_forward']}/{r['syncs_backward']}")
-            if r.get("grad_rel_err") is not None:
-                parts.append(f"grad rel. err {r['grad_rel_err']:.1e}")
-            lines.append(f"  {r['impl']}: " + ", ".join(parts))
-        if REFERENCE in by and by[REFERENCE].get("error"):
-            lines.append(f"  (reference {REFERENCE} failed: {by[REFERENCE]['error']})")
+            if r.time_vs_torchdiffeq is not None:
+                parts.append(f"time {r.time_vs_torchdiffeq:.2f}x torchdiffeq direct")
+                if adj and adj.time_s:
+                    parts.append(f"{r.time_s / adj.time_s:.2f}x torchdiffeq adjoint")
+            if r.speedup_vs_mpnode_f32 is not None and r.precision != "float32":
+                parts.append(f"speed-up {r.speedup_vs_mpnode_f32:.2f}x vs mpnode float32")
+            if r.held_vs_torchdiffeq:
+                parts.append(f"held 1/{1 / r.held_vs_torchdiffeq:.1f} of torchdiffeq direct")
+            if r.peak_vs_mpnode_f32 is not None:
+                parts.append(f"CUDA peak {r.peak_vs_mpnode_f32:.2f}x mpnode float32")
+            parts.append(f"host syncs forward/backward {r.syncs_forward}/{r.syncs_backward}")
+            if r.grad_rel_err is not None:
+                parts.append(f"grad rel. err {r.grad_rel_err:.1e}")
+            lines.append(f"  {r.impl}: " + ", ".join(parts))
+        if REFERENCE in by and by[REFERENCE].error:
+            lines.append(f"  (reference {REFERENCE} failed: {by[REFERENCE].error})")
     return "\n".join(lines)
 
 
-def gpu_targets(rows: Sequence[dict]) -> str:
+def gpu_targets(rows: Sequence[BenchRow]) -> str:
     """The issue's GPU targets on conv and OT-Flow: low precision >= 2x mpnode float32 speed, peak <= 0.5x."""
     lines = ["GPU targets (base cases; low precision vs mpnode float32):"]
     for r in rows:
-        if r.get("axis") != "base" or r["problem"] not in GPU_TARGET_PROBLEMS or r["solver"] != "mpnode":
+        if r.axis != "base" or r.problem not in GPU_TARGET_PROBLEMS or r.solver != "mpnode":
             continue
-        if r["precision"] == "float32":
+        if r.precision == "float32":
             continue
-        s, p = r.get("speedup_vs_mpnode_f32"), r.get("peak_vs_mpnode_f32")
+        s, p = r.speedup_vs_mpnode_f32, r.peak_vs_mpnode_f32
         ok = s is not None and p is not None and s >= 2.0 and p <= 0.5
         s_txt = "-" if s is None else f"{s:.2f}x"
         p_txt = "-" if p is None else f"{p:.2f}x"
-        lines.append(f"  {r['problem']} {r['impl']}: speed-up {s_txt} (>= 2), peak {p_txt} (<= 0.5): "
+        lines.append(f"  {r.problem} {r.impl}: speed-up {s_txt} (>= 2), peak {p_txt} (<= 0.5): "
                      + ("met" if ok else "MISSED"))
     return "\n".join(lines)
 
@@ -168,10 +170,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     partial = out / "results.partial.jsonl"  # one line per finished case, kept if a time limit stops the run
     partial.write_text("")
 
-    def save_partial(case_rows: list[dict]) -> None:
+    def save_partial(case_rows: list[BenchRow]) -> None:
         with partial.open("a") as fh:
             for r in case_rows:
-                fh.write(json.dumps(r, default=str) + "\n")
+                fh.write(json.dumps(r.as_dict(), default=str) + "\n")
 
     rows = run_cases(cases, device, repeats, suite=suite.name, seed=args.seed, progress=_progress(args.no_progress),
                      on_case=save_partial)
@@ -180,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
-def _emit(rows: list[dict], meta: dict, out: Path, plots: bool) -> int:
+def _emit(rows: list[BenchRow], meta: dict, out: Path, plots: bool) -> int:
     title = f"mpnode-bench {meta.get('suite', '')} on {meta.get('gpu') or meta.get('device')} (torch {meta.get('torch')})"
     table = render_table(rows, title)
     fits = growth_with_steps(rows)
@@ -192,8 +194,8 @@ def _emit(rows: list[dict], meta: dict, out: Path, plots: bool) -> int:
     summary = "\n\n".join(text)
     print(summary)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "results.csv")
-    write_json(rows, {**meta, "growth": fits}, out / "results.json")
+    write_results_csv(rows, out / "results.csv")
+    write_results_json(rows, {**meta, "growth": fits}, out / "results.json")
     (out / "summary.txt").write_text(summary + "\n")
     written = []
     if plots:
@@ -208,10 +210,10 @@ def _emit(rows: list[dict], meta: dict, out: Path, plots: bool) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     path = Path(args.results)
     if path.suffix == ".jsonl":  # partial results of an interrupted run
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        meta = {"suite": rows[0]["suite"] if rows else "", "device": rows[0]["device"] if rows else "", "partial": True}
+        rows = [BenchRow.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+        meta = {"suite": rows[0].suite if rows else "", "device": rows[0].device if rows else "", "partial": True}
     else:
-        meta, rows = read_json(path)
+        meta, rows = read_results_json(path)
     out = Path(args.out) if args.out else Path(args.results).parent
     return _emit(rows, meta, out, plots=True)
 

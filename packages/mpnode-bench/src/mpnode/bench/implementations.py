@@ -14,10 +14,9 @@ from typing import Callable
 
 import torch
 
+from . import experiment
+from .experiment import PRECISIONS, SOLVERS
 from .problems import Instance
-
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SOLVERS = ("mpnode", "torchdiffeq", "torchdiffeq-adjoint")
 
 
 @dataclass(frozen=True)
@@ -40,9 +39,9 @@ class Impl:
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of {SOLVERS}")
-        if self.precision not in DTYPES:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {list(DTYPES)}")
-        if self.checkpoint is not None and (self.solver != "mpnode" or self.checkpoint not in DTYPES):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
+        if self.checkpoint is not None and (self.solver != "mpnode" or self.checkpoint not in PRECISIONS):
             raise ValueError("checkpoint applies to the mpnode solver only and must be a precision name")
 
     @property
@@ -60,10 +59,7 @@ class Impl:
         return self.precision != "float32"
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        dtype = DTYPES[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
+        return experiment.autocast(self.precision, device)
 
     def unavailable(self) -> str | None:
         """Why this implementation cannot run here (a missing package), or ``None``."""
@@ -74,22 +70,13 @@ class Impl:
                 return "torchdiffeq is not installed (pip install torchdiffeq)"
         return None
 
-    def _odeint(self) -> Callable:
-        if self.solver == "mpnode":
-            from mpnode.core import odeint
-
-            return odeint
-        import torchdiffeq
-
-        return torchdiffeq.odeint if self.solver == "torchdiffeq" else torchdiffeq.odeint_adjoint
-
     def forward_fn(self, inst: Instance, steps: int, device: torch.device) -> Callable[[], torch.Tensor]:
         """A closure computing the loss (inside this implementation's autocast)."""
-        solve = self._odeint()
+        solve = experiment.solver(self.solver)
         t = torch.tensor([0.0, 1.0], device=device)
         options: dict = {"step_size": 1.0 / steps}
         if self.checkpoint is not None:
-            options["checkpoint_dtype"] = DTYPES[self.checkpoint] or torch.float32
+            options["checkpoint_dtype"] = PRECISIONS[self.checkpoint] or torch.float32
 
         def forward() -> torch.Tensor:
             out = solve(inst.func, inst.y0, t, method="rk4", options=options)

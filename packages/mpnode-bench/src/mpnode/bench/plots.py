@@ -1,4 +1,4 @@
-"""Figures from benchmark rows (matplotlib, Agg backend; skipped with a message when absent).
+"""Figures from benchmark rows (matplotlib through :func:`mpnode.bench.experiment.pyplot`; skipped when absent).
 
 * ``ratios_<problem>_<axis>.png`` for each size sweep: time and held memory
   relative to torchdiffeq float32 (and, where timed, speed-up and CUDA peak
@@ -12,28 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from .experiment import pyplot, save_figure
 from .report import linear_fit
+from .runner import BenchRow
 
 
-def _matplotlib():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _series(rows: Sequence[dict], x_of, key: str) -> dict[str, tuple[list, list]]:
+def _series(rows: Sequence[BenchRow], x_of, key: str) -> dict[str, tuple[list, list]]:
     out: dict[str, tuple[list, list]] = {}
     for r in rows:
-        if r.get("error") or r.get(key) is None:
+        value = getattr(r, key)
+        if r.error or value is None:
             continue
-        xs, ys = out.setdefault(r["impl"], ([], []))
+        xs, ys = out.setdefault(r.impl, ([], []))
         xs.append(x_of(r))
-        ys.append(r[key])
+        ys.append(value)
     for xs, ys in out.values():
         order = sorted(range(len(xs)), key=xs.__getitem__)
         xs[:] = [xs[i] for i in order]
@@ -42,24 +34,25 @@ def _series(rows: Sequence[dict], x_of, key: str) -> dict[str, tuple[list, list]
 
 
 def _size_value(axis: str):
-    def get(r: dict) -> int:
-        return int(dict(kv.split("=") for kv in r["sizes"].split(","))[axis])
+    def get(r: BenchRow) -> int:
+        return int(dict(kv.split("=") for kv in r.sizes.split(","))[axis])
 
     return get
 
 
-def plot_all(rows: Sequence[dict], out_dir: Path, title: str = "") -> list[Path]:
+def plot_all(rows: Sequence[BenchRow], out_dir: Path, title: str = "") -> list[Path]:
     """Write every figure the rows allow; returns the written paths (empty without matplotlib)."""
-    plt = _matplotlib()
-    if plt is None:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
+    try:
+        plt = pyplot()
+    except ImportError as err:
+        print(f"no plots: {err}")
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    sweeps: dict[tuple[str, str], list[dict]] = {}
+    sweeps: dict[tuple[str, str], list[BenchRow]] = {}
     for r in rows:
-        if r.get("axis") and r["axis"] != "base":
-            sweeps.setdefault((r["problem"], r["axis"]), []).append(r)
+        if r.axis and r.axis != "base":
+            sweeps.setdefault((r.problem, r.axis), []).append(r)
     for (problem, axis), rs in sorted(sweeps.items()):
         if axis == "steps":
             written.append(_plot_steps(plt, rs, out_dir / f"steps_{problem}.png", f"{title} {problem}".strip()))
@@ -73,7 +66,7 @@ def _plot_ratios(plt, rows, axis, path: Path, title: str) -> Path:
     x_of = _size_value(axis)
     panels = [("time_vs_torchdiffeq", "time / torchdiffeq float32"),
               ("held_vs_torchdiffeq", "held memory / torchdiffeq float32")]
-    if any(r.get("peak_bytes") for r in rows):
+    if any(r.peak_bytes for r in rows):
         panels += [("speedup_vs_mpnode_f32", "speed-up vs mpnode float32"),
                    ("peak_vs_mpnode_f32", "CUDA peak / mpnode float32")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
@@ -89,14 +82,11 @@ def _plot_ratios(plt, rows, axis, path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _plot_steps(plt, rows, path: Path, title: str) -> Path:
-    x_of = lambda r: r["steps"]  # noqa: E731
+    x_of = lambda r: r.steps  # noqa: E731
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label, scale in ((axes[0], "time_s", "time per forward+backward [s]", 1.0),
                                   (axes[1], "held_bytes", "held for backward [MiB]", 2.0**-20)):
@@ -114,7 +104,4 @@ def _plot_steps(plt, rows, path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -14,10 +14,13 @@ Four pieces, each usable alone, and :func:`profile` combining them::
 * :func:`held_memory`: bytes of the distinct storages packed for backward
   through ``torch.autograd.graph.saved_tensors_hooks`` (this includes
   ``ctx.save_for_backward``, hence mpnode's checkpoints), i.e. the memory a
-  forward pass keeps alive for its backward pass.
+  forward pass keeps alive for its backward pass;
 * :func:`count_host_syncs`: calls of ``aten._local_scalar_dense`` (every
   ``.item()``, ``bool(tensor)``, ``float(tensor)``) seen by a ``TorchDispatchMode``.
 * :func:`peak_memory`: CUDA ``max_memory_allocated`` over a region (reset at entry).
+
+The held-memory and host-sync meters live in :mod:`mpnode.core.testing` (so
+core's tests can use them with torch alone) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from mpnode.core.testing import HeldMemory, SyncCount, count_host_syncs, held_memory
 
 __all__ = [
     "Timing",
@@ -147,111 +151,6 @@ def time_fn(
             fn()
         samples.append(sw.elapsed_s)
     return Timing(tuple(samples))
-
-
-# ------------------------------------------------------------------ held memory
-
-
-@dataclass
-class HeldMemory:
-    """Storages packed for backward during a region.
-
-    Attributes:
-        storages: ``(device, data_ptr) -> (nbytes, dtype)`` of each distinct storage
-            packed outside a backward pass (what the forward keeps for backward).
-        recompute_storages: the same for packs made *inside* a backward pass (for
-            instance a recompute-based adjoint rebuilding one step); these are
-            transient and not counted in :attr:`bytes`.
-        excluded: ``data_ptr`` of storages not to count (e.g. the parameters).
-    """
-
-    storages: dict[tuple[str, int], tuple[int, torch.dtype]] = field(default_factory=dict)
-    recompute_storages: dict[tuple[str, int], tuple[int, torch.dtype]] = field(default_factory=dict)
-    excluded: set[tuple[str, int]] = field(default_factory=set)
-
-    @property
-    def bytes(self) -> int:
-        """Total bytes of the distinct storages held for backward."""
-        return sum(n for n, _ in self.storages.values())
-
-    @property
-    def recompute_bytes(self) -> int:
-        """Total bytes of distinct storages packed during backward passes (transient)."""
-        return sum(n for n, _ in self.recompute_storages.values())
-
-    def bytes_by_dtype(self) -> dict[torch.dtype, int]:
-        out: dict[torch.dtype, int] = {}
-        for n, dt in self.storages.values():
-            out[dt] = out.get(dt, 0) + n
-        return out
-
-    def _pack(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.layout != torch.strided:
-            return x
-        try:
-            s = x.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
-            return x
-        key = (str(x.device), s.data_ptr())
-        if key in self.excluded or s.nbytes() == 0:
-            return x
-        inside_backward = torch._C._current_graph_task_id() != -1
-        target = self.recompute_storages if inside_backward else self.storages
-        previous = target.get(key, (0, x.dtype))[0]
-        target[key] = (max(previous, s.nbytes()), x.dtype)
-        return x
-
-
-def _storage_keys(tensors: Iterable[torch.Tensor]) -> set[tuple[str, int]]:
-    return {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors}
-
-
-@contextlib.contextmanager
-def held_memory(exclude: Iterable[torch.Tensor] = ()) -> Iterator[HeldMemory]:
-    """Count the bytes a region keeps alive for backward.
-
-    Every tensor autograd saves (``ctx.save_for_backward`` included) passes
-    through a ``saved_tensors_hooks`` pack hook; storages are deduplicated by
-    ``(device, data_ptr)``, so views of one buffer count once.  Packs made
-    while a backward pass runs (recomputation) are recorded separately as
-    ``recompute_bytes``.  ``exclude``: tensors whose storages are not counted
-    (pass ``model.parameters()`` to leave out the weights both solvers share).
-    Nothing is copied or retained: the hook returns the tensor unchanged.
-    """
-    meter = HeldMemory(excluded=_storage_keys(exclude))
-    with torch.autograd.graph.saved_tensors_hooks(meter._pack, lambda x: x):
-        yield meter
-
-
-# ------------------------------------------------------------------- host syncs
-
-
-class SyncCount(TorchDispatchMode):
-    """A dispatch mode counting ``aten._local_scalar_dense`` calls (device-to-host scalar reads).
-
-    Attributes:
-        count: number of calls seen while active.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def count_host_syncs() -> Iterator[SyncCount]:
-    """Count ``.item()``/``bool(tensor)``-style host synchronisations in a region.
-
-    Every op then passes through Python, so do not time a region while counting.
-    """
-    mode = SyncCount()
-    with mode:
-        yield mode
 
 
 # ------------------------------------------------------------------- peak memory

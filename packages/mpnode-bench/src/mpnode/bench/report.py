@@ -1,38 +1,36 @@
 """Results out: CSV and JSON files, a printed table, linear growth fits.
 
-Every function takes the row dicts of :mod:`mpnode.bench.runner`.  The table
-uses rich when it is installed and plain text otherwise.
+Every function takes the :class:`~mpnode.bench.runner.BenchRow` records of
+:mod:`mpnode.bench.runner`.  The table uses rich when it is installed and
+plain text otherwise (:func:`mpnode.bench.experiment.format_table`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .runner import COLUMNS
+from .experiment import format_table, write_csv
+from .runner import COLUMNS, BenchRow
 
 
-def write_csv(rows: Sequence[dict], path: Path) -> None:
+def write_results_csv(rows: Sequence[BenchRow], path: Path) -> None:
+    """One line per row, the columns of :data:`~mpnode.bench.runner.COLUMNS` (``None`` as an empty cell)."""
+    write_csv(path, (r.as_dict() for r in rows), COLUMNS)
+
+
+def write_results_json(rows: Sequence[BenchRow], meta: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+    path.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=1, default=str))
 
 
-def write_json(rows: Sequence[dict], meta: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=1, default=str))
-
-
-def read_json(path: Path) -> tuple[dict, list[dict]]:
+def read_results_json(path: Path) -> tuple[dict, list[BenchRow]]:
+    """``(meta, rows)`` of a ``results.json`` written by :func:`write_results_json`."""
     data = json.loads(Path(path).read_text())
-    return data["meta"], data["rows"]
+    return data["meta"], [BenchRow.from_dict(r) for r in data["rows"]]
 
 
 # ------------------------------------------------------------------ formatting
@@ -69,55 +67,25 @@ TABLE_HEADERS = ("problem", "sizes", "steps", "impl", "time", "±iqr", "vs td", 
                  "peak", "syncs f/b", "grad err")
 
 
-def table_rows(rows: Iterable[dict]) -> list[tuple[str, ...]]:
+def table_rows(rows: Iterable[BenchRow]) -> list[tuple[str, ...]]:
     out = []
     for r in rows:
-        if r.get("error"):
-            out.append((r["problem"], r["sizes"], str(r["steps"]), r["impl"], "error: " + r["error"][:60],
+        if r.error:
+            out.append((r.problem, r.sizes, str(r.steps), r.impl, "error: " + r.error[:60],
                         "", "", "", "", "", "", ""))
             continue
-        syncs = "-" if r.get("syncs_forward") is None else f"{r['syncs_forward']}/{r['syncs_backward']}"
+        syncs = "-" if r.syncs_forward is None else f"{r.syncs_forward}/{r.syncs_backward}"
         out.append((
-            r["problem"], r["sizes"], str(r["steps"]), r["impl"], fmt_time(r.get("time_s")),
-            fmt_time(r.get("time_spread_s")), fmt_ratio(r.get("time_vs_torchdiffeq")), fmt_bytes(r.get("held_bytes")),
-            fmt_ratio(r.get("held_vs_torchdiffeq"), inverse=True), fmt_bytes(r.get("peak_bytes")), syncs,
-            fmt_err(r.get("grad_rel_err")),
+            r.problem, r.sizes, str(r.steps), r.impl, fmt_time(r.time_s), fmt_time(r.time_spread_s),
+            fmt_ratio(r.time_vs_torchdiffeq), fmt_bytes(r.held_bytes), fmt_ratio(r.held_vs_torchdiffeq, inverse=True),
+            fmt_bytes(r.peak_bytes), syncs, fmt_err(r.grad_rel_err),
         ))
     return out
 
 
-def render_table(rows: Sequence[dict], title: str = "") -> str:
+def render_table(rows: Sequence[BenchRow], title: str = "") -> str:
     """The results table as text (rich when available)."""
-    body = table_rows(rows)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        return _plain_table(TABLE_HEADERS, body, title)
-    table = Table(title=title or None)
-    for h in TABLE_HEADERS:
-        table.add_column(h, justify="left" if h in ("problem", "sizes", "impl") else "right")
-    for r in body:
-        table.add_row(*r)
-    console = Console(width=200, color_system=None, force_terminal=False)
-    with console.capture() as cap:
-        console.print(table)
-    return cap.get().rstrip()
-
-
-def _plain_table(headers: Sequence[str], body: Sequence[Sequence[str]], title: str) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    lines = ([title] if title else []) + [line, "-" * len(line)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
-    return "\n".join(lines)
-
-
-def markdown_table(rows: Sequence[dict]) -> str:
-    body = table_rows(rows)
-    lines = ["| " + " | ".join(TABLE_HEADERS) + " |", "|" + "---|" * len(TABLE_HEADERS)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in body]
-    return "\n".join(lines)
+    return format_table(title, TABLE_HEADERS, table_rows(rows), width=200, left=("problem", "sizes", "impl"))
 
 
 # ------------------------------------------------------------------ growth fits
@@ -148,23 +116,23 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
     return LinearFit(slope, intercept, r2, n)
 
 
-def growth_with_steps(rows: Sequence[dict]) -> list[dict]:
+def growth_with_steps(rows: Sequence[BenchRow]) -> list[dict]:
     """Per (problem, sizes, impl) of the ``steps`` sweeps: linear fits of time and held bytes vs steps."""
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[BenchRow]] = {}
     for r in rows:
-        if r.get("axis") == "steps" and not r.get("error"):
-            groups.setdefault((r["problem"], r["sizes"], r["impl"]), []).append(r)
+        if r.axis == "steps" and not r.error:
+            groups.setdefault((r.problem, r.sizes, r.impl), []).append(r)
     out = []
     for (problem, sizes, impl), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["steps"])
+        rs = sorted(rs, key=lambda r: r.steps)
         if len(rs) < 2:
             continue
-        entry = {"problem": problem, "sizes": sizes, "impl": impl, "steps": [r["steps"] for r in rs]}
-        timed = [r for r in rs if r.get("time_s") is not None]
+        entry = {"problem": problem, "sizes": sizes, "impl": impl, "steps": [r.steps for r in rs]}
+        timed = [r for r in rs if r.time_s is not None]
         if len(timed) >= 2:
-            f = linear_fit([r["steps"] for r in timed], [r["time_s"] for r in timed])
+            f = linear_fit([r.steps for r in timed], [r.time_s for r in timed])
             entry.update(time_slope_s=f.slope, time_intercept_s=f.intercept, time_r2=f.r2)
-        f = linear_fit([r["steps"] for r in rs], [r["held_bytes"] for r in rs])
+        f = linear_fit([r.steps for r in rs], [r.held_bytes for r in rs])
         entry.update(held_slope_bytes=f.slope, held_intercept_bytes=f.intercept, held_r2=f.r2)
         out.append(entry)
     return out

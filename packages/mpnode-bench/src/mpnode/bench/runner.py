@@ -12,15 +12,15 @@ For each case (problem, sizes, steps) the runner builds the problem once
    implementation runs once, in rotating order, so load changes on a shared
    machine hit all implementations alike; the median is reported.
 
-Rows are plain dicts (see :data:`COLUMNS`); ratios are filled in per case.
+Each implementation of a case gives one :class:`BenchRow`; ratios are filled in per case.
 """
 
 from __future__ import annotations
 
 import math
 import traceback
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -28,14 +28,66 @@ from .implementations import Impl
 from .problems import build
 from .profilers import Timing, _Stopwatch, count_host_syncs, held_memory, peak_memory, synchronize
 
-COLUMNS = (
-    "suite", "problem", "axis", "sizes", "steps", "impl", "solver", "precision", "device",
-    "time_s", "time_spread_s", "time_repeats", "held_bytes", "peak_bytes", "syncs_forward", "syncs_backward",
-    "loss", "grad_rel_err", "time_vs_torchdiffeq", "held_vs_torchdiffeq", "speedup_vs_mpnode_f32",
-    "peak_vs_mpnode_f32", "error",
-)
 REFERENCE = "torchdiffeq/float32"
 MPNODE_F32 = "mpnode/float32"
+
+
+@dataclass
+class BenchRow:
+    """One implementation run on one case: what was measured, and how it compares.
+
+    Attributes:
+        suite, problem, axis, sizes, steps: the case (``sizes`` as ``"batch=256,dim=32"``;
+            ``axis``: the sweep that produced it, ``"base"`` for a single case).
+        impl, solver, precision, device: the implementation (``impl`` is its label).
+        time_s: median forward+backward wall time (``None`` when not timed).
+        time_spread_s: interquartile range of the timed rounds; time_repeats: their number.
+        held_bytes: bytes saved for backward by the forward (parameters excluded).
+        peak_bytes: CUDA peak allocated above the start of the call (``None`` off CUDA).
+        syncs_forward, syncs_backward: host synchronisations of forward and of backward.
+        loss: the loss value; grad_rel_err: relative error of the parameter gradient
+            against :data:`REFERENCE` (or mpnode float32 when that failed).
+        time_vs_torchdiffeq, held_vs_torchdiffeq: ratios to :data:`REFERENCE` of the same case.
+        speedup_vs_mpnode_f32, peak_vs_mpnode_f32: mpnode float32's time over this one's,
+            this one's CUDA peak over mpnode float32's.
+        error: why the implementation failed or could not run (``None`` when it ran).
+    """
+
+    suite: str
+    problem: str
+    axis: str
+    sizes: str
+    steps: int
+    impl: str
+    solver: str
+    precision: str
+    device: str
+    time_s: float | None = None
+    time_spread_s: float | None = None
+    time_repeats: int | None = None
+    held_bytes: int | None = None
+    peak_bytes: int | None = None
+    syncs_forward: int | None = None
+    syncs_backward: int | None = None
+    loss: float | None = None
+    grad_rel_err: float | None = None
+    time_vs_torchdiffeq: float | None = None
+    held_vs_torchdiffeq: float | None = None
+    speedup_vs_mpnode_f32: float | None = None
+    peak_vs_mpnode_f32: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BenchRow":
+        """A row from its :meth:`as_dict` form (e.g. read back from results.json); unknown keys are ignored."""
+        return cls(**{k: v for k, v in data.items() if k in COLUMNS})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+COLUMNS = tuple(f.name for f in fields(BenchRow))
+"""The fields of :class:`BenchRow`, in CSV column order."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +111,12 @@ class Case:
 
 
 def _grad_vector(module: torch.nn.Module) -> torch.Tensor:
-    parts = [p.grad.detach().reshape(-1).double() for p in module.parameters() if p.grad is not None]
+    """Every parameter's gradient, flattened to float64; a parameter the loss does not use counts as zeros.
+
+    (torchdiffeq leaves such a gradient ``None``, mpnode returns zeros: both mean the same.)
+    """
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).double()
+             for p in module.parameters()]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
@@ -67,8 +124,8 @@ def _zero_grad(module: torch.nn.Module) -> None:
     module.zero_grad(set_to_none=True)
 
 
-def _measure_once(impl: Impl, case: Case, inst, device: torch.device) -> dict:
-    """The untimed measured call: memory, syncs, loss, gradient."""
+def _measure_once(impl: Impl, case: Case, inst, device: torch.device, row: BenchRow) -> torch.Tensor:
+    """The untimed measured call: fills memory, syncs and loss into ``row``; returns the parameter gradient."""
     _zero_grad(inst.func)
     forward = impl.forward_fn(inst, case.steps, device)
     with peak_memory(device) as pk:
@@ -78,25 +135,21 @@ def _measure_once(impl: Impl, case: Case, inst, device: torch.device) -> dict:
             with count_host_syncs() as bsync:
                 loss.backward()
         synchronize(device)
-    peak = None if pk.peak_bytes is None else pk.peak_bytes - pk.start_bytes
-    return {
-        "held_bytes": held.bytes,
-        "peak_bytes": peak,
-        "syncs_forward": fsync.count,
-        "syncs_backward": bsync.count,
-        "loss": float(loss.detach()),
-        "_grad": _grad_vector(inst.func),
-    }
+    row.held_bytes = held.bytes
+    row.peak_bytes = None if pk.peak_bytes is None else pk.peak_bytes - pk.start_bytes
+    row.syncs_forward, row.syncs_backward = fsync.count, bsync.count
+    row.loss = float(loss.detach())
+    return _grad_vector(inst.func)
 
 
 def run_case(case: Case, device: torch.device, repeats: int, suite: str = "", seed: int = 0,
-             on_call: Callable[[], None] | None = None) -> list[dict]:
+             on_call: Callable[[], None] | None = None) -> list[BenchRow]:
     """Run every implementation of ``case``; returns one row per implementation."""
     return run_group([case], device, repeats, suite=suite, seed=seed, on_call=on_call)
 
 
 def run_group(cases: Sequence[Case], device: torch.device, repeats: int, suite: str = "", seed: int = 0,
-              on_call: Callable[[], None] | None = None) -> list[dict]:
+              on_call: Callable[[], None] | None = None) -> list[BenchRow]:
     """Run cases that share one problem instance (same problem and sizes, e.g. a steps sweep).
 
     Timing rounds interleave every (case, implementation) pair, so a load change
@@ -107,21 +160,22 @@ def run_group(cases: Sequence[Case], device: torch.device, repeats: int, suite: 
     if any((c.problem, c.sizes) != (first.problem, first.sizes) for c in cases):
         raise ValueError("run_group needs cases of one problem and one size")
     inst = build(first.problem, first.size_dict, device, seed=seed)
-    per_case: list[dict[str, dict]] = []
+    per_case: list[dict[str, BenchRow]] = []
+    grads: list[dict[str, torch.Tensor]] = []
     fns: dict[tuple[int, str], Callable] = {}
     for ci, case in enumerate(cases):
         timed = case.timed or (True,) * len(case.impls)
-        rows: dict[str, dict] = {}
+        rows: dict[str, BenchRow] = {}
         per_case.append(rows)
+        grads.append({})
         for impl, want_time in zip(case.impls, timed):
-            row = {c: None for c in COLUMNS}
-            row.update(suite=suite, problem=case.problem, axis=case.axis, sizes=case.size_text, steps=case.steps,
-                       impl=impl.label, solver=impl.solver, precision=impl.precision, device=str(device))
+            row = BenchRow(suite=suite, problem=case.problem, axis=case.axis, sizes=case.size_text, steps=case.steps,
+                           impl=impl.label, solver=impl.solver, precision=impl.precision, device=str(device))
             rows[impl.label] = row
-            row["error"] = impl.unavailable()
-            if row["error"] is None:
+            row.error = impl.unavailable()
+            if row.error is None:
                 try:
-                    row.update(_measure_once(impl, case, inst, device))
+                    grads[ci][impl.label] = _measure_once(impl, case, inst, device, row)
                     if want_time:
                         fn = impl.step_fn(inst, case.steps, device)
                         _zero_grad(inst.func)
@@ -131,6 +185,23 @@ def run_group(cases: Sequence[Case], device: torch.device, repeats: int, suite: 
                     _record_failure(row, exc, device)
             if on_call:
                 on_call()
+    samples = _timing_rounds(fns, per_case, inst, device, repeats, on_call)
+    for (ci, label), s in samples.items():
+        row = per_case[ci][label]
+        if s and row.error is None:
+            t = Timing(tuple(s))
+            row.time_s, row.time_spread_s, row.time_repeats = t.median_s, t.spread_s, len(s)
+    out: list[BenchRow] = []
+    for rows, case_grads in zip(per_case, grads):
+        _fill_ratios(rows, case_grads)
+        out.extend(rows.values())
+    return out
+
+
+def _timing_rounds(fns: dict[tuple[int, str], Callable], per_case: list[dict[str, BenchRow]], inst,
+                   device: torch.device, repeats: int, on_call: Callable[[], None] | None
+                   ) -> dict[tuple[int, str], list[float]]:
+    """``repeats`` rounds, each calling every function once in rotating order; a failure drops that function."""
     samples: dict[tuple[int, str], list[float]] = {k: [] for k in fns}
     for r in range(repeats):
         keys = list(fns)
@@ -148,22 +219,12 @@ def run_group(cases: Sequence[Case], device: torch.device, repeats: int, suite: 
             samples[key].append(sw.elapsed_s)
             if on_call:
                 on_call()
-    for (ci, label), s in samples.items():
-        if s and label in per_case[ci] and per_case[ci][label]["error"] is None:
-            t = Timing(tuple(s))
-            per_case[ci][label].update(time_s=t.median_s, time_spread_s=t.spread_s, time_repeats=len(s))
-    out = []
-    for rows in per_case:
-        _fill_ratios(rows)
-        for row in rows.values():
-            row.pop("_grad", None)
-        out.extend(rows.values())
-    return out
+    return samples
 
 
-def _record_failure(row: dict, exc: Exception, device: torch.device) -> None:
-    row["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
-    row["time_s"] = None
+def _record_failure(row: BenchRow, exc: Exception, device: torch.device) -> None:
+    row.error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+    row.time_s = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -174,30 +235,26 @@ def _ratio(a, b) -> float | None:
     return a / b
 
 
-def _fill_ratios(rows: dict[str, dict]) -> None:
+def _fill_ratios(rows: dict[str, BenchRow], grads: dict[str, torch.Tensor]) -> None:
     ref = rows.get(REFERENCE)
     mp = rows.get(MPNODE_F32)
-    ref_grad = None
-    for cand in (ref, mp):
-        if cand is not None and cand.get("_grad") is not None:
-            ref_grad = cand["_grad"]
-            break
-    for row in rows.values():
+    ref_grad = grads.get(REFERENCE, grads.get(MPNODE_F32))
+    for label, row in rows.items():
         if ref is not None:
-            row["time_vs_torchdiffeq"] = _ratio(row["time_s"], ref["time_s"])
-            row["held_vs_torchdiffeq"] = _ratio(row["held_bytes"], ref["held_bytes"])
+            row.time_vs_torchdiffeq = _ratio(row.time_s, ref.time_s)
+            row.held_vs_torchdiffeq = _ratio(row.held_bytes, ref.held_bytes)
         if mp is not None:
-            row["speedup_vs_mpnode_f32"] = _ratio(mp["time_s"], row["time_s"])
-            row["peak_vs_mpnode_f32"] = _ratio(row["peak_bytes"], mp["peak_bytes"])
-        g = row.get("_grad")
+            row.speedup_vs_mpnode_f32 = _ratio(mp.time_s, row.time_s)
+            row.peak_vs_mpnode_f32 = _ratio(row.peak_bytes, mp.peak_bytes)
+        g = grads.get(label)
         if g is not None and ref_grad is not None and g.shape == ref_grad.shape:
             denom = float(ref_grad.norm())
-            row["grad_rel_err"] = float((g - ref_grad).norm()) / denom if denom > 0 else math.nan
+            row.grad_rel_err = float((g - ref_grad).norm()) / denom if denom > 0 else math.nan
 
 
 def run_cases(cases: Iterable[Case], device: torch.device, repeats: int, suite: str = "", seed: int = 0,
               progress: Callable[[int], Callable[[], None]] | None = None,
-              on_case: Callable[[list[dict]], None] | None = None) -> list[dict]:
+              on_case: Callable[[list[BenchRow]], None] | None = None) -> list[BenchRow]:
     """Run all cases in order; ``progress(total_calls)`` returns a per-call tick, ``on_case(rows)``
     sees each finished case's rows (e.g. to save partial results before a time limit)."""
     cases = list(cases)
@@ -209,7 +266,7 @@ def run_cases(cases: Iterable[Case], device: torch.device, repeats: int, suite: 
             groups[-1].append(case)
         else:
             groups.append([case])
-    rows: list[dict] = []
+    rows: list[BenchRow] = []
     for group in groups:
         try:
             case_rows = run_group(group, device, repeats, suite=suite, seed=seed, on_call=tick)

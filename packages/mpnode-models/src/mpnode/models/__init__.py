@@ -6,7 +6,6 @@ Submodules (import the one you need; none is imported eagerly):
 * :mod:`mpnode.models.otflow`: OT-Flow potential, dynamics, loss, MMD, sample generation;
 * :mod:`mpnode.models.mnist`: the ODE-Net blocks for MNIST and the data helpers (torchvision: ``mnist`` extra);
 * :mod:`mpnode.models.toy_data`: 8 Gaussians, checkerboard, two spirals, circles;
-* :mod:`mpnode.models.reference`: problems with exact solutions and gradients (linear ODE, dynamic range).
 """
 
 __version__ = "0.1.0"

@@ -149,7 +149,7 @@ class HyperNetField(nn.Module):
         return dz, div
 
 
-class MLPField(nn.Module):
+class SoftplusMLPField(nn.Module):
     """``f(t, z)``: an MLP on ``(z, t)`` with softplus activations (a generic CNF field)."""
 
     def __init__(self, dim: int = 2, width: int = 64, depth: int = 3) -> None:

@@ -1,0 +1,304 @@
+"""The experiment harness shared by ``examples/``, ``demos/`` and the benchmark runner.
+
+One home for what every experiment script needs:
+
+* command-line flags: :func:`script_parser` (``--out``, ``--seed``, ``--smoke``
+  with its alias ``--quick``), :func:`add_device_flag`, :func:`add_solver_flags`
+  (``--precision``, ``--odeint``, ``--device``), :func:`add_number_flags` and :func:`setup`;
+* precision and solver by name: :data:`PRECISIONS`, :func:`autocast`,
+  :data:`SOLVERS`, :func:`solver`, :func:`make_grad_scaler`;
+* output: :class:`CSVLog` / :func:`write_csv`, :func:`format_table` /
+  :func:`print_table` (rich when installed, aligned plain text otherwise),
+  :func:`pyplot` / :func:`save_figure` (matplotlib on its Agg backend);
+* the training loop of the flow examples: :func:`train`, :func:`write_summary`.
+
+matplotlib, rich and tqdm are imported only by the functions that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import functools
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "PRECISIONS",
+    "SOLVERS",
+    "autocast",
+    "solver",
+    "make_grad_scaler",
+    "script_parser",
+    "add_device_flag",
+    "add_solver_flags",
+    "add_number_flags",
+    "setup",
+    "CSVLog",
+    "write_csv",
+    "format_table",
+    "print_table",
+    "pyplot",
+    "save_figure",
+    "TrainingRun",
+    "train",
+    "write_summary",
+]
+
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Precision name -> autocast dtype (``None``: float32, no autocast)."""
+
+SOLVERS = ("mpnode", "torchdiffeq", "torchdiffeq-adjoint")
+"""Solver names :func:`solver` knows; all share torchdiffeq's ``odeint`` calling convention."""
+
+
+# ------------------------------------------------------------------ precision and solver
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast context of a precision name on ``device`` (a no-op for ``"float32"``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def solver(name: str) -> Callable[..., Any]:
+    """``odeint`` of mpnode, torchdiffeq (direct backprop) or torchdiffeq's ``odeint_adjoint``, by name."""
+    if name == "mpnode":
+        from mpnode.core import odeint
+
+        return odeint
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of {SOLVERS}")
+    try:
+        import torchdiffeq
+    except ImportError as err:
+        raise ImportError(f"solver {name!r} needs torchdiffeq: pip install torchdiffeq") from err
+    return torchdiffeq.odeint if name == "torchdiffeq" else torchdiffeq.odeint_adjoint
+
+
+def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """``torch.amp.GradScaler`` for a training loop: enabled for float16 only (a pass-through otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "float16")
+
+
+# ------------------------------------------------------------------ command line
+
+
+def script_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """Flags every example and demo takes: ``--out`` (default ``outputs/<name>``), ``--seed``, ``--smoke``.
+
+    ``--smoke`` (alias ``--quick``) asks for tiny sizes and counts: the form the tests run.
+    """
+    p = argparse.ArgumentParser(prog=f"{name}.py", description=description)
+    p.add_argument("--out", type=Path, default=Path("outputs") / name, help="folder for the CSV files and figures")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", "--quick", dest="smoke", action="store_true",
+                   help="tiny sizes and counts, for the tests (--quick is an alias)")
+    return p
+
+
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (default ``cuda`` when available, else ``cpu``)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_solver_flags(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` (autocast dtype of the vector field), ``--odeint`` (mpnode or torchdiffeq), ``--device``."""
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="float32",
+                        help="autocast dtype of the vector field")
+    parser.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
+    add_device_flag(parser)
+
+
+def add_number_flags(parser: argparse.ArgumentParser, **defaults: int | float) -> None:
+    """One ``--name`` flag per keyword, typed like its default (``data_size=1000`` gives ``--data-size``, an int)."""
+    for name, default in defaults.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Seed Python's and torch's generators with ``args.seed``, create ``args.out``, return ``args.device`` (or cpu)."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return torch.device(getattr(args, "device", "cpu"))
+
+
+# ------------------------------------------------------------------ CSV
+
+
+class CSVLog:
+    """Rows written to a CSV file as they come (flushed after each one).
+
+    The header is ``fieldnames``, or the first row's keys; ``None`` values are
+    written as empty cells, keys outside the header are an error.
+    """
+
+    def __init__(self, path: Path, fieldnames: Sequence[str] | None = None) -> None:
+        self.path = Path(path)
+        self.fieldnames = list(fieldnames) if fieldnames is not None else None
+        self._file = None
+        self._writer: csv.DictWriter | None = None
+
+    def write(self, **row: Any) -> None:
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("w", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=self.fieldnames or list(row))
+            self._writer.writeheader()
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> "CSVLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_csv(path: Path, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str] | None = None) -> None:
+    """All ``rows`` to ``path`` at once (header: ``fieldnames`` or the first row's keys)."""
+    with CSVLog(path, fieldnames) as log:
+        for row in rows:
+            log.write(**row)
+
+
+# ------------------------------------------------------------------ tables
+
+
+def format_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int = 120,
+                 left: Iterable[str] = ()) -> str:
+    """Rows of strings as a table: rich's box table when installed, else aligned plain text.
+
+    Columns named in ``left`` are left-aligned, the others right-aligned (rich only).
+    """
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        return _plain_table(title, header, rows)
+    left = set(left)
+    table = Table(title=title or None)
+    for h in header:
+        table.add_column(h, justify="left" if h in left else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console(width=width, color_system=None, force_terminal=False)
+    with console.capture() as captured:
+        console.print(table)
+    return captured.get().rstrip()
+
+
+def _plain_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    lines = ([title] if title else []) + [line, "-" * len(line)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], **kwargs: Any) -> None:
+    """Print :func:`format_table`."""
+    print(format_table(title, header, rows, **kwargs))
+
+
+# ------------------------------------------------------------------ figures
+
+
+@functools.cache
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (selected here, once, before pyplot loads)."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("figures need matplotlib: pip install matplotlib") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``path`` and close it (frees its memory); returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return Path(path)
+
+
+# ------------------------------------------------------------------ training loop
+
+
+@dataclass
+class TrainingRun:
+    """What :func:`train` measured.
+
+    Attributes:
+        times_s: wall time of every iteration (forward, backward, optimizer step), seconds.
+        held_bytes: bytes the last iteration kept for backward, weights excluded.
+    """
+
+    times_s: list[float] = field(default_factory=list)
+    held_bytes: int | None = None
+
+    @property
+    def median_iter_s(self) -> float:
+        return statistics.median(self.times_s)
+
+
+LossOutput = torch.Tensor | tuple[torch.Tensor, Mapping[str, float]]
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_scaler: torch.amp.GradScaler,
+          device: torch.device, precision: str, iters: int, draw_batch: Callable[[], Any],
+          loss_fn: Callable[[Any], LossOutput], log_path: Path, desc: str) -> TrainingRun:
+    """Run ``iters`` profiled training iterations; log one CSV row per iteration to ``log_path``.
+
+    Per iteration: ``x = draw_batch()`` (not measured), then, measured by
+    ``mpnode.bench.profilers.profile`` (time, bytes held for backward with the
+    weights excluded): ``loss_fn(x)`` under the autocast of ``precision``,
+    backward through ``grad_scaler``, the optimizer step.  ``loss_fn`` returns
+    the loss or ``(loss, extras)``; the float ``extras`` are logged next to
+    ``iteration``, ``loss``, ``time_s`` and ``held_bytes``.
+    """
+    from tqdm import tqdm
+
+    from .profilers import profile
+
+    run = TrainingRun()
+    weights = list(model.parameters())
+    with CSVLog(log_path) as log:
+        for it in tqdm(range(iters), desc=desc):
+            x = draw_batch()
+            with profile(device, sync_count=False, exclude=weights) as rec:
+                with autocast(precision, device):
+                    out = loss_fn(x)
+                loss, extras = (out if isinstance(out, tuple) else (out, {}))
+                optimizer.zero_grad(set_to_none=True)
+                grad_scaler.scale(loss).backward()
+                grad_scaler.step(optimizer)
+                grad_scaler.update()
+            run.times_s.append(rec.time_s)
+            run.held_bytes = rec.held_bytes
+            log.write(iteration=it, loss=float(loss.detach()), **extras, time_s=rec.time_s, held_bytes=rec.held_bytes)
+    return run
+
+
+def write_summary(summary: Mapping[str, Any], out: Path) -> None:
+    """Write ``summary`` as the one row of ``<out>/summary.csv`` and print it as ``key=value`` pairs."""
+    write_csv(out / "summary.csv", [summary])
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

@@ -1,0 +1,315 @@
+"""Helpers for tests, demos and benchmarks of ``odeint`` (like ``torch.testing``: public, needs torch only).
+
+Reference problems with exact float64 answers, to measure a solver's error:
+
+* :class:`LinearODE`: ``y' = A y`` with the matrix exponential as ground truth
+  for ``y(T)``, ``dL/dy0`` and ``dL/dA``;
+* :class:`DynamicRangeODE`: a scalar decay whose solution and adjoint span
+  float16's range, with analytic gradients (the problem adjoint scaling solves).
+
+A standard vector field, :class:`MLPField` (a tanh MLP on ``(y, t)``).
+
+Meters for what a solve costs besides time:
+
+* :class:`HeldMemory` / :func:`held_memory`: bytes of the distinct storages
+  autograd saves for backward (``saved_tensors_hooks``);
+* :class:`SyncCount` / :func:`count_host_syncs`: device-to-host scalar reads
+  (``aten._local_scalar_dense``: ``.item()``, ``bool(t)``, ``float(t)``).
+
+See ``docs/tests.md`` for how the test suite uses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = [
+    "LinearField",
+    "LinearODE",
+    "DecayField",
+    "DynamicRangeODE",
+    "MLPField",
+    "HeldMemory",
+    "held_memory",
+    "SyncCount",
+    "count_host_syncs",
+]
+
+# ---------------------------------------------------------------- reference problems
+
+
+class LinearField(torch.nn.Module):
+    """``f(t, y) = y A^T`` (an ``nn.Linear`` without bias) for states ``y`` of shape ``(B, d)``.
+
+    The product is a linear layer, so autocast evaluates it in low precision
+    and caches the low-precision copy of ``A`` across calls, as for any
+    ``nn.Linear``.  ``A`` (``(d, d)``) is the module's only parameter.
+    """
+
+    def __init__(self, A: torch.Tensor) -> None:
+        super().__init__()
+        self.A = torch.nn.Parameter(A.clone())
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(y, self.A)
+
+
+@dataclass
+class LinearODE:
+    """``y' = A y`` on ``[0, T]`` with ``y(T) = exp(T A) y0`` and loss ``L = 1/2 ||y(T)||^2``.
+
+    Attributes:
+        A: ``(d, d)`` float64 system matrix.
+        y0: ``(B, d)`` float64 batch of initial states.
+        T: final time.
+    """
+
+    A: torch.Tensor
+    y0: torch.Tensor
+    T: float = 1.0
+
+    @classmethod
+    def random(cls, dim: int = 8, batch: int = 4, T: float = 1.0, seed: int = 0) -> "LinearODE":
+        """A damped rotation-like system: skew-symmetric part plus ``-0.5 I`` and a small random part."""
+        g = torch.Generator().manual_seed(seed)
+        M = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+        A = (M - M.T) / dim**0.5 - 0.5 * torch.eye(dim, dtype=torch.float64) + 0.1 * torch.randn(
+            dim, dim, generator=g, dtype=torch.float64
+        )
+        y0 = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+        return cls(A, y0, T)
+
+    def exact(self) -> dict[str, torch.Tensor]:
+        """Float64 ``yT`` (``(B, d)``), ``dy0`` (``(B, d)``) and ``dA`` (``(d, d)``) through the matrix exponential."""
+        A = self.A.clone().requires_grad_(True)
+        y0 = self.y0.clone().requires_grad_(True)
+        yT = y0 @ torch.linalg.matrix_exp(self.T * A).T
+        loss = 0.5 * (yT**2).sum()
+        gy0, gA = torch.autograd.grad(loss, (y0, A))
+        return {"yT": yT.detach(), "dy0": gy0, "dA": gA}
+
+    def solve(self, odeint: Callable, n_steps: int, method: str = "rk4", dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu", **kwargs) -> dict[str, torch.Tensor]:
+        """``yT``, ``dy0`` and ``dA`` computed by ``odeint`` (any torchdiffeq-style solver) on ``n_steps`` steps.
+
+        Runs in the caller's autocast context; the state and ``A`` are ``dtype``.
+        """
+        field = LinearField(self.A.to(device=device, dtype=dtype))
+        y0 = self.y0.to(device=device, dtype=dtype).requires_grad_(True)
+        t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        t = torch.linspace(0.0, self.T, n_steps + 1, dtype=t_dtype, device=device)
+        yT = odeint(field, y0, t, method=method, **kwargs)[-1]
+        loss = 0.5 * (yT.float() ** 2).sum()
+        gy0, gA = torch.autograd.grad(loss, (y0, field.A))
+        return {"yT": yT.detach(), "dy0": gy0, "dA": gA}
+
+    def errors(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Relative Frobenius errors of a :meth:`solve` result against :meth:`exact`."""
+        ref = self.exact()
+        return {k: float((result[k].double().cpu() - ref[k]).norm() / ref[k].norm()) for k in ref}
+
+
+class DecayField(torch.nn.Module):
+    """``f(t, y) = -lambda(t) y`` with ``lambda(t) = a t^2 + b t + c``, for ``y`` of shape ``(B, 1)``.
+
+    The product is written as a ``(B, 1) x (1, 1)`` matmul so that autocast
+    evaluates it (and its VJP) in low precision.  ``coef = (a, b, c)`` is the parameter.
+    """
+
+    def __init__(self, a: float, b: float, c: float, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.coef = torch.nn.Parameter(torch.tensor([a, b, c], dtype=dtype))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a, b, c = self.coef
+        rate = a * t * t + b * t + c
+        return y @ (-rate).reshape(1, 1)
+
+
+@dataclass
+class DynamicRangeODE:
+    """Scalar ``y' = -(a t^2 + b t + c) y`` on ``[0, T]`` whose solution spans float16's range; ``coef = (a, b, c)``.
+
+    ``y(T) = y0 exp(-(a T^3/3 + b T^2/2 + c T))``; for ``L = s/2 y(T)^2`` (``s`` =
+    ``loss_scale``: tiny values provoke underflow, huge ones overflow) the exact
+    gradients are ``dL/dy0 = s y(T)^2 / y0`` and ``dL/d(a, b, c) = -s y(T)^2 (T^3/3, T^2/2, T)``.
+    The defaults decay ``y`` from 2e3 to 2.3e-4 (``exp(-16)``), so the adjoint falls
+    from 2.3e-4 at ``T`` to 2.5e-11 at 0, far below float16's smallest subnormal (6e-8).
+    """
+
+    y0: float = 2.0e3
+    coef: tuple[float, float, float] = (6.0, 8.0, 10.0)
+    T: float = 1.0
+    loss_scale: float = 1.0
+
+    def exact(self) -> dict[str, torch.Tensor]:
+        """Float64 ``yT`` (``(1,)``), ``dy0`` (``(1,)``) and ``dcoef`` (``(3,)``: ``dL/da, dL/db, dL/dc``)."""
+        T, (a, b, c) = self.T, self.coef
+        decay = a * T**3 / 3 + b * T**2 / 2 + c * T
+        yT = self.y0 * torch.exp(torch.tensor(-decay, dtype=torch.float64))
+        s = self.loss_scale
+        return {
+            "yT": yT.reshape(1),
+            "dy0": (s * yT**2 / self.y0).reshape(1),
+            "dcoef": -s * yT**2 * torch.tensor([T**3 / 3, T**2 / 2, T], dtype=torch.float64),
+        }
+
+    def solve(self, odeint: Callable, n_steps: int = 200, device: torch.device | str = "cpu",
+              **kwargs) -> dict[str, torch.Tensor]:
+        """Solve with a float32 state (inside the caller's autocast); returns ``yT``, ``dy0``, ``dcoef``."""
+        field = DecayField(*self.coef).to(device)
+        y0 = torch.full((1, 1), self.y0, device=device, requires_grad=True)
+        t = torch.linspace(0.0, self.T, n_steps + 1, device=device)
+        yT = odeint(field, y0, t, method="rk4", **kwargs)[-1]
+        loss = self.loss_scale * 0.5 * (yT.float() ** 2).sum()
+        gy0, gcoef = torch.autograd.grad(loss, (y0, field.coef))
+        return {"yT": yT.detach().reshape(1), "dy0": gy0.reshape(1), "dcoef": gcoef}
+
+    def errors(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Relative errors ``yT``, ``dy0``, and ``da``, ``db``, ``dc`` (``dcoef`` split)."""
+        ref = self.exact()
+        out = {}
+        for key in ("yT", "dy0"):
+            out[key] = float(((result[key].double().cpu() - ref[key]).abs() / ref[key].abs()).max())
+        for i, name in enumerate(("da", "db", "dc")):
+            r, g = ref["dcoef"][i], result["dcoef"][i].double().cpu()
+            out[name] = float((g - r).abs() / r.abs())
+        return out
+
+
+# ---------------------------------------------------------------- a standard field
+
+
+class MLPField(torch.nn.Module):
+    """A tanh MLP field ``f(t, y)`` on states ``(..., dim)`` with the time appended to the input.
+
+    ``hidden_layers`` tanh layers of ``width`` (the first takes ``dim + 1``
+    inputs), then a linear output layer back to ``dim``:
+    ``f = W_out tanh(... tanh(W_1 [y, t] + b_1) ...) + b_out``.
+    The time is cast to ``y``'s dtype before it is appended.
+    """
+
+    def __init__(self, dim: int = 4, width: int = 16, hidden_layers: int = 1) -> None:
+        super().__init__()
+        if hidden_layers < 1:
+            raise ValueError(f"MLPField needs hidden_layers >= 1, got {hidden_layers}")
+        sizes = [dim + 1] + [width] * hidden_layers
+        self.hidden = torch.nn.ModuleList(torch.nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+        self.out = torch.nn.Linear(width, dim)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([y, t.to(y.dtype).expand(*y.shape[:-1], 1)], dim=-1)
+        for layer in self.hidden:
+            h = torch.tanh(layer(h))
+        return self.out(h)
+
+
+# ---------------------------------------------------------------- meters
+
+StorageKey = tuple[str, int]  # (device, data_ptr) of an untyped storage
+
+
+@dataclass
+class HeldMemory:
+    """Storages autograd saves for backward while this meter is active (``with HeldMemory() as m:``).
+
+    Every tensor autograd saves (``ctx.save_for_backward`` included, hence
+    mpnode's checkpoints) passes a ``saved_tensors_hooks`` pack hook; storages
+    are deduplicated by ``(device, data_ptr)``, so views of one buffer count
+    once.  Nothing is copied or retained: the hook returns the tensor unchanged.
+
+    Attributes:
+        storages: ``(device, data_ptr) -> (nbytes, dtype)`` of each distinct storage
+            packed outside a backward pass (what the forward keeps for backward).
+        recompute_storages: the same for packs made *inside* a backward pass (for
+            instance a recompute-based adjoint rebuilding one step); these are
+            transient and not counted in :attr:`bytes`.
+        excluded: keys of storages not to count (e.g. the parameters).
+    """
+
+    storages: dict[StorageKey, tuple[int, torch.dtype]] = field(default_factory=dict)
+    recompute_storages: dict[StorageKey, tuple[int, torch.dtype]] = field(default_factory=dict)
+    excluded: set[StorageKey] = field(default_factory=set)
+
+    @property
+    def bytes(self) -> int:
+        """Total bytes of the distinct storages held for backward."""
+        return sum(n for n, _ in self.storages.values())
+
+    @property
+    def recompute_bytes(self) -> int:
+        """Total bytes of distinct storages packed during backward passes (transient)."""
+        return sum(n for n, _ in self.recompute_storages.values())
+
+    def bytes_by_dtype(self) -> dict[torch.dtype, int]:
+        """:attr:`bytes` split by the dtype of the tensor that packed each storage."""
+        out: dict[torch.dtype, int] = {}
+        for n, dt in self.storages.values():
+            out[dt] = out.get(dt, 0) + n
+        return out
+
+    def __enter__(self) -> "HeldMemory":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.layout != torch.strided:
+            return x
+        try:
+            s = x.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+            return x
+        key = (str(x.device), s.data_ptr())
+        if key in self.excluded or s.nbytes() == 0:
+            return x
+        inside_backward = torch._C._current_graph_task_id() != -1
+        target = self.recompute_storages if inside_backward else self.storages
+        previous = target.get(key, (0, x.dtype))[0]
+        target[key] = (max(previous, s.nbytes()), x.dtype)
+        return x
+
+
+def _unpack(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def held_memory(exclude: Iterable[torch.Tensor] = ()) -> HeldMemory:
+    """A :class:`HeldMemory` meter for ``with held_memory(exclude=model.parameters()) as m:``.
+
+    ``exclude``: tensors whose storages are not counted (pass the parameters to
+    leave out the weights every solver shares).
+    """
+    return HeldMemory(excluded={(str(t.device), t.untyped_storage().data_ptr()) for t in exclude})
+
+
+class SyncCount(TorchDispatchMode):
+    """A dispatch mode counting ``aten._local_scalar_dense`` calls (device-to-host scalar reads).
+
+    ``with SyncCount() as c: ...`` then ``c.count``.  Every op passes through
+    Python while it is active, so do not time a region while counting.
+
+    Attributes:
+        count: number of calls seen while active.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_syncs() -> SyncCount:
+    """A :class:`SyncCount` for ``with count_host_syncs() as c:`` (``.item()``/``bool(tensor)`` reads)."""
+    return SyncCount()
