@@ -99,6 +99,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             test_s_per_eval=round(statistics.fmean(float(r["test_s_per_eval"]) for r in mine), 1),
             step_held_mib=mine[0]["step_held_mib"],
             max_rss_mib=round(statistics.fmean(float(r["max_rss_mib"]) for r in mine)),
+            cpu_s_per_run=round(statistics.fmean(float(r["cpu_s"]) for r in mine)),
             cpu_s_total=round(sum(float(r["cpu_s"]) for r in mine), 1)))
     return rows
 
@@ -106,13 +107,13 @@ def summarize(runs: list[dict]) -> list[dict]:
 def markdown(summary: list[dict]) -> str:
     """The summary as a markdown table (accuracy as mean ± sample std [min, max])."""
     head = ("| configuration | final test acc. mean ± std [min, max] | per seed | largest change over a run's "
-            "last evaluations | train s / epoch | held for backward (MiB) | peak RSS (MiB) |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
+            "last evaluations | train s / epoch (wall) | CPU s / run | held for backward (MiB) | peak RSS (MiB) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in summary:
         std = f" ± {r['acc_std']:.4f}" if r["acc_std"] != "" else ""
         lines.append(f"| {r['config']} | {r['acc_mean']:.4f}{std} [{r['acc_min']:.4f}, {r['acc_max']:.4f}] | "
                      f"{r['per_seed']} | {r['within_run_range_max']:.4f} | {r['train_s_per_epoch']} | "
-                     f"{r['step_held_mib']} | {r['max_rss_mib']} |")
+                     f"{r['cpu_s_per_run']} | {r['step_held_mib']} | {r['max_rss_mib']} |")
     return "\n".join(lines)
 
 
@@ -125,7 +126,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--results", type=Path, required=True, help="folder for the small CSV files and summary.md")
     p.add_argument("--work", type=Path, default=Path("outputs") / "mnist_seeds",
                    help="folder for each run's full output (figure, run.log)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds of each configuration (model init, training subset and batch order; default 0 1 2)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="precision/odeint pairs")
     args = p.parse_args(own)
     reserved = {"--precision", "--odeint", "--seed", "--out"} & set(extra)

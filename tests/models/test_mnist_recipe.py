@@ -112,10 +112,10 @@ def test_summarize_statistics(seeds):
     assert f32["seeds"] == "0 1 2" and f32["per_seed"] == "0.9200 0.9000 0.9700"
     assert f32["acc_mean"] == pytest.approx(0.93) and f32["acc_std"] == pytest.approx(math.sqrt(0.0013), abs=1e-4)
     assert (f32["acc_min"], f32["acc_max"], f32["within_run_range_max"]) == (0.90, 0.97, 0.02)
-    assert f32["cpu_s_total"] == 30.0
+    assert (f32["cpu_s_total"], f32["cpu_s_per_run"]) == (30.0, 10)
     assert bf16["n"] == 1 and bf16["acc_std"] == ""
     table = seeds.markdown([f32, bf16])
-    assert "| float32/mpnode | 0.9300 ± 0.0361 [0.9000, 0.9700] |" in table
+    assert "| float32/mpnode | 0.9300 ± 0.0361 [0.9000, 0.9700] | 0.9200 0.9000 0.9700 | 0.0200 | 10.0 | 10 |" in table
     assert "| bfloat16/mpnode | 0.8000 [0.8000, 0.8000] |" in table
 
 
