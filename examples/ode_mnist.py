@@ -1,10 +1,20 @@
 """ODE-Net (Chen et al. 2018) on MNIST with mpnode or torchdiffeq, in float32, bfloat16 or float16.
 
 Trains the ~0.21 M-parameter ODE-Net (:class:`mpnode.models.mnist.ODENet`) with
-Adam and logs, per epoch, train loss/accuracy, test accuracy, wall time,
-CUDA peak memory (empty on CPU), the bytes one training step keeps for
-backward (``step_held_mib``, weights excluded) and vector-field evaluations per batch (forward and
-backward) to ``<out>/log.csv``; plots them to ``<out>/ode_mnist.png``.
+Adam and logs, per epoch, train loss/accuracy, test accuracy, the learning rate of
+the epoch's last step, wall time, CUDA peak memory (empty on CPU), the bytes one
+training step keeps for backward (``step_held_mib``, weights excluded) and
+vector-field evaluations per batch (forward and backward) to ``<out>/log.csv``;
+plots them to ``<out>/ode_mnist.png``.
+
+Recipe for a final accuracy that does not depend on which optimizer step the run
+stops at: the learning rate decays per optimizer step from ``--lr`` to
+``--lr * --final-lr-ratio`` (``--lr-schedule cosine``, the default, or ``linear``;
+``constant`` turns the decay off).  ``--final-evals K`` also evaluates the weights
+after the optimizer steps ``N - j * gap`` (``j = K-1 .. 0``, ``N`` the last step,
+``gap = --final-eval-gap``) and writes them to ``<out>/final.csv`` (``step``,
+``lr``, ``test_acc``): their spread is the step-to-step noise left in the final
+number.
 
     python examples/ode_mnist.py --data-root ../shared/data --train-subset 6000 --epochs 2
     python examples/ode_mnist.py --smoke          # tiny generated IDX set, no real data needed
@@ -16,7 +26,9 @@ from ``<data-root>/MNIST/raw``; nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +53,64 @@ def _mib(n: int | None) -> float | str:
     return "" if n is None else round(n / 2**20, 2)
 
 
-def train_epoch(model, loader, opt, grad_scaler, args, device, bar, profile) -> dict:
-    """One pass over ``loader``; returns mean loss, accuracy, NFE per batch and the first step's profile.
+def lr_factor(schedule: str, final_ratio: float, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the initial learning rate for optimizer step ``k`` (0-based) of ``total_steps``.
+
+    ``cosine``: ``r + (1 - r) (1 + cos(pi k / (N - 1))) / 2``; ``linear``:
+    ``1 - (1 - r) k / (N - 1)``; both go from 1 at the first step to ``r =
+    final_ratio`` at the last one (``N = total_steps``).  ``constant``: always 1.
+    """
+    if schedule not in ("constant", "cosine", "linear"):
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use constant, cosine or linear")
+    if not 0 <= final_ratio <= 1:
+        raise ValueError(f"--final-lr-ratio must be in [0, 1], got {final_ratio}")
+    if schedule == "constant" or total_steps < 2:
+        return lambda k: 1.0
+    last = total_steps - 1
+    if schedule == "cosine":
+        return lambda k: final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(k, last) / last))
+    return lambda k: 1 - (1 - final_ratio) * min(k, last) / last
+
+
+def final_eval_steps(total_steps: int, n_evals: int, gap: int) -> list[int]:
+    """Optimizer steps (1-based counts) after which the weights are evaluated: ``N - j gap``, ``j = n-1 .. 0``."""
+    if total_steps < 1:
+        raise ValueError("the run has no optimizer step: --epochs must be >= 1 and the training set non-empty")
+    if n_evals < 1 or gap < 1:
+        raise ValueError(f"--final-evals ({n_evals}) and --final-eval-gap ({gap}) must be >= 1")
+    if (n_evals - 1) * gap >= total_steps:
+        raise ValueError(f"--final-evals {n_evals} with --final-eval-gap {gap} reaches back {(n_evals - 1) * gap} "
+                         f"steps but the run has only {total_steps} optimizer steps: lower one of them")
+    return [total_steps - j * gap for j in range(n_evals - 1, -1, -1)]
+
+
+class Snapshots:
+    """Copies of the model's weights (``state_dict``, cloned) after chosen optimizer steps.
+
+    Call :meth:`after_step` once per optimizer step with the learning rate that
+    step used; ``saved`` maps the 1-based step count to ``(lr, state_dict)``.
+    """
+
+    def __init__(self, model: torch.nn.Module, steps: list[int]) -> None:
+        self.model = model
+        self.steps = set(steps)
+        self.count = 0
+        self.saved: dict[int, tuple[float, dict[str, torch.Tensor]]] = {}
+
+    def after_step(self, lr: float) -> None:
+        self.count += 1
+        if self.count in self.steps:
+            self.saved[self.count] = (lr, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+
+def train_epoch(model, loader, opt, grad_scaler, args, device, bar, profile, schedule, snapshots) -> dict:
+    """One pass over ``loader``; returns mean loss, accuracy, NFE per batch, the last step's learning rate
+    and the first step's profile.
 
     The first batch's forward+backward is profiled on its own (``held_mib``: bytes
     kept for backward, excluding the weights; ``host_syncs``); the epoch's time
-    is measured by the caller.
+    is measured by the caller.  ``schedule`` (an ``LRScheduler``) steps after every
+    optimizer step, then ``snapshots.after_step`` sees the learning rate that step used.
     """
     model.train()
     func = model.block.func
@@ -68,6 +132,9 @@ def train_epoch(model, loader, opt, grad_scaler, args, device, bar, profile) -> 
         nfe_b += func.nfe - n1
         grad_scaler.step(opt)
         grad_scaler.update()
+        lr = opt.param_groups[0]["lr"]
+        schedule.step()
+        snapshots.after_step(lr)
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
@@ -75,7 +142,7 @@ def train_epoch(model, loader, opt, grad_scaler, args, device, bar, profile) -> 
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
     n_batches = max(len(loader), 1)
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
-            "nfe_forward": nfe_f / n_batches, "nfe_backward": nfe_b / n_batches,
+            "nfe_forward": nfe_f / n_batches, "nfe_backward": nfe_b / n_batches, "lr": lr,
             "step_held_mib": _mib(step_rec.held_bytes), "step_host_syncs": step_rec.host_syncs}
 
 
@@ -91,6 +158,18 @@ def evaluate(model, loader, args, device) -> float:
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
     return correct / max(seen, 1)
+
+
+def evaluate_snapshots(model, snapshots: Snapshots, test_loader, args, device) -> list[dict]:
+    """Test accuracy of every saved snapshot, in step order; restores the model's current weights afterwards."""
+    current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = []
+    for step in sorted(snapshots.saved):
+        lr, state = snapshots.saved[step]
+        model.load_state_dict(state)
+        rows.append(dict(step=step, lr=lr, test_acc=evaluate(model, test_loader, args, device)))
+    model.load_state_dict(current)
+    return rows
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -113,6 +192,18 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path, dpi=120)
 
 
+def write_final(rows: list[dict], path: Path) -> None:
+    """Write the end-of-run evaluations to ``path`` and print their mean and range."""
+    log = CSVLog(path)
+    for row in rows:
+        log.write(**row)
+    log.close()
+    accs = [r["test_acc"] for r in rows]
+    print(f"final test accuracy {accs[-1]:.4f}; over the last {len(accs)} evaluations (steps "
+          f"{rows[0]['step']}..{rows[-1]['step']}): mean {sum(accs) / len(accs):.4f}, "
+          f"min {min(accs):.4f}, max {max(accs):.4f}")
+
+
 def main(argv=None) -> list[dict]:
     parser = script_parser("ode_mnist", __doc__.splitlines()[0])
     add_solver_flags(parser)
@@ -121,7 +212,17 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--test-batch-size", type=int, default=500)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=2e-3, help="initial Adam learning rate")
+    parser.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                        help="per-step decay of the learning rate from --lr to --lr * --final-lr-ratio at the "
+                             "last step (default cosine; constant: no decay)")
+    parser.add_argument("--final-lr-ratio", type=float, default=1e-2,
+                        help="learning rate of the last step as a fraction of --lr (default 0.01)")
+    parser.add_argument("--final-evals", type=int, default=1,
+                        help="evaluate the test set after this many of the last optimizer steps (default 1: "
+                             "only the final weights); all go to <out>/final.csv")
+    parser.add_argument("--final-eval-gap", type=int, default=1,
+                        help="optimizer steps between two of the --final-evals evaluations (default 1)")
     parser.add_argument("--train-subset", type=int, default=None, help="train on this many examples (default all 60000)")
     parser.add_argument("--test-subset", type=int, default=None, help="test on this many examples (default all 10000)")
     parser.add_argument("--steps", type=int, default=4, help="fixed Runge-Kutta steps of the ODE block on [0, 1]")
@@ -141,6 +242,10 @@ def main(argv=None) -> list[dict]:
     model = ODENet(width=args.width, n_steps=args.steps, method=args.method, odeint=solver(args.odeint)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    total_steps = args.epochs * len(train_loader)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args.lr_schedule, args.final_lr_ratio, total_steps))
+    eval_steps = final_eval_steps(total_steps, args.final_evals, args.final_eval_gap)
+    snapshots = Snapshots(model, eval_steps[:-1])  # the last step's weights are the final model itself
     grad_scaler = make_grad_scaler(args.precision, device)
     profile = profiler()
     title = (f"ODE-Net ({n_params} params), {args.odeint}, {args.precision}, {args.method} x{args.steps}, "
@@ -151,7 +256,7 @@ def main(argv=None) -> list[dict]:
     bar = tqdm(total=args.epochs * len(train_loader), desc="train", unit="batch")
     for epoch in range(1, args.epochs + 1):
         with profile(device, sync_count=False) as rec:
-            stats = train_epoch(model, train_loader, opt, grad_scaler, args, device, bar, profile)
+            stats = train_epoch(model, train_loader, opt, grad_scaler, args, device, bar, profile, schedule, snapshots)
         with profile(device, sync_count=False) as rec_test:
             test_acc = evaluate(model, test_loader, args, device)
         row = dict(epoch=epoch, precision=args.precision, odeint=args.odeint, train_n=len(train_loader.dataset),
@@ -164,6 +269,8 @@ def main(argv=None) -> list[dict]:
                    f"NFE/batch fwd {stats['nfe_forward']:.0f} bwd {stats['nfe_backward']:.0f}")
     bar.close()
     log.close()
+    write_final(evaluate_snapshots(model, snapshots, test_loader, args, device)
+                + [dict(step=total_steps, lr=rows[-1]["lr"], test_acc=rows[-1]["test_acc"])], args.out / "final.csv")
     plot(rows, args.out / "ode_mnist.png", title)
     print(f"wrote {args.out / 'log.csv'} and {args.out / 'ode_mnist.png'}")
     return rows

@@ -27,16 +27,22 @@ def _run_script(script: str, *args: str, timeout: float = 600) -> str:
     return proc.stdout
 
 
-def _run_in_process(script: str, *args: str):
-    """``main(args)`` of a script loaded by path (saves an interpreter start for the variant runs)."""
+def _load_script(script: str):
+    """A script loaded by path as a module (its ``main`` not run), registered in ``sys.modules``."""
     spec = importlib.util.spec_from_file_location(f"_smoke_{Path(script).stem}", ROOT / script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_in_process(script: str, *args: str):
+    """``main(args)`` of a script loaded by path (saves an interpreter start for the variant runs)."""
+    module = _load_script(script)
     try:
-        spec.loader.exec_module(module)
         return module.main(list(args))
     finally:
-        del sys.modules[spec.name]
+        del sys.modules[module.__name__]
 
 
 def _run(script: str, *args: str, as_command: bool) -> str:
@@ -59,6 +65,11 @@ def run_script():
     return _run_script
 
 
+@pytest.fixture(scope="session")
+def load_script():
+    return _load_script
+
+
 @pytest.fixture
 def run_in_process():
     return _run_in_process
@@ -70,6 +81,6 @@ def run():
     return _run
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def read_csv():
     return _read_csv
