@@ -36,6 +36,7 @@ from .graphs import StepGraph
 from .march import CARRIED, AdaptiveStepping, Problem, Recorder, Stepping, Trajectory, replay
 from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
 from .stats import SolverStats
+from .testing import held_memory
 
 
 @dataclass
@@ -90,7 +91,8 @@ def _check_count(name: str, value: object, minimum: int) -> int | None:
 
 @dataclass
 class StoreSetup:
-    """What a strategy needs to size its store: row width/dtype/device, rows if known, carried stages, traced times."""
+    """What a strategy needs to size its store: rows (width, dtype, device, count if known), carried stages,
+    traced times, and the differentiated tensors (not counted as held memory)."""
 
     width: int
     dtype: torch.dtype
@@ -98,6 +100,7 @@ class StoreSetup:
     rows: int | None
     carries: bool
     need_times: bool
+    params: tuple[torch.Tensor, ...] = ()
 
 
 class StepStore(Recorder):
@@ -420,25 +423,6 @@ class AutoAdjoint(AdjointStrategy):
         return f"AutoAdjoint(budget_bytes={self.budget_bytes}, checkpoint_dtype={self.checkpoint_dtype})"
 
 
-class _SavedBytes:
-    """Counts the bytes autograd saves while active (one step's graph)."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self._seen: set[int] = set()
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        storage = x.untyped_storage()
-        key = storage.data_ptr()
-        if key not in self._seen and not isinstance(x, torch.nn.Parameter):
-            self._seen.add(key)
-            self.total += storage.nbytes()
-        return x
-
-    def __call__(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda x: x)
-
-
 class BudgetedStore(StepStore):
     """Direct while the kept graphs fit the budget, then recompute, then segmented."""
 
@@ -447,7 +431,7 @@ class BudgetedStore(StepStore):
         self.budget = budget_bytes
         self.row_bytes = setup.width * setup.dtype.itemsize
         self.inner: StepStore = KeptGraphs(setup.need_times)
-        self.meter = _SavedBytes()
+        self.meter = held_memory(exclude=setup.params)  # bytes the kept graphs hold, weights excluded
         self.carried: set[int] = set()  # steps whose first stage is carried (the others' are recomputable)
 
     @property
@@ -463,11 +447,11 @@ class BudgetedStore(StepStore):
         return self.setup.need_times
 
     def graph_context(self):
-        return self.meter()
+        return self.meter
 
     def keep(self, n, graph):
         self.inner.keep(n, graph)
-        if self.meter.total > self.budget:
+        if self.meter.bytes > self.budget:
             self._fall_back()
 
     def record(self, n, y, first_stage):
@@ -550,7 +534,7 @@ class _AdjointFunction(torch.autograd.Function):
             width=y0.shape[0], dtype=strategy.resolved_checkpoint_dtype(problem), device=y0.device,
             rows=inputs.grid_host.numel() - 1 if fixed else None,
             carries=not fixed and problem.tableau.carries_first_stage,
-            need_times=ctx.needs_input_grad[1] or ctx.needs_input_grad[2],
+            need_times=ctx.needs_input_grad[1] or ctx.needs_input_grad[2], params=tuple(params),
         ))
         nfe0 = problem.field.nfe
         with problem.policy.autocast(cache_enabled=not getattr(store, "disable_cast_cache", False)):

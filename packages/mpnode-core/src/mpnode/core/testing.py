@@ -158,13 +158,17 @@ class DynamicRangeODE:
             "dcoef": -s * yT**2 * torch.tensor([T**3 / 3, T**2 / 2, T], dtype=torch.float64),
         }
 
-    def solve(self, odeint: Callable, n_steps: int = 200, device: torch.device | str = "cpu",
-              **kwargs) -> dict[str, torch.Tensor]:
-        """Solve with a float32 state (inside the caller's autocast); returns ``yT``, ``dy0``, ``dcoef``."""
-        field = DecayField(*self.coef).to(device)
-        y0 = torch.full((1, 1), self.y0, device=device, requires_grad=True)
-        t = torch.linspace(0.0, self.T, n_steps + 1, device=device)
-        yT = odeint(field, y0, t, method="rk4", **kwargs)[-1]
+    def solve(self, odeint: Callable, n_steps: int = 200, device: torch.device | str = "cpu", method: str = "rk4",
+              dtype: torch.dtype = torch.float32, **kwargs) -> dict[str, torch.Tensor]:
+        """Solve with a ``dtype`` state (inside the caller's autocast); returns ``yT``, ``dy0``, ``dcoef``.
+
+        ``n_steps`` intervals of the output times (the grid of a fixed method; pass 1
+        for an adaptive ``method``, whose outputs are then ``[0, T]``).
+        """
+        field = DecayField(*self.coef, dtype=dtype).to(device)
+        y0 = torch.full((1, 1), self.y0, device=device, dtype=dtype, requires_grad=True)
+        t = torch.linspace(0.0, self.T, n_steps + 1, device=device, dtype=dtype)
+        yT = odeint(field, y0, t, method=method, **kwargs)[-1]
         loss = self.loss_scale * 0.5 * (yT.float() ** 2).sum()
         gy0, gcoef = torch.autograd.grad(loss, (y0, field.coef))
         return {"yT": yT.detach().reshape(1), "dy0": gy0.reshape(1), "dcoef": gcoef}
