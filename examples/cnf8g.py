@@ -1,6 +1,7 @@
 """CNF on the 8-Gaussians density (FFJORD's toy): train, report NLL, time and memory, plot densities.
 
     python examples/cnf8g.py --precision bfloat16 --odeint mpnode --iters 300
+    python examples/cnf8g.py --method dopri5 --rtol 1e-4 --atol 1e-6      # adaptive steps
 
 Writes ``<out>/cnf8g.csv`` (one row per iteration), ``<out>/summary.csv`` and
 ``<out>/cnf8g_density.png`` (true vs learned density).
@@ -13,7 +14,8 @@ from pathlib import Path
 import torch
 
 from mpnode.bench.experiment import (
-    add_number_flags, add_solver_flags, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver, train, write_summary,
+    add_method_flags, add_number_flags, add_solver_flags, is_adaptive, make_grad_scaler, pyplot, save_figure,
+    script_parser, setup, solver, tolerance_kwargs, train, write_summary,
 )
 from mpnode.models.cnf import CNF, HyperNetField
 from mpnode.models.toy_data import eight_gaussians_log_density, sample
@@ -23,7 +25,7 @@ def main(argv=None) -> dict:
     p = script_parser("cnf8g", __doc__.splitlines()[0])
     add_solver_flags(p)
     add_number_flags(p, iters=300, batch=256, width=32, lr=1e-2)
-    p.add_argument("--steps", type=int, default=8, help="RK4 steps on [0, 1]")
+    add_method_flags(p, steps=8)
     p.add_argument("--divergence", choices=["exact", "hutchinson"], default="exact")
     args = p.parse_args(argv)
     if args.smoke:
@@ -33,7 +35,9 @@ def main(argv=None) -> dict:
     cnf = CNF(HyperNetField(width=args.width), divergence=args.divergence).to(device)
     opt = torch.optim.Adam(cnf.parameters(), lr=args.lr)
     t = torch.tensor([0.0, 1.0], device=device)
-    kw = dict(method="rk4", options={"step_size": 1.0 / args.steps})
+    kw = dict(method=args.method, **tolerance_kwargs(args))
+    if not is_adaptive(args.method):
+        kw["options"] = {"step_size": 1.0 / args.steps}
     gen = torch.Generator().manual_seed(args.seed)
     test = sample("8gaussians", 2000 if not args.smoke else 200, gen).to(device)
     run = train(cnf, opt, make_grad_scaler(args.precision, device), device, args.precision, args.iters,
@@ -43,7 +47,8 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         nll = float(-cnf.log_prob(test, odeint, t, **kw).mean())  # evaluated in float32
         true_nll = float(-eight_gaussians_log_density(test.double().cpu()).mean())
-    summary = dict(odeint=args.odeint, precision=args.precision, iters=args.iters, test_nll=nll, true_nll=true_nll,
+    summary = dict(odeint=args.odeint, precision=args.precision, method=args.method, iters=args.iters, test_nll=nll,
+                   true_nll=true_nll,
                    median_iter_s=run.median_iter_s, held_bytes=run.held_bytes)
     write_summary(summary, args.out)
     plot(cnf, odeint, kw, t, device, args.out / "cnf8g_density.png")

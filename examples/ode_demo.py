@@ -4,12 +4,14 @@ The ground truth is a float64 RK4 solve from ``y0 = (2, 0)`` on ``[0, 25]``
 (``--data-size`` output times, 10 substeps each).  Training fits ``f(t, y) =
 MLP(y^3)`` to random windows of ``--batch-time`` points starting at
 ``--batch-size`` random times (L1 loss), solving with mpnode or torchdiffeq
-(fixed-grid RK4 on the output times) under the chosen autocast precision.
+(``--method``: fixed-grid RK4 on the output times by default, or an adaptive
+method with ``--rtol``/``--atol``) under the chosen autocast precision.
 Logs iteration, train loss, full-trajectory test loss and time to
 ``<out>/log.csv``; draws trajectories, the phase portrait and the learned vs
 true vector field to ``<out>/ode_demo.png`` and the loss curves to ``<out>/loss.png``.
 
     python examples/ode_demo.py --precision bfloat16 --niters 1000
+    python examples/ode_demo.py --method dopri5 --rtol 1e-4 --atol 1e-6
     python examples/ode_demo.py --smoke
 """
 
@@ -23,7 +25,8 @@ from torch import nn
 from tqdm import tqdm
 
 from mpnode.bench.experiment import (
-    CSVLog, add_number_flags, add_solver_flags, autocast, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver,
+    CSVLog, add_method_flags, add_number_flags, add_solver_flags, autocast, make_grad_scaler, pyplot, save_figure,
+    script_parser, setup, solver, tolerance_kwargs,
 )
 
 A_TRUE = [[-0.1, 2.0], [-2.0, -0.1]]
@@ -120,17 +123,19 @@ def main(argv=None) -> list[dict]:
     add_solver_flags(parser)
     add_number_flags(parser, niters=1000, data_size=1000, t_end=25.0, batch_time=10, batch_size=20, hidden=50,
                      lr=1e-3, test_freq=50)
+    add_method_flags(parser, steps=None)
     args = parser.parse_args(argv)
     if args.smoke:
         args.niters, args.data_size, args.batch_time, args.batch_size, args.test_freq = 6, 40, 5, 8, 3
     device = setup(args)
     odeint = solver(args.odeint)
+    solve_kw = dict(method=args.method, **tolerance_kwargs(args))
     t, y_true = ground_truth(args.data_size, args.t_end, device)
     func = CubeFeatureMLP(args.hidden).to(device)
     opt = torch.optim.RMSprop(func.parameters(), lr=args.lr)
     grad_scaler = make_grad_scaler(args.precision, device)
     gen = torch.Generator().manual_seed(args.seed)
-    title = f"spiral, {args.odeint}, {args.precision}, rk4 on {args.data_size} points, {args.niters} iterations"
+    title = f"spiral, {args.odeint}, {args.precision}, {args.method} on {args.data_size} points, {args.niters} iterations"
     log = CSVLog(args.out / "log.csv")
     rows: list[dict] = []
     start = time.perf_counter()
@@ -140,14 +145,14 @@ def main(argv=None) -> list[dict]:
             y0, bt, by = get_batch(t, y_true, args.batch_time, args.batch_size, gen)
             opt.zero_grad(set_to_none=True)
             with autocast(args.precision, device):
-                pred = odeint(func, y0.to(device), bt, method="rk4")
+                pred = odeint(func, y0.to(device), bt, **solve_kw)
                 loss = (pred.float() - by).abs().mean()
             grad_scaler.scale(loss).backward()
             grad_scaler.step(opt)
             grad_scaler.update()
             if it % args.test_freq == 0 or it == args.niters:
                 with torch.no_grad(), autocast(args.precision, device):
-                    y_pred = odeint(func, y_true[0], t, method="rk4").float()
+                    y_pred = odeint(func, y_true[0], t, **solve_kw).float()
                 test_loss = float((y_pred - y_true).abs().mean())
                 row = dict(iter=it, train_loss=float(loss.detach()), test_loss=test_loss,
                            time_s=round(time.perf_counter() - start, 3), precision=args.precision, odeint=args.odeint)

@@ -9,31 +9,26 @@ import torch
 
 from mpnode.core import MixedPrecisionToleranceWarning, SolverStats, odeint
 from mpnode.core.controllers import Tolerance
-from mpnode.core.testing import LinearField, MLPField
+from mpnode.core.testing import LinearField, LinearODE, MLPField
 
 LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGET_TOL = {"bfloat16": 1e-2, "float16": 1e-3}
 
 
 def _gained_mlp(gain: float = 2.0, seed: int = 1) -> MLPField:
-    """The reference tanh MLP (dim 8, width 32) with weights scaled by ``gain``: nonlinear enough to need several steps."""
     torch.manual_seed(seed)
-    field = MLPField(dim=8, width=32)
-    with torch.no_grad():
-        for layer in (*field.hidden, field.out):
-            layer.weight.mul_(gain)
-    return field
+    return MLPField(dim=8, width=32, gain=gain)
+
+
+LINEAR = LinearODE.random(dim=8, batch=4, seed=0)  # y' = A y; its y0 serves the MLP field too
 
 
 def _linear_field() -> LinearField:
-    gen = torch.Generator().manual_seed(0)
-    M = torch.randn(8, 8, generator=gen, dtype=torch.float64)
-    A = (M - M.T) / 8**0.5 - 0.5 * torch.eye(8, dtype=torch.float64) + 0.1 * torch.randn(8, 8, generator=gen, dtype=torch.float64)
-    return LinearField(A)
+    return LinearField(LINEAR.A)
 
 
 def _y0() -> torch.Tensor:
-    return torch.randn(4, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return LINEAR.y0
 
 
 def _grad_and_steps(field, y0, T, dtype, amp_dtype, tol, device):

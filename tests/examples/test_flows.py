@@ -46,3 +46,10 @@ def test_flows_smoke_float16(precision, script, tmp_path, smoke):
     row = smoke(script, tmp_path, "--precision", precision, "--odeint", "mpnode")
     assert row["precision"] == "float16" and math.isfinite(float(row["test_nll"]))
     assert 0 < int(row["held_bytes"])
+
+
+@pytest.mark.parametrize("solver", ["mpnode", "torchdiffeq"])
+@pytest.mark.parametrize("script", ["cnf8g.py", "otflow.py"])
+def test_flows_with_an_adaptive_method(script, solver, tmp_path, smoke):
+    row = smoke(script, tmp_path, "--method", "dopri5", "--rtol", "1e-3", "--atol", "1e-5", "--odeint", solver)
+    assert row["method"] == "dopri5" and math.isfinite(float(row["test_nll"])) and int(row["held_bytes"]) > 0

@@ -35,6 +35,13 @@ def test_ode_demo_torchdiffeq_smoke(precision, device, tmp_path, run_in_process,
     assert read_csv(tmp_path / "log.csv")[-1]["odeint"] == "torchdiffeq"
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_ode_demo_adaptive_smoke(precision, device, tmp_path, run_in_process, read_csv):
+    run_in_process("examples/ode_demo.py", "--smoke", "--method", "dopri5", "--rtol", "1e-3", "--atol", "1e-5",
+                   "--precision", precision, "--device", device.type, "--out", str(tmp_path))
+    assert all(math.isfinite(float(r["test_loss"])) for r in read_csv(tmp_path / "log.csv"))
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
 def test_ode_mnist_smoke(precision, device, tmp_path, run, read_csv):
     torchvision_or_skip()
@@ -57,3 +64,17 @@ def test_ode_mnist_torchdiffeq_smoke(precision, device, tmp_path, run_in_process
                    "--device", device.type, "--out", str(tmp_path))
     (row,) = read_csv(tmp_path / "log.csv")
     assert float(row["nfe_forward"]) == 4 and float(row["nfe_backward"]) == 0  # backprop through the graph
+
+
+@pytest.mark.parametrize("precision", ["bfloat16"])
+def test_adaptive_precision_example_meets_its_targets(precision, device, tmp_path, run, read_csv):
+    out = run("examples/adaptive_precision.py", "--smoke", "--device", device.type, "--out", str(tmp_path),
+              as_command=True)
+    rows = read_csv(tmp_path / "adaptive_precision.csv")
+    target = [r for r in rows if r["solver"] == "mpnode" and r["precision"] == "bfloat16" and float(r["rtol"]) == 1e-2]
+    assert len(target) == 2  # linear and mlp
+    for r in target:
+        assert float(r["err_vs_f32"]) <= 3 and float(r["steps_vs_f32"]) <= 1.5
+    floor = [r for r in rows if float(r["rtol"]) < 1e-3 and r["solver"] == "mpnode"]
+    assert floor and floor[0]["floor_warning"] == "True"
+    assert (tmp_path / "adaptive_precision.png").exists() and "targets" in out

@@ -4,7 +4,8 @@ One home for what every experiment script needs:
 
 * command-line flags: :func:`script_parser` (``--out``, ``--seed``, ``--smoke``
   with its alias ``--quick``), :func:`add_device_flag`, :func:`add_solver_flags`
-  (``--precision``, ``--odeint``, ``--device``), :func:`add_number_flags` and :func:`setup`;
+  (``--precision``, ``--odeint``, ``--device``), :func:`add_method_flags` (``--method``, ``--steps``,
+  ``--rtol``, ``--atol``) with :func:`tolerance_kwargs`, :func:`add_number_flags` and :func:`setup`;
 * precision and solver by name: :data:`PRECISIONS`, :func:`autocast`,
   :data:`SOLVERS`, :func:`solver`, :func:`make_grad_scaler`;
 * output: :class:`CSVLog` / :func:`write_csv`, :func:`format_table` /
@@ -39,6 +40,9 @@ __all__ = [
     "add_device_flag",
     "add_solver_flags",
     "add_number_flags",
+    "add_method_flags",
+    "is_adaptive",
+    "tolerance_kwargs",
     "setup",
     "CSVLog",
     "write_csv",
@@ -118,6 +122,30 @@ def add_solver_flags(parser: argparse.ArgumentParser) -> None:
                         help="autocast dtype of the vector field")
     parser.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
     add_device_flag(parser)
+
+
+def add_method_flags(parser: argparse.ArgumentParser, steps: int | None, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    """``--method``: a fixed-grid method (with ``--steps`` unless ``steps`` is ``None``: then the script's output
+    times are the grid) or an adaptive one with ``--rtol``/``--atol``."""
+    parser.add_argument("--method", default="rk4",
+                        help="fixed-grid (rk4, euler, midpoint, ...) or adaptive (dopri5, tsit5, bosh3, ...) "
+                             "with --rtol/--atol")
+    if steps is not None:
+        parser.add_argument("--steps", type=int, default=steps, help="steps of a fixed-grid method")
+    parser.add_argument("--rtol", type=float, default=rtol, help="relative tolerance of an adaptive method")
+    parser.add_argument("--atol", type=float, default=atol, help="absolute tolerance of an adaptive method")
+
+
+def is_adaptive(method: str) -> bool:
+    """Whether ``method`` (a name in ``mpnode.core.TABLEAUX``) chooses its own steps."""
+    from mpnode.core import get_tableau
+
+    return get_tableau(method).is_adaptive
+
+
+def tolerance_kwargs(args: argparse.Namespace) -> dict[str, float]:
+    """``rtol``/``atol`` for an adaptive ``args.method`` (either solver takes them), nothing for a fixed grid."""
+    return dict(rtol=args.rtol, atol=args.atol) if is_adaptive(args.method) else {}
 
 
 def add_number_flags(parser: argparse.ArgumentParser, **defaults: int | float) -> None:

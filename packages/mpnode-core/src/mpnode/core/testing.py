@@ -192,18 +192,23 @@ class MLPField(torch.nn.Module):
     """A tanh MLP field ``f(t, y)`` on states ``(..., dim)`` with the time appended to the input.
 
     ``hidden_layers`` tanh layers of ``width`` (the first takes ``dim + 1``
-    inputs), then a linear output layer back to ``dim``:
+    inputs), then a linear output layer back to ``dim`` (weights scaled by ``gain``
+    after PyTorch's default initialisation):
     ``f = W_out tanh(... tanh(W_1 [y, t] + b_1) ...) + b_out``.
     The time is cast to ``y``'s dtype before it is appended.
     """
 
-    def __init__(self, dim: int = 4, width: int = 16, hidden_layers: int = 1) -> None:
+    def __init__(self, dim: int = 4, width: int = 16, hidden_layers: int = 1, gain: float = 1.0) -> None:
         super().__init__()
         if hidden_layers < 1:
             raise ValueError(f"MLPField needs hidden_layers >= 1, got {hidden_layers}")
         sizes = [dim + 1] + [width] * hidden_layers
         self.hidden = torch.nn.ModuleList(torch.nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
         self.out = torch.nn.Linear(width, dim)
+        if gain != 1.0:  # larger weights: a more nonlinear field that needs more (adaptive) steps
+            with torch.no_grad():
+                for layer in (*self.hidden, self.out):
+                    layer.weight.mul_(gain)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = torch.cat([y, t.to(y.dtype).expand(*y.shape[:-1], 1)], dim=-1)

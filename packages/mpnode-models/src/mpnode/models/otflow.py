@@ -132,16 +132,20 @@ class OTFlowVelocity(nn.Module):
 
 def otflow_loss(
     potential: OTPotential, x: torch.Tensor, odeint: Callable, n_steps: int = 8, T: float = 1.0,
-    alphas: tuple[float, float, float] = (1.0, 100.0, 5.0), **kwargs,
+    alphas: tuple[float, float, float] = (1.0, 100.0, 5.0), method: str = "rk4", **kwargs,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``a0 L + a1 C + a2 R`` (batch means) for data ``x`` ``(B, d)`` with ``n_steps`` RK4 steps.
+    """``a0 L + a1 C + a2 R`` (batch means) for data ``x`` ``(B, d)``, integrated on ``[0, T]``.
+
+    The output times are ``n_steps + 1`` equally spaced points: the grid of a fixed
+    ``method`` (``n_steps`` RK4 steps by default); an adaptive ``method`` (with
+    ``rtol``/``atol`` in ``kwargs``) chooses its own steps.
 
     ``C`` is the negative log-likelihood ``-(log N(z(T)) + l(T))``.  Returns the loss and the
     float values of ``L``, ``C``, ``R`` and the NLL.
     """
     zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     t = torch.linspace(0.0, T, n_steps + 1, device=x.device, dtype=x.dtype)
-    z, l, L, R = (v[-1] for v in odeint(OTFlowDynamics(potential), (x, zeros, zeros, zeros), t, method="rk4", **kwargs))
+    z, l, L, R = (v[-1] for v in odeint(OTFlowDynamics(potential), (x, zeros, zeros, zeros), t, method=method, **kwargs))
     C = -(standard_normal_log_prob(z) + l)
     a0, a1, a2 = alphas
     loss = a0 * L.mean() + a1 * C.mean() + a2 * R.mean()
@@ -149,10 +153,11 @@ def otflow_loss(
                   "nll": float(C.mean().detach())}
 
 
-def generate(potential: OTPotential, z: torch.Tensor, odeint: Callable, n_steps: int = 8, T: float = 1.0, **kwargs):
-    """Samples: integrate ``z ~ N(0, I)`` (``(B, d)``) from ``T`` back to 0; returns ``(B, d)``."""
+def generate(potential: OTPotential, z: torch.Tensor, odeint: Callable, n_steps: int = 8, T: float = 1.0,
+             method: str = "rk4", **kwargs):
+    """Samples: integrate ``z ~ N(0, I)`` (``(B, d)``) from ``T`` back to 0 (as in :func:`otflow_loss`); returns ``(B, d)``."""
     t = torch.linspace(T, 0.0, n_steps + 1, device=z.device, dtype=z.dtype)
-    return odeint(OTFlowVelocity(potential), z, t, method="rk4", **kwargs)[-1]
+    return odeint(OTFlowVelocity(potential), z, t, method=method, **kwargs)[-1]
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] = (0.1, 0.5, 1.0, 2.0, 5.0)) -> float:
