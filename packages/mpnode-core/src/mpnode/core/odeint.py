@@ -69,9 +69,10 @@ def odeint(
         y0: float32/float64 tensor of any shape, or a tuple of such tensors.
         t: 1-D float32/float64 tensor of output times, strictly increasing or
             decreasing, on ``y0``'s device.  A single time returns ``y0``.
-        rtol, atol: tolerances of adaptive methods (numbers, per-element tensors,
-            or a tuple per part of a tuple state); default 1e-7 and 1e-9 as
-            torchdiffeq.  Fixed-grid methods ignore them.
+        rtol: relative tolerance of adaptive methods (a number, a per-element
+            tensor, or a tuple per part of a tuple state); default 1e-7 as
+            torchdiffeq.  Fixed-grid methods ignore it.
+        atol: absolute tolerance, likewise; default 1e-9.
         method: a name in ``mpnode.core.TABLEAUX`` or a ``ButcherTableau``.  Default:
             ``"dopri5"`` (adaptive, as torchdiffeq) unless ``options`` has
             ``step_size`` or ``grid_constructor``, then ``"rk4"`` (the 3/8 rule, as

@@ -295,7 +295,8 @@ class SegmentedAdjoint(AdjointStrategy):
             steps ``k`` doubles, dropping every other checkpoint, whenever the count
             would exceed it).  Default: ``ceil(sqrt(N))`` for fixed grids (memory about
             ``2 sqrt(N)`` states), 64 for adaptive steps.
-        checkpoint_dtype, scaling: as for every strategy.
+        checkpoint_dtype: dtype of the stored states (see :class:`AdjointStrategy`).
+        scaling: adjoint scaling (see :class:`AdjointStrategy`).
 
     Held between forward and backward: at most ``checkpoints`` states; during
     backward, one segment's ``k`` states more.  Time: one extra graph-free forward
@@ -405,6 +406,8 @@ class AutoAdjoint(AdjointStrategy):
 
     Args:
         budget_bytes: the most bytes to hold between forward and backward.
+        checkpoint_dtype: dtype of stored states (see :class:`AdjointStrategy`).
+        scaling: adjoint scaling (see :class:`AdjointStrategy`).
     """
 
     name = "auto"
