@@ -58,6 +58,8 @@ class BackwardPlan:
     stage_times: list[tuple[torch.Tensor, ...]] | None = field(default=None)
 
     def __post_init__(self) -> None:
+        if self.trajectory.output_times is not None:  # decided by the forward pass (a solve until an event)
+            self.t = self.trajectory.output_times
         if not self.need_times:
             traj = self.trajectory
             self.stage_times = stage_time_table(

@@ -318,7 +318,7 @@ def initial_step(
     d0, d1 = d
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     h0 = float(torch.tensor(h0, dtype=y0.dtype))  # torchdiffeq forms h0 in the state's dtype
-    y1 = torch.add(y0, f0, alpha=h0)
+    y1 = torch.add(y0, f0, alpha=direction * h0)  # an Euler step in the direction of integration
     t1 = torch.tensor(t0 + direction * h0, dtype=time_dtype, device=y0.device)
     d2 = float(tol.apply_norm((f(t1, y1) - f0) / scale).abs()) / h0
     if d1 <= 1e-15 and d2 <= 1e-15:

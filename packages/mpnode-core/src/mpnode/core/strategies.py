@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from .backward import BackwardPlan, StepGraph, StepSource, build_step_graph, run_adjoint
 from .checkpoints import CheckpointStore
-from .march import CARRIED, AdaptiveStepping, Problem, Recorder, Stepping, Trajectory
+from .march import CARRIED, Problem, Recorder, Stepping, Trajectory
 from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
 from .stats import SolverStats
 
@@ -197,7 +197,7 @@ class _RecomputeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, setup: _RecomputeSetup, t, grid, y0, *params):
         problem, stepping, inputs = setup.problem, setup.stepping, setup.inputs
-        fixed = not isinstance(stepping, AdaptiveStepping)
+        fixed = inputs.grid_host is not None  # the number of steps is known before the march
         rows = inputs.grid_host.numel() - 1 if fixed else None
         carries = not fixed and problem.tableau.carries_first_stage
         ckpt_dtype = setup.strategy.resolved_checkpoint_dtype(problem)
