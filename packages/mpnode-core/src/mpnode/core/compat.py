@@ -54,8 +54,11 @@ def odeint_adjoint(
             torchdiffeq compatibility and unused: backward differentiates the
             forward's own steps, so there is no second solve to configure.  An
             :class:`AdjointArgumentsIgnoredWarning` is issued when one of them is
-            given and differs from its forward counterpart (``adjoint_options`` is
-            compared with ``options`` without ``norm``, as torchdiffeq derives it).
+            given and differs from its forward counterpart.  ``adjoint_options`` is
+            compared with ``options`` leaving out ``norm`` on both sides: an
+            adjoint norm such as torchdiffeq's ``"seminorm"`` only makes a
+            continuous adjoint's solve cheaper, and mpnode's backward already takes
+            exactly the forward's steps.
         adjoint_params: the tensors that receive gradients (torchdiffeq's meaning):
             default ``func.parameters()``, which needs ``func`` to be an
             ``nn.Module``; pass ``adjoint_params=()`` for a function without
@@ -83,7 +86,10 @@ def odeint_adjoint(
 
 def _warn_ignored_adjoint_arguments(rtol, atol, method, options, adjoint_rtol, adjoint_atol, adjoint_method,
                                     adjoint_options) -> None:
-    forward_options = {k: v for k, v in (options or {}).items() if k != "norm"}
+    def without_norm(opts):
+        return None if opts is None else {k: v for k, v in opts.items() if k != "norm"}
+
+    forward_options, adjoint_options = without_norm(options or {}), without_norm(adjoint_options)
     differs = [
         name for name, given, forward in (
             ("adjoint_rtol", adjoint_rtol, DEFAULT_RTOL if rtol is None else rtol),

@@ -120,8 +120,9 @@ def odeint(
         stepping, event = until_event(stepping, event_fn, layout, policy, t_host)
         t = torch.cat([t[:1], t[1:].detach()])  # t[1] only gives the direction: no gradient reaches it
     strategy = _strategy(adjoint, scaler, opts.get("checkpoint_dtype"))
-    problem = Problem(FlatVectorField(func, layout), tableau, policy, stepping.output_rule, Callbacks(func, layout),
-                      event=event)
+    callbacks = Callbacks(func, layout)
+    callbacks.check_supported(isinstance(stepping, AdaptiveStepping), tableau.name)
+    problem = Problem(FlatVectorField(func, layout), tableau, policy, stepping.output_rule, callbacks, event=event)
     y0_flat = layout.flatten(y0)
     targets = gradient_targets(func, adjoint_params)
     grid = grid_host = None
