@@ -59,6 +59,9 @@ class Trajectory:
         rejected: rejected attempts (adaptive).
         output_times: the output times when the march decided them (``[t0, event time]``
             of a solve until an event, ``t``'s dtype), else ``None`` (they are ``t``).
+        anchored_from: index of the first node that landed on a ``step_t``/``jump_t``
+            mark: nodes before it are ``t[0]`` plus constants, it and later ones do not
+            move with ``t[0]`` (``None``: no mark was hit).
     """
 
     nodes: list[float]
@@ -69,6 +72,7 @@ class Trajectory:
     placement: OutputPlacement
     rejected: int = 0
     output_times: torch.Tensor | None = None
+    anchored_from: int | None = None
 
     def perturbation(self, n: int) -> StagePerturbation:
         return self.perturbations[0] if len(self.perturbations) == 1 else self.perturbations[n]
@@ -237,6 +241,7 @@ class AdaptiveStepping(Stepping):
             f, t0, direction, y0, k_first, tab.order, self.tolerance, torch.float64
         )
         nodes, steps, modes, rules = [t0], [], [], []
+        anchored_from = None
         placement = OutputPlacement()
         placement.add_node(0, 0)
         rows: list[torch.Tensor | None] = [y0] + [None] * (len(outputs) - 1)
@@ -268,9 +273,10 @@ class AdaptiveStepping(Stepping):
             if not math.isfinite(ratio):
                 ratio = math.inf
             accept = ratio <= 1.0
-            if abs(hn) > opts.max_step:
+            size = abs(hn) if (on_step or on_jump) else h  # torchdiffeq compares the clamped size, not t1 - t0
+            if size > opts.max_step:
                 accept = False
-            if abs(hn) <= opts.min_step:
+            if size <= opts.min_step:
                 accept = True
             attempts += 1
             if attempts > opts.max_num_steps:
@@ -296,6 +302,8 @@ class AdaptiveStepping(Stepping):
                     n, t0, t1, y1, lambda x: _interp_output(problem, y, hn, stages, phi, x, None), rows, placement
                 ):
                     j = len(outputs)
+                if (on_step or on_jump) and anchored_from is None:
+                    anchored_from = len(nodes)
                 nodes.append(t1)
                 steps.append(hn)
                 if on_step:
@@ -322,7 +330,7 @@ class AdaptiveStepping(Stepping):
             if accept:
                 previous_ratio = ratio
         grid = torch.tensor(nodes, dtype=torch.float64, device=y0.device)
-        trajectory = Trajectory(nodes, steps, grid, rules, modes, placement, rejected)
+        trajectory = Trajectory(nodes, steps, grid, rules, modes, placement, rejected, anchored_from=anchored_from)
         if problem.event is not None:
             trajectory.output_times = problem.event.output_times(t)
         return torch.stack(rows), trajectory

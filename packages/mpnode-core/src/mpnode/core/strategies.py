@@ -240,12 +240,13 @@ class _RecomputeFunction(torch.autograd.Function):
 
 
 def _output_time_gradient(result, inputs: SolveInputs, trajectory: Trajectory, need_t: bool, adaptive: bool):
-    """``dL/dt``: interpolation terms per output, plus (adaptive steps) every node's term on ``t[0]``."""
+    """``dL/dt``: interpolation terms per output, plus (adaptive steps) the terms of the nodes that move with ``t[0]``."""
     if not need_t:
         return None
     grad = torch.zeros_like(inputs.t)
     for j, g in result.out_time.items():
         grad[j] += g.to(grad.dtype)
     if adaptive and result.grid_grad is not None:
-        grad[0] += result.grid_grad.sum().to(grad.dtype)  # tau_n = t[0] + constants
+        moving = result.grid_grad[: trajectory.anchored_from]  # tau_n = t[0] + constants before a step_t/jump_t mark
+        grad[0] += moving.sum().to(grad.dtype)
     return grad
