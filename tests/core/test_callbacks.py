@@ -147,6 +147,7 @@ class RejectFirstBlock(AdjointScaling):
         return False
 
 
+@pytest.mark.torchdiffeq_row("callbacks-adjoint")
 def test_adjoint_callbacks_once_per_backward_step_with_the_checkpoint():
     func = _seed_field()
     t = torch.linspace(0, 1, 6, dtype=torch.float64)
@@ -167,6 +168,7 @@ def test_adjoint_callbacks_once_per_backward_step_with_the_checkpoint():
         assert t0.dtype == dt.dtype == torch.float64 and t0.shape == dt.shape == ()
 
 
+@pytest.mark.torchdiffeq_row("callbacks-adjoint")
 def test_rejected_backward_blocks_call_the_reject_callback():
     func = _seed_field()
     t = torch.linspace(0, 1, 5, dtype=torch.float64)
@@ -186,6 +188,7 @@ def test_rejected_backward_blocks_call_the_reject_callback():
 # -- warnings and costs ----------------------------------------------------------------------------
 
 
+@pytest.mark.torchdiffeq_row("callbacks-unknown-name")
 def test_unknown_callback_name_warns_with_the_valid_names():
     class Misspelled(torch.nn.Module):
         def forward(self, t, y):

@@ -69,6 +69,7 @@ def _ball_inputs():
 
 @pytest.mark.torchdiffeq_row("odeint_event")
 @pytest.mark.torchdiffeq_row("event-gradients")
+@pytest.mark.torchdiffeq_row("event-fixed-grid")
 @pytest.mark.parametrize("name", list(METHODS))
 def test_bouncing_ball_matches_torchdiffeq(name):
     method, options = METHODS[name]
@@ -180,6 +181,7 @@ def test_learned_threshold_in_the_state_matches_torchdiffeq(name, reverse_time):
         assert _rel(a, b) <= TOL
 
 
+@pytest.mark.torchdiffeq_row("event-fn-parameters")
 @pytest.mark.parametrize("name", ["dopri5", "rk4-cubic"])
 def test_threshold_as_an_event_function_parameter_gets_the_implicit_gradient(name):
     """torchdiffeq gives event_fn's own parameters no gradient; mpnode's equals the gradient of the state form."""
@@ -223,6 +225,7 @@ def test_vector_event_function_stops_at_the_first_component_to_cross():
         assert _rel(a, b) <= TOL
 
 
+@pytest.mark.torchdiffeq_row("event-fn")
 def test_event_at_the_start_returns_y0_like_torchdiffeq():
     y0 = torch.tensor([0.0, 0.5], dtype=torch.float64)
     t = torch.tensor([0.3, 1.3], dtype=torch.float64)
@@ -232,6 +235,7 @@ def test_event_at_the_start_returns_y0_like_torchdiffeq():
     assert torch.equal(ours[1], ref[1]) and torch.equal(ours[1], torch.stack([y0, y0]))
 
 
+@pytest.mark.torchdiffeq_row("event-odeint-interface")
 def test_odeint_adjoint_as_the_interface_gives_the_same_gradients():
     results = []
     for interface in (odeint, odeint_adjoint):
@@ -314,6 +318,8 @@ def test_bfloat16_locates_the_event_near_float32(precision, name):
 # -- errors ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.torchdiffeq_row("event-nan-tangent")
+@pytest.mark.torchdiffeq_row("event-fixed-grid")
 def test_errors_name_the_fix(monkeypatch):
     y0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
     with pytest.raises(ValueError, match="two times"):
@@ -335,6 +341,7 @@ def test_errors_name_the_fix(monkeypatch):
                options={"step_size": 0.01})
 
 
+@pytest.mark.torchdiffeq_row("event-nan-tangent")
 def test_a_tangential_crossing_refuses_to_differentiate_the_event_time():
     """x(t) = (t - 1)^2 touches zero at t = 1 without crossing it: dT/dy0 does not exist."""
 
@@ -353,3 +360,42 @@ def test_t1_gets_no_gradient_it_only_gives_the_direction():
     _, sol = odeint(Ball(), y0, t, event_fn=ground)
     (grad,) = torch.autograd.grad(sol[-1].sum(), t)
     assert grad[1] == 0 and grad[0] != 0
+
+
+@pytest.mark.torchdiffeq_row("event-root")
+def test_the_root_is_located_to_the_time_resolution_not_to_atol():
+    """Free fall: dopri5's dense output is exact for a quadratic, so the event time is known in closed form.
+
+    torchdiffeq bisects to ``atol`` (here 1e-6); mpnode's root is exact to roundoff whatever ``atol``.
+    """
+
+    def fall(t, y):
+        return torch.stack([y[1], torch.full_like(y[1], -9.81)])
+
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    exact = (0.5 + math.sqrt(0.25 + 2 * 9.81)) / 9.81
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    ours, _ = odeint(fall, y0, t, event_fn=ground, atol=1e-6, rtol=1e-6)
+    ref, _ = torchdiffeq.odeint(fall, y0, t, event_fn=ground, atol=1e-6, rtol=1e-6)
+    assert abs(float(ours) - exact) < 1e-14
+    assert 1e-12 < abs(float(ref) - exact) < 1e-6
+
+
+@pytest.mark.torchdiffeq_row("event-callbacks")
+def test_fixed_grid_event_search_calls_callback_step():
+    steps = []
+
+    class Logged(Ball):
+        def callback_step(self, t0, y0, dt):
+            steps.append(float(t0))
+
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    event_t, _ = odeint(Logged(), y0, torch.tensor([0.0, 1.0], dtype=torch.float64), event_fn=ground, method="rk4",
+                        options={"step_size": 0.1})
+    assert steps == pytest.approx([0.1 * k for k in range(len(steps))], abs=1e-12)
+    assert steps[-1] < float(event_t) <= steps[-1] + 0.1
+    torchdiffeq_steps = len(steps)
+    steps.clear()
+    torchdiffeq.odeint(Logged(), y0, torch.tensor([0.0, 1.0], dtype=torch.float64), event_fn=ground, method="rk4",
+                       options={"step_size": 0.1})
+    assert steps == [] and torchdiffeq_steps > 0  # torchdiffeq's fixed-grid event search calls none

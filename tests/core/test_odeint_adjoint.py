@@ -42,6 +42,7 @@ def test_results_equal_odeint(method, options):
 
 
 @pytest.mark.torchdiffeq_row("odeint_adjoint")
+@pytest.mark.torchdiffeq_row("adjoint-gradients")
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
 def test_forward_matches_torchdiffeq_and_gradients_agree_to_discretisation_error(method):
     """Same forward solution; torchdiffeq's continuous-adjoint gradients differ by the solver's error only.
@@ -59,6 +60,7 @@ def test_forward_matches_torchdiffeq_and_gradients_agree_to_discretisation_error
         assert float((a - b).norm() / b.norm()) < 1e-6
 
 
+@pytest.mark.torchdiffeq_row("adjoint-params")
 def test_adjoint_params_of_a_closure_and_the_module_default():
     func = Field()
     weight = func.lin.weight
@@ -78,6 +80,7 @@ def test_adjoint_params_of_a_closure_and_the_module_default():
     assert out.requires_grad and weight.grad is None
 
 
+@pytest.mark.torchdiffeq_row("adjoint-params")
 def test_a_subset_of_adjoint_params_raises_for_the_others_instead_of_dropping_their_gradients():
     """torchdiffeq silently gives module parameters left out of adjoint_params no gradient; mpnode refuses."""
     func = Field()
@@ -103,6 +106,7 @@ def _call_with(**adjoint_kw):
     return [out.detach(), *torch.autograd.grad(out.square().sum(), [y0, *func.parameters()])]
 
 
+@pytest.mark.torchdiffeq_row("adjoint-arguments")
 @pytest.mark.parametrize("adjoint_kw", [
     {"adjoint_rtol": 1e-3}, {"adjoint_atol": 1e-3}, {"adjoint_method": "dopri5", "adjoint_options": {}},
     {"adjoint_options": {"step_size": 0.1}},
@@ -114,6 +118,8 @@ def test_differing_adjoint_arguments_warn_that_they_have_no_effect(adjoint_kw):
     assert all(torch.equal(a, b) for a, b in zip(results, _call_with()))
 
 
+@pytest.mark.torchdiffeq_row("adjoint-arguments")
+@pytest.mark.torchdiffeq_row("adjoint-seminorm")
 @pytest.mark.parametrize("adjoint_kw", [
     {}, {"adjoint_rtol": 1e-7, "adjoint_atol": torch.tensor(1e-9)}, {"adjoint_method": "rk4"},
     {"adjoint_options": {"step_size": 0.5, "norm": "seminorm"}},
