@@ -67,7 +67,8 @@ def odeint(
     Args:
         func: ``func(t, y) -> dy/dt``; ``t`` a 0-dim tensor in ``y0``'s dtype, ``y``
             and the result structured like ``y0``.  An ``nn.Module``'s parameters
-            with ``requires_grad`` receive gradients.
+            with ``requires_grad`` receive gradients.  It may define torchdiffeq's
+            callbacks ``callback_step`` etc. (see :mod:`mpnode.core.callbacks`).
         y0: float32/float64 tensor of any shape, or a tuple of such tensors.
         t: 1-D float32/float64 tensor of output times, strictly increasing or
             decreasing, on ``y0``'s device.  A single time returns a copy of ``y0``
