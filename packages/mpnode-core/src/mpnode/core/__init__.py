@@ -1,6 +1,7 @@
 """mpnode.core: mixed-precision ODE solves with a recompute-based discrete adjoint.
 
-Public API: :func:`odeint`; methods as data (:class:`ButcherTableau`,
+Public API: :func:`odeint`, and torchdiffeq's :func:`odeint_adjoint` and
+:func:`odeint_event`; methods as data (:class:`ButcherTableau`,
 :data:`TABLEAUX`, :func:`get_tableau`); step-size control
 (:class:`IntegralController`, :class:`PIController`); adjoint strategies
 (:class:`AdjointStrategy`, :class:`RecomputeAdjoint`, :class:`DirectAdjoint`,
@@ -9,6 +10,7 @@ Public API: :func:`odeint`; methods as data (:class:`ButcherTableau`,
 :class:`NoAdjointScaling`.
 """
 
+from .compat import AdjointArgumentsIgnoredWarning, odeint_adjoint, odeint_event
 from .controllers import IntegralController, PIController, StepSizeController
 from .march import MixedPrecisionToleranceWarning
 from .methods import TABLEAUX, get_tableau
@@ -21,6 +23,9 @@ from .tableau import ButcherTableau
 
 __all__ = [
     "odeint",
+    "odeint_adjoint",
+    "odeint_event",
+    "AdjointArgumentsIgnoredWarning",
     "ButcherTableau",
     "TABLEAUX",
     "get_tableau",

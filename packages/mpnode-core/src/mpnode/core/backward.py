@@ -61,6 +61,8 @@ class BackwardPlan:
 
     def __post_init__(self) -> None:
         traj = self.trajectory
+        if traj.output_times is not None:  # decided by the forward pass (a solve until an event)
+            self.t = traj.output_times
         if self.stage_times is None:  # also used to replay steps when the times are traced
             self.stage_times = stage_time_table(
                 self.problem.tableau, traj.grid, self.problem.policy.state_dtype, traj.perturbations

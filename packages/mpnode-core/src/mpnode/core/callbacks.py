@@ -17,8 +17,10 @@ user's structure (a tensor or tuple; no graph attached).
   scaler rejected its block and the steps are redone).
 
 An attribute whose name starts with ``callback_`` but is none of these triggers
-a warning naming the valid ones.  With no callback defined nothing is built or
-called (no extra host synchronisation).
+a warning naming the valid ones, and so does ``callback_accept_step`` /
+``callback_reject_step`` on a fixed grid, where no step is accepted or rejected
+(torchdiffeq warns likewise).  With no callback defined nothing is built or called
+(no extra host synchronisation).
 """
 
 from __future__ import annotations
@@ -50,8 +52,20 @@ class Callbacks:
                 warnings.warn(
                     f"odeint: func has an attribute {name!r} that is not a known callback and will never be called; "
                     f"valid callbacks are {list(VALID)}",
-                    stacklevel=4,
+                    stacklevel=3,
                 )
+
+    def check_supported(self, adaptive: bool, method: str) -> None:
+        """Warn about defined forward callbacks that this kind of stepping never calls."""
+        if adaptive:
+            return
+        unused = [name for name in ("callback_accept_step", "callback_reject_step") if name in self._found]
+        if unused:
+            warnings.warn(
+                f"odeint: func defines {unused}, which are never called for method {method!r} on a fixed grid "
+                "(no step is accepted or rejected there); use callback_step, or an adaptive method such as 'dopri5'",
+                stacklevel=3,
+            )
 
     def __bool__(self) -> bool:
         return bool(self._found)

@@ -75,6 +75,11 @@ class Trajectory:
             perturbation (``NONE``/``NEXT``/``PREV``) of its freshly evaluated first stage.
         placement: where each output time lies.
         rejected: rejected attempts (adaptive).
+        output_times: the output times when the march decided them (``[t0, event time]``
+            of a solve until an event, ``t``'s dtype), else ``None`` (they are ``t``).
+        anchored_from: index of the first node that landed on a ``step_t``/``jump_t``
+            mark: nodes before it are ``t[0]`` plus constants, it and later ones do not
+            move with ``t[0]`` (``None``: no mark was hit).
     """
 
     nodes: list[float]
@@ -84,6 +89,8 @@ class Trajectory:
     first_stage: list[int]
     placement: OutputPlacement
     rejected: int = 0
+    output_times: torch.Tensor | None = None
+    anchored_from: int | None = None
 
     def perturbation(self, n: int) -> StagePerturbation:
         return self.perturbations[0] if len(self.perturbations) == 1 else self.perturbations[n]
@@ -103,6 +110,8 @@ class Problem:
     output_rule: OutputRule
     callbacks: Callbacks
     counters: SolverStats = field(default_factory=SolverStats)
+    #: a :class:`mpnode.core.events.EventLocator` when the solve runs until an event, else ``None``.
+    event: Any = None
 
 
 class Stepping(abc.ABC):
@@ -275,12 +284,15 @@ class AdaptiveStepping(Stepping):
             f, t0, direction, y0, k_first, tab.order, self.tolerance, torch.float64
         )
         nodes, steps, modes, rules = [t0], [], [], []
+        anchored_from = None
         placement = OutputPlacement()
         placement.add_node(0, 0)
         rows: list[torch.Tensor | None] = [y0] + [None] * (len(outputs) - 1)
         step_t = _upcoming(opts.step_t, t0, direction)
         jump_t = _upcoming(opts.jump_t, t0, direction)
         y, j, attempts, rejections, rejected, previous_ratio, last_ratio = y0, 1, 0, 0, 0, None, 0.0
+        if problem.event is not None:  # outputs become [t0, event time]; j = 2 if the event holds at t0
+            outputs, j = problem.event.begin(outputs, direction, y0, rows, placement)
         while j < len(outputs):
             h = self._clamp(h)
             t1 = t0 + direction * h
@@ -331,6 +343,12 @@ class AdaptiveStepping(Stepping):
                     rows[j] = _interp_output(problem, y, hn, stages, phi, x, slope)
                     j += 1
                     attempts = 0
+                if problem.event is not None and problem.event.after_step(
+                    n, t0, t1, y1, lambda x: _interp_output(problem, y, hn, stages, phi, x, None), rows, placement
+                ):
+                    j = len(outputs)
+                if (on_step or on_jump) and anchored_from is None:
+                    anchored_from = len(nodes)
                 nodes.append(t1)
                 steps.append(hn)
                 if on_step:
@@ -357,7 +375,9 @@ class AdaptiveStepping(Stepping):
             if accept:
                 previous_ratio = ratio
         grid = torch.tensor(nodes, dtype=torch.float64, device=y0.device)
-        trajectory = Trajectory(nodes, steps, grid, rules, modes, placement, rejected)
+        trajectory = Trajectory(nodes, steps, grid, rules, modes, placement, rejected, anchored_from=anchored_from)
+        if problem.event is not None:
+            trajectory.output_times = problem.event.output_times(t)
         return torch.stack(rows), trajectory
 
     def _clamp(self, h: float) -> float:

@@ -178,12 +178,31 @@ TABLEAUX: dict[str, ButcherTableau] = {
 }
 
 
+_MULTISTEP = (
+    "it is a multistep method: each step uses the field values of several earlier steps, which mpnode's adjoint "
+    "(one checkpoint per step, each step recomputed on its own) does not keep; use 'rk4' on the same grid, or 'dopri5'"
+)
+
+#: torchdiffeq's method names that mpnode does not provide, with the reason and the alternative.
+REFUSED_METHODS: dict[str, str] = {
+    "explicit_adams": _MULTISTEP,
+    "implicit_adams": _MULTISTEP,
+    "fixed_adams": _MULTISTEP,
+    "scipy_solver": (
+        "it runs scipy.integrate.solve_ivp on NumPy arrays on the host, outside autograd and autocast, so it has "
+        "neither gradients nor low precision; use 'dopri5' (or 'dopri8'), or call scipy directly for inference"
+    ),
+}
+
+
 def get_tableau(method: str | ButcherTableau) -> ButcherTableau:
     """Return the tableau for a method name, or ``method`` itself if it is a tableau."""
     if isinstance(method, ButcherTableau):
         return method
     if isinstance(method, str) and method in TABLEAUX:
         return TABLEAUX[method]
+    if isinstance(method, str) and method in REFUSED_METHODS:
+        raise ValueError(f"method {method!r} (torchdiffeq) is not available in mpnode: {REFUSED_METHODS[method]}")
     raise ValueError(
         f"unknown method {method!r}: use one of {sorted(TABLEAUX)} or pass a mpnode.core.ButcherTableau"
     )

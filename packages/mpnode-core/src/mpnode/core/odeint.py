@@ -16,6 +16,7 @@ from .controllers import (
     StepSizeGrid,
     Tolerance,
 )
+from .events import until_event
 from .march import AdaptiveOptions, AdaptiveStepping, FixedGridStepping, Problem, Stepping
 from .methods import get_tableau
 from .outputs import OUTPUT_RULES
@@ -52,7 +53,8 @@ def odeint(
     adjoint_params: Iterable[torch.Tensor] | None = None,
     scaler: AdjointScaling | bool | None = None,
     adjoint: AdjointStrategy | None = None,
-) -> State:
+    event_fn: Callable | None = None,
+) -> State | tuple[torch.Tensor, State]:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` in mixed precision.
 
     Call it like ``torchdiffeq.odeint`` and, to use low precision, inside
@@ -65,10 +67,12 @@ def odeint(
     Args:
         func: ``func(t, y) -> dy/dt``; ``t`` a 0-dim tensor in ``y0``'s dtype, ``y``
             and the result structured like ``y0``.  An ``nn.Module``'s parameters
-            with ``requires_grad`` receive gradients.
+            with ``requires_grad`` receive gradients.  It may define torchdiffeq's
+            callbacks ``callback_step`` etc. (see :mod:`mpnode.core.callbacks`).
         y0: float32/float64 tensor of any shape, or a tuple of such tensors.
         t: 1-D float32/float64 tensor of output times, strictly increasing or
-            decreasing, on ``y0``'s device.  A single time returns ``y0``.
+            decreasing, on ``y0``'s device.  A single time returns a copy of ``y0``
+            with a leading dimension of 1 (no step is taken; gradients flow to ``y0``).
         rtol: relative tolerance of adaptive methods (a number, a per-element
             tensor, or a tuple per part of a tuple state); default 1e-7 as
             torchdiffeq.  Fixed-grid methods ignore it.
@@ -90,10 +94,17 @@ def odeint(
             scaling for float16; ``None`` automatic, ``False`` none.
         adjoint: an adjoint strategy, e.g. ``RecomputeAdjoint(checkpoint_dtype=...,
             scaling=...)`` (the default).
+        event_fn: ``event_fn(t, y) -> tensor``: solve until an element of it changes
+            sign (torchdiffeq's terminal event); ``t`` must then be ``[t0, t1]`` with
+            ``t1`` giving only the direction of time, and fixed-grid methods need
+            ``step_size``.  See :mod:`mpnode.core.events`; for a differentiable event
+            time use :func:`mpnode.core.odeint_event`.
 
     Returns:
         ``(len(t), *y0.shape)`` tensor in ``y0``'s dtype, or a tuple of such
-        tensors for a tuple ``y0``.
+        tensors for a tuple ``y0``.  With ``event_fn``: ``(event_t, solution)``,
+        ``event_t`` a 0-dim tensor in ``t``'s dtype (no graph) and ``solution`` the
+        states at ``[t0, event_t]``, differentiable at that fixed time.
     """
     check_func(func)
     check_y0(y0)
@@ -101,13 +112,19 @@ def odeint(
     t_host = check_t(t, layout.device)
     opts = check_options(options)
     stats = _check_stats(opts.get("stats"))
-    if t.shape[0] == 1:
-        return layout.unflatten(layout.flatten(y0).unsqueeze(0), (1,))
     tableau = get_tableau(method if method is not None else _default_method(opts))
     policy = PrecisionPolicy.capture(y0 if isinstance(y0, torch.Tensor) else y0[0])
     stepping = _stepping(tableau, opts, rtol, atol, layout, policy)
+    if event_fn is None and t.shape[0] == 1:  # torchdiffeq's rule: the initial state, copied
+        return layout.unflatten(layout.flatten(y0).clone().unsqueeze(0), (1,))
+    event = None
+    if event_fn is not None:
+        stepping, event = until_event(stepping, event_fn, layout, policy, t_host)
+        t = torch.cat([t[:1], t[1:].detach()])  # t[1] only gives the direction: no gradient reaches it
     strategy = _strategy(adjoint, scaler, opts.get("checkpoint_dtype"))
-    problem = Problem(FlatVectorField(func, layout), tableau, policy, stepping.output_rule, Callbacks(func, layout))
+    callbacks = Callbacks(func, layout)
+    callbacks.check_supported(isinstance(stepping, AdaptiveStepping), tableau.name)
+    problem = Problem(FlatVectorField(func, layout), tableau, policy, stepping.output_rule, callbacks, event=event)
     y0_flat = layout.flatten(y0)
     targets = gradient_targets(func, adjoint_params)
     grid = grid_host = None
@@ -119,7 +136,8 @@ def odeint(
     inputs = SolveInputs(t, t_host, grid, grid_host, y0_flat, targets, needs_grad, stats)
     out = strategy.solve(problem, stepping, inputs)
     _check_finite(out, policy)
-    return layout.unflatten(out, (t.shape[0],))
+    solution = layout.unflatten(out, (t.shape[0],))
+    return solution if event is None else (event.event_time(t), solution)
 
 
 def _default_method(opts: Mapping[str, Any]) -> str:

@@ -34,9 +34,9 @@ class FlatState:
     def unflatten(self, flat: torch.Tensor, lead: tuple[int, ...] = ()) -> State:
         """``(*lead, numel)`` -> user structure with leading dims ``lead`` (views)."""
         if not self.is_tuple:
-            return flat.reshape(*lead, *self.shapes[0])
+            return flat.reshape((*lead, *self.shapes[0]))  # a tuple: works for 0-dim states too
         parts = torch.split(flat, self.sizes, dim=-1)
-        return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self.shapes))
+        return tuple(p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes))
 
 
 class FlatVectorField:

@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from .backward import BackwardPlan, StepSource, build_step_graph, run_adjoint
 from .checkpoints import CheckpointStore
 from .graphs import StepGraph
-from .march import CARRIED, AdaptiveStepping, Problem, Recorder, Stepping, Trajectory, replay
+from .march import CARRIED, Problem, Recorder, Stepping, Trajectory, replay
 from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
 from .stats import SolverStats
 from .testing import held_memory
@@ -532,7 +532,7 @@ class _AdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, setup: _Setup, t, grid, y0, *params):
         problem, stepping, inputs, strategy = setup.problem, setup.stepping, setup.inputs, setup.strategy
-        fixed = not isinstance(stepping, AdaptiveStepping)
+        fixed = inputs.grid_host is not None  # the number of steps is known before the march
         store = strategy.new_store(StoreSetup(
             width=y0.shape[0], dtype=strategy.resolved_checkpoint_dtype(problem), device=y0.device,
             rows=inputs.grid_host.numel() - 1 if fixed else None,
@@ -561,7 +561,7 @@ class _AdjointFunction(torch.autograd.Function):
                             need_times=need_t or need_grid)
         result = run_adjoint(plan, source, grad_outputs, setup.strategy.resolved_scaling(problem))
         ctx.store = None  # a direct strategy's graphs are not needed any more
-        t_grad = _output_time_gradient(result, inputs, need_t, adaptive=inputs.grid is None)
+        t_grad = _output_time_gradient(result, inputs, trajectory, need_t, adaptive=inputs.grid is None)
         param_grads: list[torch.Tensor | None] = [None] * len(inputs.params)
         for i, g in zip(wanted, result.param_grads):
             param_grads[i] = g
@@ -572,13 +572,14 @@ class _AdjointFunction(torch.autograd.Function):
         return (None, t_grad, grid_grad, result.lam0 if need_y0 else None, *param_grads)
 
 
-def _output_time_gradient(result, inputs: SolveInputs, need_t: bool, adaptive: bool):
-    """``dL/dt``: interpolation terms per output, plus (adaptive steps) every node's term on ``t[0]``."""
+def _output_time_gradient(result, inputs: SolveInputs, trajectory: Trajectory, need_t: bool, adaptive: bool):
+    """``dL/dt``: interpolation terms per output, plus (adaptive steps) the terms of the nodes that move with ``t[0]``."""
     if not need_t:
         return None
     grad = torch.zeros_like(inputs.t)
     for j, g in result.out_time.items():
         grad[j] += g.to(grad.dtype)
     if adaptive and result.grid_grad is not None:
-        grad[0] += result.grid_grad.sum().to(grad.dtype)  # tau_n = t[0] + constants
+        moving = result.grid_grad[: trajectory.anchored_from]  # tau_n = t[0] + constants before a step_t/jump_t mark
+        grad[0] += moving.sum().to(grad.dtype)
     return grad

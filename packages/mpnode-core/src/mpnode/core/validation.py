@@ -16,6 +16,13 @@ ADAPTIVE_OPTIONS = (
 )
 COMMON_OPTIONS = ("checkpoint_dtype", "stats")
 KNOWN_OPTIONS = FIXED_GRID_OPTIONS + ADAPTIVE_OPTIONS + COMMON_OPTIONS
+#: torchdiffeq options mpnode refuses, with the reason (see the README's migration table).
+REFUSED_OPTIONS = {
+    "dtype": "mpnode keeps the times of adaptive solves in float64 always (torchdiffeq's default); remove it",
+    "max_iters": "it configures torchdiffeq's implicit Adams method, which mpnode does not provide",
+    "max_order": "it configures torchdiffeq's Adams methods, which mpnode does not provide",
+    "solver": "it configures torchdiffeq's scipy_solver, which mpnode does not provide",
+}
 
 
 def check_y0(y0: State) -> None:
@@ -81,6 +88,9 @@ def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(options, Mapping):
         raise TypeError(f"options must be a dict such as {{'step_size': 0.1}}, got {type(options).__name__}")
     opts = dict(options)
+    refused = sorted(set(opts) & set(REFUSED_OPTIONS))
+    if refused:
+        raise ValueError(f"option {refused[0]!r} (torchdiffeq) is not supported: {REFUSED_OPTIONS[refused[0]]}")
     unknown = sorted(set(opts) - set(KNOWN_OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; odeint accepts {list(KNOWN_OPTIONS)}")

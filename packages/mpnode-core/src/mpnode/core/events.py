@@ -1,0 +1,315 @@
+"""Terminal events: march until ``event_fn(t, y)`` crosses zero (torchdiffeq's ``event_fn``).
+
+``odeint(func, y0, t, event_fn=g)`` with ``t = [t0, t1]`` (``t1`` only gives the
+direction of time, as in torchdiffeq) marches from ``t0``; after every accepted
+step it evaluates the event value at the step's end, and at the first sign change
+it locates the root inside that step on the step's own interpolant (the dense
+output of adaptive methods; the linear or cubic Hermite interpolant of fixed
+grids, which need ``step_size``).  The solve returns ``(event_t, [y0, y(event_t)])``.
+
+The pieces:
+
+* :class:`EventFunction`: ``event_fn`` combined into one scalar ``g`` that is
+  positive before the event: ``g = min(event_fn(t, y) * sign(event_fn(t0, y0)))``
+  over its elements (torchdiffeq's rule for vector-valued event functions);
+* :class:`EventLocator`: the hooks the adaptive march calls (:meth:`~EventLocator.begin`,
+  :meth:`~EventLocator.after_step`) and the root finder;
+* :class:`FixedStepsUntilEvent`: fixed steps of ``step_size`` from ``t0`` until the event;
+* :func:`attach_event_gradient`: the implicit-function-theorem link from the
+  event time to ``y0``, ``t0`` and the parameters, used by ``odeint_event``.
+
+Precision: ``event_fn`` and the root finding always run in the state's dtype with
+autocast off (``t`` passed as a 0-dim tensor in the state's dtype, ``y`` in the
+user's structure); only the vector field runs in the autocast dtype.  Host
+synchronisations: one per accepted step (the sign of ``g`` at its end) and one per
+root-finding iteration (about ten per event).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .controllers import StepSizeGrid
+from .march import FixedGridStepping, Problem, Recorder, Stepping, Trajectory, _end_slope, _interp_output
+from .outputs import OutputPlacement
+from .precision import PrecisionPolicy
+from .state import FlatState, FlatVectorField, State
+from .stepper import rk_stages, stage_time_table, weighted_sum
+
+#: Iterations of the root finder before it gives up (it needs about ten).
+MAX_ROOT_ITERATIONS = 200
+
+
+class EventFunction:
+    """``event_fn(t, y)`` as one scalar ``g(t, y)`` that is positive until the event.
+
+    ``event_fn`` may return a tensor of any shape; each element is multiplied by
+    its sign at ``(t0, y0)`` (:meth:`calibrate`) and ``g`` is the minimum, so the
+    event is the first time any element changes sign.  Evaluated with autocast
+    off, in the state's dtype: ``g`` is a 0-dim tensor in that dtype.
+    """
+
+    def __init__(self, event_fn: Callable, layout: FlatState, policy: PrecisionPolicy) -> None:
+        if not callable(event_fn):
+            raise TypeError(f"event_fn must be callable as event_fn(t, y) -> tensor, got {type(event_fn).__name__}")
+        self.event_fn = event_fn
+        self.layout = layout
+        self.policy = policy
+        self.signs: torch.Tensor | None = None
+
+    def raw(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``event_fn(t, y)`` for a flat state ``y``, in the state's dtype (autocast off)."""
+        with torch.autocast(self.policy.device_type, enabled=False):
+            out = self.event_fn(t.to(self.layout.dtype), self.layout.unflatten(y))
+        if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+            raise TypeError(f"event_fn must return a floating tensor, got {type(out).__name__}"
+                            + (f" of dtype {out.dtype}" if isinstance(out, torch.Tensor) else ""))
+        return out.to(self.layout.dtype)
+
+    def calibrate(self, t0: torch.Tensor, y0: torch.Tensor) -> None:
+        """Record the sign of every element of ``event_fn(t0, y0)``."""
+        with torch.no_grad():
+            self.signs = torch.sign(self.raw(t0, y0.detach()))
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.raw(t, y)
+        if out.shape != self.signs.shape:
+            raise ValueError(f"event_fn returned shape {tuple(out.shape)} but {tuple(self.signs.shape)} at t0; "
+                             "it must return the same shape at every call")
+        return (out * self.signs).min()
+
+
+class EventLocator:
+    """Detects the event at the ends of accepted steps and locates it inside the step that crosses.
+
+    Attributes:
+        g: the combined event function.
+        time: the located event time (host float), ``None`` before it is found.
+    """
+
+    def __init__(self, g: EventFunction) -> None:
+        self.g = g
+        self.time: float | None = None
+        self._t0: float | None = None
+        self._last = math.nan  # g at the end of the last accepted step
+
+    def _value(self, t: float, y: torch.Tensor) -> float:
+        """``g(t, y)`` as a host float (one synchronisation)."""
+        with torch.no_grad():
+            v = float(self.g(torch.tensor(t, dtype=self.g.layout.dtype, device=y.device), y))
+        if math.isnan(v):
+            raise FloatingPointError(f"odeint: event_fn returned NaN at t = {t:.17g}; check the event function and the state")
+        return v
+
+    def begin(self, outputs: list[float], direction: int, y0: torch.Tensor, rows: list, placement: OutputPlacement):
+        """Calibrate ``g`` at ``(t0, y0)``; returns the outputs ``[t0, event]`` and the next output index.
+
+        When the event holds at ``t0`` already (an element of ``event_fn`` is 0)
+        the solution is ``[y0, y0]`` and the index returned is 2 (no step is taken).
+        """
+        t0 = outputs[0]
+        self._t0 = t0
+        self.g.calibrate(torch.tensor(t0, dtype=self.g.layout.dtype, device=y0.device), y0)
+        self._last = self._value(t0, y0)
+        if self._last == 0.0:
+            self.time = t0
+            rows[1] = y0
+            placement.add_node(0, 1)
+            return [t0, t0], 2
+        return [t0, direction * math.inf], 1
+
+    def after_step(self, n: int, t0: float, t1: float, y1: torch.Tensor, interp: Callable[[float], torch.Tensor],
+                   rows: list, placement: OutputPlacement) -> bool:
+        """After accepted step ``n`` from ``t0`` to ``t1``: if ``g`` changed sign, place the event output; True then.
+
+        ``interp(x)`` is the step's interpolant at ``t0 + x (t1 - t0)`` (flat, state dtype).
+        """
+        end = self._value(t1, y1)
+        if end > 0.0:
+            self._last = end
+            return False
+        x = self._root(t0, t1, self._last, end, interp)
+        self.time = t0 + x * (t1 - t0)
+        rows[1] = interp(x)
+        placement.add_interp(n, 1, x)
+        return True
+
+    def _root(self, t0: float, t1: float, g0: float, g1: float, interp: Callable[[float], torch.Tensor]) -> float:
+        """The root of ``x -> g(t0 + x h, interp(x))`` in ``(0, 1]`` given ``g(0) > 0 >= g(1)``.
+
+        Illinois regula falsi (Dowell & Jarratt 1971) with a bisection step whenever
+        three iterations have not halved the bracket; stops when the bracket is
+        below the resolution of times in the state's dtype.  Returns the bracket end
+        with the smaller ``|g|``.
+        """
+        if g1 == 0.0:
+            return 1.0
+        h = t1 - t0
+        eps = torch.finfo(self.g.layout.dtype).eps
+        resolution = 4 * eps * max(abs(t0), abs(t1)) / abs(h)  # in units of x
+        a, ga, b, gb = 0.0, g0, 1.0, g1
+        fa, fb = ga, gb  # Illinois-weighted values
+        width_before, side = 1.0, 0
+        with torch.no_grad():
+            for it in range(MAX_ROOT_ITERATIONS):
+                if b - a <= resolution:
+                    break
+                x = (a * fb - b * fa) / (fb - fa)
+                if it % 3 == 2:
+                    if b - a > 0.5 * width_before:
+                        x = 0.5 * (a + b)
+                    width_before = b - a
+                if not a < x < b:
+                    x = 0.5 * (a + b)
+                gx = self._value(t0 + x * h, interp(x))
+                if gx == 0.0:
+                    return x
+                if gx > 0.0:
+                    a, ga, fa = x, gx, gx
+                    fb = fb / 2 if side == 1 else fb
+                    side = 1
+                else:
+                    b, gb, fb = x, gx, gx
+                    fa = fa / 2 if side == -1 else fa
+                    side = -1
+        return a if abs(ga) < abs(gb) else b
+
+    def output_times(self, t: torch.Tensor) -> torch.Tensor:
+        """``[t0, event time]`` in ``t``'s dtype and device (the outputs the backward pass differentiates)."""
+        return torch.tensor([self._t0, self.time], dtype=t.dtype, device=t.device)
+
+    def event_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The event time as a 0-dim tensor in ``t``'s dtype (no graph; see ``odeint_event`` for gradients)."""
+        return torch.tensor(self.time, dtype=t.dtype, device=t.device)
+
+
+class FixedStepsUntilEvent(Stepping):
+    """Steps of ``step_size`` from ``t0`` until the event (torchdiffeq's fixed-grid event search).
+
+    The nodes ``t0, t0 +- h, ...`` are formed one by one in ``t``'s dtype; the
+    outputs are read off the grid's interpolant (``interp``) and stage times are
+    perturbed as ``perturb`` says, as on any fixed grid.  At most
+    :attr:`MAX_STEPS` steps (torchdiffeq's limit) are taken.
+    """
+
+    MAX_STEPS = 20000
+
+    def __init__(self, grid_stepping: FixedGridStepping) -> None:
+        if not isinstance(grid_stepping.rule, StepSizeGrid):
+            raise ValueError(
+                "odeint: with event_fn, fixed-grid methods need options['step_size'] (the grid cannot be built before "
+                "the event time is known, as in torchdiffeq); pass step_size, or use an adaptive method such as 'dopri5'"
+            )
+        self.grid_stepping = grid_stepping
+        self.step_size = grid_stepping.rule.step_size
+        self.output_rule = grid_stepping.output_rule
+
+    def march(self, problem: Problem, y0, t, t_host, grid, grid_host, recorder: Recorder):
+        tab, f, cb, event = problem.tableau, problem.field, problem.callbacks, problem.event
+        direction = 1 if bool(t_host[1] > t_host[0]) else -1
+        rule = self.grid_stepping.perturbation(direction)
+        rows: list[torch.Tensor | None] = [y0, None]
+        placement = OutputPlacement()
+        placement.add_node(0, 0)
+        _, j = event.begin([float(t_host[0]), float(t_host[1])], direction, y0, rows, placement)
+        nodes, steps, y = [float(t_host[0])], [], y0
+        while j < 2:
+            n = len(steps)
+            if n == self.MAX_STEPS:
+                raise RuntimeError(
+                    f"odeint: no event within {self.MAX_STEPS} steps of size {self.step_size:g} from t = {nodes[0]:.6g}; "
+                    "use a larger step_size, or check that event_fn changes sign along the solution"
+                )
+            pair = torch.tensor([nodes[-1], nodes[-1] + direction * self.step_size], dtype=t.dtype)
+            t0, t1 = pair.tolist()
+            h = t1 - t0
+            pair = pair.to(t.device)
+            if cb:
+                cb.call("callback_step", pair[0], y, pair[1] - pair[0], t.dtype)
+            recorder.record(n, y, None)
+            stages = rk_stages(tab, f, y, h, stage_time_table(tab, pair, problem.policy.state_dtype, rule)[0])
+            phi = weighted_sum(tab.b, stages.ks)
+            y1 = stages.last_input if tab.is_fsal else torch.add(y, phi, alpha=h)
+            interp = _StepInterpolant(problem, y, h, stages, phi, pair[1], y1)
+            if event.after_step(n, t0, t1, y1, interp, rows, placement):
+                j = 2
+            nodes.append(t1)
+            steps.append(h)
+            y = y1
+        grid = torch.tensor(nodes, dtype=t.dtype, device=t.device)
+        trajectory = Trajectory(nodes, steps, grid, [rule], [rule.first] * len(steps), placement,
+                                output_times=event.output_times(t))
+        return torch.stack(rows), trajectory
+
+
+class _StepInterpolant:
+    """``x -> y_n + h Psi(x)`` of one fixed step; the end slope of the cubic rule is evaluated once, when first needed."""
+
+    def __init__(self, problem: Problem, y, h: float, stages, phi, t1: torch.Tensor, y1: torch.Tensor) -> None:
+        self.problem, self.y, self.h, self.stages, self.phi, self.t1, self.y1 = problem, y, h, stages, phi, t1, y1
+        self.slope = None
+
+    def __call__(self, x: float) -> torch.Tensor:
+        if self.problem.output_rule.needs_end_slope and self.slope is None:
+            self.slope = _end_slope(self.problem, self.t1, self.y1)
+        return _interp_output(self.problem, self.y, self.h, self.stages, self.phi, x, self.slope)
+
+
+def until_event(stepping: Stepping, event_fn: Callable, layout: FlatState, policy: PrecisionPolicy,
+                t_host: torch.Tensor) -> tuple[Stepping, EventLocator]:
+    """The stepping and event locator of ``odeint(..., event_fn=...)``; checks ``t`` and the grid option."""
+    if t_host.numel() != 2:
+        raise ValueError(
+            f"odeint: with event_fn, t must hold two times [t0, t1] (t0 starts the solve, t1 only gives the direction "
+            f"of time, as in torchdiffeq), got {t_host.numel()}; or call odeint_event(func, y0, t0, event_fn=...)"
+        )
+    if isinstance(stepping, FixedGridStepping):
+        stepping = FixedStepsUntilEvent(stepping)
+    return stepping, EventLocator(EventFunction(event_fn, layout, policy))
+
+
+def attach_event_gradient(func: Callable, event_fn: Callable, t0: torch.Tensor, y0: State, event_t: torch.Tensor,
+                          state: State, policy: PrecisionPolicy) -> tuple[torch.Tensor, State]:
+    """Make ``event_t`` and ``state = y(event_t)`` differentiable through the event condition.
+
+    ``state`` comes from ``odeint`` differentiable at the fixed event time
+    ``T = event_t`` (no graph).  With ``g`` the combined event function and
+    ``s = dg/dt + dg/dy . f(T, y(T))`` its slope along the solution (no graph), the
+    implicit function theorem gives ``dT = -(dg/dy . dy(T) + dg/dtheta_g) / s`` for
+    any change of ``y0``, ``t0``, the field's or the event function's parameters.
+    Returned: ``T + delta`` and ``y(T) + f delta`` with
+    ``delta = (g - g.detach()) * (-1 / s)``, whose value is exactly 0 and whose
+    gradient is ``dT``.  ``f`` is evaluated as in the solve (autocast), ``g`` in
+    the state's dtype.  Raises when ``s`` is 0 or not finite (a tangential crossing:
+    the event time has no derivative).
+    """
+    if not torch.is_grad_enabled():
+        return event_t, state
+    layout = FlatState(y0)
+    g = EventFunction(event_fn, layout, policy)
+    g.calibrate(t0.detach().reshape(()), layout.flatten(y0).detach())
+    y_e = layout.flatten(state)
+    t_e = event_t.detach().to(layout.dtype)
+    with torch.no_grad(), policy.autocast():
+        f_e = FlatVectorField(func, layout)(t_e, y_e.detach())
+    with torch.enable_grad():
+        t_leaf, y_leaf = t_e.clone().requires_grad_(True), y_e.detach().clone().requires_grad_(True)
+        g_t, g_y = torch.autograd.grad(g(t_leaf, y_leaf), (t_leaf, y_leaf), allow_unused=True)
+    slope = (g_y * f_e).sum() if g_y is not None else torch.zeros((), dtype=layout.dtype, device=layout.device)
+    if g_t is not None:
+        slope = slope + g_t
+    g_live = g(t_e, y_e)
+    if not g_live.requires_grad:
+        return event_t, state
+    s = float(slope)
+    if s == 0.0 or not math.isfinite(s):
+        raise FloatingPointError(
+            f"odeint_event: d/dt event_fn(t, y(t)) is {s} at the event t = {float(event_t):.17g}: the solution touches "
+            "the event surface without crossing it, so the event time has no derivative; change event_fn or the "
+            "initial condition, or detach the inputs if no gradient is needed"
+        )
+    delta = (g_live - g_live.detach()) * (-1.0 / s)
+    return event_t + delta.to(event_t.dtype), layout.unflatten(y_e + f_e * delta)

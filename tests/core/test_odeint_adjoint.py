@@ -1,0 +1,153 @@
+"""``odeint_adjoint``: torchdiffeq's signature on mpnode's discrete adjoint; results equal ``odeint``'s."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mpnode.core import AdjointArgumentsIgnoredWarning, odeint, odeint_adjoint
+
+torchdiffeq = pytest.importorskip("torchdiffeq")
+
+
+class Field(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3, dtype=torch.float64)
+        self.scale = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+
+    def forward(self, t, y):
+        return self.scale * torch.tanh(self.lin(y)) * torch.cos(t)
+
+
+def _outputs_and_grads(solve, func, params, times=(0.0, 0.4, 1.1), **kw):
+    torch.manual_seed(1)
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(times, dtype=torch.float64, requires_grad=True)
+    out = solve(func, y0, t, **kw)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum()
+    return [out.detach(), *torch.autograd.grad(loss, [y0, t, *params])]
+
+
+@pytest.mark.parametrize("method, options", [("rk4", None), ("euler", {"step_size": 0.05}), ("dopri5", None)])
+def test_results_equal_odeint(method, options):
+    func = Field()
+    params = list(func.parameters())
+    ours = _outputs_and_grads(odeint_adjoint, func, params, method=method, options=options)
+    ref = _outputs_and_grads(odeint, func, params, method=method, options=options)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.torchdiffeq_row("odeint_adjoint")
+@pytest.mark.torchdiffeq_row("adjoint-gradients")
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_forward_matches_torchdiffeq_and_gradients_agree_to_discretisation_error(method):
+    """Same forward solution; torchdiffeq's continuous-adjoint gradients differ by the solver's error only.
+
+    (Two output times: at an interior output on a grid node the two differ by design, see the README.)
+    """
+    func = Field()
+    params = list(func.parameters())
+    options = {"step_size": 0.01} if method == "rk4" else None
+    kw = dict(method=method, options=options, rtol=1e-9, atol=1e-11, times=(0.0, 1.1))
+    ours = _outputs_and_grads(odeint_adjoint, func, params, **kw)
+    ref = _outputs_and_grads(torchdiffeq.odeint_adjoint, func, params, **kw)
+    assert float((ours[0] - ref[0]).norm() / ref[0].norm()) < 1e-12
+    for a, b in zip(ours[1:], ref[1:]):
+        assert float((a - b).norm() / b.norm()) < 1e-6
+
+
+@pytest.mark.torchdiffeq_row("adjoint-params")
+def test_adjoint_params_of_a_closure_and_the_module_default():
+    func = Field()
+    weight = func.lin.weight
+
+    def closure(t, y):
+        return func(t, y)
+
+    with pytest.raises(ValueError, match="adjoint_params"):
+        odeint_adjoint(closure, torch.ones(3, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    ours = _outputs_and_grads(odeint_adjoint, closure, list(func.parameters()), adjoint_params=tuple(func.parameters()),
+                              method="rk4")
+    ref = _outputs_and_grads(odeint, func, list(func.parameters()), method="rk4")
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    out = odeint_adjoint(lambda t, y: -y, torch.ones(3, requires_grad=True), torch.tensor([0.0, 1.0]),
+                         method="rk4", adjoint_params=())
+    assert out.requires_grad and weight.grad is None
+
+
+@pytest.mark.torchdiffeq_row("adjoint-params")
+def test_a_subset_of_adjoint_params_raises_for_the_others_instead_of_dropping_their_gradients():
+    """torchdiffeq silently gives module parameters left out of adjoint_params no gradient; mpnode refuses."""
+    func = Field()
+    y0 = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    out = odeint_adjoint(func, y0, t, method="rk4", adjoint_params=(func.scale,))
+    with pytest.raises(ValueError, match="adjoint_params"):
+        out.sum().backward()
+    func.lin.requires_grad_(False)
+    out = odeint_adjoint(func, y0, t, method="rk4", adjoint_params=(func.scale,))
+    (g_scale,) = torch.autograd.grad(out.sum(), [func.scale])
+    (ref,) = torch.autograd.grad(odeint(func, y0, t, method="rk4").sum(), [func.scale])
+    assert torch.equal(g_scale, ref)
+
+
+def _call_with(**adjoint_kw):
+    """The solution and its gradients w.r.t. y0 and the parameters."""
+    torch.manual_seed(0)
+    func = Field()
+    y0 = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    out = odeint_adjoint(func, y0, t, method="rk4", options={"step_size": 0.5}, **adjoint_kw)
+    return [out.detach(), *torch.autograd.grad(out.square().sum(), [y0, *func.parameters()])]
+
+
+@pytest.mark.torchdiffeq_row("adjoint-arguments")
+@pytest.mark.parametrize("adjoint_kw", [
+    {"adjoint_rtol": 1e-3}, {"adjoint_atol": 1e-3}, {"adjoint_method": "dopri5", "adjoint_options": {}},
+    {"adjoint_options": {"step_size": 0.1}},
+])
+def test_differing_adjoint_arguments_warn_that_they_have_no_effect(adjoint_kw):
+    with pytest.warns(AdjointArgumentsIgnoredWarning, match="no effect.*discrete") as record:
+        results = _call_with(**adjoint_kw)
+    assert any(name in str(record[0].message) for name in adjoint_kw)
+    assert all(torch.equal(a, b) for a, b in zip(results, _call_with()))
+
+
+@pytest.mark.torchdiffeq_row("adjoint-arguments")
+@pytest.mark.torchdiffeq_row("adjoint-seminorm")
+@pytest.mark.parametrize("adjoint_kw", [
+    {}, {"adjoint_rtol": 1e-7, "adjoint_atol": torch.tensor(1e-9)}, {"adjoint_method": "rk4"},
+    {"adjoint_options": {"step_size": 0.5, "norm": "seminorm"}},
+])
+def test_adjoint_arguments_equal_to_the_forwards_do_not_warn(adjoint_kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdjointArgumentsIgnoredWarning)
+        _call_with(**adjoint_kw)
+
+
+def test_the_warning_is_shown_once_per_call_site():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            _call_with(adjoint_rtol=1e-3)
+    assert sum(issubclass(r.category, AdjointArgumentsIgnoredWarning) for r in record) == 1
+
+
+def test_event_fn_and_mpnode_arguments_pass_through():
+    func = Field()
+    y0 = torch.tensor([0.5, 0.2, -0.1], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+    def event(t, y):
+        return t - 0.3 - 0.1 * y[0]  # crosses zero near t = 0.35
+
+    a = odeint_adjoint(func, y0, t, event_fn=event, scaler=False)
+    b = odeint(func, y0, t, event_fn=event)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        odeint_adjoint(func, y0, t, adjoint_step_size=0.1)
