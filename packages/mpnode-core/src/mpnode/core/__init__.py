@@ -13,7 +13,7 @@ from .march import MixedPrecisionToleranceWarning
 from .methods import TABLEAUX, get_tableau
 from .odeint import odeint
 from .precision import PrecisionPolicy
-from .scaling import AdjointScaling, NoAdjointScaling, NonFiniteGradientError
+from .scaling import AdjointScaling, NoAdjointScaling, NonFiniteGradientError, ScalingPass
 from .stats import SolverStats
 from .strategies import AdjointStrategy, RecomputeAdjoint
 from .tableau import ButcherTableau
@@ -32,6 +32,7 @@ __all__ = [
     "PrecisionPolicy",
     "AdjointScaling",
     "NoAdjointScaling",
+    "ScalingPass",
     "NonFiniteGradientError",
     "MixedPrecisionToleranceWarning",
 ]

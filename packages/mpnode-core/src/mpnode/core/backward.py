@@ -32,7 +32,7 @@ import torch
 
 from .march import Problem, Trajectory
 from .parameters import untracked_inputs
-from .scaling import AdjointScaling
+from .scaling import AdjointScaling, ScalingPass
 from .stepper import Stages, rk_stages, stage_time_table, traced_stage_times, weighted_sum
 
 
@@ -307,18 +307,18 @@ def run_adjoint(
     for j in placement.at_node.get(n_steps, ()):
         lam = lam + g[j]
     acc = AdjointAccumulator(lam, plan.params)
-    nfe0, syncs0 = f.nfe, scaling.host_syncs
-    block = scaling.block_size
-    scaling.begin(acc.lam, n_steps)
+    nfe0 = f.nfe
+    scaling_pass = scaling.begin(acc.lam, n_steps)
+    block = scaling_pass.block_size
     n = n_steps
     with torch.enable_grad(), prob.policy.autocast():
         while n > 0:
             lo = 0 if block is None else max(0, n - block)
             snap = acc.snapshot() if block is not None else None
-            scaling_snap = scaling.snapshot() if block is not None else None
+            scaling_snap = scaling_pass.snapshot() if block is not None else None
             for m in range(n - 1, lo - 1, -1):
-                _adjoint_step(plan, source, m, acc, g, scaling, check_captured=(m == n_steps - 1))
-            if scaling.end_block(lo, n):
+                _adjoint_step(plan, source, m, acc, g, scaling_pass, check_captured=(m == n_steps - 1))
+            if scaling_pass.end_block(lo, n):
                 if cb.wants("callback_accept_step_adjoint"):
                     for m in range(n - 1, lo - 1, -1):
                         cb.call("callback_accept_step_adjoint", traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
@@ -329,16 +329,16 @@ def run_adjoint(
                     for m in range(n - 1, lo - 1, -1):
                         cb.call("callback_reject_step_adjoint", traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
                 acc.restore(snap)
-                scaling.restore(scaling_snap)
+                scaling_pass.restore(scaling_snap)
                 counters.retries += n - lo
     grid_grad = _grid_gradient(acc, traj) if plan.need_times else None
-    scaling.end([acc.lam, *acc.sums] + ([grid_grad] if grid_grad is not None else []))
+    scaling_pass.end([acc.lam, *acc.sums] + ([grid_grad] if grid_grad is not None else []))
     counters.nfe_backward += f.nfe - nfe0
-    counters.host_syncs += scaling.host_syncs - syncs0
+    counters.host_syncs += scaling_pass.host_syncs
     return AdjointResult(acc.lam, acc.sums, grid_grad, acc.out_time)
 
 
-def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, scaling: AdjointScaling,
+def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, scaling: ScalingPass,
                   check_captured: bool) -> None:
     traj, cb = plan.trajectory, plan.problem.callbacks
     if cb:

@@ -63,6 +63,14 @@ class AdjointStrategy(abc.ABC):
         """Run the forward pass and return the ``(T, D)`` outputs, differentiable as this strategy provides."""
 
 
+#: What an unscaled float16 overflow says when the user turned scaling off.
+SCALING_TURNED_OFF_ADVICE = (
+    "adjoint scaling is off (scaler=False / scaling=False). Drop that argument so float16 solves use the default "
+    "scaler (mpnode-scaler's DynamicAdjointScaler, when installed), or pass scaler=mpnode.scaler.DynamicAdjointScaler(), "
+    "or autocast to torch.bfloat16."
+)
+
+
 def _check_checkpoint_dtype(dtype: object) -> torch.dtype | None:
     if dtype is None:
         return None
@@ -113,7 +121,7 @@ class RecomputeAdjoint(AdjointStrategy):
         float16 = torch.float16 in (problem.policy.autocast_dtype, self.resolved_checkpoint_dtype(problem))
         if self.scaling is None:
             return default_scaling(float16)
-        return NoAdjointScaling(raise_on_nonfinite=float16)
+        return NoAdjointScaling(raise_on_nonfinite=float16, advice=SCALING_TURNED_OFF_ADVICE)
 
     def solve(self, problem, stepping, inputs):
         if not inputs.needs_grad:
