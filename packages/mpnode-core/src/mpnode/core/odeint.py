@@ -19,7 +19,8 @@ from .controllers import (
 from .march import AdaptiveOptions, AdaptiveStepping, FixedGridStepping, Problem, Stepping
 from .methods import get_tableau
 from .outputs import OUTPUT_RULES
-from .parameters import gradient_targets
+from .guards import refuse_function_transforms
+from .parameters import gradient_targets, reachable_modules, restricted_parameters
 from .precision import PrecisionPolicy
 from .scaling import AdjointScaling
 from .state import FlatState, FlatVectorField, State
@@ -94,6 +95,7 @@ def odeint(
         ``(len(t), *y0.shape)`` tensor in ``y0``'s dtype, or a tuple of such
         tensors for a tuple ``y0``.
     """
+    refuse_function_transforms()
     check_func(func)
     check_y0(y0)
     layout = FlatState(y0)
@@ -112,12 +114,16 @@ def odeint(
     grid = grid_host = None
     if isinstance(stepping, FixedGridStepping):
         grid, grid_host = stepping.rule.build(func, y0, t, t_host)
-    needs_grad = torch.is_grad_enabled() and any(
+    discover = torch.is_grad_enabled() and adjoint_params is None  # func may capture tensors that need gradients
+    needs_grad = torch.is_grad_enabled() and (discover or any(
         x is not None and x.requires_grad for x in (t, grid, y0_flat, *targets)
+    ))
+    inputs = SolveInputs(
+        t, t_host, grid, grid_host, y0_flat, targets, needs_grad, stats, discover=discover,
+        constants=restricted_parameters(func, targets) if adjoint_params is not None else [],
+        modules=reachable_modules(func),
     )
-    inputs = SolveInputs(t, t_host, grid, grid_host, y0_flat, targets, needs_grad, stats)
     out = strategy.solve(problem, stepping, inputs)
-    _check_finite(out, policy)
     return layout.unflatten(out, (t.shape[0],))
 
 
@@ -233,14 +239,3 @@ def _strategy(adjoint: AdjointStrategy | None, scaler: AdjointScaling | bool | N
             f"pass them to the strategy instead, e.g. RecomputeAdjoint(checkpoint_dtype=..., scaling=...) (got {adjoint!r})"
         )
     return adjoint
-
-
-def _check_finite(out: torch.Tensor, policy: PrecisionPolicy) -> None:
-    if bool(torch.isfinite(out[-1].detach()).all()):
-        return
-    hint = (
-        "Under float16 autocast the vector field may overflow: try torch.bfloat16, a smaller step, or scaling the inputs."
-        if policy.autocast_dtype == torch.float16
-        else "Check the vector field for blow-up and try a smaller step size."
-    )
-    raise FloatingPointError("odeint: the solution became inf/NaN. " + hint)

@@ -15,14 +15,17 @@ dtype and the adjoint scaling of the solves it runs:
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from .backward import BackwardPlan, StepGraph, StepSource, build_step_graph, run_adjoint
-from .checkpoints import CheckpointStore
+from .checkpoints import CheckpointStore, StoredRows
+from .forward import TrackedForward, tracked_forward
+from .guards import check_solution, first_order_only
 from .march import CARRIED, AdaptiveStepping, Problem, Recorder, Stepping, Trajectory
+from .replay import Replay
 from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
 from .stats import SolverStats
 
@@ -37,9 +40,14 @@ class SolveInputs:
         grid: the fixed grid ``(N+1,)`` built from ``t`` (``None`` for adaptive steps).
         grid_host: ``grid`` on the host.
         y0: the flat initial state ``(D,)``.
-        params: tensors ``func`` uses that receive gradients.
-        needs_grad: whether any input needs a gradient (else nothing is kept).
+        params: tensors ``func`` uses that receive gradients (before discovery).
+        needs_grad: whether any input may need a gradient (else nothing is kept).
         user_stats: the caller's :class:`SolverStats` (updated when a pass completes), or ``None``.
+        discover: probe the first evaluation for grad-requiring tensors ``func``
+            captures (``adjoint_params`` was not given).
+        constants: grad-requiring tensors ``func`` may use that get no gradient
+            (module parameters left out of ``adjoint_params``).
+        modules: the modules reachable from ``func`` (their buffers are watched).
     """
 
     t: torch.Tensor
@@ -50,6 +58,9 @@ class SolveInputs:
     params: list[torch.Tensor]
     needs_grad: bool
     user_stats: SolverStats | None
+    discover: bool = False
+    constants: list[torch.Tensor] = field(default_factory=list)
+    modules: list[torch.nn.Module] = field(default_factory=list)
 
 
 class AdjointStrategy(abc.ABC):
@@ -100,16 +111,25 @@ class RecomputeAdjoint(AdjointStrategy):
             (e.g. ``mpnode.scaler.DynamicAdjointScaler()``), ``None`` = automatic
             (the registered float16 default when float16 is involved, none
             otherwise), ``False`` = none.
+        replay_rng: replay the forward's random numbers in each recomputed step
+            (dropout, ``torch.randn`` in ``func``), as ``torch.utils.checkpoint``
+            does; ``False`` skips the per-step generator bookkeeping and lets the
+            recomputation draw fresh numbers (gradients of another noise draw).
     """
 
     name = "recompute"
 
-    def __init__(self, checkpoint_dtype: torch.dtype | None = None, scaling: AdjointScaling | bool | None = None) -> None:
+    def __init__(self, checkpoint_dtype: torch.dtype | None = None, scaling: AdjointScaling | bool | None = None,
+                 replay_rng: bool = True) -> None:
         self.checkpoint_dtype = _check_checkpoint_dtype(checkpoint_dtype)
         self.scaling = _check_scaling(scaling)
+        if not isinstance(replay_rng, bool):
+            raise TypeError(f"replay_rng must be True or False, got {replay_rng!r}")
+        self.replay_rng = replay_rng
 
     def __repr__(self) -> str:
-        return f"RecomputeAdjoint(checkpoint_dtype={self.checkpoint_dtype}, scaling={self.scaling!r})"
+        return (f"RecomputeAdjoint(checkpoint_dtype={self.checkpoint_dtype}, scaling={self.scaling!r}, "
+                f"replay_rng={self.replay_rng})")
 
     def resolved_checkpoint_dtype(self, problem: Problem) -> torch.dtype:
         policy = problem.policy
@@ -125,20 +145,37 @@ class RecomputeAdjoint(AdjointStrategy):
 
     def solve(self, problem, stepping, inputs):
         if not inputs.needs_grad:
-            nfe0 = problem.field.nfe
-            with torch.no_grad(), problem.policy.autocast():
-                outputs, trajectory = stepping.march(
-                    problem, inputs.y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, Recorder()
-                )
-            _commit_forward(problem, trajectory, inputs.user_stats, self.name, nfe0)
-            return outputs
-        return _RecomputeFunction.apply(_RecomputeSetup(self, problem, stepping, inputs), inputs.t, inputs.grid,
-                                        inputs.y0, *inputs.params)
+            return _solve_without_graph(problem, stepping, inputs, self.name)
+        fixed = not isinstance(stepping, AdaptiveStepping)
+        recorder = CheckpointRecorder(
+            inputs.y0.shape[0], self.resolved_checkpoint_dtype(problem), inputs.y0.device,
+            inputs.grid_host.numel() - 1 if fixed else None, not fixed and problem.tableau.carries_first_stage,
+        )
+        outputs, forward = tracked_forward(problem, stepping, inputs, recorder, self.replay_rng)
+        if not (forward.needs_grad or any(x is not None and x.requires_grad for x in (inputs.t, inputs.grid, inputs.y0))):
+            _commit_forward(problem, forward.trajectory, inputs.user_stats, self.name, forward.nfe0)
+            return outputs  # nothing turned out to need a gradient
+        setup = _RecomputeSetup(self, problem, inputs, forward, recorder.finish(), outputs)
+        outputs = _RecomputeFunction.apply(setup, inputs.t, inputs.grid, inputs.y0, *forward.params)
+        _commit_forward(problem, forward.trajectory, inputs.user_stats, self.name, forward.nfe0)
+        return outputs
+
+
+def _solve_without_graph(problem: Problem, stepping: Stepping, inputs: SolveInputs, name: str) -> torch.Tensor:
+    """A solve nothing will differentiate: march under ``no_grad``, keep nothing."""
+    nfe0 = problem.field.nfe
+    with torch.no_grad(), problem.policy.autocast():
+        outputs, trajectory = stepping.march(
+            problem, inputs.y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, Recorder()
+        )
+    check_solution(outputs, problem.policy)
+    _commit_forward(problem, trajectory, inputs.user_stats, name, nfe0)
+    return outputs
 
 
 def _commit_forward(problem: Problem, trajectory: Trajectory, user_stats: SolverStats | None, name: str,
                     nfe0: int) -> None:
-    """Add a completed forward pass's counters to the caller's stats."""
+    """Add a completed forward pass's counters to the caller's stats (after the solution was checked)."""
     counters = problem.counters
     counters.nfe_forward += problem.field.nfe - nfe0
     counters.steps += trajectory.n_steps
@@ -164,24 +201,55 @@ class CheckpointRecorder(Recorder):
             self.first_stage_row[n] = len(self.first_stages)
             self.first_stages.append(first_stage)
 
+    def finish(self) -> "RecordedCheckpoints":
+        firsts = self.first_stages.finish() if self.first_stages is not None else StoredRows([])
+        return RecordedCheckpoints(self.states.finish(), firsts, dict(self.first_stage_row))
+
+
+@dataclass
+class RecordedCheckpoints:
+    """The rows a :class:`CheckpointRecorder` kept: states, carried first stages, and each carried step's row."""
+
+    states: StoredRows
+    first_stages: StoredRows
+    first_row: dict[int, int]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.states.tensors(), *self.first_stages.tensors()]
+
+    def layout(self) -> tuple:
+        return (len(self.states.chunks), self.states.scales is not None, len(self.first_stages.chunks),
+                self.first_stages.scales is not None, self.first_row)
+
+    @classmethod
+    def from_saved(cls, saved: tuple[torch.Tensor, ...], layout: tuple) -> "RecordedCheckpoints":
+        n_states, states_scaled, n_firsts, firsts_scaled, first_row = layout
+        states = StoredRows.from_saved(saved, n_states, states_scaled)
+        firsts = StoredRows.from_saved(saved[len(states.tensors()):], n_firsts, firsts_scaled)
+        return cls(states, firsts, first_row)
+
 
 class RecomputedSteps(StepSource):
-    """Rebuilds each step's graph from the checkpoints saved for backward."""
+    """Rebuilds each step's graph from the checkpoints saved for backward, replaying the forward's random numbers."""
 
-    def __init__(self, trajectory: Trajectory, state_chunks: list[torch.Tensor], first_chunks: list[torch.Tensor],
-                 first_row: dict[int, int]) -> None:
+    def __init__(self, trajectory: Trajectory, checkpoints: RecordedCheckpoints, replay: Replay) -> None:
         self.trajectory = trajectory
-        self.state_chunks, self.first_chunks, self.first_row = state_chunks, first_chunks, first_row
+        self.checkpoints = checkpoints
+        self.replay = replay
+
+    def session(self):
+        return self.replay.session()
 
     def state(self, n):
-        return CheckpointStore.row(self.state_chunks, n)
+        return self.checkpoints.states.row(n)
 
     def first_is_input(self, n):
         return self.trajectory.first_stage[n] == CARRIED
 
     def graph(self, plan: BackwardPlan, n: int, with_end_slope: bool) -> StepGraph:
-        first = CheckpointStore.row(self.first_chunks, self.first_row[n]) if self.first_is_input(n) else None
+        first = self.checkpoints.first_stages.row(self.checkpoints.first_row[n]) if self.first_is_input(n) else None
         times = None if plan.need_times else plan.stage_times[n]
+        self.replay.before_step(n)
         return build_step_graph(plan.problem, self.trajectory, n, self.state(n), first, plan.need_times, times,
                                 with_end_slope)
 
@@ -190,54 +258,50 @@ class RecomputedSteps(StepSource):
 class _RecomputeSetup:
     strategy: RecomputeAdjoint
     problem: Problem
-    stepping: Stepping
     inputs: SolveInputs
+    forward: TrackedForward
+    checkpoints: RecordedCheckpoints | None
+    outputs: torch.Tensor | None  # handed to autograd by forward, then dropped (no reference cycle)
 
 
 class _RecomputeFunction(torch.autograd.Function):
     """``apply(setup, t, grid, y0, *params) -> (T, D)`` outputs; backward by recomputation.
 
-    Saved for backward (through ``save_for_backward``): the checkpoint chunks
-    (``N`` rows of ``D`` in the checkpoint dtype) and, for methods that carry
-    their first stage, one more row per carried step; nothing per stage.
+    The march has already run (:func:`~mpnode.core.forward.tracked_forward`);
+    ``forward`` saves the checkpoint chunks through ``save_for_backward`` (``N`` rows
+    of ``D`` in the checkpoint dtype, plus one float32 scale per row for float16
+    checkpoints) and, for methods that carry their first stage, one more row per
+    carried step; nothing per stage.
     """
 
     @staticmethod
     def forward(ctx, setup: _RecomputeSetup, t, grid, y0, *params):
-        problem, stepping, inputs = setup.problem, setup.stepping, setup.inputs
-        fixed = not isinstance(stepping, AdaptiveStepping)
-        rows = inputs.grid_host.numel() - 1 if fixed else None
-        carries = not fixed and problem.tableau.carries_first_stage
-        ckpt_dtype = setup.strategy.resolved_checkpoint_dtype(problem)
-        recorder = CheckpointRecorder(y0.shape[0], ckpt_dtype, y0.device, rows, carries)
-        nfe0 = problem.field.nfe
-        with problem.policy.autocast():
-            outputs, trajectory = stepping.march(problem, y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host,
-                                                 recorder)
-        states = recorder.states.finish()
-        firsts = recorder.first_stages.finish() if carries else []
-        ctx.setup, ctx.trajectory = setup, trajectory
-        ctx.layout = (len(states), dict(recorder.first_stage_row))
-        ctx.save_for_backward(*states, *firsts)
-        _commit_forward(problem, trajectory, inputs.user_stats, setup.strategy.name, nfe0)
+        ctx.setup = setup
+        ctx.layout = setup.checkpoints.layout()
+        ctx.save_for_backward(*setup.checkpoints.tensors())
+        outputs = setup.outputs
+        setup.checkpoints = setup.outputs = None  # backward reads the saved tensors; the outputs belong to autograd
         return outputs
 
     @staticmethod
+    @first_order_only
     @once_differentiable
     def backward(ctx, grad_outputs):
-        setup, trajectory = ctx.setup, ctx.trajectory
-        problem, inputs = setup.problem, setup.inputs
-        n_state_chunks, first_row = ctx.layout
-        saved = ctx.saved_tensors
-        source = RecomputedSteps(trajectory, list(saved[:n_state_chunks]), list(saved[n_state_chunks:]), first_row)
+        setup = ctx.setup
+        problem, inputs, forward = setup.problem, setup.inputs, setup.forward
+        forward.versions.check()
+        trajectory = forward.trajectory
+        source = RecomputedSteps(trajectory, RecordedCheckpoints.from_saved(ctx.saved_tensors, ctx.layout),
+                                 forward.replay)
         need_t, need_grid, need_y0 = ctx.needs_input_grad[1:4]
+        params = forward.params
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
         problem.counters = SolverStats()
-        plan = BackwardPlan(problem, trajectory, [inputs.params[i] for i in wanted], inputs.params, inputs.t.detach(),
-                            need_times=need_t or need_grid)
+        plan = BackwardPlan(problem, trajectory, [params[i] for i in wanted], [*params, *inputs.constants],
+                            inputs.t.detach(), need_times=need_t or need_grid)
         result = run_adjoint(plan, source, grad_outputs, setup.strategy.resolved_scaling(problem))
         t_grad = _output_time_gradient(result, inputs, trajectory, need_t, adaptive=inputs.grid is None)
-        param_grads: list[torch.Tensor | None] = [None] * len(inputs.params)
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
         for i, g in zip(wanted, result.param_grads):
             param_grads[i] = g
         if inputs.user_stats is not None:
