@@ -9,7 +9,7 @@ strategy's own storage (its :class:`~mpnode.core.march.Recorder`):
   closure's ``c``, a module's context attribute), found on that evaluation itself,
   so discovery costs no extra evaluation;
 * a :class:`~mpnode.core.replay.Replay`: per-step random states (fixed grids) and the
-  buffers the forward modified;
+  buffers of the modules the solve can see, restored after the backward pass;
 * a :class:`~mpnode.core.guards.VersionRecord` of everything the recomputation reads.
 
 The march runs outside the strategy's autograd Function, so the discovered tensors
@@ -27,7 +27,7 @@ import torch
 from .guards import VersionRecord, check_solution
 from .march import AdaptiveStepping, Problem, Recorder, Stepping, Trajectory
 from .parameters import CapturedTensorProbe
-from .replay import BufferWatch, RandomStates, Replay, StepRandomness, cuda_devices
+from .replay import RandomStates, Replay, StepRandomness, cuda_devices, module_buffers
 
 
 @dataclass
@@ -73,7 +73,6 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
     probe = CapturedTensorProbe() if inputs.discover else None
     if probe is not None:
         problem.field.next_call_hook = probe
-    buffers = BufferWatch(inputs.modules)
     nfe0 = problem.field.nfe
     try:
         with torch.no_grad(), problem.policy.autocast():
@@ -93,11 +92,14 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
             "draws with adjoint=RecomputeAdjoint(replay_rng=False)."
         )
     params = list(inputs.params)
-    modified = buffers.modified()
+    modules, modified = list(inputs.modules), []
     if probe is not None:
         params += probe.new_targets([*params, *inputs.constants, inputs.y0, inputs.t])
-        modified += [x for x in probe.modified if all(x is not b for b in modified)]
-    replay = Replay(randomness if randomness is not None and randomness.consumed else None, modified)
+        modules += probe.modules
+        modified = probe.modified
+    buffers = module_buffers(modules)
+    buffers += [x for x in modified if all(x is not b for b in buffers)]
+    replay = Replay(randomness if randomness is not None and randomness.consumed else None, buffers)
     versions = VersionRecord([*params, *inputs.constants, inputs.t, inputs.grid])
     return outputs, TrackedForward(trajectory, params, replay, versions, nfe0)
 

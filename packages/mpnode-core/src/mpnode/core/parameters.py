@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -105,19 +107,34 @@ class CapturedTensorProbe:
     Attributes:
         found: the grad-requiring tensors found, in order of first use (leaf or not).
         modified: the other captured tensors that the evaluation modified in place
-            (e.g. BatchNorm running statistics of a module ``func`` reaches through a global).
+            (by their version counters, e.g. a counter tensor ``func`` increments).
+        modules: the modules called during the evaluation (also those ``func``
+            reaches through globals), found with a forward pre-hook.
     """
 
     def __init__(self) -> None:
         self.found: list[torch.Tensor] = []
         self.modified: list[torch.Tensor] = []
+        self.modules: list[torch.nn.Module] = []
 
     def __call__(self, func: Callable, t: torch.Tensor, y: Any) -> Any:
         mode = _CapturedTensorMode(tree_leaves((t, y)))
-        with mode:
-            out = func(t, y)
+        called: dict[int, torch.nn.Module] = {}
+        thread = threading.get_ident()
+
+        def seen(module, args):
+            if threading.get_ident() == thread:  # the hook is global: ignore other threads' modules
+                called.setdefault(id(module), module)
+
+        handle = register_module_forward_pre_hook(seen)
+        try:
+            with mode:
+                out = func(t, y)
+        finally:
+            handle.remove()
         self.found = list(mode.found.values())
         self.modified = [x for x, version in mode.constants.values() if x._version != version]
+        self.modules = list(called.values())
         return out
 
     def new_targets(self, known: Sequence[torch.Tensor]) -> list[torch.Tensor]:

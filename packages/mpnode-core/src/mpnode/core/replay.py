@@ -12,9 +12,11 @@ forward pass without care (see docs/guarantees.md):
   state, which is all that is kept), and :class:`Replay` sets them again before
   each recomputed step, like ``torch.utils.checkpoint`` does;
 * **module buffers** (BatchNorm's running statistics and ``num_batches_tracked``):
-  the recomputation would update them a second time.  :class:`BufferWatch` finds
-  the buffers the forward pass modified, and :class:`Replay` copies them back to
-  their values at the start of backward when backward ends.
+  the recomputation would update them a second time.  :class:`Replay` copies the
+  buffers of every module the solve can see (see :func:`mpnode.core.parameters.reachable_modules`
+  and the modules the first evaluation called) when backward starts, and writes them
+  back when it ends.  (Version counters cannot tell: ``batch_norm`` updates its
+  running statistics without bumping them.)
 
 Both are generic over adjoint strategies: a strategy that recomputes steps wraps
 its backward in :meth:`Replay.session` and calls :meth:`Replay.before_step`.
@@ -97,15 +99,9 @@ class StepRandomness:
         return self.states[n - self.first_changed]
 
 
-class BufferWatch:
-    """Finds the buffers of some modules that a forward pass modifies in place (by their version counters)."""
-
-    def __init__(self, modules: Iterable[torch.nn.Module]) -> None:
-        buffers = {id(b): b for m in modules for b in m.buffers()}
-        self.before = [(b, b._version) for b in buffers.values()]
-
-    def modified(self) -> list[torch.Tensor]:
-        return [b for b, version in self.before if b._version != version]
+def module_buffers(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
+    """The buffers of ``modules`` and their submodules, each once."""
+    return list({id(b): b for m in modules for b in m.buffers()}.values())
 
 
 class Replay:
@@ -114,8 +110,8 @@ class Replay:
     Args:
         randomness: the forward's per-step generator states, or ``None`` when the
             field consumed no randomness (or replay was turned off).
-        buffers: tensors the forward modified in place (module buffers); their
-            values at the start of backward are restored when backward ends.
+        buffers: tensors a recomputation may modify in place (module buffers);
+            their values at the start of backward are restored when it ends.
     """
 
     def __init__(self, randomness: StepRandomness | None = None, buffers: Sequence[torch.Tensor] = ()) -> None:
@@ -125,7 +121,7 @@ class Replay:
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """Around a whole backward pass: the caller's generator states and the buffers are restored at exit."""
-        saved = [(b, b.detach().clone(), b._version) for b in self.buffers]
+        saved = [(b, b.detach().clone()) for b in self.buffers]
         outer = self.randomness.generators.capture() if self.randomness is not None else None
         try:
             yield
@@ -133,9 +129,8 @@ class Replay:
             if outer is not None:
                 self.randomness.generators.restore(outer)
             with torch.no_grad():
-                for b, value, version in saved:
-                    if b._version != version:
-                        b.copy_(value)
+                for b, value in saved:
+                    b.copy_(value)
 
     def before_step(self, n: int) -> None:
         """Set the generators to the state forward step ``n`` started from (no-op without randomness)."""
