@@ -228,12 +228,15 @@ def test_a_failed_pass_leaves_target_and_clean_passes_alone(precision):
     _grads(net, params, y0, t, scaler)
     before = (scaler.target, scaler.clean_passes)
     assert before == (2.0**7, 1)
+    everything = scaler.state_dict()
     with pytest.raises(NonFiniteGradientError, match="after 2 halvings"):
         _grads(net, params, y0, t, scaler, gain=2.0**30)  # backoffs, then gives up
     assert (scaler.target, scaler.clean_passes) == before
     with pytest.raises(NonFiniteGradientError, match="already inf/NaN"):
         _grads(net, params, y0, t, scaler, weight=float("nan"))
     assert (scaler.target, scaler.clean_passes) == before
+    # all of a pass's effects or none: counters, history and host syncs are untouched too
+    assert scaler.state_dict() == everything
 
 
 # -- state_dict / load_state_dict ---------------------------------------------------------------

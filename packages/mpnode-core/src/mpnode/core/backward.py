@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from .march import Problem, Trajectory
-from .parameters import untracked_inputs
+from .parameters import KnownTensors
 from .scaling import AdjointScaling, ScalingPass
 from .stepper import Stages, rk_stages, stage_time_table, traced_stage_times, weighted_sum
 
@@ -45,7 +45,8 @@ class BackwardPlan:
         problem: the solve's field, tableau, policy, output rule, callbacks and counters.
         trajectory: the forward pass's accepted steps and output placement.
         params: the tensors whose gradients are wanted (a subset of ``known``).
-        known: every tensor the solve differentiates (for the captured-tensor check).
+        known: every tensor the solve differentiates or holds constant (for the
+            captured-tensor check, prepared once as ``frontier``).
         t: the output times, detached (``(T,)``, ``t``'s dtype).
         need_times: whether gradients w.r.t. grid nodes and output times are wanted.
     """
@@ -59,6 +60,7 @@ class BackwardPlan:
     stage_times: list[tuple[torch.Tensor, ...]] | None = field(default=None)
 
     def __post_init__(self) -> None:
+        self.frontier = KnownTensors(self.known)
         if not self.need_times:
             traj = self.trajectory
             self.stage_times = stage_time_table(
@@ -348,7 +350,7 @@ def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, sca
                 traj.steps[m], traj.grid.dtype)
     inside = [(j, x, g[j]) for j, x in traj.placement.in_step.get(m, ())]
     graph = source.graph(plan, m, with_end_slope=bool(inside) and plan.problem.output_rule.needs_end_slope)
-    _refuse_untracked(graph, plan.known)
+    _refuse_untracked(graph, plan.frontier)
     inherits_next = m + 1 < traj.n_steps and source.first_is_input(m + 1)
     scale = scaling.scale(acc.lam)
     vjp = step_graph_vjp(plan, m, graph, acc.lam, acc.mu if inherits_next else None, inside, scale,
@@ -399,14 +401,14 @@ class StepSource:
         return contextlib.nullcontext()
 
 
-def _refuse_untracked(graph: StepGraph, known: list[torch.Tensor]) -> None:
+def _refuse_untracked(graph: StepGraph, known: KnownTensors) -> None:
     """Raise if the recomputed step depends on grad-requiring tensors the solve does not differentiate.
 
     Checked at every step (a tensor may be used on part of the trajectory only),
     before any gradient is returned.
     """
     roots = [*graph.stages.ks, *([graph.end_slope] if graph.end_slope is not None else [])]
-    lost = untracked_inputs(roots, graph.leaves() + known)
+    lost = known.untracked(roots, graph.leaves())
     if lost:
         shapes = ", ".join(str(tuple(p.shape)) for p in lost)
         raise ValueError(

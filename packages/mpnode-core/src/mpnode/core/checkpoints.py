@@ -74,6 +74,7 @@ class CheckpointStore:
         self.width, self.dtype, self.device = width, dtype, device
         self.scaled = needs_row_scaling(dtype)
         self._top = math.floor(math.log2(torch.finfo(dtype).max)) - 1  # the largest element lands in [2^top, 2^(top+1))
+        self._one = torch.ones((), dtype=torch.float32, device=device)
         self.chunks: list[torch.Tensor] = []
         self.scales: list[torch.Tensor] = []
         self._used = 0  # rows used in the last chunk
@@ -104,11 +105,13 @@ class CheckpointStore:
         self._used += 1
 
     def _row_scale(self, row: torch.Tensor) -> torch.Tensor:
-        """``2^e`` (float32, 0-dim, on the device) with ``max|row| / 2^e`` in ``[2^top, 2^(top+1))``; 1 for a zero or non-finite row."""
-        amax = row.detach().abs().amax().float()
-        usable = (amax > 0) & torch.isfinite(amax)
-        exponent = (torch.floor(torch.log2(amax)) - self._top).clamp(-MAX_ROW_EXPONENT, MAX_ROW_EXPONENT)
-        return torch.where(usable, torch.exp2(exponent), torch.ones_like(amax))
+        """``2^e`` (float32, 0-dim, on the device) with ``max|row| / 2^e`` in ``[2^top, 2^(top+1))``.
+
+        ``frexp`` gives ``max|row| = m 2^k`` with ``m`` in ``[0.5, 1)``, so ``e = k - 1 - top``
+        (clamped); a zero row gets any scale (it stays zero), a non-finite one stays non-finite.
+        """
+        _, k = torch.frexp(row.detach().abs().amax())
+        return torch.ldexp(self._one, (k - (self._top + 1)).clamp_(-MAX_ROW_EXPONENT, MAX_ROW_EXPONENT))
 
     def finish(self) -> StoredRows:
         """The rows stored (the last chunk trimmed if needed)."""

@@ -94,7 +94,7 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
     params = list(inputs.params)
     modules, modified = list(inputs.modules), []
     if probe is not None:
-        params += probe.new_targets([*params, *inputs.constants, inputs.y0, inputs.t])
+        params += probe.new_targets([*params, *inputs.constants, inputs.y0])
         modules += probe.modules
         modified = probe.modified
     buffers = module_buffers(modules)

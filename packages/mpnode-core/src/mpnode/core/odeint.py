@@ -66,7 +66,12 @@ def odeint(
     Args:
         func: ``func(t, y) -> dy/dt``; ``t`` a 0-dim tensor in ``y0``'s dtype, ``y``
             and the result structured like ``y0``.  An ``nn.Module``'s parameters
-            with ``requires_grad`` receive gradients.
+            with ``requires_grad`` receive gradients, and so does every other
+            grad-requiring tensor the first evaluation of ``func`` uses (a
+            closure's tensor, a module's context attribute).  Random numbers drawn
+            inside ``func`` are replayed in backward (fixed grids; refused on
+            adaptive ones), and module buffers are left as the forward left them
+            (docs/guarantees.md).
         y0: float32/float64 tensor of any shape, or a tuple of such tensors.
         t: 1-D float32/float64 tensor of output times, strictly increasing or
             decreasing, on ``y0``'s device.  A single time returns ``y0``.
@@ -84,8 +89,12 @@ def odeint(
             ``controller`` (a :class:`StepSizeController`); both:
             ``checkpoint_dtype`` and ``stats`` (a :class:`SolverStats` updated in
             place).  Unknown keys, and options of the other kind of stepping, raise.
-        adjoint_params: the tensors to differentiate when ``func`` is a closure (or
-            to restrict a module's parameters).
+        adjoint_params: the tensors to differentiate, instead of discovering them.
+            Parameters of the modules odeint can see (``func`` itself, a bound
+            method's module, modules in ``func``'s closure) that are left out are
+            constants of the solve: they get no gradient, so listing a subset
+            restricts which parameters train.  Any other grad-requiring tensor
+            ``func`` uses that is not listed makes backward raise.
         scaler: shorthand for ``adjoint=RecomputeAdjoint(scaling=scaler)``: adjoint
             scaling for float16; ``None`` automatic, ``False`` none.
         adjoint: an adjoint strategy, e.g. ``RecomputeAdjoint(checkpoint_dtype=...,

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 
 def gradient_targets(func: Callable, adjoint_params: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -118,7 +117,7 @@ class CapturedTensorProbe:
         self.modules: list[torch.nn.Module] = []
 
     def __call__(self, func: Callable, t: torch.Tensor, y: Any) -> Any:
-        mode = _CapturedTensorMode(tree_leaves((t, y)))
+        mode = _CapturedTensorMode(list(_tensors((t, y))))
         called: dict[int, torch.nn.Module] = {}
         thread = threading.get_ident()
 
@@ -156,46 +155,72 @@ class _CapturedTensorMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for x in tree_leaves((args, kwargs)):
-            if isinstance(x, torch.Tensor) and id(x) not in self.produced:
+        for x in _tensors((args, kwargs)):
+            if id(x) not in self.produced:
                 if x.requires_grad:
                     self.found.setdefault(id(x), x)
                 elif id(x) not in self.constants:
                     self.constants[id(x)] = (x, x._version)
         out = func(*args, **kwargs)
-        for x in tree_leaves(out):
-            if isinstance(x, torch.Tensor) and id(x) not in self.found and id(x) not in self.constants:
+        for x in _tensors(out):
+            if id(x) not in self.found and id(x) not in self.constants:
                 self.produced.add(id(x))
                 self.keep.append(x)
         return out
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors in nested tuples, lists and dicts (what torch functions take and return)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
 
 
 _LEAF_NODE = type(torch.zeros(1, requires_grad=True).mul(1).grad_fn.next_functions[0][0])  # AccumulateGrad
 
 
 def untracked_inputs(roots: Sequence[torch.Tensor], known: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Grad-requiring leaves that the graphs of ``roots`` reach without passing a known tensor.
+    """Grad-requiring leaves that the graphs of ``roots`` reach without passing a known tensor (see :class:`KnownTensors`)."""
+    return KnownTensors(known).untracked(roots)
 
-    Walks the graph edges from each root's ``grad_fn`` back to the leaves, stopping
-    at the known tensors (a leaf's accumulator, or a non-leaf's own output edge).
-    A non-empty result means ``func`` uses a tensor whose gradient would be lost.
-    Cost: one Python visit per graph node (see ``benchmarks/trust_overhead.py``).
+
+class KnownTensors:
+    """The tensors a solve differentiates or treats as constants, prepared once for many graph walks.
+
+    :meth:`untracked` walks the graph edges from each root's ``grad_fn`` back to
+    the leaves, stopping at the known tensors (a leaf's accumulator, or a
+    non-leaf's own output edge).  A non-empty result means ``func`` uses a tensor
+    whose gradient would be lost.  Cost: one Python visit per graph node, about
+    14 us for the four evaluations of an RK4 step of a 3-layer MLP
+    (``benchmarks/trust_overhead.py`` measures it in a whole backward pass).
     """
-    known_ids = {id(p) for p in known}
-    stop = {(p.grad_fn, p.output_nr) for p in known if p.grad_fn is not None}
-    found: dict[int, torch.Tensor] = {}
-    seen: set = set()
-    stack = [(r.grad_fn, r.output_nr) for r in roots if r.grad_fn is not None]
-    while stack:
-        edge = stack.pop()
-        node = edge[0]
-        if node is None or node in seen or edge in stop:
-            continue
-        seen.add(node)
-        if type(node) is _LEAF_NODE:
-            leaf = node.variable
-            if id(leaf) not in known_ids:
-                found[id(leaf)] = leaf
-            continue
-        stack.extend(node.next_functions)
-    return list(found.values())
+
+    def __init__(self, known: Sequence[torch.Tensor]) -> None:
+        self.ids = {id(p) for p in known}
+        self.stop = {(p.grad_fn, p.output_nr) for p in known if p.grad_fn is not None}
+
+    def untracked(self, roots: Sequence[torch.Tensor], extra: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
+        """The untracked leaves reachable from ``roots``; ``extra`` are more known leaves (the step's inputs)."""
+        ids = self.ids | {id(x) for x in extra} if extra else self.ids
+        stop = self.stop
+        found: dict[int, torch.Tensor] = {}
+        seen: set = set()
+        stack = [(r.grad_fn, r.output_nr) for r in roots if r.grad_fn is not None]
+        while stack:
+            edge = stack.pop()
+            node = edge[0]
+            if node is None or node in seen or (stop and edge in stop):
+                continue
+            seen.add(node)
+            if type(node) is _LEAF_NODE:
+                leaf = node.variable
+                if id(leaf) not in ids:
+                    found[id(leaf)] = leaf
+                continue
+            stack.extend(node.next_functions)
+        return list(found.values())
