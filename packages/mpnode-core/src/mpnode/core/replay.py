@@ -6,8 +6,8 @@ forward pass without care (see docs/guarantees.md):
 * **random numbers** (dropout, ``torch.randn_like`` inside ``func``): the
   recomputation would draw fresh ones, and the gradient would belong to another
   trajectory.  :class:`StepRandomness` captures the random-number generators' states
-  (the CPU generator and the CUDA generator of every CUDA device the solve's tensors
-  live on) at the start of every step of the forward, *only once the field has
+  (the CPU generator and the generator of every CUDA device, once CUDA is in use)
+  at the start of every step of the forward, *only once the field has
   consumed randomness* (until then each step starts from the solve's initial
   state, which is all that is kept), and :class:`Replay` sets them again before
   each recomputed step, like ``torch.utils.checkpoint`` does;
@@ -33,8 +33,15 @@ RngState = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
 
 
 def cuda_devices(tensors: Iterable[torch.Tensor | None]) -> tuple[int, ...]:
-    """Indices of the CUDA devices among ``tensors`` (sorted, unique)."""
-    return tuple(sorted({x.device.index or 0 for x in tensors if x is not None and x.device.type == "cuda"}))
+    """The CUDA devices whose generators a solve tracks: every device once CUDA is initialised
+    (a field may draw on any of them), else those of ``tensors`` (sorted, unique).
+
+    CUDA is never initialised here for a CPU-only solve.
+    """
+    devices = {x.device.index or 0 for x in tensors if x is not None and x.device.type == "cuda"}
+    if torch.cuda.is_initialized():
+        devices |= set(range(torch.cuda.device_count()))
+    return tuple(sorted(devices))
 
 
 class RandomStates:
