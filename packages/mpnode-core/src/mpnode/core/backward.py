@@ -415,6 +415,7 @@ def _refuse_untracked(graph: StepGraph, known: KnownTensors) -> None:
             f"odeint: func uses {len(lost)} tensor(s) that require grad but are not differentiated (shapes {shapes}), "
             "so their gradients would be lost. Pass every tensor that needs a gradient as "
             "odeint(..., adjoint_params=(...)) (include the module's parameters), or detach those that do not "
-            "(tensor.detach(), or parameter.requires_grad_(False)). Without adjoint_params odeint finds the tensors "
-            "func uses at its first evaluation; these were first used later in the solve. No gradient was written."
+            "(tensor.detach(), or parameter.requires_grad_(False)). Without adjoint_params odeint differentiates the "
+            "tensors func uses at its first evaluation, so a tensor first used later in the solve must be listed. "
+            "No gradient was written."
         )
