@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from mpnode.core import AdjointScaling, RecomputeAdjoint, SolverStats, odeint
+from mpnode.core import AdjointScaling, RecomputeAdjoint, ScalingPass, SolverStats, odeint
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
@@ -130,20 +130,28 @@ def test_forward_sequence_matches_torchdiffeq(method, options, direction):
 
 
 class RejectFirstBlock(AdjointScaling):
-    """Blocks of two steps; the first block is rejected once (as a float16 scaler does after an overflow)."""
-
-    block_size = 2
+    """Blocks of two steps; the first block of the first pass is rejected once (as a float16 scaler does after an overflow)."""
 
     def __init__(self) -> None:
         self.rejected = False
+
+    def begin(self, lam, n_steps):
+        return _RejectFirstBlockPass(self)
+
+
+class _RejectFirstBlockPass(ScalingPass):
+    block_size = 2
+
+    def __init__(self, policy: RejectFirstBlock) -> None:
+        self.policy = policy
 
     def scale(self, lam):
         return None
 
     def end_block(self, lo, hi):
-        if self.rejected:
+        if self.policy.rejected:
             return True
-        self.rejected = True
+        self.policy.rejected = True
         return False
 
 

@@ -81,7 +81,7 @@ def test_output_times_grid_is_t_itself():
 @pytest.mark.parametrize("t_end", [1.0, -1.0])
 def test_step_size_grid_follows_torchdiffeqs_rule(t_end):
     t = torch.tensor([0.0, 0.3, t_end], dtype=F64)
-    grid, host = StepSizeGrid(0.3).build(None, None, t, t)
+    grid, host = StepSizeGrid(0.3).build(None, torch.zeros(2, dtype=F64), t, t)
     n = math.ceil(1.0 / 0.3 + 1)
     assert grid.shape[0] == n and float(grid[-1]) == t_end
     assert torch.allclose(grid[:-1], torch.arange(n - 1, dtype=F64) * 0.3 * math.copysign(1, t_end))
@@ -89,8 +89,8 @@ def test_step_size_grid_follows_torchdiffeqs_rule(t_end):
 
 def test_step_size_grid_refuses_sizes_that_would_not_fit_in_memory():
     t = torch.tensor([0.0, 1.0])
-    with pytest.raises(ValueError, match="steps.*GiB"):
-        StepSizeGrid(1e-12).build(None, None, t, t)
+    with pytest.raises(ValueError, match="steps"):
+        StepSizeGrid(1e-12).build(None, torch.zeros(2), t, t)
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), True, "x"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mpnode.core import (
-    AutoAdjoint, DirectAdjoint, NoAdjointScaling, RecomputeAdjoint, SegmentedAdjoint, SolverStats, odeint,
+    AdjointScaling, AutoAdjoint, DirectAdjoint, RecomputeAdjoint, ScalingPass, SegmentedAdjoint, SolverStats, odeint,
 )
 from mpnode.core.testing import LinearODE, MLPField
 
@@ -163,17 +163,26 @@ def test_strategy_arguments_are_validated():
 def test_direct_strategy_works_with_a_scaling_policy_that_redoes_blocks():
     """A scaling policy that rejects every block once: kept graphs must survive the redo (retained)."""
 
-    class RejectOnce(NoAdjointScaling):
-        block_size = 4
-
+    class RejectOnce(AdjointScaling):
         def __init__(self):
-            super().__init__()
             self.rejected = set()
 
+        def begin(self, lam, n_steps):
+            return RejectOncePass(self)
+
+    class RejectOncePass(ScalingPass):
+        block_size = 4
+
+        def __init__(self, policy):
+            self.policy = policy
+
+        def scale(self, lam):
+            return None
+
         def end_block(self, lo, hi):
-            if (lo, hi) in self.rejected:
+            if (lo, hi) in self.policy.rejected:
                 return True
-            self.rejected.add((lo, hi))
+            self.policy.rejected.add((lo, hi))
             return False
 
     reference, _ = _grads(RecomputeAdjoint(), "rk4 step_size")

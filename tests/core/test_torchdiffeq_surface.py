@@ -256,7 +256,7 @@ def test_t_on_another_device_raises_naming_the_fix():
 
 
 @pytest.mark.torchdiffeq_row("captured-tensors")
-def test_a_captured_tensor_needs_adjoint_params():
+def test_a_captured_tensor_gets_its_gradient_and_one_first_used_later_raises():
     w = torch.tensor(0.5, dtype=F64, requires_grad=True)
     y0, t = torch.ones(3, dtype=F64, requires_grad=True), torch.tensor([0.0, 1.0], dtype=F64)
 
@@ -264,10 +264,18 @@ def test_a_captured_tensor_needs_adjoint_params():
         return -w * y
 
     (ref,) = torch.autograd.grad(torchdiffeq.odeint(field, y0, t, method="rk4").sum(), w)
-    with pytest.raises(ValueError, match="adjoint_params"):
-        odeint(field, y0, t, method="rk4").sum().backward()
-    (ours,) = torch.autograd.grad(odeint(field, y0, t, method="rk4", adjoint_params=(w,)).sum(), w)
+    (ours,) = torch.autograd.grad(odeint(field, y0, t, method="rk4").sum(), w)  # found on the first evaluation
     assert _rel(ours, ref) <= 1e-12
+
+    def late(t, y):  # w enters only after t = 0.5: the first evaluation cannot see it
+        return -w * y if t > 0.5 else -y
+
+    with pytest.raises(ValueError, match="adjoint_params"):
+        odeint(late, y0, t, method="rk4", options={"step_size": 0.25}).sum().backward()
+    (listed,) = torch.autograd.grad(odeint(late, y0, t, method="rk4", options={"step_size": 0.25},
+                                           adjoint_params=(w,)).sum(), w)
+    (ref,) = torch.autograd.grad(torchdiffeq.odeint(late, y0, t, method="rk4", options={"step_size": 0.25}).sum(), w)
+    assert _rel(listed, ref) <= 1e-12
 
 
 @pytest.mark.torchdiffeq_row("odeint_dense")

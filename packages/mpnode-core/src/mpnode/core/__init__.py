@@ -16,7 +16,7 @@ from .march import MixedPrecisionToleranceWarning
 from .methods import TABLEAUX, get_tableau
 from .odeint import odeint
 from .precision import PrecisionPolicy
-from .scaling import AdjointScaling, NoAdjointScaling, NonFiniteGradientError
+from .scaling import AdjointScaling, NoAdjointScaling, NonFiniteGradientError, ScalingPass
 from .stats import SolverStats
 from .strategies import AdjointStrategy, AutoAdjoint, DirectAdjoint, RecomputeAdjoint, SegmentedAdjoint
 from .tableau import ButcherTableau
@@ -41,6 +41,7 @@ __all__ = [
     "PrecisionPolicy",
     "AdjointScaling",
     "NoAdjointScaling",
+    "ScalingPass",
     "NonFiniteGradientError",
     "MixedPrecisionToleranceWarning",
 ]

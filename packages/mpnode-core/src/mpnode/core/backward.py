@@ -26,15 +26,16 @@ dL/do_j``.  ``lam``, ``mu`` and every sum stay in high precision.  The pieces:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from .march import Problem, Trajectory
-from .parameters import untracked_inputs
-from .scaling import AdjointScaling
 from .graphs import StepGraph, evaluate_step
+from .parameters import KnownTensors
+from .scaling import AdjointScaling, ScalingPass
 from .stepper import stage_time_table
 
 
@@ -46,7 +47,8 @@ class BackwardPlan:
         problem: the solve's field, tableau, policy, output rule, callbacks and counters.
         trajectory: the forward pass's accepted steps and output placement.
         params: the tensors whose gradients are wanted (a subset of ``known``).
-        known: every tensor the solve differentiates (for the captured-tensor check).
+        known: every tensor the solve differentiates or holds constant (for the
+            captured-tensor check, prepared once as ``frontier``).
         t: the output times, detached (``(T,)``, ``t``'s dtype).
         need_times: whether gradients w.r.t. grid nodes and output times are wanted.
     """
@@ -61,6 +63,7 @@ class BackwardPlan:
 
     def __post_init__(self) -> None:
         traj = self.trajectory
+        self.frontier = KnownTensors(self.known)
         if traj.output_times is not None:  # decided by the forward pass (a solve until an event)
             self.t = traj.output_times
         if self.stage_times is None:  # also used to replay steps when the times are traced
@@ -142,7 +145,9 @@ def step_graph_vjp(
         inputs.append(graph.first)
     if plan.need_times:
         inputs += [graph.t0, graph.t1, *(t_j for _, t_j in out_times)]
-    grads = torch.autograd.grad(outputs, inputs, grad_outputs=seeds, allow_unused=True, retain_graph=retain_graph)
+    live = [(o, s) for o, s in zip(outputs, seeds) if o.requires_grad]  # a field may not depend on anything
+    grads = torch.autograd.grad([o for o, _ in live], inputs, grad_outputs=[s for _, s in live], allow_unused=True,
+                                retain_graph=retain_graph) if live else (None,) * len(inputs)
     k = 1 + len(plan.params)
     result = StepVJP(grads[0], list(grads[1:k]))
     if graph.first is not None:
@@ -255,18 +260,18 @@ def run_adjoint(
     for j in placement.at_node.get(n_steps, ()):
         lam = lam + g[j]
     acc = AdjointAccumulator(lam, plan.params)
-    nfe0, syncs0 = f.nfe, scaling.host_syncs
-    block = scaling.block_size
-    scaling.begin(acc.lam, n_steps)
+    nfe0 = f.nfe
+    scaling_pass = scaling.begin(acc.lam, n_steps)
+    block = scaling_pass.block_size
     n = n_steps
-    with torch.enable_grad(), prob.policy.autocast():
+    with torch.enable_grad(), prob.policy.autocast(), source.session():
         while n > 0:
             lo = 0 if block is None else max(0, n - block)
             snap = acc.snapshot() if block is not None else None
-            scaling_snap = scaling.snapshot() if block is not None else None
+            scaling_snap = scaling_pass.snapshot() if block is not None else None
             for m in range(n - 1, lo - 1, -1):
-                _adjoint_step(plan, source, m, acc, g, scaling, check_captured=(m == n_steps - 1))
-            if scaling.end_block(lo, n):
+                _adjoint_step(plan, source, m, acc, g, scaling_pass)
+            if scaling_pass.end_block(lo, n):
                 if cb.wants("callback_accept_step_adjoint"):
                     for m in range(n - 1, lo - 1, -1):
                         cb.call("callback_accept_step_adjoint", traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
@@ -277,25 +282,23 @@ def run_adjoint(
                     for m in range(n - 1, lo - 1, -1):
                         cb.call("callback_reject_step_adjoint", traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
                 acc.restore(snap)
-                scaling.restore(scaling_snap)
+                scaling_pass.restore(scaling_snap)
                 counters.retries += n - lo
     grid_grad = _grid_gradient(acc, traj) if plan.need_times else None
-    scaling.end([acc.lam, *acc.sums] + ([grid_grad] if grid_grad is not None else []))
+    scaling_pass.end([acc.lam, *acc.sums] + ([grid_grad] if grid_grad is not None else []))
     counters.nfe_backward += f.nfe - nfe0
-    counters.host_syncs += scaling.host_syncs - syncs0
+    counters.host_syncs += scaling_pass.host_syncs
     return AdjointResult(acc.lam, acc.sums, grid_grad, acc.out_time)
 
 
-def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, scaling: AdjointScaling,
-                  check_captured: bool) -> None:
+def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, scaling: ScalingPass) -> None:
     traj, cb = plan.trajectory, plan.problem.callbacks
     if cb:
         cb.call("callback_step_adjoint", traj.grid[m], source.state(m).to(plan.problem.policy.state_dtype),
                 traj.steps[m], traj.grid.dtype)
     inside = [(j, x, g[j]) for j, x in traj.placement.in_step.get(m, ())]
     graph = source.graph(plan, m, with_end_slope=bool(inside) and plan.problem.output_rule.needs_end_slope)
-    if check_captured:
-        _refuse_untracked(graph.phi, graph.leaves() + plan.known)
+    _refuse_untracked(graph, plan.frontier)
     inherits_next = m + 1 < traj.n_steps and source.first_is_input(m + 1)
     scale = scaling.scale(acc.lam)
     vjp = step_graph_vjp(plan, m, graph, acc.lam, acc.mu if inherits_next else None, inside, scale,
@@ -341,14 +344,26 @@ class StepSource:
         """Whether step ``n``'s first stage is an input inherited from step ``n-1``."""
         raise NotImplementedError
 
+    def session(self) -> contextlib.AbstractContextManager:
+        """A context around the whole backward pass (e.g. :meth:`mpnode.core.replay.Replay.session`)."""
+        return contextlib.nullcontext()
 
-def _refuse_untracked(phi: torch.Tensor, known: list[torch.Tensor]) -> None:
-    """Raise if the recomputed step depends on grad-requiring tensors odeint was not given."""
-    lost = untracked_inputs(phi, known)
+
+def _refuse_untracked(graph: StepGraph, known: KnownTensors) -> None:
+    """Raise if the recomputed step depends on grad-requiring tensors the solve does not differentiate.
+
+    Checked at every step (a tensor may be used on part of the trajectory only),
+    before any gradient is returned.
+    """
+    roots = [*graph.stages.ks, *([graph.end_slope] if graph.end_slope is not None else [])]
+    lost = known.untracked(roots, graph.leaves())
     if lost:
         shapes = ", ".join(str(tuple(p.shape)) for p in lost)
         raise ValueError(
             f"odeint: func uses {len(lost)} tensor(s) that require grad but are not differentiated (shapes {shapes}), "
             "so their gradients would be lost. Pass every tensor that needs a gradient as "
-            "odeint(..., adjoint_params=(...)) (include the module's parameters), or detach those that do not."
+            "odeint(..., adjoint_params=(...)) (include the module's parameters), or detach those that do not "
+            "(tensor.detach(), or parameter.requires_grad_(False)). Without adjoint_params odeint differentiates the "
+            "tensors func uses at its first evaluation, so a tensor first used later in the solve must be listed. "
+            "No gradient was written."
         )

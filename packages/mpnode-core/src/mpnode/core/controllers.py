@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import math
+import os
 from typing import Any, Callable
 
 import torch
@@ -72,19 +73,59 @@ class StepSizeGrid(GridRule):
         sign = 1.0 if bool(t_host[-1] >= t_host[0]) else -1.0
         span = float((t_host[-1] - t_host[0]) * sign)
         n_nodes = math.ceil(span / self.step_size + 1)
-        self._check_size(n_nodes, t)
+        self._check_size(n_nodes, span, t, t_host, y0)
         offsets = torch.arange(0, n_nodes - 1, dtype=t_host.dtype) * (self.step_size * sign)
         keep = int(((offsets + t_host[0] - t_host[-1]) * sign < 0).sum())
         inner = offsets[:keep].to(t.device) + t[0]  # differentiable in t[0]
         grid = torch.cat([inner, t[-1:]])
         return grid, grid.detach().cpu()
 
-    def _check_size(self, n_nodes: int, t: torch.Tensor) -> None:
-        if n_nodes - 1 > self.MAX_STEPS:
-            raise ValueError(
-                f"options['step_size'] = {self.step_size:g} over |t[-1] - t[0]| makes {n_nodes - 1:.3g} steps "
-                f"(the grid alone would take {n_nodes * t.element_size() / 2**30:.3g} GiB); use a larger step_size"
-            )
+    def _check_size(self, n_nodes: int, span: float, t: torch.Tensor, t_host: torch.Tensor, y0: Any) -> None:
+        """Refuse, before allocating, a grid with too many steps or one that would not fit in memory.
+
+        The grid takes ``n_nodes`` values on the host (while it is built) and on
+        ``t``'s device; the message also states what training would keep (one
+        checkpoint of the state per step, at most ``y0``'s dtype).
+        """
+        steps = n_nodes - 1
+        grid_bytes = n_nodes * (t_host.element_size() + t.element_size())
+        parts = (y0,) if isinstance(y0, torch.Tensor) else tuple(y0)
+        checkpoint_bytes = steps * sum(p.numel() * p.element_size() for p in parts)
+        available = available_memory_bytes(t.device)
+        if steps <= self.MAX_STEPS and (available is None or grid_bytes <= available):
+            return
+        limit = (f"more than the {self.MAX_STEPS:,} steps a grid may have" if steps > self.MAX_STEPS
+                 else f"but only {_gib(available)} is available on {t.device}")
+        raise ValueError(
+            f"options['step_size'] = {self.step_size:g} over |t[-1] - t[0]| = {span:g} makes {steps:,} steps: the grid "
+            f"alone needs {_gib(grid_bytes)} ({grid_bytes:,} bytes) and training keeps one checkpoint per step "
+            f"({_gib(checkpoint_bytes)} more), {limit}; use a larger step_size"
+        )
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on ``device`` can use: free CUDA memory plus PyTorch's reusable cache on a GPU,
+    ``MemAvailable`` of ``/proc/meminfo`` on a Linux host, else the physical memory; ``None`` if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class ConstructedGrid(GridRule):

@@ -438,10 +438,12 @@ def replay(
     stop: int,
     y: torch.Tensor,
     first_stage: torch.Tensor | None,
+    before_step: Callable[[int], None] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Re-run accepted steps ``start .. stop-1`` from ``y`` exactly as the forward ran them (no graph).
 
-    ``first_stage`` is step ``start``'s inherited first stage when it carries one.
+    ``first_stage`` is step ``start``'s inherited first stage when it carries one;
+    ``before_step(m)`` runs before step ``m`` (e.g. to restore its random state).
     Returns each step's start state and, for carried steps, its inherited first
     stage: what a checkpoint strategy would have stored for those steps.
     """
@@ -455,6 +457,8 @@ def replay(
         else:
             k1 = last if mode in (PREV, CARRIED) else None
         out.append((y, k1 if mode == CARRIED else None))
+        if before_step is not None:
+            before_step(m)
         h = trajectory.steps[m]
         stages = rk_stages(tab, f, y, h, stage_times[m], first_stage=k1)
         y = stages.last_input if tab.is_fsal else torch.add(y, weighted_sum(tab.b, stages.ks), alpha=h)

@@ -20,7 +20,8 @@ from .events import until_event
 from .march import AdaptiveOptions, AdaptiveStepping, FixedGridStepping, Problem, Stepping
 from .methods import get_tableau
 from .outputs import OUTPUT_RULES
-from .parameters import gradient_targets
+from .guards import refuse_function_transforms
+from .parameters import gradient_targets, reachable_modules, restricted_parameters
 from .precision import PrecisionPolicy
 from .scaling import AdjointScaling
 from .state import FlatState, FlatVectorField, State
@@ -67,8 +68,13 @@ def odeint(
     Args:
         func: ``func(t, y) -> dy/dt``; ``t`` a 0-dim tensor in ``y0``'s dtype, ``y``
             and the result structured like ``y0``.  An ``nn.Module``'s parameters
-            with ``requires_grad`` receive gradients.  It may define torchdiffeq's
-            callbacks ``callback_step`` etc. (see :mod:`mpnode.core.callbacks`).
+            with ``requires_grad`` receive gradients, and so does every other
+            grad-requiring tensor the first evaluation of ``func`` uses (a
+            closure's tensor, a module's context attribute).  Random numbers drawn
+            inside ``func`` are replayed in backward (fixed grids; refused on
+            adaptive ones), and module buffers are left as the forward left them
+            (docs/guarantees.md).  It may define torchdiffeq's callbacks
+            ``callback_step`` etc. (see :mod:`mpnode.core.callbacks`).
         y0: float32/float64 tensor of any shape, or a tuple of such tensors.
         t: 1-D float32/float64 tensor of output times, strictly increasing or
             decreasing, on ``y0``'s device.  A single time returns a copy of ``y0``
@@ -88,8 +94,12 @@ def odeint(
             ``controller`` (a :class:`StepSizeController`); both:
             ``checkpoint_dtype`` and ``stats`` (a :class:`SolverStats` updated in
             place).  Unknown keys, and options of the other kind of stepping, raise.
-        adjoint_params: the tensors to differentiate when ``func`` is a closure (or
-            to restrict a module's parameters).
+        adjoint_params: the tensors to differentiate, instead of discovering them.
+            Parameters of the modules odeint can see (``func`` itself, a bound
+            method's module, modules in ``func``'s closure) that are left out are
+            constants of the solve: they get no gradient, so listing a subset
+            restricts which parameters train.  Any other grad-requiring tensor
+            ``func`` uses that is not listed makes backward raise.
         scaler: shorthand for ``adjoint=RecomputeAdjoint(scaling=scaler)``: adjoint
             scaling for float16; ``None`` automatic, ``False`` none.
         adjoint: an adjoint strategy, e.g. ``RecomputeAdjoint(checkpoint_dtype=...,
@@ -106,6 +116,7 @@ def odeint(
         ``event_t`` a 0-dim tensor in ``t``'s dtype (no graph) and ``solution`` the
         states at ``[t0, event_t]``, differentiable at that fixed time.
     """
+    refuse_function_transforms()
     check_func(func)
     check_y0(y0)
     layout = FlatState(y0)
@@ -130,12 +141,16 @@ def odeint(
     grid = grid_host = None
     if isinstance(stepping, FixedGridStepping):
         grid, grid_host = stepping.rule.build(func, y0, t, t_host)
-    needs_grad = torch.is_grad_enabled() and any(
+    discover = torch.is_grad_enabled() and adjoint_params is None  # func may capture tensors that need gradients
+    needs_grad = torch.is_grad_enabled() and (discover or any(
         x is not None and x.requires_grad for x in (t, grid, y0_flat, *targets)
+    ))
+    inputs = SolveInputs(
+        t, t_host, grid, grid_host, y0_flat, targets, needs_grad, stats, discover=discover,
+        constants=restricted_parameters(func, targets) if adjoint_params is not None else [],
+        modules=reachable_modules(func),
     )
-    inputs = SolveInputs(t, t_host, grid, grid_host, y0_flat, targets, needs_grad, stats)
     out = strategy.solve(problem, stepping, inputs)
-    _check_finite(out, policy)
     solution = layout.unflatten(out, (t.shape[0],))
     return solution if event is None else (event.event_time(t), solution)
 
@@ -252,14 +267,3 @@ def _strategy(adjoint: AdjointStrategy | None, scaler: AdjointScaling | bool | N
             f"pass them to the strategy instead, e.g. RecomputeAdjoint(checkpoint_dtype=..., scaling=...) (got {adjoint!r})"
         )
     return adjoint
-
-
-def _check_finite(out: torch.Tensor, policy: PrecisionPolicy) -> None:
-    if bool(torch.isfinite(out[-1].detach()).all()):
-        return
-    hint = (
-        "Under float16 autocast the vector field may overflow: try torch.bfloat16, a smaller step, or scaling the inputs."
-        if policy.autocast_dtype == torch.float16
-        else "Check the vector field for blow-up and try a smaller step size."
-    )
-    raise FloatingPointError("odeint: the solution became inf/NaN. " + hint)

@@ -1,14 +1,28 @@
-"""Which tensors receive gradients from a solve."""
+"""Which tensors receive gradients from a solve, and the tensors ``func`` uses without saying so.
+
+* :func:`gradient_targets`: ``adjoint_params``, or the parameters of an ``nn.Module`` func;
+* :func:`reachable_modules` / :func:`restricted_parameters`: modules odeint can see from
+  ``func`` and, with ``adjoint_params``, their parameters left out of it (constants);
+* :class:`CapturedTensorProbe`: run one evaluation of ``func`` and collect the
+  grad-requiring tensors it uses that it did not create and was not given
+  (closure-captured tensors, a module's context attribute, ...);
+* :func:`untracked_inputs`: grad-requiring leaves and tensors a recomputed step's
+  graph reaches that the solve does not differentiate (checked at every step).
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import functools
+import threading
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
 
 
 def gradient_targets(func: Callable, adjoint_params: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
-    """The tensors whose gradients the backward pass computes.
+    """The tensors whose gradients the backward pass computes (before discovery).
 
     ``adjoint_params`` when given, else the parameters of ``func`` when it is an
     ``nn.Module``, else none; duplicates and tensors with ``requires_grad=False``
@@ -17,40 +31,196 @@ def gradient_targets(func: Callable, adjoint_params: Iterable[torch.Tensor] | No
     if adjoint_params is None:
         candidates = list(func.parameters()) if isinstance(func, torch.nn.Module) else []
     else:
+        if isinstance(adjoint_params, torch.Tensor):
+            raise TypeError("adjoint_params must be a tuple or list of tensors, got a tensor; pass (tensor,)")
         candidates = list(adjoint_params)
         for p in candidates:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"adjoint_params must contain tensors, got {type(p).__name__}")
+    return _unique_requiring_grad(candidates)
+
+
+def _unique_requiring_grad(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     seen: set[int] = set()
     out = []
-    for p in candidates:
+    for p in tensors:
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             out.append(p)
     return out
 
 
-def untracked_inputs(out: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Tensors requiring grad that ``out``'s graph reaches without passing a target.
+def reachable_modules(func: Callable) -> list[torch.nn.Module]:
+    """The modules odeint can see from ``func`` without running it.
 
-    Walks ``out.grad_fn`` back to its leaves, stopping at the targets (leaf or
-    not).  A non-empty result means ``func`` closes over a tensor whose
-    gradient would be lost.
+    ``func`` itself when it is an ``nn.Module``; the module of a bound method
+    (``model.dynamics``); modules held in a closure's cells or in a
+    ``functools.partial``'s function and arguments.  Modules reached only through
+    globals or deeper references are not seen.
+    """
+    found: dict[int, torch.nn.Module] = {}
+    pending: list[Any] = [func]
+    visited: set[int] = set()
+    while pending:
+        obj = pending.pop()
+        if id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            found.setdefault(id(obj), obj)
+            continue
+        if isinstance(obj, functools.partial):
+            pending += [obj.func, *obj.args, *obj.keywords.values()]
+            continue
+        owner = getattr(obj, "__self__", None)
+        if owner is not None and callable(obj):
+            pending.append(owner)
+        cells = getattr(obj, "__closure__", None) or ()
+        for cell in cells:
+            try:
+                pending.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+    return list(found.values())
+
+
+def restricted_parameters(func: Callable, targets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Parameters of the modules reachable from ``func`` that are not among ``targets``.
+
+    With ``adjoint_params`` given they are constants of the solve (no gradient,
+    no error): ``adjoint_params`` restricts which of a module's parameters train.
     """
     target_ids = {id(p) for p in targets}
-    target_nodes = {p.grad_fn for p in targets if p.grad_fn is not None}
-    found: dict[int, torch.Tensor] = {}
-    stack = [out.grad_fn]
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in target_nodes:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if variable is not None:
-            if id(variable) not in target_ids:
-                found[id(variable)] = variable
-            continue
-        stack.extend(fn for fn, _ in node.next_functions)
-    return list(found.values())
+    params = (p for m in reachable_modules(func) for p in m.parameters())
+    return [p for p in _unique_requiring_grad(params) if id(p) not in target_ids]
+
+
+class CapturedTensorProbe:
+    """Collects the grad-requiring tensors one evaluation of ``func`` uses but neither creates nor receives.
+
+    Used as ``FlatVectorField.next_call_hook``: ``probe(func, t, y)`` runs
+    ``func(t, y)`` under a ``TorchFunctionMode`` that sees every torch function's
+    arguments (``F.linear``'s weight, a closure's ``c`` in ``c * y``, a module's
+    context attribute...).  Cost: Python overhead on that one evaluation only.
+
+    Attributes:
+        found: the grad-requiring tensors found, in order of first use (leaf or not).
+        modified: the other captured tensors that the evaluation modified in place
+            (by their version counters, e.g. a counter tensor ``func`` increments).
+        modules: the modules called during the evaluation (also those ``func``
+            reaches through globals), found with a forward pre-hook.
+    """
+
+    def __init__(self) -> None:
+        self.found: list[torch.Tensor] = []
+        self.modified: list[torch.Tensor] = []
+        self.modules: list[torch.nn.Module] = []
+
+    def __call__(self, func: Callable, t: torch.Tensor, y: Any) -> Any:
+        mode = _CapturedTensorMode(list(_tensors((t, y))))
+        called: dict[int, torch.nn.Module] = {}
+        thread = threading.get_ident()
+
+        def seen(module, args):
+            if threading.get_ident() == thread:  # the hook is global: ignore other threads' modules
+                called.setdefault(id(module), module)
+
+        handle = register_module_forward_pre_hook(seen)
+        try:
+            with mode:
+                out = func(t, y)
+        finally:
+            handle.remove()
+        self.found = list(mode.found.values())
+        self.modified = [x for x, version in mode.constants.values() if x._version != version]
+        self.modules = list(called.values())
+        return out
+
+    def new_targets(self, known: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The found tensors not already among ``known``."""
+        known_ids = {id(p) for p in known}
+        return [x for x in self.found if id(x) not in known_ids]
+
+
+class _CapturedTensorMode(TorchFunctionMode):
+    """Records the tensor arguments not produced inside the evaluation: grad-requiring ones in
+    ``found``, the others with their version at first sight in ``constants``."""
+
+    def __init__(self, inputs: Sequence[Any]) -> None:
+        super().__init__()
+        self.keep = [x for x in inputs if isinstance(x, torch.Tensor)]  # alive, so ids stay unique
+        self.produced = {id(x) for x in self.keep}
+        self.found: dict[int, torch.Tensor] = {}
+        self.constants: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for x in _tensors((args, kwargs)):
+            if id(x) not in self.produced:
+                if x.requires_grad:
+                    self.found.setdefault(id(x), x)
+                elif id(x) not in self.constants:
+                    self.constants[id(x)] = (x, x._version)
+        out = func(*args, **kwargs)
+        for x in _tensors(out):
+            if id(x) not in self.found and id(x) not in self.constants:
+                self.produced.add(id(x))
+                self.keep.append(x)
+        return out
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors in nested tuples, lists and dicts (what torch functions take and return)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+
+
+_LEAF_NODE = type(torch.zeros(1, requires_grad=True).mul(1).grad_fn.next_functions[0][0])  # AccumulateGrad
+
+
+def untracked_inputs(roots: Sequence[torch.Tensor], known: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Grad-requiring leaves that the graphs of ``roots`` reach without passing a known tensor (see :class:`KnownTensors`)."""
+    return KnownTensors(known).untracked(roots)
+
+
+class KnownTensors:
+    """The tensors a solve differentiates or treats as constants, prepared once for many graph walks.
+
+    :meth:`untracked` walks the graph edges from each root's ``grad_fn`` back to
+    the leaves, stopping at the known tensors (a leaf's accumulator, or a
+    non-leaf's own output edge).  A non-empty result means ``func`` uses a tensor
+    whose gradient would be lost.  Cost: one Python visit per graph node, about
+    14 us for the four evaluations of an RK4 step of a 3-layer MLP
+    (``benchmarks/trust_overhead.py`` measures it in a whole backward pass).
+    """
+
+    def __init__(self, known: Sequence[torch.Tensor]) -> None:
+        self.ids = {id(p) for p in known}
+        self.stop = {(p.grad_fn, p.output_nr) for p in known if p.grad_fn is not None}
+
+    def untracked(self, roots: Sequence[torch.Tensor], extra: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
+        """The untracked leaves reachable from ``roots``; ``extra`` are more known leaves (the step's inputs)."""
+        ids = self.ids | {id(x) for x in extra} if extra else self.ids
+        stop = self.stop
+        found: dict[int, torch.Tensor] = {}
+        seen: set = set()
+        stack = [(r.grad_fn, r.output_nr) for r in roots if r.grad_fn is not None]
+        while stack:
+            edge = stack.pop()
+            node = edge[0]
+            if node is None or node in seen or (stop and edge in stop):
+                continue
+            seen.add(node)
+            if type(node) is _LEAF_NODE:
+                leaf = node.variable
+                if id(leaf) not in ids:
+                    found[id(leaf)] = leaf
+                continue
+            stack.extend(node.next_functions)
+        return list(found.values())

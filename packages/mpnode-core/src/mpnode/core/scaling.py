@@ -1,11 +1,17 @@
 """The adjoint-scaling interface of the backward recurrence.
 
-The backward pass (:mod:`mpnode.core.adjoint`) seeds each step's
+The backward pass (:mod:`mpnode.core.backward`) seeds each step's
 vector-Jacobian product with ``S * lambda`` and unscales the result by
 ``h / S`` in high precision.  A scaling policy chooses ``S`` and may reject
 a block of steps (after which the loop restores its snapshot and redoes
 the block).  ``mpnode.scaler.DynamicAdjointScaler`` implements it for
 float16; :class:`NoAdjointScaling` is the policy used otherwise.
+
+A policy object is shared by every solve it is passed to (and may be shared by
+threads); everything that belongs to one backward pass lives in the
+:class:`ScalingPass` that :meth:`AdjointScaling.begin` returns, and the policy
+learns from a pass only when the pass completes (:meth:`ScalingPass.end`).  A
+backward pass that raises leaves the policy as it was.
 """
 
 from __future__ import annotations
@@ -20,30 +26,26 @@ import torch
 SCALING_ENTRY_POINTS = "mpnode.adjoint_scaling"
 
 
-class AdjointScaling(abc.ABC):
-    """What the backward recurrence asks of a scaling policy.
+class ScalingPass(abc.ABC):
+    """The scaling state of one backward pass over ``n_steps`` steps.
 
-    Call order for one backward pass over ``n_steps`` steps::
+    Call order::
 
-        begin(lam_N, n_steps)
         repeat per block of steps (latest first):
             snap = snapshot()                          # only if block_size is not None
             per step m:  S = scale(lam); ...; observe(m, lam, S, grads)
             accepted = end_block(lo, hi)               # False: restore(snap), redo
-        end(results)
+        end(results)                                   # the pass completed: the policy learns from it
 
     Every method except ``end_block`` and ``end`` must stay on the device
     (no ``.item()``, no ``bool(tensor)``) so the loop runs without host
     synchronisation between checks.
     """
 
-    #: steps between host checks; ``None`` means the policy never rejects a block.
+    #: steps between host checks; ``None`` means the pass never rejects a block.
     block_size: int | None = None
-    #: host synchronisations made by this policy so far (reported in ``SolverStats.host_syncs``).
+    #: host synchronisations made by this pass (reported in ``SolverStats.host_syncs``).
     host_syncs: int = 0
-
-    def begin(self, lam: torch.Tensor, n_steps: int) -> None:
-        """Start a backward pass; ``lam`` is the terminal adjoint (high precision)."""
 
     @abc.abstractmethod
     def scale(self, lam: torch.Tensor) -> torch.Tensor | None:
@@ -52,7 +54,7 @@ class AdjointScaling(abc.ABC):
         ``None`` means exactly 1: the loop then skips the scaling arithmetic.
         """
 
-    def observe(self, step: int, lam: torch.Tensor, scale: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+    def observe(self, step: int, lam: torch.Tensor, scale: torch.Tensor | None, grads: Sequence[torch.Tensor]) -> None:
         """See the scaled VJP results ``grads`` of ``step`` (computed with ``scale``)."""
 
     def snapshot(self) -> object:
@@ -66,11 +68,35 @@ class AdjointScaling(abc.ABC):
         return True
 
     def end(self, results: Sequence[torch.Tensor]) -> None:
-        """Called with the final gradients before they are returned to autograd."""
+        """Called with the final gradients before they are returned to autograd; may raise.
+
+        When it returns, the pass is complete and its policy has learned from it.
+        """
+
+
+class AdjointScaling(abc.ABC):
+    """A scaling policy: starts one :class:`ScalingPass` per backward pass.
+
+    Attributes:
+        host_syncs: host synchronisations made by this policy's completed passes.
+    """
+
+    host_syncs: int = 0
+
+    @abc.abstractmethod
+    def begin(self, lam: torch.Tensor, n_steps: int) -> ScalingPass:
+        """Start a backward pass over ``n_steps`` steps; ``lam`` is the terminal adjoint (high precision)."""
 
 
 class NonFiniteGradientError(FloatingPointError):
     """The backward pass produced inf/NaN that no scaling policy recovered."""
+
+
+#: What NoAdjointScaling(raise_on_nonfinite=True) tells the user when no scaler was found.
+INSTALL_SCALER_ADVICE = (
+    "no adjoint scaler was used. Install mpnode-scaler (pip install packages/mpnode-scaler) and pass "
+    "scaler=mpnode.scaler.DynamicAdjointScaler(), or autocast to torch.bfloat16."
+)
 
 
 class NoAdjointScaling(AdjointScaling):
@@ -81,26 +107,47 @@ class NoAdjointScaling(AdjointScaling):
             host synchronisation) and raise :class:`NonFiniteGradientError`.
             With ``False`` non-finite gradients are returned as they are, which is
             what ``torch.amp.GradScaler`` needs to skip the optimizer step.
+        advice: what the error says to do about an overflow (default: install
+            and pass mpnode-scaler's dynamic scaler).
     """
 
-    def __init__(self, raise_on_nonfinite: bool = False) -> None:
+    def __init__(self, raise_on_nonfinite: bool = False, advice: str = INSTALL_SCALER_ADVICE) -> None:
         self.raise_on_nonfinite = raise_on_nonfinite
+        self.advice = advice
+        self.host_syncs = 0
+
+    def begin(self, lam: torch.Tensor, n_steps: int) -> ScalingPass:
+        return _UnscaledPass(self, lam)
+
+
+class _UnscaledPass(ScalingPass):
+    """Scale 1; with ``raise_on_nonfinite`` one finiteness check of the results (and of ``lam_N``) at the end."""
+
+    def __init__(self, policy: NoAdjointScaling, lam: torch.Tensor) -> None:
+        self.policy = policy
+        self.host_syncs = 0
+        # device flag, read only together with the results: was the incoming gradient already inf/NaN?
+        self._incoming_finite = torch.isfinite(lam).all() if policy.raise_on_nonfinite else None
 
     def scale(self, lam: torch.Tensor) -> None:
         return None
 
     def end(self, results: Sequence[torch.Tensor]) -> None:
-        if not self.raise_on_nonfinite or not results:
-            return
-        finite = torch.stack([torch.isfinite(r).all() for r in results]).all()
-        self.host_syncs += 1
-        if not bool(finite):
-            raise NonFiniteGradientError(
-                "the float16 backward pass overflowed (inf/NaN gradients) and no adjoint scaler was used. "
-                "Install mpnode-scaler (pip install packages/mpnode-scaler) and pass "
-                "scaler=mpnode.scaler.DynamicAdjointScaler(), or autocast to torch.bfloat16. "
-                "No gradient was written."
-            )
+        if self._incoming_finite is not None and results:
+            flags = torch.stack([self._incoming_finite, *(torch.isfinite(r).all() for r in results)])
+            self.host_syncs += 1
+            incoming, *finite = flags.tolist()
+            if not incoming:
+                raise NonFiniteGradientError(
+                    "odeint's backward received an inf/NaN gradient at the solution (check the loss for inf/NaN, "
+                    "e.g. log(0)); no scale can fix that. No gradient was written."
+                )
+            if not all(finite):
+                raise NonFiniteGradientError(
+                    "the float16 backward pass overflowed (inf/NaN gradients) and " + self.policy.advice
+                    + " No gradient was written."
+                )
+        self.policy.host_syncs += self.host_syncs
 
 
 def default_scaling(float16: bool) -> AdjointScaling:

@@ -53,11 +53,17 @@ class FlatVectorField:
         self.func = func
         self.layout = layout
         self.nfe = 0
+        #: one-shot hook: the next evaluation runs as ``hook(func, t, y)`` (e.g. a CapturedTensorProbe)
+        self.next_call_hook: Callable | None = None
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         lay = self.layout
-        out = self.func(t.to(lay.dtype), lay.unflatten(y))
+        if self.next_call_hook is not None:
+            hook, self.next_call_hook = self.next_call_hook, None
+            out = hook(self.func, t.to(lay.dtype), lay.unflatten(y))
+        else:
+            out = self.func(t.to(lay.dtype), lay.unflatten(y))
         if not lay.is_tuple and isinstance(out, torch.Tensor) and out.shape == lay.shapes[0] \
                 and out.dtype.is_floating_point:  # the common case, checked without the general path
             return out.reshape(-1).to(lay.dtype)

@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from .backward import BackwardPlan, StepSource, build_step_graph, run_adjoint
-from .checkpoints import CheckpointStore
+from .checkpoints import CheckpointStore, StoredRows, decode_row, encode_row
+from .forward import TrackedForward, tracked_forward
 from .graphs import StepGraph
+from .guards import check_solution, first_order_only
 from .march import CARRIED, Problem, Recorder, Stepping, Trajectory, replay
+from .replay import Replay
 from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
 from .stats import SolverStats
 from .testing import held_memory
@@ -49,9 +52,14 @@ class SolveInputs:
         grid: the fixed grid ``(N+1,)`` built from ``t`` (``None`` for adaptive steps).
         grid_host: ``grid`` on the host.
         y0: the flat initial state ``(D,)``.
-        params: tensors ``func`` uses that receive gradients.
-        needs_grad: whether any input needs a gradient (else nothing is kept).
+        params: tensors ``func`` uses that receive gradients (before discovery).
+        needs_grad: whether any input may need a gradient (else nothing is kept).
         user_stats: the caller's :class:`SolverStats` (updated when a pass completes), or ``None``.
+        discover: probe the first evaluation for grad-requiring tensors ``func``
+            captures (``adjoint_params`` was not given).
+        constants: grad-requiring tensors ``func`` may use that get no gradient
+            (module parameters left out of ``adjoint_params``).
+        modules: the modules reachable from ``func`` (their buffers are watched).
     """
 
     t: torch.Tensor
@@ -62,8 +70,21 @@ class SolveInputs:
     params: list[torch.Tensor]
     needs_grad: bool
     user_stats: SolverStats | None
+    discover: bool = False
+    constants: list[torch.Tensor] = field(default_factory=list)
+    modules: list[torch.nn.Module] = field(default_factory=list)
+
+    @property
+    def times_need_grad(self) -> bool:
+        return any(x is not None and x.requires_grad for x in (self.t, self.grid)) and torch.is_grad_enabled()
 
 
+#: What an unscaled float16 overflow says when the user turned scaling off.
+SCALING_TURNED_OFF_ADVICE = (
+    "adjoint scaling is off (scaler=False / scaling=False). Drop that argument so float16 solves use the default "
+    "scaler (mpnode-scaler's DynamicAdjointScaler, when installed), or pass scaler=mpnode.scaler.DynamicAdjointScaler(), "
+    "or autocast to torch.bfloat16."
+)
 def _check_checkpoint_dtype(dtype: object) -> torch.dtype | None:
     if dtype is None:
         return None
@@ -108,14 +129,19 @@ class StepStore(Recorder):
 
     #: the strategy actually used (``SolverStats.last_adjoint``).
     name: str = "store"
+    #: backward may evaluate the field again (so the forward's random numbers must be replayable).
+    recomputes: bool = True
+    #: the forward runs with autocast's weight-cast cache off (each evaluation casts its own weight copy).
+    disable_cast_cache: bool = False
 
     def saved_tensors(self) -> list[torch.Tensor]:
         """Tensors to hand to ``save_for_backward`` (checkpoints)."""
         return []
 
     @abc.abstractmethod
-    def source(self, trajectory: Trajectory, saved: list[torch.Tensor]) -> StepSource:
-        """Where backward gets the step graphs (``saved``: the tensors given by :meth:`saved_tensors`)."""
+    def source(self, trajectory: Trajectory, saved: list[torch.Tensor], replay: Replay) -> StepSource:
+        """Where backward gets the step graphs (``saved``: the tensors given by :meth:`saved_tensors`;
+        ``replay``: the forward's random states and watched buffers)."""
 
 
 class AdjointStrategy(abc.ABC):
@@ -123,18 +149,27 @@ class AdjointStrategy(abc.ABC):
 
     Args:
         checkpoint_dtype: dtype of stored states; ``None`` = the autocast dtype under
-            autocast, else the state's dtype.
+            autocast, else the state's dtype.  float16 rows are stored scaled by a
+            power of two each (no range loss).
         scaling: adjoint scaling for float16 backward passes: an ``AdjointScaling``
             (e.g. ``mpnode.scaler.DynamicAdjointScaler()``), ``None`` = automatic (the
             registered float16 default when float16 is involved, none otherwise),
             ``False`` = none.
+        replay_rng: replay the forward's random numbers in each recomputed step
+            (dropout, ``torch.randn`` in ``func``), as ``torch.utils.checkpoint``
+            does; ``False`` skips the per-step generator bookkeeping and lets a
+            recomputation draw fresh numbers (gradients of another noise draw).
     """
 
     name: str = "adjoint"
 
-    def __init__(self, checkpoint_dtype: torch.dtype | None = None, scaling: AdjointScaling | bool | None = None) -> None:
+    def __init__(self, checkpoint_dtype: torch.dtype | None = None, scaling: AdjointScaling | bool | None = None,
+                 replay_rng: bool = True) -> None:
         self.checkpoint_dtype = _check_checkpoint_dtype(checkpoint_dtype)
         self.scaling = _check_scaling(scaling)
+        if not isinstance(replay_rng, bool):
+            raise TypeError(f"replay_rng must be True or False, got {replay_rng!r}")
+        self.replay_rng = replay_rng
 
     @abc.abstractmethod
     def new_store(self, setup: StoreSetup) -> StepStore:
@@ -150,23 +185,38 @@ class AdjointStrategy(abc.ABC):
         float16 = torch.float16 in (problem.policy.autocast_dtype, self.resolved_checkpoint_dtype(problem))
         if self.scaling is None:
             return default_scaling(float16)
-        return NoAdjointScaling(raise_on_nonfinite=float16)
+        return NoAdjointScaling(raise_on_nonfinite=float16, advice=SCALING_TURNED_OFF_ADVICE)
 
     def solve(self, problem: Problem, stepping: Stepping, inputs: SolveInputs) -> torch.Tensor:
-        """Run the forward pass; returns the ``(T, D)`` outputs, differentiable when an input needs a gradient."""
+        """Run the forward pass; returns the ``(T, D)`` outputs, differentiable when an input needs a gradient.
+
+        The march runs first (:func:`~mpnode.core.forward.tracked_forward`: captured
+        tensors found on the first evaluation, random states and versions recorded,
+        the solution checked), then the autograd Function attaches the backward.
+        """
         if not inputs.needs_grad:
-            nfe0 = problem.field.nfe
-            with torch.no_grad(), problem.policy.autocast():
-                outputs, trajectory = stepping.march(
-                    problem, inputs.y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, Recorder()
-                )
-            _commit_forward(problem, trajectory, inputs.user_stats, self.name, nfe0)
-            return outputs
-        return _AdjointFunction.apply(_Setup(self, problem, stepping, inputs), inputs.t, inputs.grid, inputs.y0,
-                                      *inputs.params)
+            return _solve_without_graph(problem, stepping, inputs, self.name)
+        fixed = inputs.grid_host is not None  # the number of steps is known before the march
+        store = self.new_store(StoreSetup(
+            width=inputs.y0.shape[0], dtype=self.resolved_checkpoint_dtype(problem), device=inputs.y0.device,
+            rows=inputs.grid_host.numel() - 1 if fixed else None,
+            carries=not fixed and problem.tableau.carries_first_stage,
+            need_times=inputs.times_need_grad, params=tuple(inputs.params),
+        ))
+        outputs, forward = tracked_forward(problem, stepping, inputs, store, self.replay_rng and store.recomputes,
+                                           cache_enabled=not store.disable_cast_cache)
+        differentiable = forward.needs_grad or any(
+            x is not None and x.requires_grad for x in (inputs.t, inputs.grid, inputs.y0)
+        )
+        if differentiable:
+            setup = _Setup(self, problem, inputs, forward, store, outputs)
+            outputs = _AdjointFunction.apply(setup, inputs.t, inputs.grid, inputs.y0, *forward.params)
+        _commit_forward(problem, forward.trajectory, inputs.user_stats, store.name, forward.nfe0)
+        return outputs
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(checkpoint_dtype={self.checkpoint_dtype}, scaling={self.scaling!r})"
+        return (f"{type(self).__name__}(checkpoint_dtype={self.checkpoint_dtype}, scaling={self.scaling!r}, "
+                f"replay_rng={self.replay_rng})")
 
 
 # -- recompute --------------------------------------------------------------------------------------
@@ -197,32 +247,61 @@ class EveryStepCheckpoints(StepStore):
             self.first_stage_row[n] = len(self.first_stages)
             self.first_stages.append(first_stage)
 
-    def saved_tensors(self):
-        states = self.states.finish()
-        self._n_state_chunks = len(states)
-        return states + (self.first_stages.finish() if self.first_stages is not None else [])
+    def finish(self) -> "RecordedCheckpoints":
+        firsts = self.first_stages.finish() if self.first_stages is not None else StoredRows([])
+        return RecordedCheckpoints(self.states.finish(), firsts, dict(self.first_stage_row))
 
-    def source(self, trajectory, saved):
-        k = self._n_state_chunks
-        return RecomputedSteps(trajectory, saved[:k], saved[k:], self.first_stage_row)
+    def saved_tensors(self):
+        self.recorded = self.finish()
+        return self.recorded.tensors()
+
+    def source(self, trajectory, saved, replay):
+        return RecomputedSteps(trajectory, RecordedCheckpoints.from_saved(saved, self.recorded.layout()), replay)
+
+
+@dataclass
+class RecordedCheckpoints:
+    """The rows an :class:`EveryStepCheckpoints` kept: states, carried first stages, and each carried step's row."""
+
+    states: StoredRows
+    first_stages: StoredRows
+    first_row: dict[int, int]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.states.tensors(), *self.first_stages.tensors()]
+
+    def layout(self) -> tuple:
+        return (len(self.states.chunks), self.states.scales is not None, len(self.first_stages.chunks),
+                self.first_stages.scales is not None, self.first_row)
+
+    @classmethod
+    def from_saved(cls, saved: list[torch.Tensor], layout: tuple) -> "RecordedCheckpoints":
+        n_states, states_scaled, n_firsts, firsts_scaled, first_row = layout
+        states = StoredRows.from_saved(saved, n_states, states_scaled)
+        firsts = StoredRows.from_saved(saved[len(states.tensors()):], n_firsts, firsts_scaled)
+        return cls(states, firsts, first_row)
 
 
 class RecomputedSteps(StepSource):
-    """Rebuilds each step's graph from the checkpoints saved for backward."""
+    """Rebuilds each step's graph from the checkpoints saved for backward, replaying the forward's random numbers."""
 
-    def __init__(self, trajectory: Trajectory, state_chunks: list[torch.Tensor], first_chunks: list[torch.Tensor],
-                 first_row: dict[int, int]) -> None:
+    def __init__(self, trajectory: Trajectory, checkpoints: RecordedCheckpoints, replay: Replay) -> None:
         self.trajectory = trajectory
-        self.state_chunks, self.first_chunks, self.first_row = state_chunks, first_chunks, first_row
+        self.checkpoints = checkpoints
+        self.replay = replay
+
+    def session(self):
+        return self.replay.session()
 
     def state(self, n):
-        return CheckpointStore.row(self.state_chunks, n)
+        return self.checkpoints.states.row(n)
 
     def first_is_input(self, n):
         return self.trajectory.first_stage[n] == CARRIED
 
     def graph(self, plan, n, with_end_slope):
-        first = CheckpointStore.row(self.first_chunks, self.first_row[n]) if self.first_is_input(n) else None
+        first = self.checkpoints.first_stages.row(self.checkpoints.first_row[n]) if self.first_is_input(n) else None
+        self.replay.before_step(n)
         return build_step_graph(plan, n, self.state(n), first, with_end_slope)
 
 
@@ -252,6 +331,7 @@ class KeptGraphs(StepStore):
 
     name = "direct"
     keeps_graphs = True
+    recomputes = False
     disable_cast_cache = True
 
     def __init__(self, need_times: bool) -> None:
@@ -261,8 +341,8 @@ class KeptGraphs(StepStore):
     def keep(self, n, graph):
         self.graphs.append(graph)
 
-    def source(self, trajectory, saved):
-        return KeptSteps(self.graphs)
+    def source(self, trajectory, saved, replay):
+        return KeptSteps(self.graphs, replay)
 
 
 class KeptSteps(StepSource):
@@ -270,8 +350,12 @@ class KeptSteps(StepSource):
 
     retain_graphs = True
 
-    def __init__(self, graphs: list[StepGraph]) -> None:
+    def __init__(self, graphs: list[StepGraph], replay: Replay) -> None:
         self.graphs = graphs
+        self.replay = replay
+
+    def session(self):
+        return self.replay.session()
 
     def state(self, n):
         return self.graphs[n].y.detach()
@@ -297,6 +381,7 @@ class SegmentedAdjoint(AdjointStrategy):
             ``2 sqrt(N)`` states), 64 for adaptive steps.
         checkpoint_dtype: dtype of the stored states (see :class:`AdjointStrategy`).
         scaling: adjoint scaling (see :class:`AdjointStrategy`).
+        replay_rng: replay the forward's random numbers (see :class:`AdjointStrategy`).
 
     Held between forward and backward: at most ``checkpoints`` states; during
     backward, one segment's ``k`` states more.  Time: one extra graph-free forward
@@ -306,8 +391,8 @@ class SegmentedAdjoint(AdjointStrategy):
     name = "segmented"
 
     def __init__(self, checkpoints: int | None = None, checkpoint_dtype: torch.dtype | None = None,
-                 scaling: AdjointScaling | bool | None = None) -> None:
-        super().__init__(checkpoint_dtype, scaling)
+                 scaling: AdjointScaling | bool | None = None, replay_rng: bool = True) -> None:
+        super().__init__(checkpoint_dtype, scaling, replay_rng)
         self.checkpoints = _check_count("checkpoints", checkpoints, 1)
 
     def new_store(self, setup):
@@ -334,34 +419,43 @@ class SegmentCheckpoints(StepStore):
     def record(self, n, y, first_stage):
         if n % self.every:
             return
-        row = y.to(self.setup.dtype, copy=True)
-        first = None if first_stage is None else first_stage.to(self.setup.dtype, copy=True)
-        self.kept[n] = (row, first)
+        first = None if first_stage is None else encode_row(first_stage, self.setup.dtype)
+        self.kept[n] = (encode_row(y, self.setup.dtype), first)
         while len(self.kept) > self.budget:  # adaptive steps: thin to every other checkpoint
             self.every *= 2
             self.kept = {m: v for m, v in self.kept.items() if m % self.every == 0}
 
     def saved_tensors(self):
+        """Per kept step its encoded row (and its scale for narrow-range dtypes), then the same for a carried first stage."""
         self.index = sorted(self.kept)
-        out = [self.kept[m][0] for m in self.index]
         self.has_first = [self.kept[m][1] is not None for m in self.index]
-        out += [self.kept[m][1] for m in self.index if self.kept[m][1] is not None]
+        out = []
+        for m in self.index:
+            for stored, scale in [self.kept[m][0]] + ([self.kept[m][1]] if self.kept[m][1] is not None else []):
+                out += [stored] if scale is None else [stored, scale]
+        self.scaled = bool(out) and len(out) > len(self.index) + sum(self.has_first)
         self.kept = {}
         return out
 
-    def source(self, trajectory, saved):
-        count = len(self.index)
-        states, firsts = saved[:count], iter(saved[count:])
-        kept = {m: (states[i], next(firsts) if has else None) for i, (m, has) in enumerate(zip(self.index, self.has_first))}
-        return SegmentReplay(trajectory, kept)
+    def source(self, trajectory, saved, replay):
+        saved = iter(saved)
+
+        def row() -> torch.Tensor:
+            stored = next(saved)
+            return decode_row(stored, next(saved) if self.scaled else None)
+
+        kept = {m: (row(), row() if has_first else None) for m, has_first in zip(self.index, self.has_first)}
+        return SegmentReplay(trajectory, kept, replay)
 
 
 class SegmentReplay(StepSource):
     """Rebuilds a segment's states from its checkpoint when backward first needs one of its steps."""
 
-    def __init__(self, trajectory: Trajectory, kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    def __init__(self, trajectory: Trajectory, kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
+                 replay: Replay) -> None:
         self.trajectory = trajectory
         self.kept = kept
+        self.replay = replay
         self.starts = sorted(kept)
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.plan: BackwardPlan | None = None
@@ -374,7 +468,7 @@ class SegmentReplay(StepSource):
         state_dtype = plan.problem.policy.state_dtype
         with torch.no_grad():
             states = replay(plan.problem, self.trajectory, plan.stage_times, start, stop, y.to(state_dtype),
-                            None if first is None else first.to(state_dtype))
+                            None if first is None else first.to(state_dtype), before_step=self.replay.before_step)
         self.cache = dict(zip(range(start, stop), states))
 
     def state(self, n):
@@ -385,10 +479,14 @@ class SegmentReplay(StepSource):
     def first_is_input(self, n):
         return self.trajectory.first_stage[n] == CARRIED
 
+    def session(self):
+        return self.replay.session()
+
     def graph(self, plan, n, with_end_slope):
         if n not in self.cache:
             self._segment(plan, n)
         y, first = self.cache[n]
+        self.replay.before_step(n)
         return build_step_graph(plan, n, y, first if self.first_is_input(n) else None, with_end_slope)
 
 
@@ -408,13 +506,14 @@ class AutoAdjoint(AdjointStrategy):
         budget_bytes: the most bytes to hold between forward and backward.
         checkpoint_dtype: dtype of stored states (see :class:`AdjointStrategy`).
         scaling: adjoint scaling (see :class:`AdjointStrategy`).
+        replay_rng: replay the forward's random numbers (see :class:`AdjointStrategy`).
     """
 
     name = "auto"
 
     def __init__(self, budget_bytes: int, checkpoint_dtype: torch.dtype | None = None,
-                 scaling: AdjointScaling | bool | None = None) -> None:
-        super().__init__(checkpoint_dtype, scaling)
+                 scaling: AdjointScaling | bool | None = None, replay_rng: bool = True) -> None:
+        super().__init__(checkpoint_dtype, scaling, replay_rng)
         if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be a positive int (bytes), got {budget_bytes!r}")
         self.budget_bytes = budget_bytes
@@ -448,6 +547,10 @@ class BudgetedStore(StepStore):
     @property
     def need_times(self) -> bool:
         return self.setup.need_times
+
+    @property
+    def disable_cast_cache(self) -> bool:
+        return True  # it starts keeping graphs: each evaluation casts its own weights (see DirectAdjoint)
 
     def graph_context(self):
         return self.meter
@@ -483,26 +586,37 @@ class BudgetedStore(StepStore):
         old: EveryStepCheckpoints = self.inner
         budget = max(1, self.budget // (self.row_bytes * (2 if self.setup.carries else 1)))
         segments = SegmentCheckpoints(StoreSetup(**{**self.setup.__dict__, "rows": None}), budget)
-        chunks = old.states.finish()
-        firsts = old.first_stages.finish() if old.first_stages is not None else []
-        for n in range(len(old.states)):
-            first = CheckpointStore.row(firsts, old.first_stage_row[n]) if n in old.first_stage_row else None
-            segments.record(n, CheckpointStore.row(chunks, n), first)
+        recorded = old.finish()
+        for n in range(len(recorded.states)):
+            first = recorded.first_stages.row(recorded.first_row[n]) if n in recorded.first_row else None
+            segments.record(n, recorded.states.row(n), first)
         self.inner = segments
 
     def saved_tensors(self):
         return self.inner.saved_tensors()
 
-    def source(self, trajectory, saved):
-        return self.inner.source(trajectory, saved)
+    def source(self, trajectory, saved, replay):
+        return self.inner.source(trajectory, saved, replay)
 
 
 # -- the autograd Function shared by every strategy ----------------------------------------------------
 
 
+def _solve_without_graph(problem: Problem, stepping: Stepping, inputs: SolveInputs, name: str) -> torch.Tensor:
+    """A solve nothing will differentiate: march under ``no_grad``, keep nothing."""
+    nfe0 = problem.field.nfe
+    with torch.no_grad(), problem.policy.autocast():
+        outputs, trajectory = stepping.march(
+            problem, inputs.y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, Recorder()
+        )
+    check_solution(outputs, problem.policy)
+    _commit_forward(problem, trajectory, inputs.user_stats, name, nfe0)
+    return outputs
+
+
 def _commit_forward(problem: Problem, trajectory: Trajectory, user_stats: SolverStats | None, name: str,
                     nfe0: int) -> None:
-    """Add a completed forward pass's counters to the caller's stats."""
+    """Add a completed forward pass's counters to the caller's stats (after the solution was checked)."""
     counters = problem.counters
     counters.nfe_forward += problem.field.nfe - nfe0
     counters.steps += trajectory.n_steps
@@ -518,51 +632,49 @@ def _commit_forward(problem: Problem, trajectory: Trajectory, user_stats: Solver
 class _Setup:
     strategy: AdjointStrategy
     problem: Problem
-    stepping: Stepping
     inputs: SolveInputs
+    forward: TrackedForward
+    store: StepStore | None
+    outputs: torch.Tensor | None  # handed to autograd by forward, then dropped (no reference cycle)
 
 
 class _AdjointFunction(torch.autograd.Function):
     """``apply(setup, t, grid, y0, *params) -> (T, D)`` outputs; backward by the strategy's step source.
 
-    Saved for backward (through ``save_for_backward``): the strategy's checkpoints;
-    a direct strategy's graphs hold their own saved tensors.
+    The march has already run (:func:`~mpnode.core.forward.tracked_forward`);
+    ``forward`` saves the strategy's checkpoints through ``save_for_backward`` (float16
+    rows with one float32 scale each); a direct strategy's graphs hold their own saved
+    tensors.  Backward checks the version counters of everything the steps read,
+    refuses second derivatives, and runs :func:`~mpnode.core.backward.run_adjoint`.
     """
 
     @staticmethod
     def forward(ctx, setup: _Setup, t, grid, y0, *params):
-        problem, stepping, inputs, strategy = setup.problem, setup.stepping, setup.inputs, setup.strategy
-        fixed = inputs.grid_host is not None  # the number of steps is known before the march
-        store = strategy.new_store(StoreSetup(
-            width=y0.shape[0], dtype=strategy.resolved_checkpoint_dtype(problem), device=y0.device,
-            rows=inputs.grid_host.numel() - 1 if fixed else None,
-            carries=not fixed and problem.tableau.carries_first_stage,
-            need_times=ctx.needs_input_grad[1] or ctx.needs_input_grad[2], params=tuple(params),
-        ))
-        nfe0 = problem.field.nfe
-        with problem.policy.autocast(cache_enabled=not getattr(store, "disable_cast_cache", False)):
-            outputs, trajectory = stepping.march(problem, y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host,
-                                                 store)
-        ctx.setup, ctx.trajectory, ctx.store = setup, trajectory, store
-        ctx.save_for_backward(*store.saved_tensors())
-        _commit_forward(problem, trajectory, inputs.user_stats, store.name, nfe0)
+        ctx.setup = setup
+        ctx.save_for_backward(*setup.store.saved_tensors())
+        outputs = setup.outputs
+        setup.outputs = None  # the outputs belong to autograd now
         return outputs
 
     @staticmethod
+    @first_order_only
     @once_differentiable
     def backward(ctx, grad_outputs):
-        setup, trajectory, store = ctx.setup, ctx.trajectory, ctx.store
-        problem, inputs = setup.problem, setup.inputs
-        source = store.source(trajectory, list(ctx.saved_tensors))
+        setup = ctx.setup
+        problem, inputs, forward = setup.problem, setup.inputs, setup.forward
+        forward.versions.check()
+        trajectory = forward.trajectory
+        source = setup.store.source(trajectory, list(ctx.saved_tensors), forward.replay)
         need_t, need_grid, need_y0 = ctx.needs_input_grad[1:4]
+        params = forward.params
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
         problem.counters = SolverStats()
-        plan = BackwardPlan(problem, trajectory, [inputs.params[i] for i in wanted], inputs.params, inputs.t.detach(),
-                            need_times=need_t or need_grid)
+        plan = BackwardPlan(problem, trajectory, [params[i] for i in wanted], [*params, *inputs.constants],
+                            inputs.t.detach(), need_times=need_t or need_grid)
         result = run_adjoint(plan, source, grad_outputs, setup.strategy.resolved_scaling(problem))
-        ctx.store = None  # a direct strategy's graphs are not needed any more
+        setup.store = None  # a direct strategy's graphs are not needed any more
         t_grad = _output_time_gradient(result, inputs, trajectory, need_t, adaptive=inputs.grid is None)
-        param_grads: list[torch.Tensor | None] = [None] * len(inputs.params)
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
         for i, g in zip(wanted, result.param_grads):
             param_grads[i] = g
         if inputs.user_stats is not None:

@@ -31,6 +31,14 @@ def check_y0(y0: State) -> None:
         raise TypeError(f"y0 must be a tensor or a non-empty tuple of tensors, got {type(y0).__name__}")
     dtypes = {p.dtype for p in parts}
     for p in parts:
+        if p.layout != torch.strided:
+            raise TypeError(f"y0 must be a dense tensor, got layout {p.layout}; convert it with y0.to_dense()")
+        if p.device.type == "meta":
+            raise ValueError(
+                "y0 is on the meta device (a shape without data); create it on a real device, e.g. "
+                "torch.zeros(shape, device='cpu'), or materialise the module that produced it with "
+                "module.to_empty(device=...) and load its weights"
+            )
         if not p.dtype.is_floating_point or p.dtype not in STATE_DTYPES:
             hint = (
                 " (keep the state in float32 and evaluate the network in low precision under torch.autocast)"

@@ -14,7 +14,8 @@ keeps ``max|S lambda|`` near a target inside float16's range:
   the loop restores its snapshot and redoes the block with half the scale, and the
   learned target is halved (it learns the headroom the network's reductions need).
   After ``max_retries`` rejections of one block it raises, before any gradient is
-  written, and leaves the learned target as the pass found it;
+  written; a pass that raises changes nothing in the scaler (its backoffs are
+  learned only when the pass completes);
 * **recovery**: after ``recovery_interval`` consecutive completed backward passes
   without a backoff, a target below the initial one doubles (never above the
   initial target), so occasional overflows over a long training cannot ratchet
@@ -36,12 +37,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from mpnode.core import AdjointScaling, NonFiniteGradientError
+from mpnode.core import AdjointScaling, NonFiniteGradientError, ScalingPass
 
 FLOAT16_MAX = 65504.0
 #: the learned target never goes below float16's smallest subnormal
@@ -140,13 +142,15 @@ class DynamicAdjointScaler(AdjointScaling):
     * ``target``: the learned target (float), ``initial_target``: the setting;
     * ``history``: a list of the last ``history_size`` :class:`ScaleEvent`, oldest
       first; ``history_dropped``: how many older events were dropped from it;
-    * ``counters``: ``backward`` (passes begun), ``blocks``, ``backoffs``, ``grows``,
+    * ``counters``: ``backward`` (passes completed), ``blocks``, ``backoffs``, ``grows``,
       ``shrinks``, ``recoveries``; ``host_syncs``;
     * ``clean_passes``: completed passes without a backoff since the target was
       last lowered or raised (counted only while it is below ``initial_target``).
 
-    Not thread-safe: one instance serves one backward pass at a time (its
-    per-pass state lives on the instance); give each thread its own scaler.
+    Thread-safe: each backward pass keeps its scale, trace and backoffs in its own
+    pass object (:meth:`begin`); the learned state above changes only when a pass
+    completes, under a lock, so one scaler may serve several threads (e.g. one
+    per device).  A backward pass that raises changes nothing here.
     """
 
     def __init__(
@@ -172,6 +176,8 @@ class DynamicAdjointScaler(AdjointScaling):
 
     def _apply(self, settings: dict[str, Any], learned: dict[str, Any] | None) -> None:
         """Set settings and learned state together (``learned=None``: a fresh scaler)."""
+        if not hasattr(self, "_lock"):
+            self._lock = threading.Lock()
         self.initial_target = settings["target"]
         self.growth_interval = settings["growth_interval"]
         self.block_size = settings["block_size"]
@@ -196,115 +202,35 @@ class DynamicAdjointScaler(AdjointScaling):
         self._last_scale = learned["last_scale"]
 
     # -- one backward pass ------------------------------------------------------------
-    def begin(self, lam: torch.Tensor, n_steps: int) -> None:
-        dev = lam.device
-        self.counters["backward"] += 1
-        self._pass = self.counters["backward"] - 1
-        self._scale = torch.ones((), dtype=torch.float32, device=dev)
-        self._ready = torch.zeros((), dtype=torch.bool, device=dev)  # initialised from a non-zero adjoint
-        self._clean = torch.zeros((), dtype=torch.int32, device=dev)  # consecutive steps below target/2
-        self._bad = torch.zeros((), dtype=torch.bool, device=dev)  # inf/NaN seen in this block
-        self._first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
-        self._trace = torch.zeros(n_steps, dtype=torch.float32, device=dev)  # S used at each step
-        self._retries = 0
-        self._target_at_begin = self.target
-        self._n_steps = n_steps
-        self._backoffs: list[ScaleEvent] = []
+    def begin(self, lam: torch.Tensor, n_steps: int) -> "_DynamicPass":
+        """Start a backward pass: its scale, trace and backoffs live in the returned pass object."""
+        with self._lock:
+            target = self.target
+        return _DynamicPass(self, lam.device, n_steps, target)
 
-    def _centred(self, amax: torch.Tensor) -> torch.Tensor:
-        """``2^floor(log2(target / amax))`` (clamped to float32's range; amax > 0)."""
-        exponent = torch.floor(torch.log2(self.target / amax.clamp_min(1e-30))).clamp(-100, 100)
-        return torch.exp2(exponent)
+    def _commit(self, done: "_DynamicPass", trace: list[float]) -> None:
+        """Learn from a completed pass (under the lock, so concurrent passes commit one at a time).
 
-    def scale(self, lam: torch.Tensor) -> torch.Tensor:
-        amax = lam.detach().abs().amax().float()
-        nonzero = amax > 0
-        centred = self._centred(amax)
-        scaled = amax * self._scale
-        start = ~self._ready & nonzero
-        too_big = self._ready & (scaled > 2 * self.target)
-        grow = self._ready & (self._clean >= self.growth_interval)
-        recentre = (start | too_big) & nonzero
-        self._scale = torch.where(recentre, centred, torch.where(grow, 2 * self._scale, self._scale))
-        self._clean = torch.where(grow | too_big, torch.zeros_like(self._clean), self._clean)
-        self._ready = self._ready | nonzero
-        self._amax = amax
-        self._started = start
-        return self._scale
-
-    def observe(self, step: int, lam: torch.Tensor, scale: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.ones_like(self._bad)
-        # code 2*step + 1 when the adjoint entering the step is itself inf/NaN (no scale can fix that)
-        code = 2 * step + (~torch.isfinite(self._amax)).to(self._first_bad.dtype)
-        self._first_bad = torch.where(~finite & (self._first_bad < 0), code, self._first_bad)
-        self._bad = self._bad | ~finite
-        quiet = (self._amax * scale < self.target / 2) & self._ready
-        self._clean = torch.where(quiet, self._clean + 1, torch.zeros_like(self._clean))
-        self._trace[step] = torch.where(self._started, -scale, scale)  # negative marks the init step
-
-    def snapshot(self) -> object:
-        return (self._scale.clone(), self._ready.clone(), self._clean.clone())
-
-    def restore(self, snap: object) -> None:
-        scale, ready, clean = snap
-        self._scale = scale / 2  # redo the block with half the scale it started with
-        self._ready, self._clean = ready, torch.zeros_like(clean)
-        self._bad = torch.zeros_like(self._bad)
-        self._first_bad = torch.full_like(self._first_bad, -1)
-
-    def end_block(self, lo: int, hi: int) -> bool:
-        self.counters["blocks"] += 1
-        self.host_syncs += 1
-        if not bool(self._bad):
-            self._retries = 0
-            return True
-        self.host_syncs += 1
-        step, lam_bad = divmod(int(self._first_bad), 2)
-        if lam_bad:
-            self._give_up()
-            raise NonFiniteGradientError(
-                f"DynamicAdjointScaler: the adjoint entering step {step} of {self._n_steps} is already inf/NaN, so no "
-                "scale can help: the gradient of the loss w.r.t. odeint's output is not finite (check the loss for "
-                "inf/NaN, e.g. log(0)), or it overflowed y0's dtype. No gradient was written."
-            )
-        self._retries += 1
-        if self._retries > self.max_retries:
-            self._give_up()
-            raise NonFiniteGradientError(
-                f"DynamicAdjointScaler: the float16 backward still gives inf/NaN at step {step} of {self._n_steps} "
-                f"after {self.max_retries} halvings of the adjoint scale. The vector field itself is probably "
-                "non-finite there (check its inputs and weights), or float16 cannot represent it: use bfloat16. "
-                "No gradient was written."
-            )
-        self.counters["backoffs"] += 1
-        self.target = max(self.target / 2, MIN_TARGET)  # learned headroom, kept across iterations
-        self._backoffs.append(ScaleEvent("backoff", self._pass, step, float("nan")))
-        return False
-
-    def _give_up(self) -> None:
-        """Before raising: record this pass's backoffs and undo its changes to the learned target."""
-        self._record(self._backoffs)
-        self.target = self._target_at_begin
-
-    def end(self, results: Sequence[torch.Tensor]) -> None:
-        self.host_syncs += 1
-        trace = self._trace.tolist()  # one transfer for the whole history of this pass
-        events, previous = [], None
-        for step in range(self._n_steps - 1, -1, -1):
-            value = abs(trace[step])
-            if trace[step] < 0:
-                events.append(ScaleEvent("init", self._pass, step, value))
-            elif previous is not None and value != previous:
-                kind = "grow" if value > previous else "shrink"
-                events.append(ScaleEvent(kind, self._pass, step, value))
-                self.counters[kind + "s"] += 1
-            if trace[step] < 0 or previous is not None:
-                previous = value
-        events += [ScaleEvent("backoff", b.backward, b.step, abs(trace[b.step])) for b in self._backoffs]
-        self._record(sorted(events, key=lambda e: -e.step))  # chronological order of the backward pass
-        if trace:
-            self._last_scale = abs(trace[0])
-        self._update_recovery(clean=not self._backoffs)
+        The pass's backoffs halve the learned target as it is *now* (another pass may
+        have changed it since this one began); its events go to ``history`` numbered
+        by completion order.
+        """
+        with self._lock:
+            index = self.counters["backward"]
+            self.counters["backward"] += 1
+            self.counters["blocks"] += done.blocks
+            self.counters["backoffs"] += len(done.backoff_steps)
+            self.host_syncs += done.host_syncs
+            events = _trace_events(index, trace, done.backoff_steps)
+            for event in events:
+                if event.kind in ("grow", "shrink"):
+                    self.counters[event.kind + "s"] += 1
+            self._record(events)
+            if trace:
+                self._last_scale = abs(trace[0])
+            for _ in done.backoff_steps:
+                self.target = max(self.target / 2, MIN_TARGET)
+            self._update_recovery(clean=not done.backoff_steps)
 
     def _record(self, events: Sequence[ScaleEvent]) -> None:
         """Append to ``history`` and drop its oldest events beyond ``history_size``, counting them."""
@@ -342,8 +268,12 @@ class DynamicAdjointScaler(AdjointScaling):
 
         Only plain ``int``/``float``/``str``/``None``/``list``/``dict`` values, so
         ``torch.load(path, weights_only=True)`` reads a ``torch.save``-d copy.
-        Call it between backward passes, not during one.
+        Safe to call while other threads run backward passes (it reads under the lock).
         """
+        with self._lock:
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "settings": {
@@ -374,7 +304,139 @@ class DynamicAdjointScaler(AdjointScaling):
         each naming the entry, and the scaler is left as it was.
         """
         settings, learned = _parse_state(state)
-        self._apply(settings, learned)
+        with self._lock:
+            self._apply(settings, learned)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (``copy.deepcopy``, ``torch.save`` of the object): the lock is not copied."""
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class _DynamicPass(ScalingPass):
+    """The per-pass state of one backward pass of a :class:`DynamicAdjointScaler`.
+
+    Device tensors (0-dim unless stated): ``scale`` (float32), ``ready`` (initialised
+    from a non-zero adjoint), ``clean`` (consecutive steps below ``target / 2``),
+    ``bad`` (inf/NaN seen in this block), ``first_bad`` (``2 * step + lam_bad`` of
+    the first bad step, -1 if none), ``trace`` ``(n_steps,)`` float32: the scale used
+    at each step, negative at the init step.  Host values: ``target`` (this pass's
+    copy of the learned target, halved by each backoff), ``backoff_steps``,
+    ``blocks``, ``retries``, ``host_syncs``.
+    """
+
+    def __init__(self, scaler: DynamicAdjointScaler, device: torch.device, n_steps: int, target: float) -> None:
+        self.scaler = scaler
+        self.block_size = scaler.block_size
+        self.growth_interval = scaler.growth_interval
+        self.max_retries = scaler.max_retries
+        self.target = target
+        self.n_steps = n_steps
+        self.host_syncs = 0
+        self.blocks = 0
+        self.retries = 0
+        self.backoff_steps: list[int] = []
+        self.scale_t = torch.ones((), dtype=torch.float32, device=device)
+        self.ready = torch.zeros((), dtype=torch.bool, device=device)
+        self.clean = torch.zeros((), dtype=torch.int32, device=device)
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.trace = torch.zeros(n_steps, dtype=torch.float32, device=device)
+        self.amax = torch.zeros((), dtype=torch.float32, device=device)
+        self.started = torch.zeros((), dtype=torch.bool, device=device)
+
+    def _centred(self, amax: torch.Tensor) -> torch.Tensor:
+        """``2^floor(log2(target / amax))`` (clamped to float32's range; amax > 0)."""
+        exponent = torch.floor(torch.log2(self.target / amax.clamp_min(1e-30))).clamp(-100, 100)
+        return torch.exp2(exponent)
+
+    def scale(self, lam: torch.Tensor) -> torch.Tensor:
+        amax = lam.detach().abs().amax().float()
+        nonzero = amax > 0
+        centred = self._centred(amax)
+        scaled = amax * self.scale_t
+        start = ~self.ready & nonzero
+        too_big = self.ready & (scaled > 2 * self.target)
+        grow = self.ready & (self.clean >= self.growth_interval)
+        recentre = (start | too_big) & nonzero
+        self.scale_t = torch.where(recentre, centred, torch.where(grow, 2 * self.scale_t, self.scale_t))
+        self.clean = torch.where(grow | too_big, torch.zeros_like(self.clean), self.clean)
+        self.ready = self.ready | nonzero
+        self.amax = amax
+        self.started = start
+        return self.scale_t
+
+    def observe(self, step: int, lam: torch.Tensor, scale: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.ones_like(self.bad)
+        # code 2*step + 1 when the adjoint entering the step is itself inf/NaN (no scale can fix that)
+        code = 2 * step + (~torch.isfinite(self.amax)).to(self.first_bad.dtype)
+        self.first_bad = torch.where(~finite & (self.first_bad < 0), code, self.first_bad)
+        self.bad = self.bad | ~finite
+        quiet = (self.amax * scale < self.target / 2) & self.ready
+        self.clean = torch.where(quiet, self.clean + 1, torch.zeros_like(self.clean))
+        self.trace[step] = torch.where(self.started, -scale, scale)  # negative marks the init step
+
+    def snapshot(self) -> object:
+        return (self.scale_t.clone(), self.ready.clone(), self.clean.clone())
+
+    def restore(self, snap: object) -> None:
+        scale, ready, clean = snap
+        self.scale_t = scale / 2  # redo the block with half the scale it started with
+        self.ready, self.clean = ready, torch.zeros_like(clean)
+        self.bad = torch.zeros_like(self.bad)
+        self.first_bad = torch.full_like(self.first_bad, -1)
+
+    def end_block(self, lo: int, hi: int) -> bool:
+        self.blocks += 1
+        self.host_syncs += 1
+        if not bool(self.bad):
+            self.retries = 0
+            return True
+        self.host_syncs += 1
+        step, lam_bad = divmod(int(self.first_bad), 2)
+        if lam_bad:
+            raise NonFiniteGradientError(
+                f"DynamicAdjointScaler: the adjoint entering step {step} of {self.n_steps} is already inf/NaN, so no "
+                "scale can help: the gradient of the loss w.r.t. odeint's output is not finite (check the loss for "
+                "inf/NaN, e.g. log(0)), or it overflowed y0's dtype. No gradient was written."
+            )
+        self.retries += 1
+        if self.retries > self.max_retries:
+            raise NonFiniteGradientError(
+                f"DynamicAdjointScaler: the float16 backward still gives inf/NaN at step {step} of {self.n_steps} "
+                f"after {self.max_retries} halvings of the adjoint scale. The vector field itself is probably "
+                "non-finite there (check its inputs and weights), or float16 cannot represent it: use bfloat16. "
+                "No gradient was written."
+            )
+        self.target = max(self.target / 2, MIN_TARGET)  # learned headroom: committed when the pass completes
+        self.backoff_steps.append(step)
+        return False
+
+    def end(self, results: Sequence[torch.Tensor]) -> None:
+        self.host_syncs += 1
+        trace = self.trace.tolist()  # one transfer for the whole history of this pass
+        self.scaler._commit(self, trace)
+
+
+def _trace_events(index: int, trace: list[float], backoff_steps: Sequence[int]) -> list[ScaleEvent]:
+    """The scale events of pass ``index`` read off its trace (``trace[step]``: the scale used at ``step``,
+    negative at the init step), backoffs included, in the chronological order of the pass (step ``N-1`` first)."""
+    events, previous = [], None
+    for step in range(len(trace) - 1, -1, -1):
+        value = abs(trace[step])
+        if trace[step] < 0:
+            events.append(ScaleEvent("init", index, step, value))
+        elif previous is not None and value != previous:
+            events.append(ScaleEvent("grow" if value > previous else "shrink", index, step, value))
+        if trace[step] < 0 or previous is not None:
+            previous = value
+    events += [ScaleEvent("backoff", index, step, abs(trace[step])) for step in backoff_steps]
+    return sorted(events, key=lambda e: -e.step)
 
 
 def _check_keys(where: str, value: Any, expected: Sequence[str]) -> None:

@@ -1,0 +1,141 @@
+"""The forward pass of a strategy that differentiates it later: march, discover, guard.
+
+:func:`tracked_forward` runs the graph-free march of a solve whose backward pass
+will recompute steps, and returns everything such a backward needs besides the
+strategy's own storage (its :class:`~mpnode.core.march.Recorder`):
+
+* the **gradient targets**: the solve's targets plus the grad-requiring tensors the
+  first evaluation of ``func`` turned out to use (:class:`CapturedTensorProbe`: a
+  closure's ``c``, a module's context attribute), found on that evaluation itself,
+  so discovery costs no extra evaluation;
+* a :class:`~mpnode.core.replay.Replay`: per-step random states (fixed grids) and the
+  buffers of the modules the solve can see, restored after the backward pass;
+* a :class:`~mpnode.core.guards.VersionRecord` of everything the recomputation reads.
+
+The march runs outside the strategy's autograd Function, so the discovered tensors
+can become the Function's inputs; the Function then only saves what was recorded.
+The solution is checked (:func:`~mpnode.core.guards.check_solution`) before the
+caller commits the solve's counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .guards import VersionRecord, check_solution
+from .march import AdaptiveStepping, Problem, Recorder, Stepping, Trajectory
+from .parameters import CapturedTensorProbe
+from .replay import RandomStates, Replay, StepRandomness, cuda_devices, module_buffers
+
+
+@dataclass
+class TrackedForward:
+    """What :func:`tracked_forward` returns.
+
+    Attributes:
+        trajectory: the accepted steps.
+        params: the gradient targets: the solve's own, then the discovered ones.
+        replay: random states and modified buffers for the backward pass.
+        versions: ``_version`` of the targets, the restricted parameters and the times.
+        nfe0: the field's evaluation count before the march (for the counters).
+    """
+
+    trajectory: Trajectory
+    params: list[torch.Tensor]
+    replay: Replay
+    versions: VersionRecord
+    nfe0: int
+
+    @property
+    def needs_grad(self) -> bool:
+        return any(x is not None and x.requires_grad for x in self.params)
+
+
+def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Recorder,
+                    replay_rng: bool, cache_enabled: bool = True) -> tuple[torch.Tensor, TrackedForward]:
+    """March without a graph, recording through ``recorder``; returns the ``(T, D)`` outputs
+    (no graph) and the :class:`TrackedForward`; see the module docstring.
+
+    ``inputs`` is the strategy's :class:`~mpnode.core.strategies.SolveInputs`.  With
+    ``replay_rng`` the generator states are tracked (per step on fixed grids); a
+    stochastic field on an adaptive grid is refused (its draws cannot be replayed
+    per step: rejected attempts and first-same-as-last stages consume them).
+    ``cache_enabled`` is autocast's weight-cast cache (off when the recorder keeps
+    graphs: each evaluation's weight gradient is then converted before any sum).
+    """
+    adaptive = isinstance(stepping, AdaptiveStepping)
+    randomness = None
+    if replay_rng:
+        randomness = StepRandomness(RandomStates(cuda_devices([inputs.y0, *inputs.params, *inputs.constants])))
+        randomness.start()
+        if not adaptive:
+            recorder = _RandomnessRecorder(recorder, randomness)
+    probe = CapturedTensorProbe() if inputs.discover else None
+    if probe is not None:
+        problem.field.next_call_hook = probe
+    nfe0 = problem.field.nfe
+    try:
+        with torch.no_grad(), problem.policy.autocast(cache_enabled=cache_enabled):
+            outputs, trajectory = stepping.march(
+                problem, inputs.y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, recorder
+            )
+    finally:
+        problem.field.next_call_hook = None
+    check_solution(outputs, problem.policy)
+    if randomness is not None and randomness.finish() and adaptive:
+        raise RuntimeError(
+            "odeint: func draws random numbers (dropout, torch.randn, ...) and this solve chooses its steps "
+            "adaptively, so the recompute backward cannot replay the forward's draws (rejected attempts and reused "
+            "stages consume them) and the gradient would belong to other noise. Use a fixed grid "
+            "(options={'step_size': ...} or a fixed method such as method='rk4'), make func deterministic "
+            "(module.eval(), or draw the noise once outside func and capture it), or accept gradients of fresh "
+            "draws with adjoint=RecomputeAdjoint(replay_rng=False)."
+        )
+    params = list(inputs.params)
+    modules, modified = list(inputs.modules), []
+    if probe is not None:
+        params += probe.new_targets([*params, *inputs.constants, inputs.y0])
+        modules += probe.modules
+        modified = probe.modified
+    buffers = module_buffers(modules)
+    buffers += [x for x in modified if all(x is not b for b in buffers)]
+    replay = Replay(randomness if randomness is not None and randomness.consumed else None, buffers)
+    versions = VersionRecord([*params, *inputs.constants, inputs.t, inputs.grid])
+    return outputs, TrackedForward(trajectory, params, replay, versions, nfe0)
+
+
+class _RandomnessRecorder(Recorder):
+    """Passes each step on to ``inner`` after logging the generator state the step starts from.
+
+    Logged when the step's evaluation begins (``graph_context`` for kept graphs, else
+    ``record``, which a fixed grid calls before evaluating the step).
+    """
+
+    def __init__(self, inner: Recorder, randomness: StepRandomness) -> None:
+        self.inner, self.randomness = inner, randomness
+        self._logged = -1
+
+    @property
+    def keeps_graphs(self) -> bool:
+        return self.inner.keeps_graphs
+
+    @property
+    def need_times(self) -> bool:
+        return self.inner.need_times
+
+    def _log(self, n: int) -> None:
+        if n > self._logged:
+            self.randomness.at_step(n)
+            self._logged = n
+
+    def record(self, n, y, first_stage):
+        self._log(n)
+        self.inner.record(n, y, first_stage)
+
+    def keep(self, n, graph):
+        self.inner.keep(n, graph)
+
+    def graph_context(self):
+        return self.inner.graph_context()

@@ -1,0 +1,145 @@
+"""Making a recomputed step see what the forward step saw, and leave no trace.
+
+A recompute backward evaluates ``func`` again.  Two things would differ from the
+forward pass without care (see docs/guarantees.md):
+
+* **random numbers** (dropout, ``torch.randn_like`` inside ``func``): the
+  recomputation would draw fresh ones, and the gradient would belong to another
+  trajectory.  :class:`StepRandomness` captures the random-number generators' states
+  (the CPU generator and the generator of every CUDA device, once CUDA is in use)
+  at the start of every step of the forward, *only once the field has
+  consumed randomness* (until then each step starts from the solve's initial
+  state, which is all that is kept), and :class:`Replay` sets them again before
+  each recomputed step, like ``torch.utils.checkpoint`` does;
+* **module buffers** (BatchNorm's running statistics and ``num_batches_tracked``):
+  the recomputation would update them a second time.  :class:`Replay` copies the
+  buffers of every module the solve can see (see :func:`mpnode.core.parameters.reachable_modules`
+  and the modules the first evaluation called) when backward starts, and writes them
+  back when it ends.  (Version counters cannot tell: ``batch_norm`` updates its
+  running statistics without bumping them.)
+
+Both are generic over adjoint strategies: a strategy that recomputes steps wraps
+its backward in :meth:`Replay.session` and calls :meth:`Replay.before_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+RngState = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+def cuda_devices(tensors: Iterable[torch.Tensor | None]) -> tuple[int, ...]:
+    """The CUDA devices whose generators a solve tracks: every device once CUDA is initialised
+    (a field may draw on any of them), else those of ``tensors`` (sorted, unique).
+
+    CUDA is never initialised here for a CPU-only solve.
+    """
+    devices = {x.device.index or 0 for x in tensors if x is not None and x.device.type == "cuda"}
+    if torch.cuda.is_initialized():
+        devices |= set(range(torch.cuda.device_count()))
+    return tuple(sorted(devices))
+
+
+class RandomStates:
+    """Reads and writes the CPU generator's and some CUDA generators' states."""
+
+    def __init__(self, devices: Sequence[int]) -> None:
+        self.devices = tuple(devices)
+
+    def capture(self) -> RngState:
+        return torch.get_rng_state(), tuple(torch.cuda.get_rng_state(d) for d in self.devices)
+
+    def restore(self, state: RngState) -> None:
+        cpu, cuda = state
+        torch.set_rng_state(cpu)
+        for d, s in zip(self.devices, cuda):
+            torch.cuda.set_rng_state(s, d)
+
+    @staticmethod
+    def same(a: RngState, b: RngState) -> bool:
+        return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+class StepRandomness:
+    """The generator state at the start of every forward step, stored only after the field consumed randomness.
+
+    Call :meth:`start` before the march, :meth:`at_step` when step ``n`` starts
+    (before its evaluations) and :meth:`finish` after it.  Steps before the first
+    consumption share the initial state; from the first step that starts from a
+    different state on, one state per step is stored (CPU: 5056 bytes, CUDA: 16
+    bytes per device).
+    """
+
+    def __init__(self, generators: RandomStates) -> None:
+        self.generators = generators
+        self.initial: RngState | None = None
+        self.first_changed: int | None = None  # first step whose start state differs from the initial one
+        self.states: list[RngState] = []
+        self.consumed = False
+
+    def start(self) -> None:
+        self.initial = self.generators.capture()
+
+    def at_step(self, n: int) -> None:
+        state = self.generators.capture()
+        if self.first_changed is None:
+            if RandomStates.same(state, self.initial):
+                return
+            self.first_changed = n
+        self.states.append(state)
+
+    def finish(self) -> bool:
+        """Whether the field consumed randomness during the forward (compares the final state)."""
+        self.consumed = self.first_changed is not None or not RandomStates.same(self.generators.capture(), self.initial)
+        if not self.consumed:
+            self.initial = None
+        return self.consumed
+
+    def state(self, n: int) -> RngState:
+        """The generator state step ``n`` started from."""
+        if self.first_changed is None or n < self.first_changed:
+            return self.initial
+        return self.states[n - self.first_changed]
+
+
+def module_buffers(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
+    """The buffers of ``modules`` and their submodules, each once."""
+    return list({id(b): b for m in modules for b in m.buffers()}.values())
+
+
+class Replay:
+    """What a recompute backward restores: per-step random states and modified buffers.
+
+    Args:
+        randomness: the forward's per-step generator states, or ``None`` when the
+            field consumed no randomness (or replay was turned off).
+        buffers: tensors a recomputation may modify in place (module buffers);
+            their values at the start of backward are restored when it ends.
+    """
+
+    def __init__(self, randomness: StepRandomness | None = None, buffers: Sequence[torch.Tensor] = ()) -> None:
+        self.randomness = randomness
+        self.buffers = list(buffers)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Around a whole backward pass: the caller's generator states and the buffers are restored at exit."""
+        saved = [(b, b.detach().clone()) for b in self.buffers]
+        outer = self.randomness.generators.capture() if self.randomness is not None else None
+        try:
+            yield
+        finally:
+            if outer is not None:
+                self.randomness.generators.restore(outer)
+            with torch.no_grad():
+                for b, value in saved:
+                    b.copy_(value)
+
+    def before_step(self, n: int) -> None:
+        """Set the generators to the state forward step ``n`` started from (no-op without randomness)."""
+        if self.randomness is not None:
+            self.randomness.generators.restore(self.randomness.state(n))

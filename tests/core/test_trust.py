@@ -1,0 +1,538 @@
+"""Issue 8: no silent wrong, missing or zero gradient from the recompute backward.
+
+Numbers are compared with torchdiffeq (direct backpropagation through the same
+tableau and grid) in float64 at 1e-8 relative; every test runs on ``--device``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpnode.core import RecomputeAdjoint, SolverStats, odeint
+
+torchdiffeq = pytest.importorskip("torchdiffeq")
+
+F64 = torch.float64
+TOL = 1e-8
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _close(ours, ref, tol: float = TOL) -> None:
+    for a, b in zip(ours, ref, strict=True):
+        assert a is not None and b is not None
+        assert _rel(a, b) < tol, (_rel(a, b), a, b)
+
+
+def _grads(solve, field, y0, t, loss, wrt, **kwargs):
+    out = solve(field, y0, t, method="rk4", **kwargs)
+    return out, torch.autograd.grad(loss(out), wrt)
+
+
+def _mlp(device, dim=3, width=8, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.Tanh(), torch.nn.Linear(width, dim)).to(device, F64)
+
+
+# -- 1. closure-captured tensors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direct_term", [True, False], ids=["loss-uses-c", "only-through-solution"])
+def test_captured_tensor_with_data_y0_gets_its_gradient(direct_term, device):
+    """y0 is data, nothing else needs a gradient: c must still get dL/dc (was +1.0 vs -0.49, or an autograd error)."""
+    c = torch.tensor(0.7, dtype=F64, device=device, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=F64, device=device)
+    t = torch.linspace(0, 1, 9, dtype=F64, device=device)
+
+    def loss(out):
+        return out[-1].sum() + (c if direct_term else 0)
+
+    grads = [_grads(solve, lambda t, y: -c * y, y0, t, loss, (c,))[1] for solve in (odeint, torchdiffeq.odeint)]
+    _close(*grads)
+
+
+def test_encoder_context_of_a_latent_ode_trains(device):
+    """The conditioning-vector pattern: a non-leaf context from an encoder, captured by the field."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(5, 3).to(device, F64)
+    net = _mlp(device)
+    x = torch.randn(4, 5, dtype=F64, device=device)
+    y0 = torch.randn(4, 3, dtype=F64, device=device)
+    t = torch.linspace(0, 1, 9, dtype=F64, device=device)
+    wrt = (*encoder.parameters(), *net.parameters())
+    grads = []
+    for solve in (odeint, torchdiffeq.odeint):
+        context = torch.tanh(encoder(x))
+        grads.append(_grads(solve, lambda t, y: net(y) * context, y0, t, lambda o: (o[1:] ** 2).sum(), wrt)[1])
+    _close(*grads)
+
+
+def test_module_context_attribute_is_discovered(device):
+    class Conditioned(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(device)
+            self.context = None
+
+        def forward(self, t, y):
+            return self.net(y) + self.context
+
+    field = Conditioned()
+    raw = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
+    y0 = torch.randn(4, 3, dtype=F64, device=device)
+    t = torch.linspace(0, 1, 5, dtype=F64, device=device)
+    grads = []
+    for solve in (odeint, torchdiffeq.odeint):
+        field.context = 2 * raw
+        grads.append(_grads(solve, field, y0, t, lambda o: o[-1].pow(2).sum(), (raw, *field.parameters()))[1])
+    _close(*grads)
+
+
+def test_discovery_costs_no_extra_evaluation(device):
+    c = torch.tensor(0.7, dtype=F64, device=device, requires_grad=True)
+    calls = []
+
+    def field(t, y):
+        calls.append(1)
+        return -c * y
+
+    stats = SolverStats()
+    out = odeint(field, torch.ones(2, dtype=F64, device=device), torch.linspace(0, 1, 9, dtype=F64, device=device),
+                 method="rk4", options={"stats": stats})
+    assert len(calls) == stats.nfe_forward == 8 * 4
+    out[-1].sum().backward()
+    assert c.grad is not None
+
+
+# -- 2. tensors used on part of the trajectory ----------------------------------------------------
+
+
+def test_tensor_used_on_the_early_part_only_gets_its_gradient(device):
+    """Used only for t < 0.3: the old check looked at the last step only and its .grad stayed None."""
+    c = torch.tensor(0.7, dtype=F64, device=device, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=F64, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 11, dtype=F64, device=device)
+
+    def field(t, y):
+        return -c * y if t < 0.3 else -y
+
+    grads = [_grads(solve, field, y0, t, lambda o: o[-1].sum(), (c, y0))[1] for solve in (odeint, torchdiffeq.odeint)]
+    _close(*grads)
+
+
+def test_tensor_first_used_later_is_refused_before_any_gradient_is_written(device):
+    """The first evaluation cannot see it: backward must raise (checked at every step), writing nothing."""
+    net = _mlp(device)
+    c = torch.tensor(0.7, dtype=F64, device=device, requires_grad=True)
+    y0 = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 11, dtype=F64, device=device)
+
+    def field(t, y):
+        return net(y) * (c if 0.45 < t < 0.55 else 1.0)
+
+    stats = SolverStats()
+    out = odeint(field, y0, t, method="rk4", options={"stats": stats})
+    before = stats.as_dict()
+    with pytest.raises(ValueError, match=r"adjoint_params.*first used later"):
+        out[-1].sum().backward()
+    assert c.grad is None and y0.grad is None and all(p.grad is None for p in net.parameters())
+    assert stats.as_dict() == before  # the aborted backward added nothing
+    # naming it in adjoint_params gives torchdiffeq's numbers
+    wrt = (c, y0, *net.parameters())
+    ours = _grads(odeint, field, y0, t, lambda o: o[-1].sum(), wrt, adjoint_params=(c, *net.parameters()))[1]
+    ref = _grads(torchdiffeq.odeint, field, y0, t, lambda o: o[-1].sum(), wrt)[1]
+    _close(ours, ref)
+
+
+# -- 3. stochastic fields -----------------------------------------------------------------------------
+
+
+class _Noisy(torch.nn.Module):
+    """Dropout and ``randn_like`` noise: draws from the generator of the state's device."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.net = _mlp(device)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, t, y):
+        return self.drop(self.net(y)) + 0.1 * torch.randn_like(y)
+
+
+def _noisy_grads(solve, field, y0, t, seed, **kwargs):
+    torch.manual_seed(seed)
+    out = solve(field, y0, t, method="rk4", **kwargs)
+    after_forward = torch.get_rng_state()
+    grads = torch.autograd.grad(out[-1].pow(2).sum(), (y0, *field.parameters()))
+    return out, grads, after_forward
+
+
+@pytest.mark.parametrize("options", [None, {"step_size": 0.1, "interp": "cubic"}], ids=["grid", "step_size-cubic"])
+def test_stochastic_field_gradient_matches_the_same_noise(options, device):
+    field = _Noisy(device)
+    y0 = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 6, dtype=F64, device=device)
+    out, ours, state = _noisy_grads(odeint, field, y0, t, 7, options=options)
+    out_ref, ref, _ = _noisy_grads(torchdiffeq.odeint, field, y0, t, 7, options=options)
+    assert torch.allclose(out, out_ref, rtol=1e-12, atol=1e-12)  # the same draws in the forward
+    _close(ours, ref)
+    assert torch.equal(torch.get_rng_state(), state)  # backward leaves the generators where forward left them
+    # without replay the recomputation draws fresh numbers: the gradient belongs to other noise
+    _, fresh, _ = _noisy_grads(odeint, field, y0, t, 7, options=options, adjoint=RecomputeAdjoint(replay_rng=False))
+    assert max(_rel(a, b) for a, b in zip(fresh, ref)) > 1e-3
+
+
+def test_stochastic_field_on_an_adaptive_grid_is_refused(device):
+    field = _Noisy(device)
+    y0 = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
+    stats = SolverStats()
+    with pytest.raises(RuntimeError, match=r"random numbers.*step_size.*replay_rng=False"):
+        odeint(field, y0, torch.tensor([0.0, 1.0], dtype=F64, device=device), rtol=1e-4, atol=1e-6,
+               options={"stats": stats})
+    assert stats.as_dict() == SolverStats().as_dict()
+    out = odeint(field, y0, torch.tensor([0.0, 1.0], dtype=F64, device=device), rtol=1e-4, atol=1e-6,
+                 adjoint=RecomputeAdjoint(replay_rng=False))  # the opt-out
+    out[-1].sum().backward()
+
+
+def test_deterministic_field_keeps_no_generator_states(device):
+    from mpnode.core.replay import RandomStates, StepRandomness
+
+    log = StepRandomness(RandomStates([]))
+    log.start()
+    for n in range(5):
+        log.at_step(n)
+    assert not log.finish() and log.states == [] and log.initial is None
+    log = StepRandomness(RandomStates([]))
+    log.start()
+    log.at_step(0)
+    log.at_step(1)
+    torch.rand(1)  # step 1 consumes randomness
+    for n in range(2, 5):
+        log.at_step(n)
+    assert log.finish() and log.first_changed == 2 and len(log.states) == 3
+    assert log.state(0) is log.initial and log.state(1) is log.initial
+
+
+# -- 4. in-place modification between forward and backward ---------------------------------------------
+
+
+def test_parameter_changed_by_an_optimizer_step_before_backward_raises(device):
+    net = _mlp(device)
+    y0 = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
+    out = odeint(lambda t, y: net(y), y0, torch.linspace(0, 1, 5, dtype=F64, device=device), method="rk4")
+    loss = out[-1].pow(2).sum()
+    with torch.no_grad():
+        net[0].weight.mul_(2)
+    with pytest.raises(RuntimeError, match=r"shape \(8, 3\).*modified in place"):
+        loss.backward()
+    assert y0.grad is None and all(p.grad is None for p in net.parameters())
+
+
+def test_captured_tensor_changed_in_place_before_backward_raises(device):
+    c = torch.tensor([0.7, 0.2], dtype=F64, device=device, requires_grad=True)
+    out = odeint(lambda t, y: -c * y, torch.ones(2, dtype=F64, device=device),
+                 torch.linspace(0, 1, 5, dtype=F64, device=device), method="rk4")
+    with torch.no_grad():
+        c.add_(1)
+    with pytest.raises(RuntimeError, match=r"shape \(2,\).*modified in place"):
+        out.sum().backward()
+    assert c.grad is None
+
+
+# -- 5. second order ------------------------------------------------------------------------------------
+
+
+def _scalar_loss(device):
+    y0 = torch.tensor([1.0, 2.0], dtype=F64, device=device)
+    t = torch.linspace(0, 1, 5, dtype=F64, device=device)
+    return lambda p: odeint(lambda t, y: torch.tanh(y @ p), y0, t, method="rk4", adjoint_params=(p,))[-1].sum()
+
+
+@pytest.mark.parametrize("how", ["hvp", "hessian", "create_graph"])
+def test_second_derivatives_raise_instead_of_returning_zeros(how, device):
+    loss = _scalar_loss(device)
+    p = torch.eye(2, dtype=F64, device=device) * 0.5
+    with pytest.raises(RuntimeError, match="second derivative.*first-order only"):
+        if how == "hvp":
+            torch.autograd.functional.hvp(loss, p, torch.ones_like(p))
+        elif how == "hessian":
+            torch.autograd.functional.hessian(loss, p)
+        else:
+            p.requires_grad_(True)
+            torch.autograd.grad(loss(p), p, create_graph=True)
+
+
+# -- 6. float16 checkpoints out of float16's range -------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1e-8, 1e5])
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "float16-autocast"])
+def test_float16_checkpoints_of_tiny_and_huge_states(size, autocast, device):
+    """|y| ~ 1e-8 used to be stored as 0 (dL/da exactly 0); |y| ~ 1e5 as inf (backward failed)."""
+    a = torch.tensor(1.3, device=device, requires_grad=True)
+    y0 = torch.full((4,), size, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 9, device=device)
+    field = lambda t, y: -a * y  # noqa: E731  (elementwise: stays float32 under autocast)
+    loss = lambda o: (o[-1] / size).pow(2).sum()  # noqa: E731
+    ref = _grads(torchdiffeq.odeint, field, y0.detach().double().requires_grad_(), t.double(), loss,
+                 (a,))[1]  # float64 reference (a's grad only: y0 differs in dtype)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
+        _, ours = _grads(odeint, field, y0, t, loss, (a, y0), options={"checkpoint_dtype": torch.float16},
+                         scaler=False, adjoint_params=(a,))
+    assert _rel(ours[0].double(), ref[0]) < 2e-3  # float16's unit roundoff is 4.9e-4
+    assert torch.isfinite(ours[1]).all() and ours[1].abs().min() > 0
+
+
+def test_scaled_checkpoint_rows_round_trip_without_host_syncs(device, sync_counter):
+    from mpnode.core.checkpoints import CheckpointStore
+
+    rows = [torch.full((3,), v, device=device) for v in (1e-8, 1e5, 0.0, -3.0, 6e4)]
+    rows.append(torch.tensor([1e-8, 1.0, 1e4], device=device))
+    store = CheckpointStore(3, torch.float16, device, rows=len(rows))
+    counter = sync_counter()
+    with counter:
+        for r in rows:
+            store.append(r)
+        stored = store.finish()
+    assert counter.count == 0 and stored.scales is not None
+    for n, r in enumerate(rows):
+        back = stored.row(n)
+        assert back.dtype == torch.float32
+        assert torch.allclose(back, r, rtol=2**-11, atol=0) or (n == 5 and torch.allclose(back[1:], r[1:], rtol=2**-11))
+    assert len(stored.tensors()) == 2  # one chunk of rows, one of scales (4 bytes per row)
+
+
+def test_bfloat16_and_float32_checkpoints_are_not_scaled(device):
+    from mpnode.core.checkpoints import CheckpointStore
+
+    for dtype in (torch.bfloat16, torch.float32):
+        store = CheckpointStore(3, dtype, device, rows=1)
+        store.append(torch.ones(3, device=device))
+        assert store.finish().scales is None
+
+
+def test_float16_overflow_with_scaler_false_names_the_argument(mlp_field, device):
+    from mpnode.core import NonFiniteGradientError
+
+    y0 = torch.randn(3, 4, device=device, requires_grad=True)
+    with torch.autocast(device.type, dtype=torch.float16):
+        out = odeint(mlp_field.to(device), y0, torch.linspace(0, 1, 5, device=device), method="rk4", scaler=False)
+        loss = 1e30 * out[-1].sum()
+    with pytest.raises(NonFiniteGradientError, match=r"scaling is off \(scaler=False"):
+        loss.backward()
+
+
+def test_nonfinite_loss_gradient_is_named_as_such(mlp_field, device):
+    from mpnode.core import NonFiniteGradientError
+
+    y0 = torch.randn(3, 4, device=device, requires_grad=True)
+    with torch.autocast(device.type, dtype=torch.float16):
+        out = odeint(mlp_field.to(device), y0, torch.linspace(0, 1, 5, device=device), method="rk4", scaler=False)
+    with pytest.raises(NonFiniteGradientError, match="received an inf/NaN gradient"):
+        (out[-1].sum() * float("nan")).backward()
+
+
+# -- 7. side effects of the recomputation -----------------------------------------------------------------
+
+
+class _Normed(torch.nn.Module):
+    def __init__(self, device):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 3)
+        self.bn = torch.nn.BatchNorm1d(3)
+        self.to(device, F64)
+
+    def forward(self, t, y):
+        return torch.tanh(self.bn(self.lin(y)))
+
+
+def _buffers(module):
+    return [b.clone() for b in module.buffers()]
+
+
+@pytest.mark.parametrize("reach", ["module", "global"])
+def test_batchnorm_buffers_are_left_as_the_forward_left_them(reach, device):
+    field = _Normed(device)
+    holder = {"field": field}  # a closure over a dict: the module is reachable only by running func
+
+    def through_dict(t, y):
+        return holder["field"](t, y)
+
+    func = field if reach == "module" else through_dict
+    y0 = torch.randn(6, 3, dtype=F64, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 5, dtype=F64, device=device)
+    start = _buffers(field)
+    out = odeint(func, y0, t, method="rk4")
+    after_forward = _buffers(field)
+    wrt = (y0, field.lin.weight, field.bn.weight, field.bn.bias)  # (lin.bias's gradient is 0: BN removes it)
+    ours = torch.autograd.grad(out[-1].pow(2).sum(), wrt)
+    assert all(torch.equal(a, b) for a, b in zip(_buffers(field), after_forward))
+    for b, s in zip(field.buffers(), start):
+        b.copy_(s)
+    ref = _grads(torchdiffeq.odeint, func, y0, t, lambda o: o[-1].pow(2).sum(), wrt)[1]
+    # torchdiffeq made the same updates (equal up to the roundoff of its own stage arithmetic)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(_buffers(field), after_forward))
+    _close(ours, ref)
+    assert int(field.bn.num_batches_tracked) == 4 * 4
+
+
+# -- 8. fields that do not depend on y --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["g(t)", "zero", "detached"])
+def test_field_independent_of_y_gives_the_identity(kind, device):
+    w = torch.tensor([0.5, -1.0], dtype=F64, device=device, requires_grad=True)
+    fields = {
+        "g(t)": lambda t, y: torch.sin(3 * t) * w,
+        "zero": lambda t, y: torch.zeros_like(y),
+        "detached": lambda t, y: -w * y.detach(),
+    }
+    y0 = torch.tensor([1.0, 2.0], dtype=F64, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 5, dtype=F64, device=device)
+    wrt = (y0, w)
+    ours = _grads(odeint, fields[kind], y0, t, lambda o: (o[-1] * torch.arange(1, 3, device=device)).sum() + 0 * w.sum(),
+                  wrt)[1]
+    ref = _grads(torchdiffeq.odeint, fields[kind], y0, t,
+                 lambda o: (o[-1] * torch.arange(1, 3, device=device)).sum() + 0 * w.sum(), wrt)[1]
+    assert torch.equal(ours[0], torch.tensor([1.0, 2.0], dtype=F64, device=device))
+    if kind == "zero":
+        assert torch.equal(ours[1], ref[1])  # both zero
+    else:
+        _close(ours, ref)
+
+
+# -- 9. 0-dim y0 ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure", ["tensor", "tuple"])
+def test_zero_dim_state(structure, device):
+    a = torch.tensor(0.8, dtype=F64, device=device, requires_grad=True)
+    y0 = torch.tensor(1.5, dtype=F64, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 5, dtype=F64, device=device)
+    if structure == "tensor":
+        field, state, pick = (lambda t, y: -a * y), y0, (lambda o: o[-1])
+    else:
+        v0 = torch.ones(2, dtype=F64, device=device)
+        field, state, pick = (lambda t, s: (-a * s[0], s[1] * s[0])), (y0, v0), (lambda o: o[0][-1] + o[1][-1].sum())
+    out = odeint(field, state, t, method="rk4")
+    shape = out.shape if structure == "tensor" else out[0].shape
+    assert shape == (5,)
+    ours = torch.autograd.grad(pick(out), (a, y0))
+    ref = torch.autograd.grad(pick(torchdiffeq.odeint(field, state, t, method="rk4")), (a, y0))
+    _close(ours, ref)
+
+
+# -- 10. a failed call adds nothing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_forward_blow_up_adds_nothing_to_the_stats(method, device):
+    stats = SolverStats()
+    with pytest.raises(FloatingPointError, match="inf/NaN"):
+        odeint(lambda t, y: -y if t < 0.5 else y * float("inf"), torch.ones(2, device=device),
+               torch.tensor([0.0, 1.0], device=device), method=method, options={"stats": stats})
+    assert stats == SolverStats()
+
+
+# -- 11. messages that name the fix -----------------------------------------------------------------------------
+
+
+def _solve_kwargs(device):
+    return dict(func=lambda t, y: -y, y0=torch.ones(2, device=device), t=torch.linspace(0, 1, 3, device=device))
+
+
+BAD_CALLS = {
+    "stats wrong type": (dict(options={"stats": {}}), TypeError, r"options\['stats'\] must be a mpnode.core.SolverStats"),
+    "func not callable": (dict(func=3), TypeError, "func must be callable as func"),
+    "options not a mapping": (dict(options=[("step_size", 0.1)]), TypeError, "options must be a dict"),
+    "y0 sparse": (dict(y0=torch.eye(2).to_sparse()), TypeError, r"dense tensor.*y0.to_dense\(\)"),
+    "y0 meta": (dict(y0=torch.ones(2, device="meta")), ValueError, "meta device.*real device"),
+    "adjoint_params a tensor": (dict(adjoint_params=torch.ones(2)), TypeError, r"pass \(tensor,\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_call_is_refused_before_any_evaluation(case, device):
+    calls = []
+    kwargs = _solve_kwargs(device)
+    update, error, message = BAD_CALLS[case]
+    kwargs.update(update)
+    if callable(kwargs["func"]):
+        inner = kwargs["func"]
+        kwargs["func"] = lambda t, y: calls.append(1) or inner(t, y)
+    with pytest.raises(error, match=message):
+        odeint(kwargs.pop("func"), kwargs.pop("y0"), kwargs.pop("t"), method="rk4", **kwargs)
+    assert calls == []
+
+
+def test_tableau_refuses_non_numbers_nan_and_bool_order():
+    from mpnode.core import ButcherTableau
+
+    with pytest.raises(ValueError, match=r"a\[1\]\[0\] = 'half' is not a number.*'1/3'"):
+        ButcherTableau("x", [[], ["half"]], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"a\[1\]\[0\] = nan is not finite"):
+        ButcherTableau("x", [[], [float("nan")]], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"b\[0\] = inf is not finite"):
+        ButcherTableau("x", [[]], [float("inf")])
+    with pytest.raises(ValueError, match="order must be a positive integer, got True"):
+        ButcherTableau("x", [[]], [1.0], order=True)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jacrev"])
+def test_torch_func_transforms_are_refused(transform, device):
+    t = torch.linspace(0, 1, 3, device=device)
+    y0 = torch.ones(3, 2, device=device)
+    solve = lambda y: odeint(lambda t, y: -y, y, t, method="rk4")[-1].sum()  # noqa: E731
+    wrapped = {"vmap": torch.func.vmap(solve), "grad": torch.func.grad(solve), "jacrev": torch.func.jacrev(solve)}
+    with pytest.raises(RuntimeError, match=r"torch.func transforms.*batch into y0.*torch.autograd.grad"):
+        wrapped[transform](y0)
+
+
+def test_step_size_beyond_the_step_limit_names_steps_and_bytes(device):
+    with pytest.raises(ValueError, match=r"makes 1,000,000,000,000,000 steps: the grid alone needs .* GiB .*bytes"):
+        odeint(lambda t, y: -y, torch.ones(2, device=device), torch.tensor([0.0, 1.0], device=device),
+               options={"step_size": 1e-15})
+
+
+def test_step_size_whose_grid_would_not_fit_in_memory(device, monkeypatch):
+    import mpnode.core.controllers as controllers
+
+    monkeypatch.setattr(controllers, "available_memory_bytes", lambda device: 2**20)  # 1 MiB left
+    allocated = []
+    monkeypatch.setattr(torch, "arange", lambda *a, **k: allocated.append(a))
+    with pytest.raises(ValueError, match=r"makes 1,000,000 steps: .*8,000,008 bytes.*only 0.000977 GiB is available"):
+        odeint(lambda t, y: -y, torch.ones(2, device=device), torch.tensor([0.0, 1.0], device=device),
+               options={"step_size": 1e-6})
+    assert allocated == []  # refused before allocating
+
+
+# -- 12. adjoint_params restricting a module's parameters ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["module", "closure"])
+def test_adjoint_params_restricts_a_modules_parameters(form, device):
+    net = _mlp(device)
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, t, y):
+            return self.net(y)
+
+    func = Field() if form == "module" else (lambda t, y: net(y))
+    y0 = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 5, dtype=F64, device=device)
+    listed = (net[0].weight, net[2].bias)
+    out = odeint(func, y0, t, method="rk4", adjoint_params=listed)
+    out[-1].pow(2).sum().backward()
+    ours = [y0.grad, *(p.grad for p in listed)]
+    assert net[0].bias.grad is None and net[2].weight.grad is None  # constants of this solve
+    ref = torch.autograd.grad(torchdiffeq.odeint(func, y0, t, method="rk4")[-1].pow(2).sum(), (y0, *listed))
+    _close(ours, ref)
