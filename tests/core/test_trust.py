@@ -170,6 +170,7 @@ def _noisy_grads(solve, field, y0, t, seed, **kwargs):
     return out, grads, after_forward
 
 
+@pytest.mark.torchdiffeq_row("random-fields")
 @pytest.mark.parametrize("options", [None, {"step_size": 0.1, "interp": "cubic"}], ids=["grid", "step_size-cubic"])
 def test_stochastic_field_gradient_matches_the_same_noise(options, device):
     field = _Noisy(device)
@@ -185,6 +186,7 @@ def test_stochastic_field_gradient_matches_the_same_noise(options, device):
     assert max(_rel(a, b) for a, b in zip(fresh, ref)) > 1e-3
 
 
+@pytest.mark.torchdiffeq_row("random-fields")
 def test_stochastic_field_on_an_adaptive_grid_is_refused(device):
     field = _Noisy(device)
     y0 = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
@@ -252,6 +254,7 @@ def _scalar_loss(device):
     return lambda p: odeint(lambda t, y: torch.tanh(y @ p), y0, t, method="rk4", adjoint_params=(p,))[-1].sum()
 
 
+@pytest.mark.torchdiffeq_row("second-derivatives")
 @pytest.mark.parametrize("how", ["hvp", "hessian", "create_graph"])
 def test_second_derivatives_raise_instead_of_returning_zeros(how, device):
     loss = _scalar_loss(device)
