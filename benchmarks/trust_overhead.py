@@ -41,7 +41,7 @@ import mpnode.core.forward as forward_module
 import mpnode.core.guards as guards_module
 import mpnode.core.parameters as parameters_module
 import mpnode.core.replay as replay_module
-from mpnode.bench.problems import MLPField
+from mpnode.core.testing import MLPField
 from mpnode.bench.profilers import time_fn
 from mpnode.core import RecomputeAdjoint, odeint
 
@@ -50,24 +50,26 @@ class _NoisyMLP(MLPField):
     """The MLP field with dropout on its hidden layer (consumes random numbers)."""
 
     def __init__(self, dim: int, width: int) -> None:
-        super().__init__(dim, width)
+        super().__init__(dim, width, hidden_layers=2)
         self.drop = torch.nn.Dropout(0.1)
 
     def forward(self, t, y):
         ty = t.to(y.dtype).expand(y.shape[0], 1)
-        return self.l3(self.drop(torch.tanh(self.l2(torch.tanh(self.l1(torch.cat([y, ty], dim=-1)))))))
+        h = torch.tanh(self.hidden[0](torch.cat([y, ty], dim=-1)))
+        return self.out(self.drop(torch.tanh(self.hidden[1](h))))
 
 
 class _NormedMLP(MLPField):
     """The MLP field with a BatchNorm on its hidden layer (buffers updated by every evaluation)."""
 
     def __init__(self, dim: int, width: int) -> None:
-        super().__init__(dim, width)
+        super().__init__(dim, width, hidden_layers=2)
         self.bn = torch.nn.BatchNorm1d(width)
 
     def forward(self, t, y):
         ty = t.to(y.dtype).expand(y.shape[0], 1)
-        return self.l3(torch.tanh(self.bn(self.l2(torch.tanh(self.l1(torch.cat([y, ty], dim=-1)))))))
+        h = torch.tanh(self.hidden[0](torch.cat([y, ty], dim=-1)))
+        return self.out(torch.tanh(self.bn(self.hidden[1](h))))
 
 
 @contextlib.contextmanager
@@ -124,7 +126,7 @@ GUARD_FUNCTIONS = {
     "rng replay (dropout)": [(replay_module.StepRandomness, n) for n in ("start", "at_step", "finish")]
     + [(replay_module.Replay, "before_step")],
     "buffer restore (batchnorm)": [(replay_module.Replay, "session")],
-    "scaled float16 checkpoints": [(checkpoints_module.CheckpointStore, "_row_scale"),
+    "scaled float16 checkpoints": [(checkpoints_module, "row_scale"),
                                    (checkpoints_module.StoredRows, "row")],
 }
 
@@ -182,7 +184,7 @@ def _run_once(field, y0, t, kwargs, patches, timer_patches=()):
 
 def measure(batch: int, dim: int, width: int, steps: int, rounds: int) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
-    fields = {"mlp": MLPField(dim, width), "noisy": _NoisyMLP(dim, width), "normed": _NormedMLP(dim, width)}
+    fields = {"mlp": MLPField(dim, width, hidden_layers=2), "noisy": _NoisyMLP(dim, width), "normed": _NormedMLP(dim, width)}
     y0 = torch.randn(batch, dim)
     t = torch.tensor([0.0, 1.0])
     table = variants(fields)
