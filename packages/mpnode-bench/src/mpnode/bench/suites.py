@@ -147,7 +147,7 @@ _register(Suite(
         Sweep("mlp", MLP_CORE, 0, DIAL_IMPLS, "dial", (16, 64, 256)),
         Sweep("conv", CONV_CPU, 0, DIAL_IMPLS, "dial", (4, 8, 32)),
     ),
-    repeats=3, time_low_precision=False,  # 3 interleaved rounds keep it near 2 minutes on an idle 2-core VM
+    repeats=5, time_low_precision=False,
     describe="CPU, the time/memory dial: mpnode recompute/direct/segmented vs torchdiffeq direct/adjoint, "
              "float32 timed, bfloat16 memory/accuracy (torchdiffeq with and without the cast cache)",
 ))
