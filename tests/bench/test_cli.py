@@ -32,6 +32,7 @@ def test_smoke_run_writes_table_csv_json_and_plots(tmp_path, capsys):
     assert 0 < float(mp["held_vs_torchdiffeq"]) < 0.2 and int(mp["syncs_backward"]) == 0
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["torch"] == torch.__version__ and meta["suite"] == "smoke" and meta["growth"]
+    assert len(meta["load_average_start"]) == 3 and len(meta["load_average_end"]) == 3
     pytest.importorskip("matplotlib")
     assert (out / "steps_mlp.png").stat().st_size > 1000
     assert (out / "ratios_mlp_batch.png").stat().st_size > 1000

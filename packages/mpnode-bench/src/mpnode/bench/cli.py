@@ -69,6 +69,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "command": " ".join(["mpnode-bench", *sys.argv[1:]]),
+        "load_average_start": _load_average(),
     }
     try:
         import torchdiffeq
@@ -82,6 +83,14 @@ def machine_info(device: torch.device) -> dict:
         info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
         info["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
     return info
+
+
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (``None`` where the OS has none): how busy the machine was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def headline(rows: Sequence[BenchRow]) -> str:
@@ -183,6 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     rows = run_cases(cases, device, repeats, suite=suite.name, seed=args.seed, progress=_progress(args.no_progress),
                      on_case=save_partial)
+    meta["load_average_end"] = _load_average()
     status = _emit(rows, meta, out, plots=not args.no_plots)
     partial.unlink()  # the complete results are written
     return status
