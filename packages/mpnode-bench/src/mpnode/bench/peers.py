@@ -58,7 +58,8 @@ def torchode_odeint(
             shape ``(batch, features)``.
         y0: ``(batch, features)`` floating tensor.
         t: 1-D increasing output times (at least two), on ``y0``'s device.
-        rtol, atol: tolerances of the adaptive controller (ignored with ``step_size``).
+        rtol: relative tolerance of the adaptive controller (ignored with ``step_size``).
+        atol: absolute tolerance of the adaptive controller (ignored with ``step_size``).
         method: ``"dopri5"`` or ``"tsit5"``.
         options: ``step_size`` (fixed steps), ``max_num_steps`` (torchode's
             ``max_steps``), ``stats`` (a dict that receives, as ints, ``accepted_steps``
