@@ -173,7 +173,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for c in cases:
             impls = ", ".join(i.label + ("" if t else " (untimed)") for i, t in zip(c.impls, c.timed_flags))
             disc = c.discretization
-            stepping = f"{disc.method} rtol={disc.rtol:g} atol={disc.atol:g}" if disc.adaptive else f"rk4 steps={c.steps}"
+            stepping = (f"{disc.method} rtol={disc.rtol:g} atol={disc.atol:g}" if disc.adaptive
+                        else f"{disc.method} steps={c.steps}")
             print(f"{c.problem:7s} {c.axis:8s} {c.size_text:40s} {stepping:28s} {impls}")
         print(f"{len(cases)} cases, {repeats} timed repeats each, device {device}")
         return 0
