@@ -123,7 +123,7 @@ class Impl:
 
     @property
     def label(self) -> str:
-        """``solver/precision``, then ``+ckpt-<dtype>``, ``+budget-<size>``, ``+<method>``, ``+scaler`` if they apply."""
+        """``solver/precision`` then ``+ckpt-<dtype>``, ``+budget-<size>``, ``+<method>``, ``+scaler`` if they apply."""
         out = f"{self.solver}/{self.precision}"
         if self.checkpoint is not None:
             out += f"+ckpt-{self.checkpoint}"
