@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -161,11 +161,8 @@ class Impl:
         if reason is not None or disc is None:
             return reason
         method = disc.with_method(self.method).method
-        if self.solver.startswith("torchdiffeq"):
-            from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_METHODS
-
-            if method not in TORCHDIFFEQ_METHODS:
-                return f"unavailable: torchdiffeq has no method {method!r}"
+        if self.solver.startswith("torchdiffeq") and method not in _torchdiffeq_methods(method):
+            return f"unavailable: torchdiffeq has no method {method!r}"
         if self.solver == "torchode":
             return _torchode_unfit(inst, method)
         return None
@@ -240,6 +237,15 @@ class Impl:
             return loss
 
         return step
+
+
+def _torchdiffeq_methods(method: str) -> Iterable[str]:
+    """torchdiffeq's method names (its solver table is private: if it moves, every method is assumed present)."""
+    try:
+        from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_METHODS
+    except ImportError:
+        return (method,)
+    return TORCHDIFFEQ_METHODS
 
 
 def _torchode_unfit(inst: Instance | None, method: str) -> str | None:
