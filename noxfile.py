@@ -43,6 +43,8 @@ TORCH = ("torch==2.14.1", "torchvision==0.29.1")
 # The packages' build backend, in the base so editable installs need no isolated build environment each.
 BUILD_TOOLS = ("hatchling", "editables")
 PIP_FLAGS = ("-q", "--disable-pip-version-check")
+# Optional extras installed with a package in every environment holding it: torchode for the benchmarks' peers.
+EXTRAS = {"bench": "[peers]"}
 
 nox.options.sessions = [f"tests-{s}-{q}" for s in TEST_SUITES for q in PRECISIONS] + ["docs"]
 nox.options.default_venv_backend = "none"
@@ -123,7 +125,7 @@ def suite_python(session: nox.Session, suite: str) -> str:
     base = base_python(session)
     members = _members(suite)
     env = NOX_DIR / f"pkg-{suite}"
-    want = _fingerprint((NOX_DIR / "base" / ".installed").read_text(),
+    want = _fingerprint((NOX_DIR / "base" / ".installed").read_text(), repr(sorted(EXTRAS.items())),
                         *(ROOT / "packages" / f"mpnode-{p}" / "pyproject.toml" for p in members))
     if _is_current(env, want):
         return _python(env)
@@ -133,7 +135,7 @@ def suite_python(session: nox.Session, suite: str) -> str:
     # The base's site-packages (torch, pip, the test tools) joins this environment's path: nothing is copied.
     base_site = _site_packages(session, base)
     (Path(_site_packages(session, python)) / "zz_mpnode_base.pth").write_text(f"import site; site.addsitedir({base_site!r})\n")
-    editable = [arg for p in members for arg in ("-e", str(ROOT / "packages" / f"mpnode-{p}"))]
+    editable = [arg for p in members for arg in ("-e", str(ROOT / "packages" / f"mpnode-{p}") + EXTRAS.get(p, ""))]
     session.run(python, "-m", "pip", "install", *PIP_FLAGS, "--no-build-isolation", *editable, external=True)
     _check_boundaries(session, python, members)
     (env / ".installed").write_text(want)

@@ -3,10 +3,14 @@
     python benchmarks/profile_core_mlp.py [--batch 256 --width 128 --steps 64 --repeats 15 --threads 1]
 
 Times (medians of interleaved rounds, one process):
-  * each solver's forward alone and forward+backward (backward = the difference);
+  * each solver's forward alone and forward+backward (backward = the difference):
+    torchdiffeq direct, mpnode float32 (recompute adjoint) and mpnode with ``DirectAdjoint``;
   * the bare work mpnode cannot avoid: ``s*N`` vector-field evaluations without
     a graph (its forward), and per step ``s`` evaluations with a graph plus one
     vector-Jacobian product (its backward);
+  * what a kept-graph backward costs by itself: ``N`` step graphs (4 evaluations each)
+    differentiated by one backward pass into ``.grad``, or by one ``torch.autograd.grad``
+    per step with the parameter gradients summed outside autograd (as ``DirectAdjoint`` does);
   * the same at a tiny size, where per-step Python overhead dominates.
 Then a ``torch.profiler`` table of mpnode's forward+backward by operator.
 The lower bound of mpnode's time ratio is ``(td + F_nograd) / td``: direct
@@ -23,7 +27,7 @@ import torch
 
 from mpnode.bench.experiment import add_number_flags
 from mpnode.bench.problems import build
-from mpnode.core import odeint
+from mpnode.core import DirectAdjoint, odeint
 
 
 def _rounds(fns: dict, repeats: int) -> dict[str, float]:
@@ -56,6 +60,9 @@ def measure(batch: int, dim: int, width: int, steps: int, repeats: int) -> dict[
     def mp_fwd():
         return inst.loss(odeint(f, y0, t, method="rk4", options=opts)[-1])
 
+    def direct_fwd():
+        return inst.loss(odeint(f, y0, t, method="rk4", options=opts, adjoint=DirectAdjoint())[-1])
+
     def fb(fwd):
         def run():
             f.zero_grad(set_to_none=True)
@@ -73,10 +80,32 @@ def measure(batch: int, dim: int, width: int, steps: int, repeats: int) -> dict[
             phi = sum(f(tt, yr) for _ in range(4))
             torch.autograd.grad(phi, [yr, *params], grad_outputs=y)
 
+    def kept_graphs(detach: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(start, end)`` of each step; ``detach``: every step's graph starts at its own leaf."""
+        graphs, state = [], y0
+        for _ in range(steps):
+            start = state.detach().requires_grad_(True) if detach else state
+            state = start + sum(f(tt, start) for _ in range(4)) / (4 * steps)
+            graphs.append((start, state))
+        return graphs
+
+    def one_backward():
+        f.zero_grad(set_to_none=True)
+        kept_graphs(detach=False)[-1][1].backward(y)
+
+    def grad_per_step():
+        lam, sums = y, [torch.zeros_like(p) for p in params]
+        for start, end in reversed(kept_graphs(detach=True)):
+            g = torch.autograd.grad(end, [start, *params], grad_outputs=lam)
+            lam = g[0]
+            torch._foreach_add_(sums, g[1:])
+
     med = _rounds({"td_fwd": td_fwd, "td_fwd_bwd": fb(td_fwd), "mp_fwd": mp_fwd, "mp_fwd_bwd": fb(mp_fwd),
-                   "bare_fwd_nograd": evals_nograd, "bare_bwd": evals_grad_vjp}, repeats)
-    med["td_bwd"] = med["td_fwd_bwd"] - med["td_fwd"]
-    med["mp_bwd"] = med["mp_fwd_bwd"] - med["mp_fwd"]
+                   "direct_fwd": direct_fwd, "direct_fwd_bwd": fb(direct_fwd),
+                   "bare_fwd_nograd": evals_nograd, "bare_bwd": evals_grad_vjp,
+                   "kept_one_backward": one_backward, "kept_grad_per_step": grad_per_step}, repeats)
+    for name in ("td", "mp", "direct"):
+        med[f"{name}_bwd"] = med[f"{name}_fwd_bwd"] - med[f"{name}_fwd"]
     return med
 
 
@@ -85,6 +114,10 @@ def report(name: str, m: dict[str, float], steps: int) -> None:
     print(f"\n== {name}")
     print(f"torchdiffeq direct: forward {ms(m['td_fwd'])}, backward {ms(m['td_bwd'])}, total {ms(m['td_fwd_bwd'])}")
     print(f"mpnode float32    : forward {ms(m['mp_fwd'])}, backward {ms(m['mp_bwd'])}, total {ms(m['mp_fwd_bwd'])}")
+    print(f"mpnode direct     : forward {ms(m['direct_fwd'])}, backward {ms(m['direct_bwd'])}, "
+          f"total {ms(m['direct_fwd_bwd'])} ({m['direct_fwd_bwd'] / m['td_fwd_bwd']:.3f}x torchdiffeq)")
+    print(f"kept step graphs  : one backward pass {ms(m['kept_one_backward'])}; one autograd.grad per step "
+          f"{ms(m['kept_grad_per_step'])} (forward with graphs included in both)")
     print(f"bare work         : {4 * steps} evaluations without graph {ms(m['bare_fwd_nograd'])}; "
           f"{steps} x (4 evaluations with graph + 1 VJP) {ms(m['bare_bwd'])}")
     ratio = m["mp_fwd_bwd"] / m["td_fwd_bwd"]

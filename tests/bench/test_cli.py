@@ -26,14 +26,19 @@ def test_smoke_run_writes_table_csv_json_and_plots(tmp_path, capsys):
         rows = list(csv.DictReader(fh))
     n_expected = sum(len(c.impls) for c in get_suite("smoke").cases() if c.problem == "mlp")
     assert len(rows) == n_expected
-    assert all(r["error"] == "" for r in rows)
+    # every row ran, except torchode where it is not installed (then it says how to install it)
+    assert all(r["error"] == "" or (r["solver"] == "torchode" and "pip install torchode" in r["error"]) for r in rows)
     mp = [r for r in rows if r["impl"] == "mpnode/float32" and r["axis"] == "base"][0]
     assert 0 < float(mp["held_vs_torchdiffeq"]) < 0.2 and int(mp["syncs_backward"]) == 0
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["torch"] == torch.__version__ and meta["suite"] == "smoke" and meta["growth"]
+    assert len(meta["load_average_start"]) == 3 and len(meta["load_average_end"]) == 3
     pytest.importorskip("matplotlib")
     assert (out / "steps_mlp.png").stat().st_size > 1000
     assert (out / "ratios_mlp_batch.png").stat().st_size > 1000
+    assert (out / "dial_mlp.png").stat().st_size > 1000
+    for section in ("the time/memory dial", "dial targets", "adaptive steps", "vs floor"):
+        assert section in printed
 
 
 def test_plot_command_rerenders(tmp_path, capsys):
@@ -60,7 +65,27 @@ def test_quick_suite_shape():
     assert problems == {"mlp", "otflow", "conv", "cnf"}
     precisions = {i.precision for c in quick.cases() for i in c.impls}
     assert precisions == {"float32", "bfloat16"}
-    assert {c.axis for c in quick.cases()} == {"base", "steps", "batch", "width"}
+    assert {c.axis for c in quick.cases()} == {"base", "steps", "batch", "width", "adaptive"}
+    adaptive = [c for c in quick.cases() if c.axis == "adaptive"]
+    assert {c.problem for c in adaptive} == {"mlp", "cnf"} and {c.method for c in adaptive} == {"dopri5"}
+    labels = {i.label for c in adaptive for i in c.impls}
+    assert {"torchdiffeq-adjoint/float32", "torchode/float32", "torchode/float32+tsit5", "mpnode/bfloat16"} <= labels
+
+
+def test_dial_suites_shape():
+    dial = get_suite("dial").cases()
+    assert {(c.problem, c.steps) for c in dial} == {("mlp", 16), ("mlp", 64), ("mlp", 256),
+                                                    ("conv", 4), ("conv", 8), ("conv", 32)}
+    for c in dial:
+        labels = {i.label: t for i, t in zip(c.impls, c.timed_flags)}
+        for solver in ("mpnode", "mpnode-direct", "mpnode-segmented"):
+            assert labels[f"{solver}/float32"] and not labels[f"{solver}/bfloat16"]
+        assert labels["torchdiffeq/float32"] and labels["torchdiffeq-adjoint/float32"]
+        assert not labels["torchdiffeq/bfloat16"] and not labels["torchdiffeq-nocache/bfloat16"]
+    (long,) = get_suite("dial-long").cases()
+    assert long.steps == 4096 and {i.label for i in long.impls} == {"mpnode/float32", "mpnode-segmented/float32"}
+    gpu = {i.label for c in get_suite("gpu").cases() if c.axis == "dial" for i in c.impls}
+    assert {"mpnode-direct/bfloat16", "mpnode-segmented/float32", "torchdiffeq-nocache/bfloat16"} <= gpu
 
 
 def test_gpu_suite_refuses_without_cuda():

@@ -61,12 +61,29 @@ def test_failures_become_rows(device, monkeypatch):
 
 def test_impl_labels_round_trip():
     for label in ("mpnode/float32", "mpnode/float32+ckpt-bfloat16", "mpnode/float16+scaler",
-                  "torchdiffeq-adjoint/float32", "torchdiffeq/bfloat16"):
+                  "torchdiffeq-adjoint/float32", "torchdiffeq/bfloat16",
+                  "mpnode-direct/bfloat16", "mpnode-segmented/float32+ckpt-bfloat16", "mpnode-segmented/float16+scaler",
+                  "mpnode-auto/float32+budget-8MiB", "mpnode-auto/bfloat16+budget-1000", "torchdiffeq-nocache/bfloat16",
+                  "torchode/float32", "torchode/float32+tsit5", "mpnode/float32+tsit5"):
         assert parse_impl(label).label == label
+    assert parse_impl("mpnode-auto/float32+budget-2KiB").budget == 2048
+    assert parse_impl("torchode/float32+tsit5").method == "tsit5"
     with pytest.raises(ValueError, match="choose one of"):
         Impl("scipy")
-    with pytest.raises(ValueError, match="mpnode solver only"):
+    with pytest.raises(ValueError, match="store checkpoints"):
         Impl("torchdiffeq", "float32", "bfloat16")
+    with pytest.raises(ValueError, match="store checkpoints"):
+        Impl("mpnode-direct", "float32", "bfloat16")
+    with pytest.raises(ValueError, match="needs budget"):
+        Impl("mpnode-auto")
+    with pytest.raises(ValueError, match="needs budget"):
+        Impl("mpnode", budget=10)
+    with pytest.raises(ValueError, match="unknown method"):
+        Impl("mpnode", method="rk45")
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_impl("mpnode/float32+fast")
+    with pytest.raises(ValueError, match="cannot parse the budget"):
+        parse_impl("mpnode-auto/float32+budget-8MB")
 
 
 def test_linear_fit_and_growth():

@@ -3,6 +3,7 @@
     mpnode-bench list
     mpnode-bench run --suite quick                 # CPU, a few minutes
     mpnode-bench run --suite core-mlp              # the headline float32 comparison
+    mpnode-bench run --suite dial                  # adjoint strategies: time vs held memory (CPU, ~2 min)
     mpnode-bench run --suite gpu --out $OUT/bench  # on a CUDA machine
     mpnode-bench plot outputs/bench/quick/results.json
 """
@@ -21,7 +22,8 @@ from typing import Callable, Sequence
 import torch
 
 from .report import (
-    growth_with_steps, read_results_json, render_growth, render_table, write_results_csv, write_results_json,
+    dial_targets, growth_with_steps, read_results_json, render_adaptive, render_dial, render_growth,
+    render_table, write_results_csv, write_results_json,
 )
 from .runner import REFERENCE, BenchRow, run_cases
 from .suites import SUITES, get_suite
@@ -67,6 +69,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "command": " ".join(["mpnode-bench", *sys.argv[1:]]),
+        "load_average_start": _load_average(),
     }
     try:
         import torchdiffeq
@@ -80,6 +83,14 @@ def machine_info(device: torch.device) -> dict:
         info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
         info["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
     return info
+
+
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (``None`` where the OS has none): how busy the machine was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def headline(rows: Sequence[BenchRow]) -> str:
@@ -101,6 +112,8 @@ def headline(rows: Sequence[BenchRow]) -> str:
                 parts.append(f"time {r.time_vs_torchdiffeq:.2f}x torchdiffeq direct")
                 if adj and adj.time_s:
                     parts.append(f"{r.time_s / adj.time_s:.2f}x torchdiffeq adjoint")
+            if r.time_vs_floor is not None:
+                parts.append(f"{r.time_vs_floor:.2f}x the floor (torchdiffeq direct + one graph-free forward)")
             if r.speedup_vs_mpnode_f32 is not None and r.precision != "float32":
                 parts.append(f"speed-up {r.speedup_vs_mpnode_f32:.2f}x vs mpnode float32")
             if r.held_vs_torchdiffeq:
@@ -158,8 +171,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     repeats = args.repeats or suite.repeats
     if args.dry:
         for c in cases:
-            impls = ", ".join(i.label + ("" if t else " (untimed)") for i, t in zip(c.impls, c.timed))
-            print(f"{c.problem:7s} {c.axis:6s} {c.size_text:32s} steps={c.steps:5d}  {impls}")
+            impls = ", ".join(i.label + ("" if t else " (untimed)") for i, t in zip(c.impls, c.timed_flags))
+            disc = c.discretization
+            stepping = (f"{disc.method} rtol={disc.rtol:g} atol={disc.atol:g}" if disc.adaptive
+                        else f"{disc.method} steps={c.steps}")
+            print(f"{c.problem:7s} {c.axis:8s} {c.size_text:40s} {stepping:28s} {impls}")
         print(f"{len(cases)} cases, {repeats} timed repeats each, device {device}")
         return 0
     out = Path(args.out) if args.out else Path("outputs") / "bench" / f"{suite.name}-{device.type}"
@@ -177,6 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     rows = run_cases(cases, device, repeats, suite=suite.name, seed=args.seed, progress=_progress(args.no_progress),
                      on_case=save_partial)
+    meta["load_average_end"] = _load_average()
     status = _emit(rows, meta, out, plots=not args.no_plots)
     partial.unlink()  # the complete results are written
     return status
@@ -187,6 +204,7 @@ def _emit(rows: list[BenchRow], meta: dict, out: Path, plots: bool) -> int:
     table = render_table(rows, title)
     fits = growth_with_steps(rows)
     text = [table, headline(rows)]
+    text += [t for t in (render_adaptive(rows), render_dial(rows), dial_targets(rows)) if t]
     if fits:
         text.append(render_growth(fits))
     if meta.get("device", "").startswith("cuda"):

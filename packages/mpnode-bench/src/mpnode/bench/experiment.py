@@ -33,8 +33,10 @@ import torch
 __all__ = [
     "PRECISIONS",
     "SOLVERS",
+    "MPNODE_STRATEGIES",
     "autocast",
     "solver",
+    "solver_unavailable",
     "make_grad_scaler",
     "script_parser",
     "add_device_flag",
@@ -58,36 +60,88 @@ __all__ = [
 PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Precision name -> autocast dtype (``None``: float32, no autocast)."""
 
-SOLVERS = ("mpnode", "torchdiffeq", "torchdiffeq-adjoint")
-"""Solver names :func:`solver` knows; all share torchdiffeq's ``odeint`` calling convention."""
+MPNODE_STRATEGIES: dict[str, str] = {
+    "mpnode": "RecomputeAdjoint",
+    "mpnode-direct": "DirectAdjoint",
+    "mpnode-segmented": "SegmentedAdjoint",
+    "mpnode-auto": "AutoAdjoint",
+}
+"""mpnode solver name -> the ``mpnode.core`` adjoint strategy class it runs with."""
+
+SOLVERS = (*MPNODE_STRATEGIES, "torchdiffeq", "torchdiffeq-nocache", "torchdiffeq-adjoint", "torchode")
+"""Solver names :func:`solver` knows; all share torchdiffeq's ``odeint`` calling convention.
+
+``torchdiffeq-nocache`` is ``torchdiffeq.odeint`` meant to run under
+``autocast(..., cache=False)``: the solver is the same, the cast cache is the caller's.
+``torchode`` is :func:`mpnode.bench.peers.torchode_odeint` (states ``(batch, features)``).
+"""
 
 
 # ------------------------------------------------------------------ precision and solver
 
 
-def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """The autocast context of a precision name on ``device`` (a no-op for ``"float32"``)."""
+def autocast(precision: str, device: torch.device | str, cache: bool = True) -> contextlib.AbstractContextManager:
+    """The autocast context of a precision name on ``device`` (a no-op for ``"float32"``).
+
+    ``cache=False`` turns off autocast's weight-cast cache (``cache_enabled=False``):
+    every evaluation then casts the weights anew, so each evaluation's weight
+    gradient is converted to float32 before it is summed over the steps.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache)
 
 
-def solver(name: str) -> Callable[..., Any]:
-    """``odeint`` of mpnode, torchdiffeq (direct backprop) or torchdiffeq's ``odeint_adjoint``, by name."""
-    if name == "mpnode":
-        from mpnode.core import odeint
-
-        return odeint
+def solver_unavailable(name: str) -> str | None:
+    """Why solver ``name`` cannot run here (a package missing, with the fix), or ``None``."""
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {SOLVERS}")
-    try:
-        import torchdiffeq
-    except ImportError as err:
-        raise ImportError(f"solver {name!r} needs torchdiffeq: pip install torchdiffeq") from err
-    return torchdiffeq.odeint if name == "torchdiffeq" else torchdiffeq.odeint_adjoint
+    if name.startswith("torchdiffeq"):
+        try:
+            import torchdiffeq  # noqa: F401
+        except ImportError:
+            return "unavailable: pip install torchdiffeq"
+    if name == "torchode":
+        from .peers import torchode_unavailable
+
+        return torchode_unavailable()
+    return None
+
+
+def solver(name: str, **strategy_options: Any) -> Callable[..., Any]:
+    """The ``odeint``-like function of a solver name (see :data:`SOLVERS`).
+
+    mpnode names run ``mpnode.core.odeint`` with the adjoint strategy of
+    :data:`MPNODE_STRATEGIES`, built with ``strategy_options`` (e.g.
+    ``checkpoint_dtype=torch.bfloat16``, ``budget_bytes=2**24`` for ``mpnode-auto``);
+    plain ``"mpnode"`` without options is ``odeint`` itself.  The other names take no options.
+    """
+    reason = solver_unavailable(name)
+    if reason is not None:
+        raise ImportError(f"solver {name!r} is {reason}")
+    if name in MPNODE_STRATEGIES:
+        return _mpnode_solver(name, strategy_options)
+    if strategy_options:
+        raise TypeError(f"solver {name!r} takes no strategy options, got {sorted(strategy_options)}")
+    if name == "torchode":
+        from .peers import torchode_odeint
+
+        return torchode_odeint
+    import torchdiffeq
+
+    return torchdiffeq.odeint_adjoint if name == "torchdiffeq-adjoint" else torchdiffeq.odeint
+
+
+def _mpnode_solver(name: str, strategy_options: dict[str, Any]) -> Callable[..., Any]:
+    import mpnode.core as core
+
+    if name == "mpnode" and not strategy_options:
+        return core.odeint
+    strategy = getattr(core, MPNODE_STRATEGIES[name])(**strategy_options)
+    return functools.partial(core.odeint, adjoint=strategy)
 
 
 def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:

@@ -5,6 +5,9 @@
   relative to mpnode float32) against the swept size.
 * ``steps_<problem>.png`` for each steps sweep: time and held memory against
   the number of steps, with the fitted slope in the legend.
+* ``dial_<problem>.png`` for each dial sweep: time against held memory (log-log),
+  one marker per implementation, one point per step count (labelled ``N=...``),
+  the points of one implementation joined in order of steps.
 """
 
 from __future__ import annotations
@@ -54,7 +57,13 @@ def plot_all(rows: Sequence[BenchRow], out_dir: Path, title: str = "") -> list[P
         if r.axis and r.axis != "base":
             sweeps.setdefault((r.problem, r.axis), []).append(r)
     for (problem, axis), rs in sorted(sweeps.items()):
-        if axis == "steps":
+        if axis == "adaptive":
+            continue
+        if axis == "dial":
+            path = _plot_dial(plt, rs, out_dir / f"dial_{problem}.png", f"{title} {problem}".strip())
+            if path is not None:
+                written.append(path)
+        elif axis == "steps":
             written.append(_plot_steps(plt, rs, out_dir / f"steps_{problem}.png", f"{title} {problem}".strip()))
         else:
             written.append(_plot_ratios(plt, rs, axis, out_dir / f"ratios_{problem}_{axis}.png",
@@ -104,4 +113,33 @@ def _plot_steps(plt, rows, path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
+    return save_figure(fig, path, dpi=110)
+
+
+_MARKERS = "osD^v<>ph*X"
+
+
+def _plot_dial(plt, rows, path: Path, title: str) -> Path | None:
+    """Time vs held bytes of every timed implementation and step count; ``None`` when nothing was timed."""
+    points: dict[str, list[tuple[int, float, float]]] = {}
+    for r in rows:
+        if not r.error and r.time_s is not None and r.held_bytes:
+            points.setdefault(r.impl, []).append((r.steps, r.held_bytes / 2**20, r.time_s))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    for i, (impl, pts) in enumerate(sorted(points.items())):
+        pts.sort()
+        xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+        line, = ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], ls="-", lw=0.8, ms=7, label=impl)
+        for steps, x, y in pts:
+            ax.annotate(f"N={steps}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                        color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("held for backward [MiB]")
+    ax.set_ylabel("forward+backward time [s]")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title}: time vs memory (one point per step count)")
     return save_figure(fig, path, dpi=110)

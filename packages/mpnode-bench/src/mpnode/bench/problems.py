@@ -1,11 +1,15 @@
 """The benchmark problems: a vector field, an initial state and a scalar loss, at a given size.
 
 Every problem builds an :class:`Instance` from a dict of sizes; the solver
-integrates ``t in [0, 1]`` with ``steps`` fixed RK4 steps and the loss is a
-function of the final state only.  The fields are the library's own:
+integrates ``t in [0, 1]`` (fixed RK4 steps or an adaptive method) and the loss
+is a function of the final state only.  The fields are the library's own:
 
 * ``mlp``: :class:`mpnode.core.testing.MLPField` with two tanh hidden layers
   of ``width``, time appended to the input; ``y`` of shape ``(batch, dim)``.
+  Optional size ``gain`` (default 1): the output layer (weight and bias) is
+  multiplied by it, so the field is ``gain`` times the default one (about the
+  default field over ``t in [0, gain]``): adaptive solvers then take tens of
+  steps instead of three.  The field accepts a ``(batch, 1)`` time column.
 * ``otflow``: OT-Flow (Onken et al. 2021), :class:`mpnode.models.otflow.OTFlowDynamics`
   of an :class:`~mpnode.models.otflow.OTPotential` with a two-layer ResNet of
   width ``width`` on the state ``(x, l, L, R)``, ``x`` of shape ``(batch, d)``;
@@ -43,11 +47,14 @@ class Instance:
         func: the vector field ``func(t, y)`` (an ``nn.Module``; its parameters get gradients).
         y0: float32 initial state (tensor or tuple), not requiring grad.
         loss: ``loss(y_T) -> scalar`` from the final state (same structure as ``y0``).
+        time_column: whether ``func`` also accepts ``t`` of shape ``(batch, 1)``, one
+            time per sample (as torchode's per-sample adaptive steps pass it).
     """
 
     func: nn.Module
     y0: State
     loss: Callable[[State], torch.Tensor]
+    time_column: bool = False
 
     def state_bytes(self) -> int:
         parts = (self.y0,) if isinstance(self.y0, torch.Tensor) else self.y0
@@ -60,8 +67,13 @@ def _mean_square(y: torch.Tensor) -> torch.Tensor:
 
 def build_mlp(sizes: dict[str, int], device: torch.device) -> Instance:
     func = MLPField(sizes["dim"], sizes["width"], hidden_layers=2).to(device)
+    gain = sizes.get("gain", 1)
+    if gain != 1:
+        with torch.no_grad():
+            func.out.weight.mul_(gain)
+            func.out.bias.mul_(gain)
     y0 = torch.randn(sizes["batch"], sizes["dim"], device=device)
-    return Instance(func, y0, _mean_square)
+    return Instance(func, y0, _mean_square, time_column=True)
 
 
 def build_otflow(sizes: dict[str, int], device: torch.device) -> Instance:
@@ -106,18 +118,19 @@ def build_cnf(sizes: dict[str, int], device: torch.device) -> Instance:
 
 @dataclass(frozen=True)
 class Problem:
-    """A named problem: its builder and the size names it reads."""
+    """A named problem: its builder, the size names it needs and those it may take."""
 
     name: str
     build: Callable[[dict[str, int], torch.device], Instance]
     size_names: tuple[str, ...]
     describe: str
+    optional_sizes: tuple[str, ...] = ()
 
 
 PROBLEMS: dict[str, Problem] = {
     p.name: p
     for p in (
-        Problem("mlp", build_mlp, ("batch", "dim", "width"), "tanh MLP field, state (batch, dim)"),
+        Problem("mlp", build_mlp, ("batch", "dim", "width"), "tanh MLP field, state (batch, dim)", ("gain",)),
         Problem("otflow", build_otflow, ("batch", "d", "width"), "OT-Flow potential flow, x (batch, d), ResNet width m"),
         Problem("conv", build_conv, ("batch", "channels", "size"), "ODE-Net conv block, state (batch, C, size, size)"),
         Problem("cnf", build_cnf, ("batch", "width"), "2-D CNF (hypernetwork field, exact trace), z (batch, 2)"),
@@ -133,5 +146,8 @@ def build(problem: str, sizes: dict[str, int], device: torch.device | str, seed:
     missing = [k for k in p.size_names if k not in sizes]
     if missing:
         raise ValueError(f"problem {problem!r} needs sizes {list(p.size_names)}; missing {missing}")
+    unknown = sorted(set(sizes) - set(p.size_names) - set(p.optional_sizes))
+    if unknown:
+        raise ValueError(f"problem {problem!r} takes sizes {list(p.size_names + p.optional_sizes)}; unknown {unknown}")
     torch.manual_seed(seed)
     return p.build(dict(sizes), torch.device(device))

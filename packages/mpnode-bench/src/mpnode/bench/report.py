@@ -11,10 +11,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Sequence
 
 from .experiment import format_table, write_csv
-from .runner import COLUMNS, BenchRow
+from .runner import COLUMNS, STEP_AXES, BenchRow, ratio
 
 
 def write_results_csv(rows: Sequence[BenchRow], path: Path) -> None:
@@ -63,29 +63,134 @@ def fmt_err(e: float | None) -> str:
     return "-" if e is None else f"{e:.1e}"
 
 
-TABLE_HEADERS = ("problem", "sizes", "steps", "impl", "time", "±iqr", "vs td", "held", "held vs td",
-                 "peak", "syncs f/b", "grad err")
+def fmt_method(r: BenchRow) -> str:
+    """``rk4``, or ``dopri5 1e-07/1e-09`` (method, rtol/atol) for adaptive rows."""
+    return r.method if r.rtol is None else f"{r.method} {r.rtol:.0e}/{r.atol:.0e}"
 
 
-def table_rows(rows: Iterable[BenchRow]) -> list[tuple[str, ...]]:
-    out = []
+def _syncs(r: BenchRow) -> str:
+    return "-" if r.syncs_forward is None else f"{r.syncs_forward}/{r.syncs_backward}"
+
+
+# (header, cell of a row, shown only when some row has a value)
+_TABLE_COLUMNS: tuple[tuple[str, Callable[[BenchRow], str], bool], ...] = (
+    ("problem", lambda r: r.problem, False),
+    ("sizes", lambda r: r.sizes, False),
+    ("method", lambda r: fmt_method(r) if r.method != "rk4" else "-", True),
+    ("steps", lambda r: str(r.steps), False),
+    ("impl", lambda r: r.impl, False),
+    ("time", lambda r: fmt_time(r.time_s), False),
+    ("±iqr", lambda r: fmt_time(r.time_spread_s), False),
+    ("vs td", lambda r: fmt_ratio(r.time_vs_torchdiffeq), False),
+    ("vs floor", lambda r: fmt_ratio(r.time_vs_floor), True),
+    ("held", lambda r: fmt_bytes(r.held_bytes), False),
+    ("held vs td", lambda r: fmt_ratio(r.held_vs_torchdiffeq, inverse=True), False),
+    ("peak", lambda r: fmt_bytes(r.peak_bytes), False),
+    ("syncs f/b", _syncs, False),
+    ("nfe", lambda r: "-" if r.nfe is None else str(r.nfe), True),
+    ("grad err", lambda r: fmt_err(r.grad_rel_err), False),
+)
+_FIRST_MEASURED = "time"  # an error row shows its message from this column on
+
+
+def _table(rows: Sequence[BenchRow], columns) -> tuple[list[str], list[tuple[str, ...]]]:
+    """Headers and cells; optional columns without any value are dropped, error rows carry their message."""
+    keep = [c for c in columns if not c[2] or any(not r.error and c[1](r) != "-" for r in rows)]
+    headers = [c[0] for c in keep]
+    first = headers.index(_FIRST_MEASURED)
+    cells = []
     for r in rows:
         if r.error:
-            out.append((r.problem, r.sizes, str(r.steps), r.impl, "error: " + r.error[:60],
-                        "", "", "", "", "", "", ""))
-            continue
-        syncs = "-" if r.syncs_forward is None else f"{r.syncs_forward}/{r.syncs_backward}"
-        out.append((
-            r.problem, r.sizes, str(r.steps), r.impl, fmt_time(r.time_s), fmt_time(r.time_spread_s),
-            fmt_ratio(r.time_vs_torchdiffeq), fmt_bytes(r.held_bytes), fmt_ratio(r.held_vs_torchdiffeq, inverse=True),
-            fmt_bytes(r.peak_bytes), syncs, fmt_err(r.grad_rel_err),
-        ))
-    return out
+            ident = [c[1](r) for c in keep[:first]]
+            cells.append((*ident, "error: " + r.error[:60], *([""] * (len(keep) - first - 1))))
+        else:
+            cells.append(tuple(c[1](r) for c in keep))
+    return headers, cells
 
 
 def render_table(rows: Sequence[BenchRow], title: str = "") -> str:
-    """The results table as text (rich when available)."""
-    return format_table(title, TABLE_HEADERS, table_rows(rows), width=200, left=("problem", "sizes", "impl"))
+    """The results table as text (rich when available); the method, floor and nfe columns appear where filled."""
+    headers, cells = _table(rows, _TABLE_COLUMNS)
+    return format_table(title, headers, cells, width=220, left=("problem", "sizes", "method", "impl"))
+
+
+_DIAL_COLUMNS = (
+    ("problem", lambda r: r.problem, False),
+    ("steps", lambda r: str(r.steps), False),
+    ("impl", lambda r: r.impl, False),
+    ("time", lambda r: fmt_time(r.time_s), False),
+    ("held", lambda r: fmt_bytes(r.held_bytes), False),
+    ("time vs td", lambda r: fmt_ratio(r.time_vs_torchdiffeq), False),
+    ("time vs floor", lambda r: fmt_ratio(r.time_vs_floor), False),
+    ("grad err", lambda r: fmt_err(r.grad_rel_err), False),
+)
+
+
+def render_dial(rows: Sequence[BenchRow]) -> str:
+    """The compact table of the ``dial`` cases (empty string when there are none)."""
+    dial = [r for r in rows if r.axis == "dial"]
+    if not dial:
+        return ""
+    headers, cells = _table(dial, _DIAL_COLUMNS)
+    return format_table("the time/memory dial (grad err vs torchdiffeq float32 on the same grid, "
+                        "or vs mpnode float32 where torchdiffeq is not run)", headers, cells, width=160,
+                        left=("problem", "impl"))
+
+
+_ADAPTIVE_COLUMNS = (
+    ("problem", lambda r: r.problem, False),
+    ("method", fmt_method, False),
+    ("impl", lambda r: r.impl, False),
+    ("accepted", lambda r: "-" if r.accepted_steps is None else str(r.accepted_steps), False),
+    ("nfe", lambda r: "-" if r.nfe is None else str(r.nfe), False),
+    ("time", lambda r: fmt_time(r.time_s), False),
+    ("vs td", lambda r: fmt_ratio(r.time_vs_torchdiffeq), False),
+    ("vs floor", lambda r: fmt_ratio(r.time_vs_floor), False),
+    ("held", lambda r: fmt_bytes(r.held_bytes), False),
+    ("grad err", lambda r: fmt_err(r.grad_rel_err), False),
+)
+
+
+def render_adaptive(rows: Sequence[BenchRow]) -> str:
+    """The table of the adaptive cases (empty string when there are none)."""
+    adaptive = [r for r in rows if r.axis == "adaptive"]
+    if not adaptive:
+        return ""
+    headers, cells = _table(adaptive, _ADAPTIVE_COLUMNS)
+    return format_table("adaptive steps (grad err vs a float64 dopri5 solve at rtol 1e-10, atol 1e-12; "
+                        "nfe: field calls of forward + backward)", headers, cells, width=160,
+                        left=("problem", "method", "impl"))
+
+
+def dial_targets(rows: Sequence[BenchRow]) -> str:
+    """Per dial case: direct vs torchdiffeq direct (issue target <= 1.05x) and segmented vs recompute
+    (held <= 1/20, time <= 1.6x, gradients equal to 1e-6), float32; empty string without dial cases."""
+    cases: dict[tuple, dict[str, BenchRow]] = {}
+    for r in rows:
+        if r.axis == "dial" and not r.error:
+            cases.setdefault((r.problem, r.sizes, r.steps), {})[r.impl] = r
+    lines = []
+    for (problem, sizes, steps), by in cases.items():
+        parts = []
+        direct, rec, seg = by.get("mpnode-direct/float32"), by.get("mpnode/float32"), by.get("mpnode-segmented/float32")
+        if direct is not None and direct.time_vs_torchdiffeq is not None:
+            parts.append(f"direct time {direct.time_vs_torchdiffeq:.2f}x torchdiffeq direct (target <= 1.05)")
+        if rec is not None and seg is not None:
+            held = ratio(seg.held_bytes, rec.held_bytes)
+            time = ratio(seg.time_s, rec.time_s)
+            if held is not None:
+                parts.append(f"segmented held {fmt_ratio(held, inverse=True)} of recompute (target <= 1/20)")
+            if time is not None:
+                parts.append(f"segmented time {time:.2f}x recompute (target <= 1.6)")
+            if seg.grad_vs_mpnode_f32 is not None:
+                parts.append(f"segmented gradient vs recompute {seg.grad_vs_mpnode_f32:.1e} relative (target <= 1e-6)")
+        floors = [f"{label.split('/')[0]} {row.time_vs_floor:.2f}x" for label, row in by.items()
+                  if row.precision == "float32" and row.time_vs_floor is not None]
+        if floors:
+            parts.append("vs the floor: " + ", ".join(floors))
+        if parts:
+            lines.append(f"  {problem} [{sizes}] {steps} steps: " + "; ".join(parts))
+    return "dial targets (float32):\n" + "\n".join(lines) if lines else ""
 
 
 # ------------------------------------------------------------------ growth fits
@@ -117,13 +222,14 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
 
 
 def growth_with_steps(rows: Sequence[BenchRow]) -> list[dict]:
-    """Per (problem, sizes, impl) of the ``steps`` sweeps: linear fits of time and held bytes vs steps."""
+    """Per (problem, sizes, impl) of the steps sweeps (``steps``, ``dial``): linear fits of time and held bytes
+    vs steps (held bytes only where measured)."""
     groups: dict[tuple, list[BenchRow]] = {}
     for r in rows:
-        if r.axis == "steps" and not r.error:
-            groups.setdefault((r.problem, r.sizes, r.impl), []).append(r)
+        if r.axis in STEP_AXES and not r.error:
+            groups.setdefault((r.problem, r.sizes, r.axis, r.impl), []).append(r)
     out = []
-    for (problem, sizes, impl), rs in groups.items():
+    for (problem, sizes, _, impl), rs in groups.items():
         rs = sorted(rs, key=lambda r: r.steps)
         if len(rs) < 2:
             continue
@@ -132,8 +238,10 @@ def growth_with_steps(rows: Sequence[BenchRow]) -> list[dict]:
         if len(timed) >= 2:
             f = linear_fit([r.steps for r in timed], [r.time_s for r in timed])
             entry.update(time_slope_s=f.slope, time_intercept_s=f.intercept, time_r2=f.r2)
-        f = linear_fit([r.steps for r in rs], [r.held_bytes for r in rs])
-        entry.update(held_slope_bytes=f.slope, held_intercept_bytes=f.intercept, held_r2=f.r2)
+        held = [r for r in rs if r.held_bytes is not None]
+        if len(held) >= 2:
+            f = linear_fit([r.steps for r in held], [r.held_bytes for r in held])
+            entry.update(held_slope_bytes=f.slope, held_intercept_bytes=f.intercept, held_r2=f.r2)
         out.append(entry)
     return out
 
@@ -143,6 +251,7 @@ def render_growth(fits: Sequence[dict]) -> str:
     for f in fits:
         t = (f"time {f['time_slope_s'] * 1e3:.3f} ms/step (R^2 {f['time_r2']:.3f})" if "time_slope_s" in f
              else "time not measured")
-        lines.append(f"  {f['problem']} [{f['sizes']}] {f['impl']}: {t}; held "
-                     f"{fmt_bytes(f['held_slope_bytes'])}/step (R^2 {f['held_r2']:.4f}), steps {f['steps']}")
+        h = (f"held {fmt_bytes(f['held_slope_bytes'])}/step (R^2 {f['held_r2']:.4f})" if "held_slope_bytes" in f
+             else "held not measured")
+        lines.append(f"  {f['problem']} [{f['sizes']}] {f['impl']}: {t}; {h}, steps {f['steps']}")
     return "\n".join(lines)

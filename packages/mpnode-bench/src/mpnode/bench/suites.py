@@ -5,10 +5,17 @@
   checkpoints, bfloat16 autocast, against torchdiffeq ``odeint`` and
   ``odeint_adjoint``.
 * ``quick``: CPU, float32 and bfloat16, every problem at small size plus
-  sweeps over steps, batch and width of the MLP (a few minutes on 2 cores).
+  sweeps over steps, batch and width of the MLP, and adaptive ``dopri5`` cases
+  (MLP, CNF) against torchdiffeq and torchode (a few minutes on 2 cores).
+* ``dial``: CPU, the time/memory dial: every mpnode adjoint strategy (recompute,
+  direct, segmented) against torchdiffeq direct and adjoint, float32 timed, and
+  bfloat16 memory/accuracy (torchdiffeq with and without the cast cache), on the
+  MLP (16/64/256 steps) and the conv block (4/8/32 steps).
+* ``dial-long``: CPU, MLP at 4096 steps: segmented vs recompute (the issue's
+  memory/time/gradient targets); direct strategies would hold gigabytes.
 * ``full``: CPU, larger sweeps (steps 16 ... 1024), every precision.
 * ``gpu``: CUDA, GPU sizes (OT-Flow d = 63, m = 1024; conv block
-  128 x 128 x 128), every implementation timed.
+  128 x 128 x 128), every implementation timed, and the dial cases at GPU sizes.
 * ``syncs``: host synchronisations per backward against the step count,
   float32/bfloat16 (none) and float16 with the dynamic scaler.
 * ``smoke``: tiny sizes, for the test suite.
@@ -23,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .implementations import Impl
-from .runner import Case
+from .runner import STEP_AXES, Case
 
 MP32 = Impl("mpnode", "float32")
 MP32_CK16 = Impl("mpnode", "float32", "bfloat16")
@@ -33,17 +40,28 @@ TD32 = Impl("torchdiffeq", "float32")
 TDA32 = Impl("torchdiffeq-adjoint", "float32")
 TDBF16 = Impl("torchdiffeq", "bfloat16")
 TDF16 = Impl("torchdiffeq", "float16")
+TDNC_BF16 = Impl("torchdiffeq-nocache", "bfloat16")
+MPD32 = Impl("mpnode-direct", "float32")
+MPS32 = Impl("mpnode-segmented", "float32")
+MPD_BF16 = Impl("mpnode-direct", "bfloat16")
+MPS_BF16 = Impl("mpnode-segmented", "bfloat16")
+TORCHODE_DOPRI5 = Impl("torchode", "float32")
+TORCHODE_TSIT5 = Impl("torchode", "float32", method="tsit5")
 
 CORE_IMPLS = (MP32, MP32_CK16, MPBF16, TD32, TDA32, TDBF16)
 CPU_F32 = (MP32, TD32)
-GPU_IMPLS = (MP32, MPBF16, MPF16, TD32, TDA32, TDBF16, TDF16)
+GPU_IMPLS = (MP32, MPBF16, MPF16, TD32, TDA32, TDBF16, TDNC_BF16, TDF16)
+DIAL_IMPLS = (MP32, MPD32, MPS32, TD32, TDA32, MPBF16, MPD_BF16, MPS_BF16, TDBF16, TDNC_BF16)
+ADAPTIVE_IMPLS = (MP32, MPBF16, TD32, TDA32, TORCHODE_DOPRI5, TORCHODE_TSIT5)
+ADAPTIVE = {"method": "dopri5", "rtol": 1e-7, "atol": 1e-9}  # torchdiffeq's default tolerances
 
 
 @dataclass(frozen=True)
 class Sweep:
-    """Cases varying one axis (``"steps"`` or a size name) around ``base`` sizes.
+    """Cases varying one axis (``"steps"``, ``"dial"`` or a size name) around ``base`` sizes.
 
-    ``axis="base"`` gives a single case at ``base`` and ``steps``.
+    ``axis="base"`` gives a single case at ``base`` and ``steps``; with an adaptive
+    ``method`` (and ``rtol``/``atol``, ``steps=0``) its axis is ``"adaptive"``.
     """
 
     problem: str
@@ -52,16 +70,21 @@ class Sweep:
     impls: tuple[Impl, ...]
     axis: str = "base"
     values: tuple[int, ...] = ()
+    method: str = "rk4"
+    rtol: float | None = None
+    atol: float | None = None
 
     def cases(self, time_low_precision: bool) -> list[Case]:
         timed = tuple(time_low_precision or not i.is_low_precision for i in self.impls)
         if self.axis == "base":
             points = [(dict(self.base), self.steps)]
-        elif self.axis == "steps":
+        elif self.axis in STEP_AXES:
             points = [(dict(self.base), v) for v in self.values]
         else:
             points = [({**self.base, self.axis: v}, self.steps) for v in self.values]
-        return [Case(self.problem, tuple(s.items()), n, self.impls, self.axis, timed) for s, n in points]
+        axis = "adaptive" if self.axis == "base" and self.method != "rk4" else self.axis
+        return [Case(self.problem, tuple(s.items()), n, self.impls, axis, timed, self.method, self.rtol, self.atol)
+                for s, n in points]
 
 
 @dataclass(frozen=True)
@@ -80,6 +103,11 @@ class Suite:
 
 
 MLP_CORE = {"batch": 256, "dim": 32, "width": 128}
+MLP_ADAPTIVE = {**MLP_CORE, "gain": 32}  # 32x the default field: about 30 dopri5 steps at rtol 1e-7
+CONV_CPU = {"batch": 32, "channels": 64, "size": 6}
+CNF_CPU = {"batch": 512, "width": 64}
+MLP_GPU = {"batch": 1024, "dim": 32, "width": 128}
+CONV_GPU = {"batch": 8, "channels": 128, "size": 128}
 
 SUITES: dict[str, Suite] = {}
 
@@ -103,11 +131,33 @@ _register(Suite(
         Sweep("mlp", MLP_CORE, 32, CPU_F32, "batch", (64, 256, 1024)),
         Sweep("mlp", MLP_CORE, 32, CPU_F32, "width", (64, 128, 256)),
         Sweep("otflow", {"batch": 256, "d": 16, "width": 64}, 16, (MP32, MPBF16, TD32)),
-        Sweep("conv", {"batch": 32, "channels": 64, "size": 6}, 8, (MP32, MPBF16, TD32, TDA32)),
-        Sweep("cnf", {"batch": 512, "width": 64}, 16, (MP32, MPBF16, TD32)),
+        Sweep("conv", CONV_CPU, 8, (MP32, MPBF16, TD32, TDA32)),
+        Sweep("cnf", CNF_CPU, 16, (MP32, MPBF16, TD32)),
+        Sweep("cnf", CNF_CPU, 0, ADAPTIVE_IMPLS, **ADAPTIVE),
+        Sweep("mlp", MLP_ADAPTIVE, 0, ADAPTIVE_IMPLS, **ADAPTIVE),
     ),
     repeats=5, time_low_precision=False,
-    describe="CPU, float32 timing + bfloat16 memory/accuracy, all problems small, MLP sweeps",
+    describe="CPU, float32 timing + bfloat16 memory/accuracy, all problems small, MLP sweeps, adaptive dopri5 "
+             "(MLP, CNF) vs torchdiffeq and torchode",
+))
+
+_register(Suite(
+    "dial", "cpu",
+    (
+        Sweep("mlp", MLP_CORE, 0, DIAL_IMPLS, "dial", (16, 64, 256)),
+        Sweep("conv", CONV_CPU, 0, DIAL_IMPLS, "dial", (4, 8, 32)),
+    ),
+    repeats=5, time_low_precision=False,
+    describe="CPU, the time/memory dial: mpnode recompute/direct/segmented vs torchdiffeq direct/adjoint, "
+             "float32 timed, bfloat16 memory/accuracy (torchdiffeq with and without the cast cache)",
+))
+
+_register(Suite(
+    "dial-long", "cpu",
+    (Sweep("mlp", MLP_CORE, 0, (MP32, MPS32), "dial", (4096,)),),
+    repeats=3, time_low_precision=False,
+    describe="CPU, MLP at 4096 RK4 steps: segmented vs recompute (targets: held <= 1/20, time <= 1.6x, "
+             "gradients equal to 1e-6); direct strategies would hold gigabytes and are left out",
 ))
 
 _register(Suite(
@@ -134,6 +184,8 @@ _register(Suite(
         Sweep("otflow", {"batch": 256, "d": 63, "width": 1024}, 16, GPU_IMPLS),
         Sweep("mlp", {"batch": 1024, "dim": 32, "width": 128}, 64, GPU_IMPLS),
         Sweep("cnf", {"batch": 4096, "width": 256}, 64, GPU_IMPLS),
+        Sweep("mlp", MLP_GPU, 0, DIAL_IMPLS, "dial", (16, 64, 256)),
+        Sweep("conv", CONV_GPU, 0, DIAL_IMPLS, "dial", (4, 8, 16)),
         Sweep("mlp", {"batch": 1024, "dim": 32, "width": 128}, 64, (MP32, MPBF16, TD32), "steps",
               (16, 64, 256, 1024)),
         Sweep("mlp", {"batch": 1024, "dim": 32, "width": 128}, 32, (MP32, MPBF16, MPF16, TD32), "width",
@@ -161,6 +213,9 @@ _register(Suite(
         Sweep("otflow", {"batch": 8, "d": 3, "width": 8}, 4, (MP32, TD32)),
         Sweep("conv", {"batch": 2, "channels": 8, "size": 4}, 2, (MP32, TD32)),
         Sweep("cnf", {"batch": 8, "width": 8}, 4, (MP32, TD32)),
+        Sweep("mlp", {"batch": 8, "dim": 4, "width": 8}, 0, (MP32, MPD32, MPS32, TD32, MPBF16, TDNC_BF16), "dial",
+              (4, 8)),
+        Sweep("mlp", {"batch": 8, "dim": 4, "width": 8, "gain": 8}, 0, ADAPTIVE_IMPLS, **ADAPTIVE),
     ),
     repeats=2, time_low_precision=False,
     describe="tiny sizes for the tests (seconds)",
