@@ -73,7 +73,7 @@ def solve(field, y0, T, name, precision, tol, device) -> dict:
     seconds = time.perf_counter() - start
     accepted = stats.steps if name == "mpnode" else counted.accepted
     return dict(grad=torch.cat([g.flatten() for g in grads]).double().cpu(), accepted=accepted, nfe=counted.nfe,
-                seconds=seconds, warned=any("rtol is below" in str(w.message) for w in caught))
+                seconds=seconds, warned=any("can resolve" in str(w.message) for w in caught))
 
 
 def rel(g, ref) -> float:

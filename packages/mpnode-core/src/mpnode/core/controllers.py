@@ -261,15 +261,14 @@ class Tolerance:
         self.norm = norm
         self.roundoff = roundoff
 
-    def raise_rtol(self, floor: float) -> bool:
-        """Raise ``rtol`` to at least ``floor`` (elementwise); True if anything changed."""
-        if isinstance(self.rtol, float):
-            changed = self.rtol < floor
-            self.rtol = max(self.rtol, floor)
-            return changed
-        changed = bool((self.rtol < floor).any())
-        self.rtol = self.rtol.clamp_min(floor)
-        return changed
+    def raise_to(self, name: str, floor: float) -> bool:
+        """Raise ``rtol`` or ``atol`` (``name``) to at least ``floor`` (elementwise); True if anything changed."""
+        value = getattr(self, name)
+        if isinstance(value, float):
+            setattr(self, name, max(value, floor))
+            return value < floor
+        setattr(self, name, value.clamp_min(floor))
+        return bool((value < floor).any())
 
     def scale(self, y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
         return self.atol + self.rtol * torch.max(y0.abs(), y1.abs())

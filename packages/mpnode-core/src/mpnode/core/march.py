@@ -260,13 +260,19 @@ class AdaptiveStepping(Stepping):
         noise = weighted_sum([abs(e) for e in self.tableau.b_err], [k.abs() for k in stages.ks])
         return noise * (2 * u * abs(h))
 
-    def _apply_tolerance_floor(self, problem: Problem) -> None:
+    def _apply_tolerance_floor(self, problem: Problem, y0: torch.Tensor) -> None:
+        """Under autocast: ``rtol >= u`` and ``atol >= u * RMS(y0)`` (``u`` the field dtype's unit roundoff)."""
         u = problem.policy.roundoff
-        if u and self.tolerance.raise_rtol(u):
+        if not u:
+            return
+        scale = float(y0.detach().pow(2).mean().sqrt())  # one host read, before the first step
+        raised = [name for name, floor in (("rtol", u), ("atol", u * scale)) if self.tolerance.raise_to(name, floor)]
+        if raised:
+            dtype = problem.policy.autocast_dtype
             warnings.warn(
-                f"odeint: rtol is below what {problem.policy.autocast_dtype} can resolve in the vector field; "
-                f"it was raised to the floor {u:.3g} (the unit roundoff of {problem.policy.autocast_dtype}). "
-                "Loosen rtol, or run the field in float32 for tighter tolerances.",
+                f"odeint: {'/'.join(raised)} below what {dtype} can resolve in the vector field; raised to the floor "
+                f"rtol >= {u:.3g} (the unit roundoff of {dtype}) and atol >= {u:.3g} * RMS(y0). Loosen the tolerances, "
+                "or run the field in float32 for tighter ones.",
                 MixedPrecisionToleranceWarning,
                 stacklevel=5,
             )
@@ -276,7 +282,7 @@ class AdaptiveStepping(Stepping):
         tab, f, opts, cb = self.tableau, problem.field, self.options, problem.callbacks
         outputs = t_host.to(torch.float64).tolist()
         direction = 1 if outputs[-1] > outputs[0] else -1
-        self._apply_tolerance_floor(problem)
+        self._apply_tolerance_floor(problem, y0)
         t0 = outputs[0]
         k_first = f(self._time(t0, problem).to(problem.policy.state_dtype), y0)
         mode = NONE

@@ -533,7 +533,7 @@ class BudgetedStore(StepStore):
         self.budget = budget_bytes
         self.row_bytes = setup.width * setup.dtype.itemsize
         self.inner: StepStore = KeptGraphs(setup.need_times)
-        self.meter = held_memory(exclude=setup.params)  # bytes the kept graphs hold, weights excluded
+        self.meter = held_memory(exclude=setup.params, chain=True)  # bytes the kept graphs hold, weights excluded
         self.carried: set[int] = set()  # steps whose first stage is carried (the others' are recomputable)
 
     @property

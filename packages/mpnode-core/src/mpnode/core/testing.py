@@ -243,6 +243,7 @@ class HeldMemory:
     storages: dict[StorageKey, tuple[int, torch.dtype]] = field(default_factory=dict)
     recompute_storages: dict[StorageKey, tuple[int, torch.dtype]] = field(default_factory=dict)
     excluded: set[StorageKey] = field(default_factory=set)
+    chain: bool = False
 
     @property
     def bytes(self) -> int:
@@ -262,7 +263,12 @@ class HeldMemory:
         return out
 
     def __enter__(self) -> "HeldMemory":
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        # saved-tensor hooks do not nest: with ``chain`` the hooks active outside (e.g. the caller's
+        # ``save_on_cpu``) still pack and unpack every tensor, this meter only counts on the way
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False) if self.chain else None
+        self._outer = outer
+        unpack = _unpack if outer is None else outer[1]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, unpack)
         self._hooks.__enter__()
         return self
 
@@ -270,33 +276,39 @@ class HeldMemory:
         self._hooks.__exit__(*exc)
 
     def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        self._count(x)
+        outer = getattr(self, "_outer", None)
+        return x if outer is None else outer[0](x)
+
+    def _count(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.layout != torch.strided:
-            return x
+            return
         try:
             s = x.untyped_storage()
         except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
-            return x
+            return
         key = (str(x.device), s.data_ptr())
         if key in self.excluded or s.nbytes() == 0:
-            return x
+            return
         inside_backward = torch._C._current_graph_task_id() != -1
         target = self.recompute_storages if inside_backward else self.storages
         previous = target.get(key, (0, x.dtype))[0]
         target[key] = (max(previous, s.nbytes()), x.dtype)
-        return x
 
 
 def _unpack(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def held_memory(exclude: Iterable[torch.Tensor] = ()) -> HeldMemory:
+def held_memory(exclude: Iterable[torch.Tensor] = (), chain: bool = False) -> HeldMemory:
     """A :class:`HeldMemory` meter for ``with held_memory(exclude=model.parameters()) as m:``.
 
     ``exclude``: tensors whose storages are not counted (pass the parameters to
-    leave out the weights every solver shares).
+    leave out the weights every solver shares).  ``chain``: pass every tensor on to
+    the saved-tensor hooks active when the meter is entered (they would otherwise be
+    bypassed: hooks do not nest).
     """
-    return HeldMemory(excluded={(str(t.device), t.untyped_storage().data_ptr()) for t in exclude})
+    return HeldMemory(excluded={(str(t.device), t.untyped_storage().data_ptr()) for t in exclude}, chain=chain)
 
 
 class SyncCount(TorchDispatchMode):
