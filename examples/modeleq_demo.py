@@ -1,9 +1,11 @@
 """The main job: accuracy of mixed-precision solves of y' = A y against the matrix exponential.
 
-For torchdiffeq under autocast and for mpnode, with euler and rk4, at 32 ... 8192
-steps, in bfloat16 and float16, prints the relative errors of the solution
-y(T), of dL/dy0 and of dL/dA (L = 1/2 ||y(T)||^2) against float64 ground truth,
-writes them to ``<out>/modeleq.csv`` and plots them to ``<out>/modeleq.png``.
+For torchdiffeq under autocast (with autocast's weight-cast cache, its default, and
+without it), and for mpnode, with euler and rk4, at 32 ... 8192 steps, in bfloat16
+and float16, prints the relative errors of the solution y(T), of dL/dy0 and of
+dL/dA (L = 1/2 ||y(T)||^2) against float64 ground truth and the bytes each solve
+holds for backward, writes them to ``<out>/modeleq.csv`` and plots them to
+``<out>/modeleq.png``.
 
     python examples/modeleq_demo.py [--out outputs/modeleq_demo]
     python examples/modeleq_demo.py --steps 32 256 2048     # a shorter run
@@ -20,7 +22,7 @@ from tqdm import tqdm
 from mpnode.bench.experiment import (
     PRECISIONS, CSVLog, add_device_flag, autocast, print_table, pyplot, save_figure, script_parser, setup, solver,
 )
-from mpnode.core.testing import LinearODE
+from mpnode.core.testing import LinearODE, held_memory
 
 QUANTITIES = ("yT", "dy0", "dA")
 
@@ -33,11 +35,12 @@ def run(args) -> list[dict]:
     rows = []
     for precision, method, n, name in tqdm(grid, desc="solves", unit="solve"):
         start = time.perf_counter()
-        with autocast(precision, device):
+        with autocast(precision, device, cache=name != "torchdiffeq-nocache"), held_memory() as held:
             result = problem.solve(solver(name), n, method=method, device=device)
         errors = problem.errors(result)
         row = dict(precision=precision, method=method, steps=n, solver=name,
-                   **{f"err_{q}": errors[q] for q in QUANTITIES}, seconds=time.perf_counter() - start)
+                   **{f"err_{q}": errors[q] for q in QUANTITIES}, held_bytes=held.bytes,
+                   seconds=time.perf_counter() - start)
         log.write(**row)
         rows.append(row)
     log.close()
@@ -45,9 +48,10 @@ def run(args) -> list[dict]:
 
 
 def print_results(rows: list[dict]) -> None:
-    header = ["precision", "method", "steps", "solver", "rel err y(T)", "rel err dL/dy0", "rel err dL/dA"]
+    header = ["precision", "method", "steps", "solver", "rel err y(T)", "rel err dL/dy0", "rel err dL/dA",
+              "held for backward"]
     cells = [[r["precision"], r["method"], str(r["steps"]), r["solver"]] + [f"{r[f'err_{q}']:.2e}" for q in QUANTITIES]
-             for r in rows]
+             + [f"{r['held_bytes'] / 2**10:.1f} KiB"] for r in rows]
     print_table("Relative error against the float64 matrix exponential (y' = A y)", header, cells)
 
 
@@ -57,7 +61,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = pyplot().subplots(len(precisions), len(methods), figsize=(5 * len(methods), 3.6 * len(precisions)),
                              squeeze=False, sharex=True)
     styles = {"dA": "-o", "dy0": "--s", "yT": ":^"}
-    colors = {"torchdiffeq": "tab:red", "mpnode": "tab:blue"}
+    colors = {"torchdiffeq": "tab:red", "torchdiffeq-nocache": "tab:orange", "mpnode": "tab:blue"}
     for i, p in enumerate(precisions):
         for j, m in enumerate(methods):
             ax = axes[i][j]
@@ -83,7 +87,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[32, 128, 512, 2048, 8192])
     parser.add_argument("--methods", nargs="+", default=["euler", "rk4"])
     parser.add_argument("--precisions", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16", "float16"])
-    parser.add_argument("--solvers", nargs="+", choices=["torchdiffeq", "mpnode"], default=["torchdiffeq", "mpnode"])
+    parser.add_argument("--solvers", nargs="+", choices=["torchdiffeq", "torchdiffeq-nocache", "mpnode"],
+                        default=["torchdiffeq", "torchdiffeq-nocache", "mpnode"],
+                        help="torchdiffeq-nocache: torchdiffeq under autocast(..., cache_enabled=False)")
     parser.add_argument("--dim", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args(argv)
