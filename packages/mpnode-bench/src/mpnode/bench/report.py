@@ -114,52 +114,48 @@ def render_table(rows: Sequence[BenchRow], title: str = "") -> str:
     return format_table(title, headers, cells, width=220, left=("problem", "sizes", "method", "impl"))
 
 
+def _column(name: str, get) -> tuple:
+    return (name, get, False)
+
+
+_PROBLEM, _IMPL = _column("problem", lambda r: r.problem), _column("impl", lambda r: r.impl)
+_TIME, _HELD = _column("time", lambda r: fmt_time(r.time_s)), _column("held", lambda r: fmt_bytes(r.held_bytes))
+_GRAD = _column("grad err", lambda r: fmt_err(r.grad_rel_err))
+
 _DIAL_COLUMNS = (
-    ("problem", lambda r: r.problem, False),
-    ("steps", lambda r: str(r.steps), False),
-    ("impl", lambda r: r.impl, False),
-    ("time", lambda r: fmt_time(r.time_s), False),
-    ("held", lambda r: fmt_bytes(r.held_bytes), False),
-    ("time vs td", lambda r: fmt_ratio(r.time_vs_torchdiffeq), False),
-    ("time vs floor", lambda r: fmt_ratio(r.time_vs_floor), False),
-    ("grad err", lambda r: fmt_err(r.grad_rel_err), False),
+    _PROBLEM, _column("steps", lambda r: str(r.steps)), _IMPL, _TIME, _HELD,
+    _column("time vs td", lambda r: fmt_ratio(r.time_vs_torchdiffeq)),
+    _column("time vs floor", lambda r: fmt_ratio(r.time_vs_floor)), _GRAD,
 )
+
+_ADAPTIVE_COLUMNS = (
+    _PROBLEM, _column("method", fmt_method), _IMPL,
+    _column("accepted", lambda r: "-" if r.accepted_steps is None else str(r.accepted_steps)),
+    _column("nfe", lambda r: "-" if r.nfe is None else str(r.nfe)), _TIME,
+    _column("vs td", lambda r: fmt_ratio(r.time_vs_torchdiffeq)),
+    _column("vs floor", lambda r: fmt_ratio(r.time_vs_floor)), _HELD, _GRAD,
+)
+
+
+def _render_axis(rows: Sequence[BenchRow], axis: str, columns, title: str, left: tuple[str, ...]) -> str:
+    """The table of the rows of one sweep ``axis`` (empty string when there are none)."""
+    selected = [r for r in rows if r.axis == axis]
+    if not selected:
+        return ""
+    headers, cells = _table(selected, columns)
+    return format_table(title, headers, cells, width=160, left=left)
 
 
 def render_dial(rows: Sequence[BenchRow]) -> str:
     """The compact table of the ``dial`` cases (empty string when there are none)."""
-    dial = [r for r in rows if r.axis == "dial"]
-    if not dial:
-        return ""
-    headers, cells = _table(dial, _DIAL_COLUMNS)
-    return format_table("the time/memory dial (grad err vs torchdiffeq float32 on the same grid, "
-                        "or vs mpnode float32 where torchdiffeq is not run)", headers, cells, width=160,
-                        left=("problem", "impl"))
-
-
-_ADAPTIVE_COLUMNS = (
-    ("problem", lambda r: r.problem, False),
-    ("method", fmt_method, False),
-    ("impl", lambda r: r.impl, False),
-    ("accepted", lambda r: "-" if r.accepted_steps is None else str(r.accepted_steps), False),
-    ("nfe", lambda r: "-" if r.nfe is None else str(r.nfe), False),
-    ("time", lambda r: fmt_time(r.time_s), False),
-    ("vs td", lambda r: fmt_ratio(r.time_vs_torchdiffeq), False),
-    ("vs floor", lambda r: fmt_ratio(r.time_vs_floor), False),
-    ("held", lambda r: fmt_bytes(r.held_bytes), False),
-    ("grad err", lambda r: fmt_err(r.grad_rel_err), False),
-)
+    return _render_axis(rows, "dial", _DIAL_COLUMNS, "the time/memory dial (grad err vs torchdiffeq float32 on the "
+                        "same grid, or vs mpnode float32 where torchdiffeq is not run)", ("problem", "impl"))
 
 
 def render_adaptive(rows: Sequence[BenchRow]) -> str:
     """The table of the adaptive cases (empty string when there are none)."""
-    adaptive = [r for r in rows if r.axis == "adaptive"]
-    if not adaptive:
-        return ""
-    headers, cells = _table(adaptive, _ADAPTIVE_COLUMNS)
-    return format_table("adaptive steps (grad err vs a float64 dopri5 solve at rtol 1e-10, atol 1e-12; "
-                        "nfe: field calls of forward + backward)", headers, cells, width=160,
-                        left=("problem", "method", "impl"))
+    return _render_axis(rows, "adaptive", _ADAPTIVE_COLUMNS, "adaptive steps (grad err vs a float64 dopri5 solve at "
+                        "rtol 1e-10, atol 1e-12; nfe: field calls of forward + backward)", ("problem", "method", "impl"))
 
 
 def dial_targets(rows: Sequence[BenchRow]) -> str:

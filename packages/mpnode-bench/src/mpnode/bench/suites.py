@@ -29,24 +29,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .implementations import Impl
+from .implementations import Impl, parse_impl
 from .runner import STEP_AXES, Case
 
-MP32 = Impl("mpnode", "float32")
-MP32_CK16 = Impl("mpnode", "float32", "bfloat16")
-MPBF16 = Impl("mpnode", "bfloat16")
-MPF16 = Impl("mpnode", "float16")
-TD32 = Impl("torchdiffeq", "float32")
-TDA32 = Impl("torchdiffeq-adjoint", "float32")
-TDBF16 = Impl("torchdiffeq", "bfloat16")
-TDF16 = Impl("torchdiffeq", "float16")
-TDNC_BF16 = Impl("torchdiffeq-nocache", "bfloat16")
-MPD32 = Impl("mpnode-direct", "float32")
-MPS32 = Impl("mpnode-segmented", "float32")
-MPD_BF16 = Impl("mpnode-direct", "bfloat16")
-MPS_BF16 = Impl("mpnode-segmented", "bfloat16")
-TORCHODE_DOPRI5 = Impl("torchode", "float32")
-TORCHODE_TSIT5 = Impl("torchode", "float32", method="tsit5")
+# every implementation the suites use, by label (Impl.label / parse_impl)
+(MP32, MP32_CK16, MPBF16, MPF16, TD32, TDA32, TDBF16, TDF16, TDNC_BF16, MPD32, MPS32, MPD_BF16, MPS_BF16,
+ TORCHODE_DOPRI5, TORCHODE_TSIT5) = map(parse_impl, (
+    "mpnode/float32", "mpnode/float32+ckpt-bfloat16", "mpnode/bfloat16", "mpnode/float16", "torchdiffeq/float32",
+    "torchdiffeq-adjoint/float32", "torchdiffeq/bfloat16", "torchdiffeq/float16", "torchdiffeq-nocache/bfloat16",
+    "mpnode-direct/float32", "mpnode-segmented/float32", "mpnode-direct/bfloat16", "mpnode-segmented/bfloat16",
+    "torchode/float32", "torchode/float32+tsit5",
+))
 
 CORE_IMPLS = (MP32, MP32_CK16, MPBF16, TD32, TDA32, TDBF16)
 CPU_F32 = (MP32, TD32)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .guards import VersionRecord, check_solution
-from .march import AdaptiveStepping, Problem, Recorder, Stepping, Trajectory
+from .march import AdaptiveStepping, ForwardingRecorder, Problem, Recorder, Stepping, Trajectory
 from .parameters import CapturedTensorProbe
 from .replay import RandomStates, Replay, StepRandomness, cuda_devices, module_buffers
 
@@ -106,36 +106,15 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
     return outputs, TrackedForward(trajectory, params, replay, versions, nfe0)
 
 
-class _RandomnessRecorder(Recorder):
+class _RandomnessRecorder(ForwardingRecorder):
     """Passes each step on to ``inner`` after logging the generator state the step starts from.
 
-    Logged when the step's evaluation begins (``graph_context`` for kept graphs, else
-    ``record``, which a fixed grid calls before evaluating the step).
+    Logged at ``record``, which a fixed grid calls before evaluating the step.
     """
 
     def __init__(self, inner: Recorder, randomness: StepRandomness) -> None:
         self.inner, self.randomness = inner, randomness
-        self._logged = -1
-
-    @property
-    def keeps_graphs(self) -> bool:
-        return self.inner.keeps_graphs
-
-    @property
-    def need_times(self) -> bool:
-        return self.inner.need_times
-
-    def _log(self, n: int) -> None:
-        if n > self._logged:
-            self.randomness.at_step(n)
-            self._logged = n
 
     def record(self, n, y, first_stage):
-        self._log(n)
+        self.randomness.at_step(n)
         self.inner.record(n, y, first_stage)
-
-    def keep(self, n, graph):
-        self.inner.keep(n, graph)
-
-    def graph_context(self):
-        return self.inner.graph_context()

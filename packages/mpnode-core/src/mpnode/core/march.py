@@ -60,6 +60,29 @@ class Recorder:
         return contextlib.nullcontext()
 
 
+class ForwardingRecorder(Recorder):
+    """A recorder that hands everything to ``self.inner``; subclasses intercept what they need."""
+
+    inner: Recorder
+
+    @property
+    def keeps_graphs(self) -> bool:
+        return self.inner.keeps_graphs
+
+    @property
+    def need_times(self) -> bool:
+        return self.inner.need_times
+
+    def record(self, n, y, first_stage):
+        self.inner.record(n, y, first_stage)
+
+    def keep(self, n, graph):
+        self.inner.keep(n, graph)
+
+    def graph_context(self):
+        return self.inner.graph_context()
+
+
 @dataclass
 class Trajectory:
     """What the forward pass decided, held as constants for the backward pass.

@@ -35,7 +35,7 @@ from .checkpoints import CheckpointStore, StoredRows, decode_row, encode_row
 from .forward import TrackedForward, tracked_forward
 from .graphs import StepGraph
 from .guards import check_solution, first_order_only
-from .march import CARRIED, Problem, Recorder, Stepping, Trajectory, replay
+from .march import CARRIED, ForwardingRecorder, Problem, Recorder, Stepping, Trajectory, replay
 from .replay import Replay
 from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
 from .stats import SolverStats
@@ -525,8 +525,8 @@ class AutoAdjoint(AdjointStrategy):
         return f"AutoAdjoint(budget_bytes={self.budget_bytes}, checkpoint_dtype={self.checkpoint_dtype})"
 
 
-class BudgetedStore(StepStore):
-    """Direct while the kept graphs fit the budget, then recompute, then segmented."""
+class BudgetedStore(ForwardingRecorder, StepStore):
+    """Direct while the kept graphs fit the budget, then recompute, then segmented (``inner`` is the current one)."""
 
     def __init__(self, setup: StoreSetup, budget_bytes: int) -> None:
         self.setup = setup
@@ -539,14 +539,6 @@ class BudgetedStore(StepStore):
     @property
     def name(self) -> str:
         return self.inner.name
-
-    @property
-    def keeps_graphs(self) -> bool:
-        return self.inner.keeps_graphs
-
-    @property
-    def need_times(self) -> bool:
-        return self.setup.need_times
 
     @property
     def disable_cast_cache(self) -> bool:
