@@ -33,11 +33,14 @@ from typing import Callable
 import torch
 
 from .controllers import StepSizeGrid
-from .march import FixedGridStepping, Problem, Recorder, Stepping, Trajectory, _end_slope, _interp_output
+from .graphs import attach_end_slope
+from .march import (
+    FixedGridStepping, Problem, Recorder, Stepping, Trajectory, _Attempt, _end_slope, _evaluate, _interp_output,
+)
 from .outputs import OutputPlacement
 from .precision import PrecisionPolicy
 from .state import FlatState, FlatVectorField, State
-from .stepper import rk_stages, stage_time_table, weighted_sum
+from .stepper import stage_time_table
 
 #: Iterations of the root finder before it gives up (it needs about ten).
 MAX_ROOT_ITERATIONS = 200
@@ -208,7 +211,7 @@ class FixedStepsUntilEvent(Stepping):
         self.output_rule = grid_stepping.output_rule
 
     def march(self, problem: Problem, y0, t, t_host, grid, grid_host, recorder: Recorder):
-        tab, f, cb, event = problem.tableau, problem.field, problem.callbacks, problem.event
+        tab, cb, event = problem.tableau, problem.callbacks, problem.event
         direction = 1 if bool(t_host[1] > t_host[0]) else -1
         rule = self.grid_stepping.perturbation(direction)
         rows: list[torch.Tensor | None] = [y0, None]
@@ -230,15 +233,16 @@ class FixedStepsUntilEvent(Stepping):
             if cb:
                 cb.call("callback_step", pair[0], y, pair[1] - pair[0], t.dtype)
             recorder.record(n, y, None)
-            stages = rk_stages(tab, f, y, h, stage_time_table(tab, pair, problem.policy.state_dtype, rule)[0])
-            phi = weighted_sum(tab.b, stages.ks)
-            y1 = stages.last_input if tab.is_fsal else torch.add(y, phi, alpha=h)
-            interp = _StepInterpolant(problem, y, h, stages, phi, pair[1], y1)
-            if event.after_step(n, t0, t1, y1, interp, rows, placement):
+            times = stage_time_table(tab, pair, problem.policy.state_dtype, rule)[0]
+            step = _evaluate(problem, recorder, y, None, h, (pair[0], pair[1]), rule, times)
+            if step.graph is not None:
+                recorder.keep(n, step.graph)
+            interp = _StepInterpolant(problem, recorder, y, h, step, pair[1])
+            if event.after_step(n, t0, t1, step.y1, interp, rows, placement):
                 j = 2
             nodes.append(t1)
             steps.append(h)
-            y = y1
+            y = step.y1
         grid = torch.tensor(nodes, dtype=t.dtype, device=t.device)
         trajectory = Trajectory(nodes, steps, grid, [rule], [rule.first] * len(steps), placement,
                                 output_times=event.output_times(t))
@@ -246,16 +250,30 @@ class FixedStepsUntilEvent(Stepping):
 
 
 class _StepInterpolant:
-    """``x -> y_n + h Psi(x)`` of one fixed step; the end slope of the cubic rule is evaluated once, when first needed."""
+    """``x -> y_n + h Psi(x)`` of one fixed step; the end slope of the cubic rule is evaluated once, when first needed.
 
-    def __init__(self, problem: Problem, y, h: float, stages, phi, t1: torch.Tensor, y1: torch.Tensor) -> None:
-        self.problem, self.y, self.h, self.stages, self.phi, self.t1, self.y1 = problem, y, h, stages, phi, t1, y1
+    It is only called in the step where the event lies.  When the step's graph is
+    kept (direct strategy), the end slope is evaluated into that graph, so the
+    backward pass differentiates the output the forward returned.
+    """
+
+    def __init__(self, problem: Problem, recorder: Recorder, y: torch.Tensor, h: float, step: _Attempt,
+                 t1: torch.Tensor) -> None:
+        self.problem, self.recorder, self.y, self.h, self.step, self.t1 = problem, recorder, y, h, step, t1
         self.slope = None
 
     def __call__(self, x: float) -> torch.Tensor:
         if self.problem.output_rule.needs_end_slope and self.slope is None:
-            self.slope = _end_slope(self.problem, self.t1, self.y1)
-        return _interp_output(self.problem, self.y, self.h, self.stages, self.phi, x, self.slope)
+            self.slope = self._end_slope()
+        return _interp_output(self.problem, self.y, self.h, self.step.stages, self.step.phi, x, self.slope)
+
+    def _end_slope(self) -> torch.Tensor:
+        graph = self.step.graph
+        if graph is None:
+            return _end_slope(self.problem, self.t1, self.step.y1)
+        with torch.enable_grad(), self.recorder.graph_context():
+            attach_end_slope(self.problem, graph, self.t1)
+        return graph.end_slope.detach()
 
 
 def until_event(stepping: Stepping, event_fn: Callable, layout: FlatState, policy: PrecisionPolicy,

@@ -85,6 +85,14 @@ def evaluate_step(
     phi = weighted_sum(tab.b, stages.ks)
     graph = StepGraph(y, first, t0, t1, step, stages, phi, _fsal=tab.is_fsal)
     if with_end_slope:
-        t_end = t1 if t1 is not None else nodes[1].detach()
-        graph.end_slope = problem.field(t_end.to(state_dtype), graph.end_state())
+        attach_end_slope(problem, graph, nodes[1])
     return graph
+
+
+def attach_end_slope(problem, graph: StepGraph, t1: torch.Tensor) -> None:
+    """Set ``graph.end_slope = f(tau_{n+1}, y_{n+1})`` with its graph (call with autograd on, under the solve's autocast).
+
+    ``t1`` is the step's end node (0-dim, grid dtype); the graph's traced ``t1`` is used instead when it has one.
+    """
+    t_end = graph.t1 if graph.t1 is not None else t1.detach()
+    graph.end_slope = problem.field(t_end.to(problem.policy.state_dtype), graph.end_state())
