@@ -84,7 +84,6 @@ class StepVJP:
         dt0, dt1: w.r.t. the step's nodes (0-dim, grid dtype), when times are traced.
         dout: ``(j, grad)`` w.r.t. each output time inside the step, when traced.
         dot: ``lam.Phi + sum_j g_j.Psi_j`` (0-dim, state dtype), when times are traced.
-        phi: the recomputed increment (detached), for checks.
     """
 
     dy: torch.Tensor | None
@@ -271,16 +270,15 @@ def run_adjoint(
             scaling_snap = scaling_pass.snapshot() if block is not None else None
             for m in range(n - 1, lo - 1, -1):
                 _adjoint_step(plan, source, m, acc, g, scaling_pass)
-            if scaling_pass.end_block(lo, n):
-                if cb.wants("callback_accept_step_adjoint"):
-                    for m in range(n - 1, lo - 1, -1):
-                        cb.call("callback_accept_step_adjoint", traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
+            accepted = scaling_pass.end_block(lo, n)
+            name = "callback_accept_step_adjoint" if accepted else "callback_reject_step_adjoint"
+            if cb.wants(name):
+                for m in range(n - 1, lo - 1, -1):
+                    cb.call(name, traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
+            if accepted:
                 counters.backward_steps += n - lo
                 n = lo
             else:
-                if cb.wants("callback_reject_step_adjoint"):
-                    for m in range(n - 1, lo - 1, -1):
-                        cb.call("callback_reject_step_adjoint", traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
                 acc.restore(snap)
                 scaling_pass.restore(scaling_snap)
                 counters.retries += n - lo

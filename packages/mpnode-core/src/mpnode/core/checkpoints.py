@@ -43,12 +43,18 @@ def row_scale(row: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(one, (k - (top + 1)).clamp_(-MAX_ROW_EXPONENT, MAX_ROW_EXPONENT))
 
 
+def _prescaled(row: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(row / 2^e, 2^e)`` in ``row``'s dtype for a narrow-range ``dtype``, else ``(row, None)``: what to cast and store."""
+    if not needs_row_scaling(dtype):
+        return row, None
+    scale = row_scale(row, dtype)
+    return row / scale.to(row.dtype), scale
+
+
 def encode_row(row: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``row`` as stored in ``dtype``: ``(row / 2^e in dtype, 2^e)`` for a narrow-range dtype, else ``(row in dtype, None)``."""
-    if not needs_row_scaling(dtype):
-        return row.to(dtype, copy=True), None
-    scale = row_scale(row, dtype)
-    return (row / scale.to(row.dtype)).to(dtype), scale
+    scaled, scale = _prescaled(row, dtype)
+    return scaled.to(dtype, copy=True), scale
 
 
 def decode_row(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -119,10 +125,9 @@ class CheckpointStore:
             if self._fixed:
                 raise IndexError("CheckpointStore: more rows than the fixed size it was created with")
             self._add_chunk(FIRST_CHUNK if not self.chunks else min(2 * self.chunks[-1].shape[0], MAX_CHUNK))
-        if self.scaled:
-            scale = row_scale(row, self.dtype)
+        row, scale = _prescaled(row, self.dtype)
+        if scale is not None:
             self.scales[-1][self._used] = scale
-            row = row / scale.to(row.dtype)
         self.chunks[-1][self._used].copy_(row)
         self._used += 1
 

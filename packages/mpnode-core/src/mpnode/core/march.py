@@ -26,7 +26,7 @@ from .outputs import DenseOutput, OutputPlacement, OutputRule, place_on_grid
 from .precision import PrecisionPolicy
 from .state import FlatVectorField
 from .stats import SolverStats
-from .stepper import NEXT, NONE, PREV, StagePerturbation, Stages, rk_stages, stage_time_table, weighted_sum
+from .stepper import NEXT, NONE, PREV, StagePerturbation, Stages, rk_stages, stage_time_table, step_end, weighted_sum
 from .tableau import ButcherTableau
 
 #: Marks a step whose first stage is inherited from the previous step rather than evaluated.
@@ -168,7 +168,7 @@ def _evaluate(problem: Problem, recorder: Recorder, y: torch.Tensor, first: torc
     if not recorder.keeps_graphs:
         stages = rk_stages(tab, problem.field, y, h, times, first_stage=first)
         phi = weighted_sum(tab.b, stages.ks)
-        return _Attempt(stages, phi, stages.last_input if tab.is_fsal else torch.add(y, phi, alpha=h))
+        return _Attempt(stages, phi, step_end(tab, y, h, stages, phi))
     with torch.enable_grad(), recorder.graph_context():
         graph = evaluate_step(problem, y, first, h, nodes, rule, times, recorder.need_times, with_end_slope)
     stages = Stages([k.detach() for k in graph.stages.ks], graph.stages.last_input.detach())
@@ -199,7 +199,7 @@ class FixedGridStepping(Stepping):
         return StagePerturbation(first=NEXT, end=PREV, direction=direction)
 
     def march(self, problem, y0, t, t_host, grid, grid_host, recorder):
-        tab, f = problem.tableau, problem.field
+        tab = problem.tableau
         nodes = grid_host.tolist()
         steps = (grid_host[1:] - grid_host[:-1]).tolist()  # h_n, bitwise as the device computes them
         direction = 1 if nodes[-1] > nodes[0] else -1
@@ -490,6 +490,6 @@ def replay(
             before_step(m)
         h = trajectory.steps[m]
         stages = rk_stages(tab, f, y, h, stage_times[m], first_stage=k1)
-        y = stages.last_input if tab.is_fsal else torch.add(y, weighted_sum(tab.b, stages.ks), alpha=h)
+        y = step_end(tab, y, h, stages)
         last = stages.ks[-1]
     return out

@@ -76,15 +76,8 @@ class DenseOutput(OutputRule):
     def increment(self, x, stages, phi, end_slope):
         if not isinstance(x, torch.Tensor):
             return weighted_sum(self.tableau.dense_weights(x), stages.ks)
-        x = x.to(phi.dtype)
-        out = None
-        for row, k in zip(self.tableau.dense, stages.ks):
-            w = None
-            for coef in reversed(row):  # Horner on x * (c1 + x (c2 + ...))
-                w = coef if w is None else w * x + coef
-            w = w * x
-            out = k * w if out is None else out + k * w
-        return out
+        weights = self.tableau.dense_weights(x.to(phi.dtype))
+        return sum((k * w for k, w in zip(stages.ks[1:], weights[1:])), stages.ks[0] * weights[0])
 
 
 OUTPUT_RULES = {"linear": LinearInterpolation, "cubic": CubicHermite}

@@ -168,12 +168,15 @@ def weighted_sum(weights: Sequence[float], ks: Sequence[torch.Tensor]) -> torch.
     return torch.zeros_like(ks[0]) if out is None else out
 
 
-def step_end(tableau: ButcherTableau, y: torch.Tensor, h: float, stages: Stages) -> torch.Tensor:
-    """``y1 = y + h sum b_i k_i``; for first-same-as-last methods the last stage's input, exactly.
+def step_end(
+    tableau: ButcherTableau, y: torch.Tensor, h: float, stages: Stages, phi: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y1 = y + h sum b_i k_i`` (``phi`` that sum when already formed); for first-same-as-last methods the last
+    stage's input, exactly.
 
     Taking ``Y_s`` itself makes ``f(t1, y1)`` of the next step bitwise equal to
     this step's last stage, so the stage can be reused (and recomputed in backward).
     """
     if tableau.is_fsal:
         return stages.last_input
-    return torch.add(y, weighted_sum(tableau.b, stages.ks), alpha=h)
+    return torch.add(y, weighted_sum(tableau.b, stages.ks) if phi is None else phi, alpha=h)

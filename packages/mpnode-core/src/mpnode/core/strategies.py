@@ -85,6 +85,8 @@ SCALING_TURNED_OFF_ADVICE = (
     "scaler (mpnode-scaler's DynamicAdjointScaler, when installed), or pass scaler=mpnode.scaler.DynamicAdjointScaler(), "
     "or autocast to torch.bfloat16."
 )
+
+
 def _check_checkpoint_dtype(dtype: object) -> torch.dtype | None:
     if dtype is None:
         return None
@@ -458,7 +460,6 @@ class SegmentReplay(StepSource):
         self.replay = replay
         self.starts = sorted(kept)
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.plan: BackwardPlan | None = None
 
     def _segment(self, plan: BackwardPlan, n: int) -> None:
         start = max(m for m in self.starts if m <= n)

@@ -18,7 +18,10 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
+
+if TYPE_CHECKING:  # the tableau is plain data; dense_weights also accepts a tensor x
+    import torch
 
 Number = Union[int, float, str, Fraction]
 Tree = tuple  # a rooted tree: the sorted tuple of its children's trees
@@ -273,8 +276,11 @@ class ButcherTableau:
         """The first stage of a step is inherited from the previous step and is not ``f(t0, y0)``."""
         return self.reuse_last_stage and not self.is_fsal
 
-    def dense_weights(self, x: float) -> tuple[float, ...]:
-        """``w_i(x)`` of the dense output at ``x in [0, 1]``: ``y(t0 + x h) = y0 + h sum_i w_i(x) k_i``."""
+    def dense_weights(self, x: float | torch.Tensor) -> tuple[float | torch.Tensor, ...]:
+        """``w_i(x)`` of the dense output at ``x in [0, 1]``: ``y(t0 + x h) = y0 + h sum_i w_i(x) k_i``.
+
+        ``x`` a host float (floats returned) or a 0-dim tensor (0-dim tensors, differentiable in ``x``).
+        """
         if self.dense is None:
             raise ValueError(f"method {self.name!r} has no dense output")
         return tuple(sum(coef * x ** (m + 1) for m, coef in enumerate(row)) for row in self.dense)
