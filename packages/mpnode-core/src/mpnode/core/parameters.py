@@ -6,8 +6,8 @@
 * :class:`CapturedTensorProbe`: run one evaluation of ``func`` and collect the
   grad-requiring tensors it uses that it did not create and was not given
   (closure-captured tensors, a module's context attribute, ...);
-* :func:`untracked_inputs`: grad-requiring leaves and tensors a recomputed step's
-  graph reaches that the solve does not differentiate (checked at every step).
+* :class:`KnownTensors`: the grad-requiring leaves a recomputed step's graph
+  reaches that the solve does not differentiate (checked at every step).
 """
 
 from __future__ import annotations
@@ -182,11 +182,6 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 
 _LEAF_NODE = type(torch.zeros(1, requires_grad=True).mul(1).grad_fn.next_functions[0][0])  # AccumulateGrad
-
-
-def untracked_inputs(roots: Sequence[torch.Tensor], known: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Grad-requiring leaves that the graphs of ``roots`` reach without passing a known tensor (see :class:`KnownTensors`)."""
-    return KnownTensors(known).untracked(roots)
 
 
 class KnownTensors:
