@@ -144,7 +144,7 @@ def _references(obj: Any) -> list[Any]:
         return out + [obj.__globals__[name] for name in obj.__code__.co_names if name in obj.__globals__]
     try:
         return list(vars(obj).values())
-    except TypeError:  # no __dict__ (slots, builtins)
+    except Exception:  # no __dict__ (slots, builtins), or an object that refuses: nothing to see through it
         return []
 
 
