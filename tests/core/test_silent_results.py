@@ -223,9 +223,10 @@ class _LateObject:
         return -self.w * y if float(t) > 0.5 else -y
 
 
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("listed", [None, ()], ids=["discovered", "adjoint_params=()"])
 @pytest.mark.parametrize("capture", ["closure", "callable-object", "global"])
-def test_tensor_first_used_late_with_data_y0_is_refused(capture, listed, device):
+def test_tensor_first_used_late_with_data_y0_is_refused(capture, listed, strategy, device):
     """Main returned an output without graph: with a weight-decay term in w, dL/dw silently lost the ODE part."""
     w = torch.tensor([0.7, 0.3], dtype=F64, device=device, requires_grad=True)
     _LATE["w"] = w
@@ -236,7 +237,7 @@ def test_tensor_first_used_late_with_data_y0_is_refused(capture, listed, device)
     }[capture]
     y0 = torch.tensor([1.0, 2.0], dtype=F64, device=device)
     t = torch.linspace(0, 1, 5, dtype=F64, device=device)
-    out = odeint(func, y0, t, method="rk4", adjoint_params=listed)
+    out = odeint(func, y0, t, method="rk4", adjoint_params=listed, adjoint=STRATEGIES[strategy]())
     with pytest.raises(ValueError, match="adjoint_params"):
         (out[-1].sum() + w.pow(2).sum()).backward()
     assert w.grad is None

@@ -399,7 +399,8 @@ class AdaptiveStepping(Stepping):
                 start = None
                 if on_jump:
                     jump_t.pop(0)
-                    k_first, start = self._first_stage(problem, recorder, t1, y1, StagePerturbation(NEXT, direction=direction))
+                    after_jump = StagePerturbation(NEXT, direction=direction)
+                    k_first, start = self._first_stage(problem, recorder, t1, y1, after_jump)
                     mode = NEXT
                 elif tab.reuse_last_stage:
                     k_first = stages.ks[-1]
