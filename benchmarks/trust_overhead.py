@@ -11,8 +11,9 @@ Each guard is measured two ways, forward and backward separately, in one process
   option or, where there is none, patched out), run back to back in each round
   (order alternating), the median over rounds of the per-round ratio on/off.
 
-* discovery: the captured-tensor probe on the first evaluation (``adjoint_params=None``
-  vs the parameters passed explicitly);
+* discovery: the probe on the first evaluation (captured tensors, modules called,
+  tensors read and their versions; ``adjoint_params=None`` vs the parameters passed
+  explicitly with the probe patched out: with ``adjoint_params`` it runs too);
 * untracked check: the graph walk of every recomputed step in backward;
 * version check: the ``_version`` comparison at the start of backward;
 * rng tracking: per-step generator bookkeeping for a deterministic field (``replay_rng``);
@@ -88,6 +89,7 @@ def _patched(*patches):
 NO_UNTRACKED_CHECK = (backward_module, "_refuse_untracked", lambda graph, known: None)
 NO_VERSION_CHECK = (guards_module.VersionRecord, "check", lambda self: None)
 NO_BUFFER_RESTORE = (forward_module, "module_buffers", lambda modules: [])
+NO_PROBE = (parameters_module.CapturedTensorProbe, "__call__", lambda self, func, t, y: func(t, y))
 UNSCALED_CHECKPOINTS = (checkpoints_module, "needs_row_scaling", lambda dtype: False)
 
 
@@ -96,7 +98,7 @@ def variants(fields: dict[str, torch.nn.Module]) -> dict[str, tuple]:
     mlp = fields["mlp"]
     explicit = {"adjoint_params": tuple(mlp.parameters())}
     return {
-        "discovery": (mlp, {}, (), explicit, ()),
+        "discovery": (mlp, {}, (), explicit, (NO_PROBE,)),
         "untracked check": (mlp, explicit, (), explicit, (NO_UNTRACKED_CHECK,)),
         "version check": (mlp, explicit, (), explicit, (NO_VERSION_CHECK,)),
         "rng tracking (deterministic)": (mlp, explicit, (), {**explicit, "adjoint": RecomputeAdjoint(replay_rng=False)},
@@ -107,7 +109,7 @@ def variants(fields: dict[str, torch.nn.Module]) -> dict[str, tuple]:
                                        {**explicit, "options": {"checkpoint_dtype": torch.float16}},
                                        (UNSCALED_CHECKPOINTS,)),
         "all guards (mlp)": (mlp, {}, (), {**explicit, "adjoint": RecomputeAdjoint(replay_rng=False)},
-                             (NO_UNTRACKED_CHECK, NO_VERSION_CHECK, NO_BUFFER_RESTORE)),
+                             (NO_UNTRACKED_CHECK, NO_VERSION_CHECK, NO_BUFFER_RESTORE, NO_PROBE)),
     }
 
 

@@ -260,7 +260,7 @@ def run_adjoint(
         lam = lam + g[j]
     acc = AdjointAccumulator(lam, plan.params)
     nfe0 = f.nfe
-    scaling_pass = scaling.begin(acc.lam, n_steps)
+    scaling_pass = scaling.begin(g, n_steps)
     block = scaling_pass.block_size
     n = n_steps
     with torch.enable_grad(), prob.policy.autocast(), source.session():
@@ -298,11 +298,14 @@ def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, sca
     graph = source.graph(plan, m, with_end_slope=bool(inside) and plan.problem.output_rule.needs_end_slope)
     _refuse_untracked(graph, plan.frontier)
     inherits_next = m + 1 < traj.n_steps and source.first_is_input(m + 1)
-    scale = scaling.scale(acc.lam)
+    # the scale sees every seed of the VJP: an output interpolated in the step is seeded like the adjoint (the last
+    # step of an adaptive solve starts from lam = 0 and its output's gradient alone)
+    seeds = acc.lam if not inside else torch.stack([acc.lam, *(gj for _, _, gj in inside)])
+    scale = scaling.scale(seeds)
     vjp = step_graph_vjp(plan, m, graph, acc.lam, acc.mu if inherits_next else None, inside, scale,
                          retain_graph=source.retain_graphs and scaling.block_size is not None)
     coef = traj.steps[m] if scale is None else scale.double().reciprocal() * traj.steps[m]  # h / S
-    scaling.observe(m, acc.lam, scale, [x for x in (vjp.dy, *vjp.dparams, vjp.dfirst) if x is not None])
+    scaling.observe(m, seeds, scale, [x for x in (vjp.dy, *vjp.dparams, vjp.dfirst) if x is not None])
     direct = None
     for _, _, gj in inside:
         direct = gj if direct is None else direct + gj

@@ -4,13 +4,17 @@
 will recompute steps, and returns everything such a backward needs besides the
 strategy's own storage (its :class:`~mpnode.core.march.Recorder`):
 
-* the **gradient targets**: the solve's targets plus the grad-requiring tensors the
-  first evaluation of ``func`` turned out to use (:class:`CapturedTensorProbe`: a
-  closure's ``c``, a module's context attribute), found on that evaluation itself,
-  so discovery costs no extra evaluation;
-* a :class:`~mpnode.core.replay.Replay`: per-step random states (fixed grids) and the
-  buffers of the modules the solve can see, restored after the backward pass;
-* a :class:`~mpnode.core.guards.VersionRecord` of everything the recomputation reads.
+* the **gradient targets**: the solve's targets plus (without ``adjoint_params``) the
+  grad-requiring tensors the first evaluation of ``func`` turned out to use
+  (:class:`CapturedTensorProbe`: a closure's ``c``, a module's context attribute),
+  found on that evaluation itself, so discovery costs no extra evaluation;
+* a :class:`~mpnode.core.replay.Replay`: per-step random states (fixed grids), the
+  buffers of the modules the solve can see, restored after the backward pass, and
+  those modules' ``training`` flags, set as in the forward for the backward pass;
+* a :class:`~mpnode.core.guards.VersionRecord` of everything the recomputation reads:
+  the targets, the constants, the times and the tensors without gradient that the
+  first evaluation read (frozen parameters, buffers, captured constants) and the
+  forward did not itself modify.
 
 The march runs outside the strategy's autograd Function, so the discovered tensors
 can become the Function's inputs; the Function then only saves what was recorded.
@@ -27,7 +31,7 @@ import torch
 from .guards import VersionRecord, check_solution
 from .march import AdaptiveStepping, ForwardingRecorder, Problem, Recorder, Stepping, Trajectory
 from .parameters import CapturedTensorProbe
-from .replay import RandomStates, Replay, StepRandomness, cuda_devices, module_buffers
+from .replay import RandomStates, Replay, StepRandomness, cuda_devices, module_buffers, module_modes
 
 
 @dataclass
@@ -37,8 +41,9 @@ class TrackedForward:
     Attributes:
         trajectory: the accepted steps.
         params: the gradient targets: the solve's own, then the discovered ones.
-        replay: random states and modified buffers for the backward pass.
-        versions: ``_version`` of the targets, the restricted parameters and the times.
+        replay: random states, modified buffers and module modes for the backward pass.
+        versions: ``_version`` of the targets, the restricted parameters, the times and
+            the tensors without gradient the first evaluation read.
         nfe0: the field's evaluation count before the march (for the counters).
     """
 
@@ -72,9 +77,8 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
         randomness.start()
         if not adaptive:
             recorder = _RandomnessRecorder(recorder, randomness)
-    probe = CapturedTensorProbe() if inputs.discover else None
-    if probe is not None:
-        problem.field.next_call_hook = probe
+    probe = CapturedTensorProbe()  # also without discovery: the modules called and the tensors read
+    problem.field.next_call_hook = probe
     nfe0 = problem.field.nfe
     try:
         with torch.no_grad(), problem.policy.autocast(cache_enabled=cache_enabled):
@@ -94,15 +98,14 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
             "draws with adjoint=RecomputeAdjoint(replay_rng=False)."
         )
     params = list(inputs.params)
-    modules, modified = list(inputs.modules), []
-    if probe is not None:
+    if inputs.discover:
         params += probe.new_targets([*params, *inputs.constants, inputs.y0])
-        modules += probe.modules
-        modified = probe.modified
+    modules = [*inputs.modules, *probe.modules]
     buffers = module_buffers(modules)
-    buffers += [x for x in modified if all(x is not b for b in buffers)]
-    replay = Replay(randomness if randomness is not None and randomness.consumed else None, buffers)
-    versions = VersionRecord([*params, *inputs.constants, inputs.t, inputs.grid])
+    buffers += [x for x in probe.modified if all(x is not b for b in buffers)]
+    replay = Replay(randomness if randomness is not None and randomness.consumed else None, buffers,
+                    module_modes(modules))
+    versions = VersionRecord([*params, *inputs.constants, inputs.t, inputs.grid, *probe.unchanged_reads()])
     return outputs, TrackedForward(trajectory, params, replay, versions, nfe0)
 
 

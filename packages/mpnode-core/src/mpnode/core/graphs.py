@@ -11,7 +11,9 @@ from typing import Sequence
 
 import torch
 
-from .stepper import StagePerturbation, Stages, rk_stages, traced_stage_times, weighted_sum
+from .stepper import (
+    StagePerturbation, Stages, first_stage_time, rk_stages, traced_stage_times, weighted_sum, with_traced_step,
+)
 
 
 @dataclass
@@ -23,7 +25,8 @@ class StepGraph:
         first: the first stage as an input leaf ``(D,)`` (inherited from the previous
             step), or ``None`` when the step evaluates it.
         t0, t1: the step's nodes as leaves (0-dim, grid dtype) when times are traced.
-        h: the step size (host float, or ``t1 - t0``).
+        h: the step size (host float).
+        h_traced: ``t1 - t0`` of the traced nodes (0-dim tensor), or ``None``.
         stages: the stages (with their graph).
         phi: ``sum_i b_i k_i`` (with its graph).
         end_slope: ``f(tau_{n+1}, y_{n+1})`` when the output rule needs it, else ``None``.
@@ -33,7 +36,8 @@ class StepGraph:
     first: torch.Tensor | None
     t0: torch.Tensor | None
     t1: torch.Tensor | None
-    h: float | torch.Tensor
+    h: float
+    h_traced: torch.Tensor | None
     stages: Stages
     phi: torch.Tensor
     end_slope: torch.Tensor | None = None
@@ -43,13 +47,41 @@ class StepGraph:
 
     def end_state(self) -> torch.Tensor:
         """``y_{n+1}`` with its graph (the last stage's input for first-same-as-last methods)."""
-        return self.stages.last_input if self._fsal else _step(self.y, self.h, self.phi)
+        if self._fsal:
+            return self.stages.last_input
+        y1 = torch.add(self.y, self.phi, alpha=self.h)  # step_end's arithmetic
+        return y1 if self.h_traced is None else with_traced_step(y1, self.h_traced, self.phi)
 
     _fsal: bool = False
 
 
-def _step(y: torch.Tensor, h: float | torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    return torch.add(y, phi, alpha=h) if isinstance(h, float) else y + h.to(y.dtype) * phi
+@dataclass
+class FirstStage:
+    """A step's first stage evaluated with autograd on before the step itself (the adaptive march needs it to size
+    the step): the step's graph starts from these leaves instead of evaluating the stage a second time.
+
+    Attributes:
+        y: the step's start state, a leaf ``(D,)`` in the state dtype.
+        t0: the step's first node as a leaf (0-dim, grid dtype) when times are traced, else ``None``.
+        k: ``f`` at the first stage's time and ``y``, with its graph ``(D,)``.
+    """
+
+    y: torch.Tensor
+    t0: torch.Tensor | None
+    k: torch.Tensor
+
+
+def evaluate_first_stage(problem, y: torch.Tensor, t0: torch.Tensor, perturbation: StagePerturbation,
+                         need_times: bool) -> FirstStage:
+    """Evaluate the first stage of a step from node ``t0`` (0-dim, grid dtype) and ``y`` with autograd on, from leaves.
+
+    Call inside ``torch.enable_grad()`` and the solve's autocast; hand the result to
+    :func:`evaluate_step` as ``start`` (for every attempt of the step).
+    """
+    y = y.detach().to(problem.policy.state_dtype).requires_grad_(True)
+    node = t0.detach().requires_grad_(True) if need_times else t0.detach()
+    k = problem.field(first_stage_time(node, problem.policy.state_dtype, perturbation), y)
+    return FirstStage(y, node if need_times else None, k)
 
 
 def evaluate_step(
@@ -62,28 +94,31 @@ def evaluate_step(
     stage_times: Sequence[torch.Tensor] | None,
     need_times: bool,
     with_end_slope: bool,
+    start: FirstStage | None = None,
 ) -> StepGraph:
     """Evaluate one step from ``y`` (and an inherited ``first`` stage) with autograd on, as leaves.
 
     Call inside ``torch.enable_grad()`` and the solve's autocast.  ``nodes`` are the
     step's ``(tau_n, tau_{n+1})`` (0-dim, grid dtype); ``stage_times`` the step's row
     of the stage-time table, ignored when ``need_times`` (the times are then traced
-    from leaf copies of ``nodes``).  ``problem`` is the solve's
+    from leaf copies of ``nodes``).  ``start``: the step's first stage already
+    evaluated from ``y`` (:func:`evaluate_first_stage`; ``first`` is then ``None``),
+    whose leaves the graph shares.  ``problem`` is the solve's
     :class:`~mpnode.core.march.Problem`.
     """
     tab, state_dtype = problem.tableau, problem.policy.state_dtype
-    y = y.detach().to(state_dtype).requires_grad_(True)
+    y = y.detach().to(state_dtype).requires_grad_(True) if start is None else start.y
     first = None if first is None else first.detach().to(state_dtype).requires_grad_(True)
-    t0 = t1 = None
-    step: float | torch.Tensor = h
+    t0 = t1 = h_traced = None
     if need_times:
-        t0 = nodes[0].detach().requires_grad_(True)
+        t0 = nodes[0].detach().requires_grad_(True) if start is None else start.t0
         t1 = nodes[1].detach().requires_grad_(True)
-        step = t1 - t0
+        h_traced = t1 - t0
         stage_times = traced_stage_times(tab, t0, t1, state_dtype, perturbation)
-    stages = rk_stages(tab, problem.field, y, step, stage_times, first_stage=first)
+    k1 = first if start is None else start.k
+    stages = rk_stages(tab, problem.field, y, h, stage_times, first_stage=k1, h_traced=h_traced)
     phi = weighted_sum(tab.b, stages.ks)
-    graph = StepGraph(y, first, t0, t1, step, stages, phi, _fsal=tab.is_fsal)
+    graph = StepGraph(y, first, t0, t1, h, h_traced, stages, phi, _fsal=tab.is_fsal)
     if with_end_slope:
         attach_end_slope(problem, graph, nodes[1])
     return graph

@@ -1,10 +1,11 @@
 """Checks that turn silent wrong gradients into errors (see docs/guarantees.md).
 
 * :class:`VersionRecord`: the backward pass recomputes with the *current* values of
-  the parameters and captured tensors, so one modified in place between forward and
-  backward would silently change the gradient; their ``_version`` counters are
-  recorded after the forward and compared when backward starts (autograd's own
-  check for saved tensors, applied to what the recomputation reads).
+  the parameters, the captured tensors and the tensors without gradient that ``func``
+  reads (frozen parameters, buffers, constants), so one modified in place between
+  forward and backward would silently change the gradient; their ``_version``
+  counters are recorded after the forward and compared when backward starts
+  (autograd's own check for saved tensors, applied to what the recomputation reads).
 * :func:`first_order_only`: the recompute backward is not itself differentiable;
   a second derivative (``create_graph=True``, ``hvp``, ``hessian``) raises instead
   of returning zeros.
@@ -40,7 +41,8 @@ class VersionRecord:
         for x, version in self.entries:
             if x._version != version:
                 raise RuntimeError(
-                    f"odeint: a tensor the backward pass recomputes with (shape {tuple(x.shape)}, {x.dtype}) was "
+                    f"odeint: a tensor the backward pass recomputes with (shape {tuple(x.shape)}, {x.dtype}; a parameter, "
+                    f"a buffer, a tensor func captured, or t) was "
                     f"modified in place after the forward pass (version {x._version}, expected {version}), e.g. by "
                     "optimizer.step() or an in-place op such as mul_() under torch.no_grad(); the gradient would "
                     "belong to the new values. Call backward() before changing it, or change a copy "

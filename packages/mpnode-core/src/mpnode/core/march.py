@@ -21,12 +21,14 @@ import torch
 
 from .callbacks import Callbacks
 from .controllers import GridRule, IntegralController, StepSizeController, Tolerance, initial_step
-from .graphs import StepGraph, evaluate_step
+from .graphs import FirstStage, StepGraph, evaluate_first_stage, evaluate_step
 from .outputs import DenseOutput, OutputPlacement, OutputRule, place_on_grid
 from .precision import PrecisionPolicy
 from .state import FlatVectorField
 from .stats import SolverStats
-from .stepper import NEXT, NONE, PREV, StagePerturbation, Stages, rk_stages, stage_time_table, step_end, weighted_sum
+from .stepper import (
+    NEXT, NONE, PREV, StagePerturbation, Stages, first_stage_time, rk_stages, stage_time_table, step_end, weighted_sum,
+)
 from .tableau import ButcherTableau
 
 #: Marks a step whose first stage is inherited from the previous step rather than evaluated.
@@ -162,15 +164,16 @@ class _Attempt:
 
 def _evaluate(problem: Problem, recorder: Recorder, y: torch.Tensor, first: torch.Tensor | None, h: float,
               nodes: tuple[torch.Tensor, torch.Tensor], rule: StagePerturbation, times: Sequence[torch.Tensor],
-              with_end_slope: bool = False) -> _Attempt:
-    """Take one step; with graphs kept, the march continues on detached copies of the graph's values."""
+              with_end_slope: bool = False, start: FirstStage | None = None) -> _Attempt:
+    """Take one step; with graphs kept, the march continues on detached copies of the graph's values
+    (``start``: the step's first stage already evaluated into the graph, see :func:`evaluate_step`)."""
     tab = problem.tableau
     if not recorder.keeps_graphs:
         stages = rk_stages(tab, problem.field, y, h, times, first_stage=first)
         phi = weighted_sum(tab.b, stages.ks)
         return _Attempt(stages, phi, step_end(tab, y, h, stages, phi))
     with torch.enable_grad(), recorder.graph_context():
-        graph = evaluate_step(problem, y, first, h, nodes, rule, times, recorder.need_times, with_end_slope)
+        graph = evaluate_step(problem, y, first, h, nodes, rule, times, recorder.need_times, with_end_slope, start)
     stages = Stages([k.detach() for k in graph.stages.ks], graph.stages.last_input.detach())
     return _Attempt(stages, graph.phi.detach(), graph.end_state().detach(), graph)
 
@@ -276,6 +279,17 @@ class AdaptiveStepping(Stepping):
     def _time(self, value: float, problem: Problem) -> torch.Tensor:
         return torch.tensor(value, dtype=torch.float64, device=problem.field.layout.device)
 
+    def _first_stage(self, problem: Problem, recorder: Recorder, t0: float, y: torch.Tensor,
+                     rule: StagePerturbation) -> tuple[torch.Tensor, FirstStage | None]:
+        """``f`` at the first stage of a step from ``(t0, y)``, evaluated once (as torchdiffeq does): when graphs are
+        kept it is evaluated into them and the step's graph starts from it (returned second, else ``None``)."""
+        node = self._time(t0, problem)
+        if not recorder.keeps_graphs:
+            return problem.field(first_stage_time(node, problem.policy.state_dtype, rule), y), None
+        with torch.enable_grad(), recorder.graph_context():
+            start = evaluate_first_stage(problem, y, node, rule, recorder.need_times)
+        return start.k.detach(), start
+
     def _roundoff_size(self, problem: Problem, h: float, stages: Stages) -> torch.Tensor | None:
         u = problem.policy.roundoff
         if u == 0.0:
@@ -307,7 +321,7 @@ class AdaptiveStepping(Stepping):
         direction = 1 if outputs[-1] > outputs[0] else -1
         self._apply_tolerance_floor(problem, y0)
         t0 = outputs[0]
-        k_first = f(self._time(t0, problem).to(problem.policy.state_dtype), y0)
+        k_first, start = self._first_stage(problem, recorder, t0, y0, StagePerturbation(direction=direction))
         mode = NONE
         h = opts.first_step if opts.first_step is not None else initial_step(
             f, t0, direction, y0, k_first, tab.order, self.tolerance, torch.float64
@@ -335,9 +349,9 @@ class AdaptiveStepping(Stepping):
             rule = StagePerturbation(first=NONE if mode == CARRIED else mode, end=PREV, direction=direction)
             pair = torch.tensor([t0, t1], dtype=torch.float64, device=y.device)
             times = stage_time_table(tab, pair, problem.policy.state_dtype, rule)[0]
-            # a kept graph must contain a freshly evaluated first stage (it depends on y): evaluate it again there
+            # a kept graph contains a fresh first stage (it depends on y): the one evaluated into it (start) or a new one
             inherited = k_first if (mode in (PREV, CARRIED) or not recorder.keeps_graphs) else None
-            step = _evaluate(problem, recorder, y, inherited, hn, (pair[0], pair[1]), rule, times)
+            step = _evaluate(problem, recorder, y, inherited, hn, (pair[0], pair[1]), rule, times, start=start)
             stages, phi, y1 = step.stages, step.phi, step.y1
             err = weighted_sum(tab.b_err, stages.ks) * hn
             ratio_t = self.tolerance.error_ratio(err, y, y1, self._roundoff_size(problem, hn, stages))
@@ -382,9 +396,11 @@ class AdaptiveStepping(Stepping):
                 steps.append(hn)
                 if on_step:
                     step_t.pop(0)
+                start = None
                 if on_jump:
                     jump_t.pop(0)
-                    k_first = f(_after(t1, direction, problem), y1)
+                    after_jump = StagePerturbation(NEXT, direction=direction)
+                    k_first, start = self._first_stage(problem, recorder, t1, y1, after_jump)
                     mode = NEXT
                 elif tab.reuse_last_stage:
                     k_first = stages.ks[-1]
@@ -451,12 +467,6 @@ def _clip_to_marks(t0: float, t1: float, direction: int, step_t: list[float], ju
     if jump_t and direction * (jump_t[0] - t0) > 0 and direction * (t1 - jump_t[0]) > 0:
         t1, on_step, on_jump = jump_t[0], False, True
     return t1, on_step, on_jump
-
-
-def _after(t: float, direction: int, problem: Problem) -> torch.Tensor:
-    """``t`` as a 0-dim tensor in the state dtype, moved to the next float in the direction of integration."""
-    value = torch.tensor(t, dtype=torch.float64, device=problem.field.layout.device).to(problem.policy.state_dtype)
-    return torch.nextafter(value, torch.full_like(value, math.inf * direction))
 
 
 def replay(

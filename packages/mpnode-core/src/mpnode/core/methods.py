@@ -55,6 +55,7 @@ DOPRI5 = ButcherTableau(
         "187940372067/3189068634112", "-1776094331/39487288512", "11237099/470086768",
     ],
     reuse_last_stage=True,
+    dense_order=4,
 )
 
 BOSH3 = ButcherTableau(
@@ -136,6 +137,7 @@ DOPRI8 = ButcherTableau(
         0.00690847373200576, -0.013838404349047373,
     ],
     reuse_last_stage=True,
+    dense_order=4,
 )
 
 _TSIT5_B = [
@@ -171,6 +173,7 @@ TSIT5 = ButcherTableau(
         polynomial_product([0, 0, 2.5], [-1, 1], [-0.6, 1])[1:],
     ],
     reuse_last_stage=True,
+    dense_order=4,
 )
 
 TABLEAUX: dict[str, ButcherTableau] = {

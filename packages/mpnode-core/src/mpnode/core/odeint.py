@@ -21,7 +21,7 @@ from .march import AdaptiveOptions, AdaptiveStepping, FixedGridStepping, Problem
 from .methods import get_tableau
 from .outputs import OUTPUT_RULES
 from .guards import refuse_function_transforms
-from .parameters import gradient_targets, reachable_modules, restricted_parameters
+from .parameters import gradient_targets, reachable_grad_tensors, reachable_modules, restricted_parameters
 from .precision import PrecisionPolicy
 from .scaling import AdjointScaling
 from .state import FlatState, FlatVectorField, State
@@ -72,8 +72,10 @@ def odeint(
             grad-requiring tensor the first evaluation of ``func`` uses (a
             closure's tensor, a module's context attribute).  Random numbers drawn
             inside ``func`` are replayed in backward (fixed grids; refused on
-            adaptive ones), and module buffers are left as the forward left them
-            (docs/guarantees.md).  It may define torchdiffeq's callbacks
+            adaptive ones), modules run in backward in the mode (``training``) they
+            had in the forward, module buffers are left as the forward left them,
+            and a tensor ``func`` read that is modified in place before backward
+            makes it raise (docs/guarantees.md).  It may define torchdiffeq's callbacks
             ``callback_step`` etc. (see :mod:`mpnode.core.callbacks`).
         y0: float32/float64 tensor of any shape, or a tuple of such tensors.
         t: 1-D float32/float64 tensor of output times, strictly increasing or
@@ -142,13 +144,13 @@ def odeint(
     if isinstance(stepping, FixedGridStepping):
         grid, grid_host = stepping.rule.build(func, y0, t, t_host)
     discover = torch.is_grad_enabled() and adjoint_params is None  # func may capture tensors that need gradients
+    constants = restricted_parameters(func, targets) if adjoint_params is not None else []
     needs_grad = torch.is_grad_enabled() and (discover or any(
         x is not None and x.requires_grad for x in (t, grid, y0_flat, *targets)
-    ))
+    ) or bool(reachable_grad_tensors(func, constants)))  # an unlisted tensor func may read: backward refuses it
     inputs = SolveInputs(
         t, t_host, grid, grid_host, y0_flat, targets, needs_grad, stats, discover=discover,
-        constants=restricted_parameters(func, targets) if adjoint_params is not None else [],
-        modules=reachable_modules(func),
+        constants=constants, modules=reachable_modules(func),
     )
     out = strategy.solve(problem, stepping, inputs)
     solution = layout.unflatten(out, (t.shape[0],))

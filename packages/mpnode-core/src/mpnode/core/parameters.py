@@ -3,9 +3,14 @@
 * :func:`gradient_targets`: ``adjoint_params``, or the parameters of an ``nn.Module`` func;
 * :func:`reachable_modules` / :func:`restricted_parameters`: modules odeint can see from
   ``func`` and, with ``adjoint_params``, their parameters left out of it (constants);
+* :func:`reachable_grad_tensors`: grad-requiring tensors ``func`` may read at some
+  evaluation, found without running it (so a solve whose output would otherwise have
+  no graph keeps one, and backward's per-step check can refuse a tensor first used
+  late in the solve);
 * :class:`CapturedTensorProbe`: run one evaluation of ``func`` and collect the
-  grad-requiring tensors it uses that it did not create and was not given
-  (closure-captured tensors, a module's context attribute, ...);
+  tensors it uses that it did not create and was not given: grad-requiring ones
+  (closure-captured tensors, a module's context attribute, ...) and the others with
+  their version counters (frozen parameters, buffers, captured constants);
 * :class:`KnownTensors`: the grad-requiring leaves a recomputed step's graph
   reaches that the solve does not differentiate (checked at every step).
 """
@@ -13,7 +18,9 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
+import types
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -84,6 +91,63 @@ def reachable_modules(func: Callable) -> list[torch.nn.Module]:
     return list(found.values())
 
 
+def reachable_grad_tensors(func: Callable, exclude: Sequence[torch.Tensor] = (), limit: int = 10_000) -> list[torch.Tensor]:
+    """Grad-requiring tensors ``func`` may read, found without running it, minus ``exclude``.
+
+    Looked for (a wider net than :func:`reachable_modules`, since it only decides
+    whether the output keeps a graph): ``func`` itself, a bound method's function and
+    object, a ``functools.partial``'s function and arguments, a function's closure
+    cells, defaults and the globals its code names, the attributes of other objects
+    found (a callable object's ``self.w``), the items of lists, tuples and dicts, and
+    of every module its parameters and the tensors among its (and its submodules')
+    attributes.  At most ``limit`` objects are visited.
+    """
+    excluded = {id(x) for x in exclude}
+    found: dict[int, torch.Tensor] = {}
+    pending: list[Any] = [func]
+    visited: set[int] = set()
+    while pending and len(visited) < limit:
+        obj = pending.pop()
+        if id(obj) in visited or isinstance(obj, (type, types.ModuleType, str, bytes, int, float, bool)):
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.requires_grad and id(obj) not in excluded:
+                found.setdefault(id(obj), obj)
+        elif isinstance(obj, torch.nn.Module):
+            pending += [*obj.parameters(), *(v for m in obj.modules() for v in vars(m).values()
+                                             if isinstance(v, torch.Tensor))]
+        elif isinstance(obj, (list, tuple)):
+            pending += itertools.islice(obj, limit)
+        elif isinstance(obj, dict):
+            pending += itertools.islice(obj.values(), limit)
+        elif isinstance(obj, functools.partial):
+            pending += [obj.func, *obj.args, *obj.keywords.values()]
+        else:
+            pending += _references(obj)
+    return list(found.values())
+
+
+def _references(obj: Any) -> list[Any]:
+    """What a callable can read: a function's closure cells, defaults and the globals its code names; a bound
+    method's function and object; a callable object's attributes."""
+    if isinstance(obj, types.MethodType):
+        return [obj.__func__, obj.__self__]
+    if isinstance(obj, types.FunctionType):
+        out: list[Any] = []
+        for cell in obj.__closure__ or ():
+            try:
+                out.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+        out += [*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
+        return out + [obj.__globals__[name] for name in obj.__code__.co_names if name in obj.__globals__]
+    try:
+        return list(vars(obj).values())
+    except Exception:  # no __dict__ (slots, builtins), or an object that refuses: nothing to see through it
+        return []
+
+
 def restricted_parameters(func: Callable, targets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Parameters of the modules reachable from ``func`` that are not among ``targets``.
 
@@ -105,7 +169,9 @@ class CapturedTensorProbe:
 
     Attributes:
         found: the grad-requiring tensors found, in order of first use (leaf or not).
-        modified: the other captured tensors that the evaluation modified in place
+        read: the other captured tensors (frozen parameters, buffers, constants),
+            each with its ``_version`` when the evaluation first used it.
+        modified: those of ``read`` that the evaluation modified in place
             (by their version counters, e.g. a counter tensor ``func`` increments).
         modules: the modules called during the evaluation (also those ``func``
             reaches through globals), found with a forward pre-hook.
@@ -113,6 +179,7 @@ class CapturedTensorProbe:
 
     def __init__(self) -> None:
         self.found: list[torch.Tensor] = []
+        self.read: list[tuple[torch.Tensor, int]] = []
         self.modified: list[torch.Tensor] = []
         self.modules: list[torch.nn.Module] = []
 
@@ -132,7 +199,8 @@ class CapturedTensorProbe:
         finally:
             handle.remove()
         self.found = list(mode.found.values())
-        self.modified = [x for x, version in mode.constants.values() if x._version != version]
+        self.read = list(mode.constants.values())
+        self.modified = [x for x, version in self.read if x._version != version]
         self.modules = list(called.values())
         return out
 
@@ -140,6 +208,11 @@ class CapturedTensorProbe:
         """The found tensors not already among ``known``."""
         known_ids = {id(p) for p in known}
         return [x for x in self.found if id(x) not in known_ids]
+
+    def unchanged_reads(self) -> list[torch.Tensor]:
+        """The tensors of ``read`` still at the version the evaluation first saw: what a recomputation reads
+        as the forward did (tensors the forward itself updates, e.g. ``num_batches_tracked``, are left out)."""
+        return [x for x, version in self.read if x._version == version]
 
 
 class _CapturedTensorMode(TorchFunctionMode):

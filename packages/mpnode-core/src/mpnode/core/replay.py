@@ -1,6 +1,6 @@
 """Making a recomputed step see what the forward step saw, and leave no trace.
 
-A recompute backward evaluates ``func`` again.  Two things would differ from the
+A recompute backward evaluates ``func`` again.  Three things would differ from the
 forward pass without care (see docs/guarantees.md):
 
 * **random numbers** (dropout, ``torch.randn_like`` inside ``func``): the
@@ -15,8 +15,15 @@ forward pass without care (see docs/guarantees.md):
   the recomputation would update them a second time.  :class:`Replay` copies the
   buffers of every module the solve can see (see :func:`mpnode.core.parameters.reachable_modules`
   and the modules the first evaluation called) when backward starts, and writes them
-  back when it ends.  (Version counters cannot tell: ``batch_norm`` updates its
+  back when it ends, without bumping their version counters (the values are the
+  forward's again).  (Version counters cannot tell: ``batch_norm`` updates its
   running statistics without bumping them.)
+* **module modes** (``model.eval()`` / ``.train()`` between forward and backward):
+  the recomputation would evaluate another function (BatchNorm on running
+  statistics instead of batch statistics, dropout off).  :class:`Replay` records
+  the ``training`` flag of every seen module and submodule after the forward, sets
+  those flags for the backward pass and gives the caller's flags back when it ends
+  (also when it raises).
 
 Both are generic over adjoint strategies: a strategy that recomputes steps wraps
 its backward in :meth:`Replay.session` and calls :meth:`Replay.before_step`.
@@ -111,6 +118,11 @@ def module_buffers(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
     return list({id(b): b for m in modules for b in m.buffers()}.values())
 
 
+def module_modes(modules: Iterable[torch.nn.Module]) -> list[tuple[torch.nn.Module, bool]]:
+    """``(module, module.training)`` of ``modules`` and all their submodules, each once."""
+    return list({id(s): (s, s.training) for m in modules for s in m.modules()}.values())
+
+
 class Replay:
     """What a recompute backward restores: per-step random states and modified buffers.
 
@@ -119,25 +131,34 @@ class Replay:
             field consumed no randomness (or replay was turned off).
         buffers: tensors a recomputation may modify in place (module buffers);
             their values at the start of backward are restored when it ends.
+        modes: ``(module, training)`` as the forward ran each module; set for the
+            backward pass, the caller's flags given back when it ends.
     """
 
-    def __init__(self, randomness: StepRandomness | None = None, buffers: Sequence[torch.Tensor] = ()) -> None:
+    def __init__(self, randomness: StepRandomness | None = None, buffers: Sequence[torch.Tensor] = (),
+                 modes: Sequence[tuple[torch.nn.Module, bool]] = ()) -> None:
         self.randomness = randomness
         self.buffers = list(buffers)
+        self.modes = list(modes)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Around a whole backward pass: the caller's generator states and the buffers are restored at exit."""
+        """Around a whole backward pass: the forward's module modes are set; the caller's generator states, buffers
+        and module modes are restored at exit."""
         saved = [(b, b.detach().clone()) for b in self.buffers]
         outer = self.randomness.generators.capture() if self.randomness is not None else None
+        callers = [(m, m.training) for m, _ in self.modes]
         try:
+            for m, training in self.modes:
+                m.training = training  # per module (module.train() would recurse into children)
             yield
         finally:
+            for m, training in callers:
+                m.training = training
             if outer is not None:
                 self.randomness.generators.restore(outer)
-            with torch.no_grad():
-                for b, value in saved:
-                    b.copy_(value)
+            for b, value in saved:
+                b.data.copy_(value)  # .data: the forward's values again, so the version counter is left alone
 
     def before_step(self, n: int) -> None:
         """Set the generators to the state forward step ``n`` started from (no-op without randomness)."""

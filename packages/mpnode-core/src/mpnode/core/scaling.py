@@ -51,11 +51,14 @@ class ScalingPass(abc.ABC):
     def scale(self, lam: torch.Tensor) -> torch.Tensor | None:
         """The scale ``S`` (float32 0-dim tensor on ``lam``'s device) for the next step's VJP.
 
-        ``None`` means exactly 1: the loop then skips the scaling arithmetic.
+        ``lam`` holds what seeds that VJP (high precision): the adjoint ``(D,)``, or,
+        when outputs are interpolated inside the step, the adjoint stacked with their
+        gradients ``(1 + J, D)``; every seed is multiplied by ``S``.  ``None`` means
+        exactly 1: the loop then skips the scaling arithmetic.
         """
 
     def observe(self, step: int, lam: torch.Tensor, scale: torch.Tensor | None, grads: Sequence[torch.Tensor]) -> None:
-        """See the scaled VJP results ``grads`` of ``step`` (computed with ``scale``)."""
+        """See the scaled VJP results ``grads`` of ``step`` (computed with ``scale`` from the seeds ``lam``)."""
 
     def snapshot(self) -> object:
         return None
@@ -85,7 +88,8 @@ class AdjointScaling(abc.ABC):
 
     @abc.abstractmethod
     def begin(self, lam: torch.Tensor, n_steps: int) -> ScalingPass:
-        """Start a backward pass over ``n_steps`` steps; ``lam`` is the terminal adjoint (high precision)."""
+        """Start a backward pass over ``n_steps`` steps; ``lam`` holds the gradients arriving at the solution,
+        ``dL/d outputs`` ``(T, D)`` (high precision)."""
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -121,12 +125,12 @@ class NoAdjointScaling(AdjointScaling):
 
 
 class _UnscaledPass(ScalingPass):
-    """Scale 1; with ``raise_on_nonfinite`` one finiteness check of the results (and of ``lam_N``) at the end."""
+    """Scale 1; with ``raise_on_nonfinite`` one finiteness check of the results (and of the incoming gradients) at the end."""
 
     def __init__(self, policy: NoAdjointScaling, lam: torch.Tensor) -> None:
         self.policy = policy
         self.host_syncs = 0
-        # device flag, read only together with the results: was the incoming gradient already inf/NaN?
+        # device flag, read only together with the results: was a gradient arriving at the solution already inf/NaN?
         self._incoming_finite = torch.isfinite(lam).all() if policy.raise_on_nonfinite else None
 
     def scale(self, lam: torch.Tensor) -> None:

@@ -6,13 +6,14 @@ every weighted sum of stages are formed in ``y``'s dtype (``f`` returns its
 evaluation already cast to it); only ``f`` runs in whatever precision autocast
 selects.
 
-Two arithmetic paths form the stage inputs:
-
-* fused (:func:`_stage_input_fused`): ``h`` is a host float, each term is one
-  ``add`` with ``alpha = h a_ij`` (used whenever no gradient w.r.t. the times is
-  needed);
-* traced (:func:`_stage_input_traced`): ``h`` is a 0-dim tensor that autograd
-  differentiates (gradients w.r.t. the grid).
+Stage inputs are always formed by one arithmetic path, :func:`_stage_input`:
+``h`` is a host float and each term is one fused ``add`` with ``alpha = h a_ij``.
+When gradients w.r.t. the times are needed, ``h`` is also given as a 0-dim tensor
+``h_traced`` (``t1 - t0`` of leaf nodes) and a term ``(h_traced - h_traced.detach())
+sum_j a_ij k_j`` is added: exactly zero in value, ``sum_j a_ij k_j`` in gradient.  So
+a step whose times are traced (``t`` requires grad, the direct strategy's kept
+graphs) computes bitwise the values of the graph-free march and chooses the same
+steps.
 
 Stage times come precomputed (:func:`stage_time_table` for a whole grid, or
 :func:`traced_stage_times` for one differentiable step), with optional
@@ -107,6 +108,12 @@ def traced_stage_times(
     return times
 
 
+def first_stage_time(t0: torch.Tensor, dtype: torch.dtype, perturbation: StagePerturbation) -> torch.Tensor:
+    """The first stage's time of a step from node ``t0`` (0-dim, grid dtype): cast to ``dtype``, then perturbed
+    (the value of the stage-time table's first column; differentiable when ``t0`` is)."""
+    return _nudge(t0.to(dtype), perturbation.first, perturbation.direction)
+
+
 @dataclass
 class Stages:
     """The stages of one step: ``ks`` (``s`` tensors in the state dtype) and the last stage's input ``Y_s``."""
@@ -119,21 +126,22 @@ def rk_stages(
     tableau: ButcherTableau,
     f: VectorField,
     y: torch.Tensor,
-    h: float | torch.Tensor,
+    h: float,
     stage_times: Sequence[torch.Tensor],
     first_stage: torch.Tensor | None = None,
+    h_traced: torch.Tensor | None = None,
 ) -> Stages:
     """Evaluate the ``s`` stages of a step from ``y`` with step ``h`` at ``stage_times``.
 
     ``first_stage``, when given, is used as ``k_1`` instead of evaluating
-    ``f(t_1, y)`` (a reused or carried first stage).  ``h`` is a host float
-    (fused arithmetic) or a 0-dim tensor (traced arithmetic, differentiable).
+    ``f(t_1, y)`` (a reused or carried first stage).  ``h`` is a host float;
+    ``h_traced`` (optional) the same step as a 0-dim tensor that autograd
+    differentiates (values unchanged, see the module docstring).
     """
-    stage_input = _stage_input_fused if isinstance(h, float) else _stage_input_traced
     ks: list[torch.Tensor] = []
     y_i = y
     for i, a_i in enumerate(tableau.a):
-        y_i = stage_input(y, [(a_ij, k_j) for a_ij, k_j in zip(a_i, ks) if a_ij != 0.0], h)
+        y_i = _stage_input(y, [(a_ij, k_j) for a_ij, k_j in zip(a_i, ks) if a_ij != 0.0], h, h_traced)
         if i == 0 and first_stage is not None:
             ks.append(first_stage)
         else:
@@ -141,22 +149,24 @@ def rk_stages(
     return Stages(ks, y_i)
 
 
-def _stage_input_fused(y: torch.Tensor, terms: list[tuple[float, torch.Tensor]], h: float) -> torch.Tensor:
-    """``y + sum (h a_ij) k_j``, one fused ``add`` per term."""
+def _stage_input(y: torch.Tensor, terms: list[tuple[float, torch.Tensor]], h: float,
+                 h_traced: torch.Tensor | None) -> torch.Tensor:
+    """``y + sum (h a_ij) k_j``, one fused ``add`` per term (plus the zero-valued traced term)."""
     out = y
     for a_ij, k_j in terms:
         out = torch.add(out, k_j, alpha=h * a_ij)
-    return out
+    if h_traced is None or not terms:
+        return out
+    return with_traced_step(out, h_traced, weighted_sum([a for a, _ in terms], [k for _, k in terms]))
 
 
-def _stage_input_traced(y: torch.Tensor, terms: list[tuple[float, torch.Tensor]], h: torch.Tensor) -> torch.Tensor:
-    """``y + h * sum a_ij k_j`` with ``h`` a 0-dim tensor (autograd sees ``h``)."""
-    if not terms:
-        return y
-    acc = terms[0][1] * terms[0][0]
-    for a_ij, k_j in terms[1:]:
-        acc = acc.add(k_j, alpha=a_ij)
-    return y + h.to(y.dtype) * acc
+def with_traced_step(value: torch.Tensor, h_traced: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """``value + (h_traced - h_traced.detach()) * direction``: ``value`` exactly, with gradient ``direction`` w.r.t. ``h_traced``.
+
+    ``value`` was computed with the host float of ``h_traced`` (one arithmetic path
+    for every strategy); this attaches the dependence on the traced step.
+    """
+    return value + (h_traced - h_traced.detach()).to(value.dtype) * direction
 
 
 def weighted_sum(weights: Sequence[float], ks: Sequence[torch.Tensor]) -> torch.Tensor:

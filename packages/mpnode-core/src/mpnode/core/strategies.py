@@ -36,6 +36,7 @@ from .forward import TrackedForward, tracked_forward
 from .graphs import StepGraph
 from .guards import check_solution, first_order_only
 from .march import CARRIED, ForwardingRecorder, Problem, Recorder, Stepping, Trajectory, replay
+from .parameters import reachable_grad_tensors
 from .replay import Replay
 from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
 from .stats import SolverStats
@@ -210,9 +211,12 @@ class AdjointStrategy(abc.ABC):
         differentiable = forward.needs_grad or any(
             x is not None and x.requires_grad for x in (inputs.t, inputs.grid, inputs.y0)
         )
-        if differentiable:
+        # nothing differentiated, but func may read a grad-requiring tensor later in the solve: keep a graph through
+        # it, so that backward's per-step check refuses it rather than the output silently having no graph
+        watched = [] if differentiable else reachable_grad_tensors(problem.field.func, [*forward.params, *inputs.constants])
+        if differentiable or watched:
             setup = _Setup(self, problem, inputs, forward, store, outputs)
-            outputs = _AdjointFunction.apply(setup, inputs.t, inputs.grid, inputs.y0, *forward.params)
+            outputs = _AdjointFunction.apply(setup, inputs.t, inputs.grid, inputs.y0, *forward.params, *watched)
         _commit_forward(problem, forward.trajectory, inputs.user_stats, store.name, forward.nfe0)
         return outputs
 
@@ -632,7 +636,11 @@ class _Setup:
 
 
 class _AdjointFunction(torch.autograd.Function):
-    """``apply(setup, t, grid, y0, *params) -> (T, D)`` outputs; backward by the strategy's step source.
+    """``apply(setup, t, grid, y0, *params, *watched) -> (T, D)`` outputs; backward by the strategy's step source.
+
+    ``watched``: grad-requiring tensors ``func`` may read that the solve does not
+    differentiate (they give the output its graph; they get no gradient, and backward
+    raises if a step uses one).
 
     The march has already run (:func:`~mpnode.core.forward.tracked_forward`);
     ``forward`` saves the strategy's checkpoints through ``save_for_backward`` (float16
@@ -660,7 +668,7 @@ class _AdjointFunction(torch.autograd.Function):
         source = setup.store.source(trajectory, list(ctx.saved_tensors), forward.replay)
         need_t, need_grid, need_y0 = ctx.needs_input_grad[1:4]
         params = forward.params
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:4 + len(params)]) if need]
         problem.counters = SolverStats()
         plan = BackwardPlan(problem, trajectory, [params[i] for i in wanted], [*params, *inputs.constants],
                             inputs.t.detach(), need_times=need_t or need_grid)
@@ -674,7 +682,8 @@ class _AdjointFunction(torch.autograd.Function):
             inputs.user_stats.add(problem.counters)
         problem.counters = SolverStats()
         grid_grad = result.grid_grad if need_grid else None
-        return (None, t_grad, grid_grad, result.lam0 if need_y0 else None, *param_grads)
+        watched = [None] * (len(ctx.needs_input_grad) - 4 - len(params))
+        return (None, t_grad, grid_grad, result.lam0 if need_y0 else None, *param_grads, *watched)
 
 
 def _output_time_gradient(result, inputs: SolveInputs, trajectory: Trajectory, need_t: bool, adaptive: bool):

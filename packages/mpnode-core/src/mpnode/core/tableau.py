@@ -7,9 +7,10 @@ weights of a dense output.  The one generic engine in :mod:`mpnode.core.stepper`
 runs any of them; the named methods live in :mod:`mpnode.core.methods`.
 
 Construction validates everything it can: structure (explicit, consistent
-``c``), finiteness, and the classical order conditions of both the method and its
-embedded pair (Butcher's rooted-tree conditions), so a user tableau can be passed
-as ``method=`` safely.
+``c``), finiteness, and the classical order conditions of the method, of its
+embedded pair and of its dense output (Butcher's rooted-tree conditions; for the
+dense output as polynomial identities in ``x``, so at the midpoint too), so a user
+tableau can be passed as ``method=`` safely.
 """
 
 from __future__ import annotations
@@ -93,14 +94,10 @@ def _density(tree: Tree) -> int:
     return _tree_size(tree) * math.prod(_density(child) for child in tree)
 
 
-def order_defect(a: Sequence[Sequence[float]], weights: Sequence[float], order: int) -> float:
-    """Largest ``|sum_i w_i Phi_i(tree) - 1/gamma(tree)|`` over rooted trees with at most ``order`` nodes.
-
-    ``Phi_i`` are the elementary weights of the stages (``Phi_i(leaf) = 1``,
-    ``Phi_i([t_1..t_m]) = prod_k sum_j a_ij Phi_j(t_k)``).  Zero (up to
-    roundoff) exactly when the weights give a method of that classical order.
-    """
-    s = len(weights)
+def _elementary_weights(a: Sequence[Sequence[float]]):
+    """``tree -> [Phi_i(tree)]``: the stages' elementary weights (``Phi_i(leaf) = 1``,
+    ``Phi_i([t_1..t_m]) = prod_k sum_j a_ij Phi_j(t_k)``), memoised per tree."""
+    s = len(a)
     cache: dict[Tree, list[float]] = {}
 
     def stage_weights(tree: Tree) -> list[float]:
@@ -112,11 +109,42 @@ def order_defect(a: Sequence[Sequence[float]], weights: Sequence[float], order: 
             cache[tree] = phi
         return cache[tree]
 
+    return stage_weights
+
+
+def order_defect(a: Sequence[Sequence[float]], weights: Sequence[float], order: int) -> float:
+    """Largest ``|sum_i w_i Phi_i(tree) - 1/gamma(tree)|`` over rooted trees with at most ``order`` nodes.
+
+    ``Phi_i`` are the elementary weights of the stages.  Zero (up to roundoff)
+    exactly when the weights give a method of that classical order.
+    """
+    stage_weights = _elementary_weights(a)
     worst = 0.0
     for n in range(1, order + 1):
         for tree in rooted_trees(n):
             value = sum(w * p for w, p in zip(weights, stage_weights(tree)))
             worst = max(worst, abs(value - 1.0 / _density(tree)))
+    return worst
+
+
+def dense_order_defect(a: Sequence[Sequence[float]], dense: Sequence[Sequence[float]], order: int) -> float:
+    """Largest defect of the dense output's order conditions ``sum_i w_i(x) Phi_i(tree) = x^|tree| / gamma(tree)``
+    for every ``x`` and every rooted tree with at most ``order`` nodes.
+
+    ``dense`` holds the ``s`` rows of the coefficients of ``x, x^2, ...``; both sides
+    are polynomials in ``x``, compared coefficient by coefficient, so a zero defect
+    means the interpolant has that order everywhere in the step (at the midpoint
+    ``x = 1/2`` in particular).
+    """
+    stage_weights = _elementary_weights(a)
+    degree = max(len(row) for row in dense)
+    worst = 0.0
+    for n in range(1, order + 1):
+        for tree in rooted_trees(n):
+            phi = stage_weights(tree)
+            for m in range(max(degree, n)):  # the coefficient of x^(m+1)
+                value = sum(row[m] * p for row, p in zip(dense, phi) if m < len(row))
+                worst = max(worst, abs(value - (1.0 / _density(tree) if m + 1 == n else 0.0)))
     return worst
 
 
@@ -175,7 +203,11 @@ class ButcherTableau:
         embedded_order: the classical order of ``b_hat`` (checked likewise).
         dense: dense-output weights, ``s`` rows of the coefficients of
             ``x, x^2, ...`` so that ``y(t0 + x h) = y0 + h sum_i w_i(x) k_i``;
-            ``None`` when the method has none.
+            ``None`` when the method has none.  Given directly, or built from
+            ``c_mid`` (the weights of ``y(t0 + h/2)``, see :func:`dense_from_midpoint`).
+        dense_order: the order of the dense output (checked against its order
+            conditions at every ``x``; at least 1, i.e. ``sum_i w_i(x) = x``, which
+            for ``c_mid`` means ``sum c_mid = 1/2``), or ``None`` without one.
         reuse_last_stage: adaptive stepping takes the last stage of an accepted
             step as the first stage of the next one (torchdiffeq's rule for its
             adaptive methods).  When the last stage is evaluated at the step's end
@@ -196,6 +228,7 @@ class ButcherTableau:
     embedded_order: int | None
     dense: tuple[tuple[float, ...], ...] | None
     reuse_last_stage: bool
+    dense_order: int | None
 
     def __init__(
         self,
@@ -211,6 +244,7 @@ class ButcherTableau:
         c_mid: Sequence[Number] | None = None,
         dense: Sequence[Sequence[Number]] | None = None,
         reuse_last_stage: bool = False,
+        dense_order: int | None = None,
     ) -> None:
         if not isinstance(name, str):
             raise TypeError(f"ButcherTableau name must be a string, got {type(name).__name__}")
@@ -231,14 +265,39 @@ class ButcherTableau:
         if embedded_order is not None:
             embedded_order = _as_order(embedded_order, name, "embedded_order")
         dense_rows = _dense_weights(name, bt, c_mid, dense, s)
+        if dense_rows is None and dense_order is not None:
+            raise ValueError(f"ButcherTableau {name!r}: dense_order is given but there is no dense output (c_mid or dense)")
+        if dense_rows is not None:
+            dense_order = 1 if dense_order is None else _as_order(dense_order, name, "dense_order")
         if not isinstance(reuse_last_stage, bool):
             raise TypeError(f"ButcherTableau {name!r}: reuse_last_stage must be True or False, got {reuse_last_stage!r}")
         for field, value in (
             ("name", name), ("a", rows), ("b", bt), ("c", ct), ("order", order), ("b_err", err),
             ("embedded_order", embedded_order), ("dense", dense_rows), ("reuse_last_stage", reuse_last_stage),
+            ("dense_order", dense_order),
         ):
             object.__setattr__(self, field, value)
         self._check_orders()
+        self._check_dense(None if c_mid is None else _weights(name, "c_mid", c_mid, s))
+
+    def _check_dense(self, c_mid: tuple[float, ...] | None) -> None:
+        """The dense output (every coefficient the interpolated outputs use) must satisfy its order conditions."""
+        if self.dense is None:
+            return
+        if c_mid is not None and abs(sum(c_mid) - 0.5) > _STRUCTURE_TOL:
+            raise ValueError(
+                f"ButcherTableau {self.name!r}: c_mid sums to {sum(c_mid)!r}, not 1/2: y0 + h sum c_mid_i k_i must be the "
+                "solution at the midpoint t0 + h/2 (order 1 there), and every interpolated output would be off; check "
+                "c_mid (it holds the weights of the stages for the midpoint, not for the step end)"
+            )
+        defect = dense_order_defect(self.a, self.dense, self.dense_order)
+        if defect > ORDER_TOL:
+            source = "c_mid" if c_mid is not None else "dense"
+            raise ValueError(
+                f"ButcherTableau {self.name!r}: the dense output (from {source}) does not satisfy the order-"
+                f"{self.dense_order} conditions (largest defect {defect:.3g}), so interpolated outputs would be off; "
+                f"check {source}, or declare the dense_order the interpolant has"
+            )
 
     def _check_orders(self) -> None:
         defect = order_defect(self.a, self.b, self.order)
