@@ -51,6 +51,8 @@ class BackwardPlan:
             captured-tensor check, prepared once as ``frontier``).
         t: the output times, detached (``(T,)``, ``t``'s dtype).
         need_times: whether gradients w.r.t. grid nodes and output times are wanted.
+        retain_graph: the caller keeps the graph (``retain_graph=True``): kept step
+            graphs must survive this pass for the next one.
     """
 
     problem: Problem
@@ -60,6 +62,7 @@ class BackwardPlan:
     t: torch.Tensor
     need_times: bool
     stage_times: list[tuple[torch.Tensor, ...]] | None = field(default=None)
+    retain_graph: bool = False
 
     def __post_init__(self) -> None:
         traj = self.trajectory
@@ -300,7 +303,7 @@ def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, sca
     inherits_next = m + 1 < traj.n_steps and source.first_is_input(m + 1)
     scale = scaling.scale(acc.lam)
     vjp = step_graph_vjp(plan, m, graph, acc.lam, acc.mu if inherits_next else None, inside, scale,
-                         retain_graph=source.retain_graphs and scaling.block_size is not None)
+                         retain_graph=source.retain_graphs and (plan.retain_graph or scaling.block_size is not None))
     coef = traj.steps[m] if scale is None else scale.double().reciprocal() * traj.steps[m]  # h / S
     scaling.observe(m, acc.lam, scale, [x for x in (vjp.dy, *vjp.dparams, vjp.dfirst) if x is not None])
     direct = None

@@ -34,7 +34,7 @@ from .backward import BackwardPlan, StepSource, build_step_graph, run_adjoint
 from .checkpoints import CheckpointStore, StoredRows, decode_row, encode_row
 from .forward import TrackedForward, tracked_forward
 from .graphs import StepGraph
-from .guards import check_solution, first_order_only
+from .guards import check_solution, first_order_only, refuse_batched_gradients
 from .march import CARRIED, ForwardingRecorder, Problem, Recorder, Stepping, Trajectory, replay
 from .replay import Replay
 from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
@@ -655,17 +655,21 @@ class _AdjointFunction(torch.autograd.Function):
     def backward(ctx, grad_outputs):
         setup = ctx.setup
         problem, inputs, forward = setup.problem, setup.inputs, setup.forward
+        saved = list(ctx.saved_tensors)  # after a pass without retain_graph: autograd's "backward ... a second time"
+        refuse_batched_gradients(grad_outputs)
         forward.versions.check()
         trajectory = forward.trajectory
-        source = setup.store.source(trajectory, list(ctx.saved_tensors), forward.replay)
+        retain = graph_retained()
+        source = setup.store.source(trajectory, saved, forward.replay)
         need_t, need_grid, need_y0 = ctx.needs_input_grad[1:4]
         params = forward.params
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
         problem.counters = SolverStats()
         plan = BackwardPlan(problem, trajectory, [params[i] for i in wanted], [*params, *inputs.constants],
-                            inputs.t.detach(), need_times=need_t or need_grid)
+                            inputs.t.detach(), need_times=need_t or need_grid, retain_graph=retain)
         result = run_adjoint(plan, source, grad_outputs, setup.strategy.resolved_scaling(problem))
-        setup.store = None  # a direct strategy's graphs are not needed any more
+        if not retain:
+            setup.store = None  # a direct strategy's graphs are freed with the rest of the graph
         t_grad = _output_time_gradient(result, inputs, trajectory, need_t, adaptive=inputs.grid is None)
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         for i, g in zip(wanted, result.param_grads):
@@ -675,6 +679,17 @@ class _AdjointFunction(torch.autograd.Function):
         problem.counters = SolverStats()
         grid_grad = result.grid_grad if need_grid else None
         return (None, t_grad, grid_grad, result.lam0 if need_y0 else None, *param_grads)
+
+
+def graph_retained() -> bool:
+    """Whether the running backward pass keeps the graph (``retain_graph=True``: backward may run through it again).
+
+    The one place mpnode asks autograd's engine this (a private torch API that
+    torch's own compiled-autograd code uses); where it is missing the graph counts
+    as retained, which keeps the store until autograd frees the node.
+    """
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 def _output_time_gradient(result, inputs: SolveInputs, trajectory: Trajectory, need_t: bool, adaptive: bool):

@@ -1,0 +1,123 @@
+"""Issue 15, items 9-15: no crash, leak, hang or internal error where torchdiffeq works or a user slips.
+
+Each test names its item.  References are torchdiffeq 0.2.5 (float64) where it gives a
+number, else the solve's own float64 numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+
+
+import pytest
+import torch
+
+from mpnode.core import AutoAdjoint, DirectAdjoint, RecomputeAdjoint, SegmentedAdjoint, odeint
+from mpnode.core.graphs import StepGraph
+
+torchdiffeq = pytest.importorskip("torchdiffeq")
+
+F64 = torch.float64
+
+STRATEGIES = {
+    "direct": DirectAdjoint,
+    "recompute": RecomputeAdjoint,
+    "segmented": lambda: SegmentedAdjoint(checkpoints=2),
+    "auto-direct": lambda: AutoAdjoint(budget_bytes=2**30),
+    "auto-fallback": lambda: AutoAdjoint(budget_bytes=200),
+}
+STEPPINGS = {
+    "fixed": dict(method="rk4", options=dict(step_size=0.125)),
+    "adaptive": dict(method="dopri5", rtol=1e-10, atol=1e-10),
+}
+
+
+def _problem(device, dim=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = (0.5 * torch.randn(dim, dim, generator=g, dtype=F64)).to(device).requires_grad_(True)
+    y0 = torch.randn(3, dim, generator=g, dtype=F64).to(device).requires_grad_(True)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=F64, device=device)
+    return W, y0, t
+
+
+def _field(W):
+    return lambda t, y: torch.tanh(y @ W.T) + 0.1 * t * y
+
+
+# -- 9. retain_graph, gradcheck, jacobian -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("stepping", STEPPINGS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_second_backward_through_one_solve_gives_the_numbers_of_a_fresh_solve(strategy, stepping, device):
+    """Two losses on one trajectory (retain_graph=True): was AttributeError 'NoneType' ... 'source'."""
+    W, y0, t = _problem(device)
+
+    def losses(out):
+        return out[-1].sum(), (out[1:] ** 2).sum()
+
+    out = odeint(_field(W), y0, t, adjoint=STRATEGIES[strategy](), **STEPPINGS[stepping])
+    first, second = losses(out)
+    g1 = torch.autograd.grad(first, (y0, W), retain_graph=True)
+    g1_again = torch.autograd.grad(first, (y0, W), retain_graph=True)
+    g2 = torch.autograd.grad(second, (y0, W))
+    for loss, got in ((0, g1), (0, g1_again), (1, g2)):
+        fresh = odeint(_field(W), y0, t, adjoint=STRATEGIES[strategy](), **STEPPINGS[stepping])
+        want = torch.autograd.grad(losses(fresh)[loss], (y0, W))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(first, (y0, W))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # gc.get_objects() meets deprecated torch.distributed names
+@pytest.mark.parametrize("strategy", ["direct", "auto-direct"])
+def test_kept_graphs_are_freed_by_a_backward_without_retain_graph(strategy, device):
+    """Keeping the store for a retained graph must not keep it after an ordinary backward (the output still alive)."""
+    W, y0, t = _problem(device)
+    out = odeint(_field(W), y0, t, adjoint=STRATEGIES[strategy](), **STEPPINGS["fixed"])
+
+    def live_graphs():
+        gc.collect()
+        return sum(isinstance(o, StepGraph) for o in gc.get_objects())
+
+    assert live_graphs() > 0
+    out[-1].sum().backward(retain_graph=True)
+    assert live_graphs() > 0
+    out[-1].sum().backward()
+    assert live_graphs() == 0
+    del out
+
+
+@pytest.mark.parametrize("stepping", STEPPINGS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gradcheck(strategy, stepping, device):
+    """torch.autograd.gradcheck (float64, finite differences) w.r.t. y0, a captured weight and (fixed grids) t."""
+    W, y0, t = _problem(device)
+    kwargs = STEPPINGS[stepping]
+    t = t.clone().requires_grad_(stepping == "fixed")
+
+    def solve(y0, W, t):
+        return odeint(_field(W), y0, t, adjoint=STRATEGIES[strategy](), **kwargs)
+
+    assert torch.autograd.gradcheck(solve, (y0, W, t), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["direct", "recompute", "segmented"])
+def test_jacobian_row_by_row_and_batched_gradients_refused(strategy, device):
+    W, y0, t = _problem(device)
+    y0 = y0.detach()
+
+    def solve(odeint_):
+        return lambda y: odeint_(_field(W.detach()), y, t, method="rk4", options=dict(step_size=0.125),
+                                 **({} if odeint_ is torchdiffeq.odeint else {"adjoint": STRATEGIES[strategy]()}))[-1]
+
+    ours = torch.autograd.functional.jacobian(solve(odeint), y0)
+    ref = torch.autograd.functional.jacobian(solve(torchdiffeq.odeint), y0)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="vectorize=False"):
+        torch.autograd.functional.jacobian(solve(odeint), y0, vectorize=True)
+    y = y0.clone().requires_grad_(True)
+    out = solve(odeint)(y)
+    with pytest.raises(RuntimeError, match="is_grads_batched=False"):
+        torch.autograd.grad(out, y, torch.eye(out.numel(), dtype=F64).reshape(-1, *out.shape), is_grads_batched=True)
