@@ -121,3 +121,37 @@ def test_jacobian_row_by_row_and_batched_gradients_refused(strategy, device):
     out = solve(odeint)(y)
     with pytest.raises(RuntimeError, match="is_grads_batched=False"):
         torch.autograd.grad(out, y, torch.eye(out.numel(), dtype=F64).reshape(-1, *out.shape), is_grads_batched=True)
+
+
+# -- 10. AutoAdjoint in a training loop -------------------------------------------------------------
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    seen, total = set(), 0
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.layout == torch.strided:
+            s = o.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                total += s.nbytes()
+    return total
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("budget", [4_000, 2**30], ids=["falls-back", "direct"])
+def test_auto_adjoint_in_a_loop_holds_no_memory_between_iterations(budget, device):
+    """Was: about budget_bytes leaked per call when it fell back (its meter's pack hook tied graphs into cycles)."""
+    from mpnode.core.testing import MLPField
+
+    torch.manual_seed(0)
+    field = MLPField(dim=4, width=32).to(device, F64)
+    y0 = torch.randn(16, 4, dtype=F64, device=device, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64, device=device)
+    sizes = []
+    for _ in range(4):
+        out = odeint(field, y0, t, method="rk4", options=dict(step_size=0.1), adjoint=AutoAdjoint(budget_bytes=budget))
+        out[-1].sum().backward()
+        del out
+        sizes.append(_live_tensor_bytes())
+    assert sizes[-1] == sizes[1], sizes

@@ -36,10 +36,10 @@ from .forward import TrackedForward, tracked_forward
 from .graphs import StepGraph
 from .guards import check_solution, first_order_only, refuse_batched_gradients
 from .march import CARRIED, ForwardingRecorder, Problem, Recorder, Stepping, Trajectory, replay
+from .meters import held_memory
 from .replay import Replay
 from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
 from .stats import SolverStats
-from .testing import held_memory
 
 
 @dataclass
