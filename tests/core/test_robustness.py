@@ -155,3 +155,43 @@ def test_auto_adjoint_in_a_loop_holds_no_memory_between_iterations(budget, devic
         del out
         sizes.append(_live_tensor_bytes())
     assert sizes[-1] == sizes[1], sizes
+
+
+# -- 11. adjoint callbacks under every strategy -----------------------------------------------------
+
+
+class _LoggingField(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([[-0.5, 0.3], [-0.2, -0.4]], dtype=F64))
+        self.log = []
+
+    def forward(self, t, y):
+        return y @ self.w.T
+
+    def _note(self, name, t0, y0, dt):
+        self.log.append((name, float(t0), y0.detach().double().cpu(), float(dt)))
+
+    def callback_step_adjoint(self, t0, y0, dt):
+        self._note("step", t0, y0, dt)
+
+    def callback_accept_step_adjoint(self, t0, y0, dt):
+        self._note("accept", t0, y0, dt)
+
+
+@pytest.mark.parametrize("stepping", STEPPINGS)
+@pytest.mark.parametrize("strategy", ["direct", "segmented", "auto-fallback"])
+def test_adjoint_callbacks_see_the_recompute_states(strategy, stepping, device):
+    """Was: SegmentedAdjoint (and AutoAdjoint falling back to segments) raised 'NoneType' object has no attribute 'to'."""
+    logs = []
+    for name in ("recompute", strategy):
+        field = _LoggingField().to(device)
+        y0 = torch.tensor([[1.0, 0.5], [0.2, -1.0]], dtype=F64, device=device, requires_grad=True)
+        t = torch.tensor([0.0, 0.6, 1.5], dtype=F64, device=device)
+        odeint(field, y0, t, adjoint=STRATEGIES[name](), **STEPPINGS[stepping])[-1].sum().backward()
+        logs.append(field.log)
+    ref, got = logs
+    assert len(got) == len(ref) > 4
+    for (n1, t1, y1, h1), (n2, t2, y2, h2) in zip(got, ref):
+        assert (n1, t1, h1) == (n2, t2, h2)
+        torch.testing.assert_close(y1, y2, rtol=0, atol=0)

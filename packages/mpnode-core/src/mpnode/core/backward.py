@@ -277,7 +277,7 @@ def run_adjoint(
             name = "callback_accept_step_adjoint" if accepted else "callback_reject_step_adjoint"
             if cb.wants(name):
                 for m in range(n - 1, lo - 1, -1):
-                    cb.call(name, traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
+                    cb.call(name, traj.grid[m], source.state(plan, m), traj.steps[m], traj.grid.dtype)
             if accepted:
                 counters.backward_steps += n - lo
                 n = lo
@@ -295,7 +295,7 @@ def run_adjoint(
 def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, scaling: ScalingPass) -> None:
     traj, cb = plan.trajectory, plan.problem.callbacks
     if cb:
-        cb.call("callback_step_adjoint", traj.grid[m], source.state(m).to(plan.problem.policy.state_dtype),
+        cb.call("callback_step_adjoint", traj.grid[m], source.state(plan, m).to(plan.problem.policy.state_dtype),
                 traj.steps[m], traj.grid.dtype)
     inside = [(j, x, g[j]) for j, x in traj.placement.in_step.get(m, ())]
     graph = source.graph(plan, m, with_end_slope=bool(inside) and plan.problem.output_rule.needs_end_slope)
@@ -337,8 +337,8 @@ class StepSource:
     def graph(self, plan: BackwardPlan, n: int, with_end_slope: bool) -> StepGraph:
         raise NotImplementedError
 
-    def state(self, n: int) -> torch.Tensor:
-        """Step ``n``'s start state as stored (for callbacks)."""
+    def state(self, plan: BackwardPlan, n: int) -> torch.Tensor:
+        """Step ``n``'s start state as stored, or as recomputed from a stored one (for callbacks)."""
         raise NotImplementedError
 
     def first_is_input(self, n: int) -> bool:

@@ -295,7 +295,7 @@ class RecomputedSteps(StepSource):
     def session(self):
         return self.replay.session()
 
-    def state(self, n):
+    def state(self, plan, n):
         return self.checkpoints.states.row(n)
 
     def first_is_input(self, n):
@@ -304,7 +304,7 @@ class RecomputedSteps(StepSource):
     def graph(self, plan, n, with_end_slope):
         first = self.checkpoints.first_stages.row(self.checkpoints.first_row[n]) if self.first_is_input(n) else None
         self.replay.before_step(n)
-        return build_step_graph(plan, n, self.state(n), first, with_end_slope)
+        return build_step_graph(plan, n, self.state(plan, n), first, with_end_slope)
 
 
 # -- direct ------------------------------------------------------------------------------------------
@@ -359,7 +359,7 @@ class KeptSteps(StepSource):
     def session(self):
         return self.replay.session()
 
-    def state(self, n):
+    def state(self, plan, n):
         return self.graphs[n].y.detach()
 
     def first_is_input(self, n):
@@ -472,10 +472,10 @@ class SegmentReplay(StepSource):
                             None if first is None else first.to(state_dtype), before_step=self.replay.before_step)
         self.cache = dict(zip(range(start, stop), states))
 
-    def state(self, n):
-        if n in self.cache:
-            return self.cache[n][0]
-        return self.kept[n][0] if n in self.kept else None
+    def state(self, plan, n):
+        if n not in self.cache:  # callbacks may ask before backward reaches the step, or after it left its segment
+            self._segment(plan, n)
+        return self.cache[n][0]
 
     def first_is_input(self, n):
         return self.trajectory.first_stage[n] == CARRIED
