@@ -195,3 +195,40 @@ def test_adjoint_callbacks_see_the_recompute_states(strategy, stepping, device):
     for (n1, t1, y1, h1), (n2, t2, y2, h2) in zip(got, ref):
         assert (n1, t1, h1) == (n2, t2, h2)
         torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+# -- 12. an adaptive event search that finds nothing ends ---------------------------------------------
+
+
+@pytest.mark.parametrize("given", [None, 40])
+def test_adaptive_event_search_is_bounded_like_fixed_grids(given, monkeypatch, device):
+    """Was: marching towards t = inf for hours. Default bound MAX_EVENT_STEPS (shrunk here to keep the test short)."""
+    import time
+
+    from mpnode.core import events, odeint_event
+
+    monkeypatch.setattr(events, "MAX_EVENT_STEPS", 60)
+    y0 = torch.tensor([1.0, 0.0], dtype=F64, device=device)
+    options = {} if given is None else {"max_num_steps": given}
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=rf"no event within {given or 60} step attempts .*options\['max_num_steps'\]"):
+        odeint_event(lambda t, y: torch.stack([y[1], -y[0]]), y0, torch.tensor(0.0, dtype=F64, device=device),
+                     event_fn=lambda t, y: y[0] - 2.0, options=options)
+    assert time.perf_counter() - start < 60
+    assert events.FixedStepsUntilEvent.MAX_STEPS == 20000  # the fixed-grid limit, torchdiffeq's
+
+
+def test_adaptive_event_default_bound_is_the_fixed_grid_limit():
+    from mpnode.core import events
+    from mpnode.core.controllers import Tolerance
+    from mpnode.core.march import AdaptiveOptions, AdaptiveStepping
+    from mpnode.core.methods import get_tableau
+    from mpnode.core.precision import PrecisionPolicy
+    from mpnode.core.state import FlatState
+
+    y0 = torch.zeros(2, dtype=F64)
+    layout = FlatState(y0)
+    stepping = AdaptiveStepping(get_tableau("dopri5"), Tolerance(1e-7, 1e-9, layout, None), None, AdaptiveOptions())
+    stepping, _ = events.until_event(stepping, lambda t, y: y[0], layout, PrecisionPolicy.capture(y0),
+                                     torch.tensor([0.0, 1.0], dtype=F64))
+    assert stepping.options.max_num_steps == events.MAX_EVENT_STEPS == 20000

@@ -35,7 +35,7 @@ import torch
 from .controllers import StepSizeGrid
 from .graphs import attach_end_slope
 from .march import (
-    FixedGridStepping, Problem, Recorder, Stepping, Trajectory, _Attempt, _end_slope, _evaluate, _interp_output,
+    AdaptiveStepping, FixedGridStepping, Problem, Recorder, Stepping, Trajectory, _Attempt, _end_slope, _evaluate, _interp_output,
 )
 from .outputs import OutputPlacement
 from .precision import PrecisionPolicy
@@ -44,6 +44,10 @@ from .stepper import stage_time_table
 
 #: Iterations of the root finder before it gives up (it needs about ten).
 MAX_ROOT_ITERATIONS = 200
+
+#: Steps (fixed grids) or attempts (adaptive, unless ``options['max_num_steps']`` says otherwise) taken while
+#: looking for an event before the solve gives up (torchdiffeq's fixed-grid limit).
+MAX_EVENT_STEPS = 20000
 
 
 class EventFunction:
@@ -180,6 +184,14 @@ class EventLocator:
                     side = -1
         return a if abs(ga) < abs(gb) else b
 
+    def not_found(self, attempts: int, t: float) -> RuntimeError:
+        """The error of an adaptive march that made ``attempts`` attempts without an event, now at time ``t``."""
+        return RuntimeError(
+            f"odeint: no event within {attempts} step attempts from t = {self._t0:.6g} (reached t = {t:.6g}); check "
+            "that event_fn changes sign along the solution (an element of event_fn(t, y) must cross zero), or raise "
+            f"options['max_num_steps'] (default {MAX_EVENT_STEPS} for a solve until an event) if it happens later"
+        )
+
     def output_times(self, t: torch.Tensor) -> torch.Tensor:
         """``[t0, event time]`` in ``t``'s dtype and device (the outputs the backward pass differentiates)."""
         return torch.tensor([self._t0, self.time], dtype=t.dtype, device=t.device)
@@ -198,7 +210,7 @@ class FixedStepsUntilEvent(Stepping):
     :attr:`MAX_STEPS` steps (torchdiffeq's limit) are taken.
     """
 
-    MAX_STEPS = 20000
+    MAX_STEPS = MAX_EVENT_STEPS
 
     def __init__(self, grid_stepping: FixedGridStepping) -> None:
         if not isinstance(grid_stepping.rule, StepSizeGrid):
@@ -278,7 +290,11 @@ class _StepInterpolant:
 
 def until_event(stepping: Stepping, event_fn: Callable, layout: FlatState, policy: PrecisionPolicy,
                 t_host: torch.Tensor) -> tuple[Stepping, EventLocator]:
-    """The stepping and event locator of ``odeint(..., event_fn=...)``; checks ``t`` and the grid option."""
+    """The stepping and event locator of ``odeint(..., event_fn=...)``; checks ``t`` and the grid option.
+
+    Adaptive steps get a bound like fixed grids': at most :data:`MAX_EVENT_STEPS`
+    attempts unless ``options['max_num_steps']`` was given.
+    """
     if t_host.numel() != 2:
         raise ValueError(
             f"odeint: with event_fn, t must hold two times [t0, t1] (t0 starts the solve, t1 only gives the direction "
@@ -286,6 +302,8 @@ def until_event(stepping: Stepping, event_fn: Callable, layout: FlatState, polic
         )
     if isinstance(stepping, FixedGridStepping):
         stepping = FixedStepsUntilEvent(stepping)
+    elif isinstance(stepping, AdaptiveStepping) and stepping.options.max_num_steps is None:
+        stepping.options.max_num_steps = MAX_EVENT_STEPS
     return stepping, EventLocator(EventFunction(event_fn, layout, policy))
 
 
