@@ -232,3 +232,56 @@ def test_adaptive_event_default_bound_is_the_fixed_grid_limit():
     stepping, _ = events.until_event(stepping, lambda t, y: y[0], layout, PrecisionPolicy.capture(y0),
                                      torch.tensor([0.0, 1.0], dtype=F64))
     assert stepping.options.max_num_steps == events.MAX_EVENT_STEPS == 20000
+
+
+# -- 13. random numbers in func on adaptive steps -----------------------------------------------------
+
+
+class _NoisyField(torch.nn.Module):
+    """``y' = -w y + sigma * noise`` (additive) or ``-(w + sigma * noise) y`` (multiplicative, one draw per call)."""
+
+    def __init__(self, sigma, multiplicative=False, after=None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0, dtype=F64))
+        self.sigma, self.multiplicative, self.after, self.nfe = sigma, multiplicative, after, 0
+
+    def forward(self, t, y):
+        self.nfe += 1
+        if self.after is not None and t <= self.after:
+            return -self.w * y
+        if self.multiplicative:
+            return -(self.w + self.sigma * torch.randn((), dtype=y.dtype, device=y.device)) * y
+        return -self.w * y + self.sigma * torch.randn_like(y)
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "segmented", "auto-direct", "auto-fallback"])
+def test_noise_that_collapses_adaptive_steps_is_refused_at_the_first_evaluation(strategy, device):
+    """Was: refused only after the march, which additive noise makes endless (max_num_steps keeps main finite here)."""
+    field = _NoisyField(sigma=0.5).to(device)
+    y0 = torch.ones(4, dtype=F64, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"draws random numbers.*adjoint=DirectAdjoint\(\)"):
+        odeint(field, y0, torch.tensor([0.0, 1.0], dtype=F64, device=device), adjoint=STRATEGIES[strategy](),
+               options=dict(max_num_steps=500))
+    assert field.nfe == 1
+
+
+def test_a_field_that_starts_drawing_late_is_refused_at_the_next_accepted_step(device):
+    y0 = torch.ones(4, dtype=F64, device=device, requires_grad=True)
+    t = torch.tensor([0.0, 4.0], dtype=F64, device=device)
+    quiet = _NoisyField(sigma=0.0, after=float("inf")).to(device)
+    odeint(quiet, y0, t)
+    field = _NoisyField(sigma=1e-12, after=0.5).to(device)
+    with pytest.raises(RuntimeError, match="draws random numbers"):
+        odeint(field, y0, t)
+    assert field.nfe < quiet.nfe / 2
+
+
+def test_direct_adjoint_backpropagates_through_the_forwards_own_draws_on_adaptive_steps(device):
+    """y' = -(w + sigma xi) y with one scalar draw per evaluation: y(T) = J y0 for the forward's draws, so dL/dy0 = y(T)/y0."""
+    torch.manual_seed(0)
+    field = _NoisyField(sigma=1e-3, multiplicative=True).to(device)
+    y0 = torch.tensor([1.0, 2.0, -0.5], dtype=F64, device=device, requires_grad=True)
+    out = odeint(field, y0, torch.tensor([0.0, 1.0], dtype=F64, device=device), rtol=1e-4, atol=1e-6,
+                 adjoint=DirectAdjoint())
+    (grad,) = torch.autograd.grad(out[-1].sum(), y0)
+    torch.testing.assert_close(grad, (out[-1] / y0).detach(), rtol=1e-13, atol=0)

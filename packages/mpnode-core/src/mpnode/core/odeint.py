@@ -71,8 +71,9 @@ def odeint(
             with ``requires_grad`` receive gradients, and so does every other
             grad-requiring tensor the first evaluation of ``func`` uses (a
             closure's tensor, a module's context attribute).  Random numbers drawn
-            inside ``func`` are replayed in backward (fixed grids; refused on
-            adaptive ones), and module buffers are left as the forward left them
+            inside ``func`` are replayed in backward (fixed grids; on adaptive
+            ones refused at the first draw, except by ``DirectAdjoint``, which
+            keeps the forward's graphs), and module buffers are left as the forward left them
             (docs/guarantees.md).  It may define torchdiffeq's callbacks
             ``callback_step`` etc. (see :mod:`mpnode.core.callbacks`).
         y0: float32/float64 tensor of any shape, or a tuple of such tensors.
