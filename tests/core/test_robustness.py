@@ -285,3 +285,85 @@ def test_direct_adjoint_backpropagates_through_the_forwards_own_draws_on_adaptiv
                  adjoint=DirectAdjoint())
     (grad,) = torch.autograd.grad(out[-1].sum(), y0)
     torch.testing.assert_close(grad, (out[-1] / y0).detach(), rtol=1e-13, atol=0)
+
+
+# -- 14. events: at t0, changing shape, a value that stops depending on (t, y) -----------------------------
+
+
+def _ballistic(t, y):
+    """Height and velocity under gravity: y = (x, v), x' = v, v' = -9.8."""
+    return torch.cat([y[1:], torch.full_like(y[:1], -9.8)])
+
+
+def _event_grads(odeint_event_, event_fn, y0, t0, **kwargs):
+    y0 = y0.clone().requires_grad_(True)
+    t0 = t0.clone().requires_grad_(t0.requires_grad)
+    event_t, sol = odeint_event_(_ballistic, y0, t0, event_fn=event_fn, **kwargs)
+    wrt = (y0, t0) if t0.requires_grad else (y0,)
+    g_t = torch.autograd.grad(event_t, wrt, retain_graph=True, allow_unused=True)
+    g_y = torch.autograd.grad(sol[-1].sum(), wrt, allow_unused=True)
+    return event_t.detach(), sol.detach(), g_t, g_y
+
+
+def _assert_like_torchdiffeq(event_fn, y0, atol, **kwargs):
+    t0 = torch.tensor(0.0, dtype=F64, device=y0.device)
+    from mpnode.core import odeint_event
+
+    ours = _event_grads(odeint_event, event_fn, y0, t0, **kwargs)
+    ref = _event_grads(torchdiffeq.odeint_event, event_fn, y0, t0, **kwargs)
+    torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=atol)
+    torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=atol * 50)
+    for a, b in zip(ours[2] + ours[3], ref[2] + ref[3]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=atol * 50)
+    return ours
+
+
+def test_event_that_holds_at_t0_returns_y0_with_torchdiffeqs_gradients(device):
+    """Was: a false 'touches the event surface without crossing it' error whenever gradients were on."""
+    y0 = torch.tensor([0.0, 5.0], dtype=F64, device=device)
+    event_t, sol, g_t, g_y = _assert_like_torchdiffeq(lambda t, y: y[0], y0, atol=0)
+    assert float(event_t) == 0.0 and torch.equal(sol[1], y0)
+    assert torch.equal(g_t[0], torch.zeros(2, dtype=F64, device=device))  # the event time does not move with y0
+    assert torch.equal(g_y[0], torch.ones(2, dtype=F64, device=device))  # y(T) = y0
+    from mpnode.core import odeint_event
+
+    t0 = torch.tensor(0.25, dtype=F64, device=device, requires_grad=True)
+    for kwargs in ({}, {"method": "rk4", "options": {"step_size": 0.1}}):  # torchdiffeq's fixed grids never return here
+        event_t, _ = odeint_event(_ballistic, y0.clone().requires_grad_(True), t0, event_fn=lambda t, y: y[0], **kwargs)
+        assert float(event_t.detach()) == 0.25 and torch.autograd.grad(event_t, t0)[0] == 1.0  # T = t0 moves with t0
+
+
+def test_event_fn_whose_value_changes_shape_is_broadcast_like_torchdiffeq(device):
+    """Was: ValueError 'it must return the same shape at every call'; torchdiffeq multiplies by the t0 signs."""
+
+    def grows(t, y):
+        return y[:1] if t < 0.3 else y[:1].expand(2)
+
+    _assert_like_torchdiffeq(grows, torch.tensor([1.0, 5.0], dtype=F64, device=device), atol=1e-8)
+    from mpnode.core import odeint_event
+
+    with pytest.raises(ValueError, match=r"shape \(3,\) .* but \(2,\) at t0.*broadcast"):
+        odeint_event(_ballistic, torch.tensor([1.0, 5.0], dtype=F64, device=device),
+                     torch.tensor(0.0, dtype=F64, device=device),
+                     event_fn=lambda t, y: y[:2] if t < 0.3 else y[:1].expand(3))
+
+
+@pytest.mark.parametrize("kind", ["constant", "where"])
+def test_event_value_that_stops_depending_on_t_and_y_has_a_fixed_event_time(kind, device):
+    """A time horizon: was 'element 0 of tensors does not require grad'; the event time does not move (dT = 0)."""
+
+    def horizon(t, y):
+        if kind == "constant":
+            return torch.tensor(1.0 if t < 0.5 else -1.0, dtype=y.dtype, device=y.device)
+        return torch.where(t < 0.5, y[0] + 100.0, torch.full_like(y[0], -1.0))
+
+    y0 = torch.tensor([1.0, 5.0], dtype=F64, device=device)
+    if kind == "constant":  # torchdiffeq's bisection stops within its atol of 0.5
+        event_t, _, g_t, g_y = _assert_like_torchdiffeq(horizon, y0, atol=1e-8)
+    else:  # torchdiffeq lands on either side of the jump; compare with the constant horizon's numbers
+        from mpnode.core import odeint_event
+
+        event_t, _, g_t, g_y = _event_grads(odeint_event, horizon, y0, torch.tensor(0.0, dtype=F64, device=device))
+    assert abs(float(event_t) - 0.5) < 1e-12
+    assert torch.equal(g_t[0], torch.zeros(2, dtype=F64, device=device))
+    torch.testing.assert_close(g_y[0], torch.tensor([1.0, 1.0 + float(event_t)], dtype=F64, device=device))

@@ -69,6 +69,8 @@ class BackwardPlan:
         self.frontier = KnownTensors(self.known)
         if traj.output_times is not None:  # decided by the forward pass (a solve until an event)
             self.t = traj.output_times
+        if self.stage_times is None and traj.n_steps == 0:  # an event at t0: no step was taken
+            self.stage_times = []
         if self.stage_times is None:  # also used to replay steps when the times are traced
             self.stage_times = stage_time_table(
                 self.problem.tableau, traj.grid, self.problem.policy.state_dtype, traj.perturbations
