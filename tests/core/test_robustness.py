@@ -367,3 +367,80 @@ def test_event_value_that_stops_depending_on_t_and_y_has_a_fixed_event_time(kind
     assert abs(float(event_t) - 0.5) < 1e-12
     assert torch.equal(g_t[0], torch.zeros(2, dtype=F64, device=device))
     torch.testing.assert_close(g_y[0], torch.tensor([1.0, 1.0 + float(event_t)], dtype=F64, device=device))
+
+
+# -- 15. messages that name the cause and the fix --------------------------------------------------------
+
+
+def _decay(t, y):
+    return -y
+
+
+@pytest.mark.parametrize("case", ["zero-tolerances", "nan-norm", "vector-norm", "negative-norm", "step_t-string"])
+def test_user_slips_get_a_message_naming_the_cause(case, device):
+    """Were: 'step size underflowed ... may be stiff', or internal errors (reshape, complex comparison, new())."""
+    y0 = torch.ones(3, dtype=F64, device=device)
+    t = torch.tensor([0.0, 1.0], dtype=F64, device=device)
+    zeros = torch.zeros(3, dtype=F64, device=device)
+    kwargs, error, match = {
+        "zero-tolerances": (dict(rtol=zeros, atol=zeros), ValueError, "rtol and atol are both zero for 3 of 3"),
+        "nan-norm": (dict(options=dict(norm=lambda e: e.sum() * float("nan"))), ValueError,
+                     r"options\['norm'\] returned NaN for a finite"),
+        "vector-norm": (dict(options=dict(norm=lambda e: e.abs())), TypeError,
+                        r"options\['norm'\] returned a tensor of shape \(3,\).*one number"),
+        "negative-norm": (dict(options=dict(norm=lambda e: -e.abs().max())), ValueError,
+                          r"options\['norm'\] returned -.*never negative"),
+        "step_t-string": (dict(options=dict(step_t="0.5")), TypeError, r"options\['step_t'\] must be a list or 1-D"),
+    }[case]
+    with pytest.raises(error, match=match):
+        odeint(_decay, y0, t, **kwargs)
+
+
+def test_zero_tolerance_for_some_elements_only_is_refused_too(device):
+    rtol = torch.tensor([1e-6, 0.0, 1e-6], dtype=F64)
+    with pytest.raises(ValueError, match="both zero for 1 of 3 state elements"):
+        odeint(_decay, torch.ones(3, dtype=F64, device=device), torch.tensor([0.0, 1.0], dtype=F64, device=device),
+               rtol=rtol, atol=torch.tensor([1e-9, 0.0, 0.0], dtype=F64))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_an_empty_batch_is_solved_like_torchdiffeqs_fixed_grids(method, device):
+    """Was (adaptive): 'step size underflowed ... may be stiff' (torchdiffeq: 'underflow in dt'); fixed grids worked."""
+    y0 = torch.ones(0, 3, dtype=F64, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 4, dtype=F64, device=device)
+    out = odeint(_decay, y0, t, method=method)
+    assert out.shape == (4, 0, 3)
+    (grad,) = torch.autograd.grad(out.sum(), y0)
+    assert grad.shape == (0, 3)
+    if method == "rk4":
+        assert torchdiffeq.odeint(_decay, y0, t, method=method).shape == out.shape
+
+
+@pytest.mark.parametrize("stepping", STEPPINGS)
+@pytest.mark.parametrize("strategy", ["recompute", "segmented", "direct", "auto-fallback", "no-grad"])
+def test_a_field_that_writes_into_y_is_refused_and_y0_stays_as_it_was(strategy, stepping, device):
+    """Was: the in-place write reached the caller's y0 (even a leaf that requires grad) and the solve went on.
+
+    A strategy that keeps graphs evaluates fixed steps with autograd on, where autograd itself refuses the write
+    (its leaf check comes first); elsewhere odeint's message names the fix."""
+
+    def halves_y(t, y):
+        y.mul_(0.5)
+        return -y
+
+    y0 = torch.ones(3, dtype=F64, device=device, requires_grad=strategy != "no-grad")
+    adjoint = None if strategy == "no-grad" else STRATEGIES[strategy]()
+    ours = "func modified its input y in place.*Your y0 was not changed"
+    autograd = "leaf Variable that requires grad is being used in an in-place operation"
+    keeps_graphs = strategy in ("direct", "auto-fallback") and stepping == "fixed"
+    with pytest.raises(RuntimeError, match=autograd if keeps_graphs else ours):
+        odeint(halves_y, y0, torch.tensor([0.0, 1.0], dtype=F64, device=device), adjoint=adjoint,
+               **STEPPINGS[stepping])
+    assert torch.equal(y0.detach(), torch.ones(3, dtype=F64, device=device)) and y0._version == 0
+
+
+def test_a_tuple_field_that_writes_into_a_part_of_y_is_refused(device):
+    y0 = (torch.ones(3, dtype=F64, device=device), torch.ones(2, dtype=F64, device=device))
+    with pytest.raises(RuntimeError, match="modified its input y in place"):
+        odeint(lambda t, y: (y[0].add_(1.0), -y[1]), y0, torch.tensor([0.0, 1.0], dtype=F64, device=device))
+    assert all(torch.equal(p, torch.ones_like(p)) for p in y0)

@@ -12,6 +12,9 @@ strategy's own storage (its :class:`~mpnode.core.march.Recorder`):
   buffers of the modules the solve can see, restored after the backward pass;
 * a :class:`~mpnode.core.guards.VersionRecord` of everything the recomputation reads.
 
+The march starts from a copy of ``y0``, so a field that writes into its input
+(refused at that evaluation) leaves the caller's ``y0`` as it was.
+
 The march runs outside the strategy's autograd Function, so the discovered tensors
 can become the Function's inputs; the Function then only saves what was recorded.
 The solution is checked (:func:`~mpnode.core.guards.check_solution`) before the
@@ -83,7 +86,7 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
     try:
         with torch.no_grad(), problem.policy.autocast(cache_enabled=cache_enabled):
             outputs, trajectory = stepping.march(
-                problem, inputs.y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, recorder
+                problem, inputs.y0.detach().clone(), inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, recorder
             )
     finally:
         problem.field.next_call_hook = None

@@ -342,6 +342,7 @@ class AdaptiveStepping(Stepping):
             err = weighted_sum(tab.b_err, stages.ks) * hn
             ratio_t = self.tolerance.error_ratio(err, y, y1, self._roundoff_size(problem, hn, stages))
             ratio = float(ratio_t)  # the one host synchronisation of an attempt
+            self.tolerance.check_norm_value(ratio, lambda: err / self.tolerance.scale(y, y1))
             if not math.isfinite(ratio):
                 ratio = math.inf
             last_ratio = ratio

@@ -249,7 +249,10 @@ def _positive_time(name: str, value: Any, allow_zero: bool = False, allow_inf: b
 def _times(name: str, value: Any) -> tuple[float, ...]:
     if value is None:
         return ()
-    values = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(-1)
+    try:
+        values = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"options[{name!r}] must be a list or 1-D tensor of times (numbers), got {value!r}") from None
     if not bool(torch.isfinite(values).all()):
         raise ValueError(f"options[{name!r}] contains inf or NaN")
     if values.unique().numel() != values.numel():

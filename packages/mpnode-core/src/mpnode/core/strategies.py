@@ -596,11 +596,11 @@ class BudgetedStore(ForwardingRecorder, StepStore):
 
 
 def _solve_without_graph(problem: Problem, stepping: Stepping, inputs: SolveInputs, name: str) -> torch.Tensor:
-    """A solve nothing will differentiate: march under ``no_grad``, keep nothing."""
+    """A solve nothing will differentiate: march under ``no_grad`` from a copy of ``y0``, keep nothing."""
     nfe0 = problem.field.nfe
     with torch.no_grad(), problem.policy.autocast():
         outputs, trajectory = stepping.march(
-            problem, inputs.y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, Recorder()
+            problem, inputs.y0.detach().clone(), inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, Recorder()
         )
     check_solution(outputs, problem.policy)
     _commit_forward(problem, trajectory, inputs.user_stats, name, nfe0)
