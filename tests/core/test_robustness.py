@@ -123,6 +123,19 @@ def test_jacobian_row_by_row_and_batched_gradients_refused(strategy, device):
         torch.autograd.grad(out, y, torch.eye(out.numel(), dtype=F64).reshape(-1, *out.shape), is_grads_batched=True)
 
 
+def test_the_private_torch_api_that_tells_a_retained_graph_still_answers():
+    """strategies.graph_retained asks autograd's engine (private API); without it every graph would count as retained."""
+    from mpnode.core.strategies import graph_retained
+
+    seen = []
+    x = torch.ones(2, requires_grad=True)
+    y = x * 2
+    y.register_hook(lambda g: seen.append(graph_retained()))
+    y.sum().backward(retain_graph=True)
+    y.sum().backward()
+    assert seen == [True, False]
+
+
 # -- 10. AutoAdjoint in a training loop -------------------------------------------------------------
 
 
@@ -444,3 +457,4 @@ def test_a_tuple_field_that_writes_into_a_part_of_y_is_refused(device):
     with pytest.raises(RuntimeError, match="modified its input y in place"):
         odeint(lambda t, y: (y[0].add_(1.0), -y[1]), y0, torch.tensor([0.0, 1.0], dtype=F64, device=device))
     assert all(torch.equal(p, torch.ones_like(p)) for p in y0)
+

@@ -323,9 +323,10 @@ def _refuse_zero_tolerances(rtol: float | torch.Tensor, atol: float | torch.Tens
     """Raise if some element has ``rtol == atol == 0``: its error would have to be exactly 0 for any step to pass."""
     both = (torch.as_tensor(rtol) == 0) & (torch.as_tensor(atol) == 0)
     if bool(both.any()):
-        which = "" if both.dim() == 0 else f" for {int(both.sum())} of {both.numel()} state elements"
-        raise ValueError(f"rtol and atol are both zero{which}, so no step can be accepted there; give every element a "
-                         "positive rtol or atol")
+        if both.dim() == 0:
+            raise ValueError("rtol and atol are both zero, so no step can be accepted; give a positive rtol or atol")
+        raise ValueError(f"rtol and atol are both zero for {int(both.sum())} of {both.numel()} state elements, so no "
+                         "step can be accepted there; give every element a positive rtol or atol")
 
 
 def _on_state(value: float | torch.Tensor, layout: FlatState) -> float | torch.Tensor:
