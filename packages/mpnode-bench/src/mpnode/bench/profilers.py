@@ -19,8 +19,9 @@ Four pieces, each usable alone, and :func:`profile` combining them::
   ``.item()``, ``bool(tensor)``, ``float(tensor)``) seen by a ``TorchDispatchMode``.
 * :func:`peak_memory`: CUDA ``max_memory_allocated`` over a region (reset at entry).
 
-The held-memory and host-sync meters live in :mod:`mpnode.core.testing` (so
-core's tests can use them with torch alone) and are re-exported here.
+The held-memory meter lives in :mod:`mpnode.core.meters` (``AutoAdjoint`` uses it)
+and the host-sync meter in :mod:`mpnode.core.testing` (so core's tests can use them
+with torch alone); both are re-exported here.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from mpnode.core.testing import HeldMemory, SyncCount, count_host_syncs, held_memory
+from mpnode.core.meters import HeldMemory, held_memory
+from mpnode.core.testing import SyncCount, count_host_syncs
 
 __all__ = [
     "Timing",

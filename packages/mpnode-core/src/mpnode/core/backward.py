@@ -51,6 +51,8 @@ class BackwardPlan:
             captured-tensor check, prepared once as ``frontier``).
         t: the output times, detached (``(T,)``, ``t``'s dtype).
         need_times: whether gradients w.r.t. grid nodes and output times are wanted.
+        retain_graph: the caller keeps the graph (``retain_graph=True``): kept step
+            graphs must survive this pass for the next one.
     """
 
     problem: Problem
@@ -60,12 +62,15 @@ class BackwardPlan:
     t: torch.Tensor
     need_times: bool
     stage_times: list[tuple[torch.Tensor, ...]] | None = field(default=None)
+    retain_graph: bool = False
 
     def __post_init__(self) -> None:
         traj = self.trajectory
         self.frontier = KnownTensors(self.known)
         if traj.output_times is not None:  # decided by the forward pass (a solve until an event)
             self.t = traj.output_times
+        if self.stage_times is None and traj.n_steps == 0:  # an event at t0: no step was taken
+            self.stage_times = []
         if self.stage_times is None:  # also used to replay steps when the times are traced
             self.stage_times = stage_time_table(
                 self.problem.tableau, traj.grid, self.problem.policy.state_dtype, traj.perturbations
@@ -274,7 +279,7 @@ def run_adjoint(
             name = "callback_accept_step_adjoint" if accepted else "callback_reject_step_adjoint"
             if cb.wants(name):
                 for m in range(n - 1, lo - 1, -1):
-                    cb.call(name, traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
+                    cb.call(name, traj.grid[m], source.state(plan, m), traj.steps[m], traj.grid.dtype)
             if accepted:
                 counters.backward_steps += n - lo
                 n = lo
@@ -292,7 +297,7 @@ def run_adjoint(
 def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, scaling: ScalingPass) -> None:
     traj, cb = plan.trajectory, plan.problem.callbacks
     if cb:
-        cb.call("callback_step_adjoint", traj.grid[m], source.state(m).to(plan.problem.policy.state_dtype),
+        cb.call("callback_step_adjoint", traj.grid[m], source.state(plan, m).to(plan.problem.policy.state_dtype),
                 traj.steps[m], traj.grid.dtype)
     inside = [(j, x, g[j]) for j, x in traj.placement.in_step.get(m, ())]
     graph = source.graph(plan, m, with_end_slope=bool(inside) and plan.problem.output_rule.needs_end_slope)
@@ -303,7 +308,7 @@ def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, sca
     seeds = acc.lam if not inside else torch.stack([acc.lam, *(gj for _, _, gj in inside)])
     scale = scaling.scale(seeds)
     vjp = step_graph_vjp(plan, m, graph, acc.lam, acc.mu if inherits_next else None, inside, scale,
-                         retain_graph=source.retain_graphs and scaling.block_size is not None)
+                         retain_graph=source.retain_graphs and (plan.retain_graph or scaling.block_size is not None))
     coef = traj.steps[m] if scale is None else scale.double().reciprocal() * traj.steps[m]  # h / S
     scaling.observe(m, seeds, scale, [x for x in (vjp.dy, *vjp.dparams, vjp.dfirst) if x is not None])
     direct = None
@@ -337,8 +342,8 @@ class StepSource:
     def graph(self, plan: BackwardPlan, n: int, with_end_slope: bool) -> StepGraph:
         raise NotImplementedError
 
-    def state(self, n: int) -> torch.Tensor:
-        """Step ``n``'s start state as stored (for callbacks)."""
+    def state(self, plan: BackwardPlan, n: int) -> torch.Tensor:
+        """Step ``n``'s start state as stored, or as recomputed from a stored one (for callbacks)."""
         raise NotImplementedError
 
     def first_is_input(self, n: int) -> bool:

@@ -252,10 +252,9 @@ class Tolerance:
 
     def __init__(self, rtol: Any, atol: Any, layout: FlatState, norm: Callable | None, roundoff: float = 0.0) -> None:
         self.layout = layout
-        self.rtol = _on_state(_flat_tolerance("rtol", rtol, layout), layout)
-        self.atol = _on_state(_flat_tolerance("atol", atol, layout), layout)
-        if isinstance(self.rtol, float) and isinstance(self.atol, float) and self.rtol == 0.0 and self.atol == 0.0:
-            raise ValueError("rtol and atol are both zero, so no step can be accepted; give a positive rtol or atol")
+        rtol, atol = _flat_tolerance("rtol", rtol, layout), _flat_tolerance("atol", atol, layout)
+        _refuse_zero_tolerances(rtol, atol)
+        self.rtol, self.atol = _on_state(rtol, layout), _on_state(atol, layout)
         if norm is not None and not callable(norm):
             raise TypeError(f"options['norm'] must be callable as norm(error) -> 0-dim tensor, got {norm!r}")
         self.norm = norm
@@ -274,16 +273,42 @@ class Tolerance:
         return self.atol + self.rtol * torch.max(y0.abs(), y1.abs())
 
     def apply_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The norm of a flat vector, in the user's structure."""
+        """The norm of a flat vector, in the user's structure (0 for an empty state: it has no error to control)."""
+        if x.numel() == 0:
+            return x.new_zeros(())
         if self.norm is not None:
             out = self.norm(self.layout.unflatten(x))
             if not isinstance(out, torch.Tensor):
-                out = torch.as_tensor(out, dtype=x.dtype, device=x.device)
+                try:
+                    out = torch.as_tensor(out, dtype=x.dtype, device=x.device)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(f"options['norm'] must return a number or a 0-dim tensor, got {out!r}") from None
+            if out.numel() != 1:
+                raise TypeError(
+                    f"options['norm'] returned a tensor of shape {tuple(out.shape)}; it must reduce the scaled error to "
+                    "one number (a 0-dim tensor), e.g. lambda e: e.abs().max()"
+                )
             return out.reshape(())
         if not self.layout.is_tuple:
             return rms_norm(x)
         parts = torch.split(x, self.layout.sizes)
         return torch.stack([rms_norm(p) for p in parts if p.numel()]).max()
+
+    def check_norm_value(self, value: float, scaled: Callable[[], torch.Tensor]) -> None:
+        """Raise if the user's ``norm`` returned ``value`` < 0, or NaN for a finite input ``scaled()``.
+
+        ``value`` is the norm already read on the host; ``scaled`` is evaluated
+        (one more host read) only when ``value`` is NaN, to tell a broken norm from
+        a solution that became inf/NaN (which the march reports itself).
+        """
+        if self.norm is None or value >= 0.0:
+            return
+        if value < 0.0:
+            raise ValueError(f"options['norm'] returned {value:.6g}; a norm is never negative (wrap it in abs(), or "
+                             "return e.g. e.abs().max() or e.pow(2).mean().sqrt())")
+        if bool(torch.isfinite(scaled()).all()):
+            raise ValueError("options['norm'] returned NaN for a finite scaled error; check it on a finite tensor (a "
+                             "0/0 or sqrt of a negative number inside it), or drop it to use the RMS norm")
 
     def error_ratio(
         self, err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, roundoff_size: torch.Tensor | None
@@ -292,6 +317,16 @@ class Tolerance:
         if roundoff_size is not None:
             tol = torch.max(tol, roundoff_size)
         return self.apply_norm(err / tol)
+
+
+def _refuse_zero_tolerances(rtol: float | torch.Tensor, atol: float | torch.Tensor) -> None:
+    """Raise if some element has ``rtol == atol == 0``: its error would have to be exactly 0 for any step to pass."""
+    both = (torch.as_tensor(rtol) == 0) & (torch.as_tensor(atol) == 0)
+    if bool(both.any()):
+        if both.dim() == 0:
+            raise ValueError("rtol and atol are both zero, so no step can be accepted; give a positive rtol or atol")
+        raise ValueError(f"rtol and atol are both zero for {int(both.sum())} of {both.numel()} state elements, so no "
+                         "step can be accepted there; give every element a positive rtol or atol")
 
 
 def _on_state(value: float | torch.Tensor, layout: FlatState) -> float | torch.Tensor:
@@ -358,11 +393,15 @@ def initial_step(
     scale = tol.atol + tol.rtol * y0.abs()
     d = torch.stack([tol.apply_norm(y0 / scale), tol.apply_norm(f0 / scale)]).abs().tolist()
     d0, d1 = d
+    tol.check_norm_value(d0, lambda: y0 / scale)
+    tol.check_norm_value(d1, lambda: f0 / scale)
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     h0 = float(torch.tensor(h0, dtype=y0.dtype))  # torchdiffeq forms h0 in the state's dtype
     y1 = torch.add(y0, f0, alpha=direction * h0)  # the Euler probe goes the way time goes
     t1 = torch.tensor(t0 + direction * h0, dtype=time_dtype, device=y0.device)
-    d2 = float(tol.apply_norm((f(t1, y1) - f0) / scale).abs()) / h0
+    slope_change = (f(t1, y1) - f0) / scale
+    d2 = float(tol.apply_norm(slope_change).abs()) / h0
+    tol.check_norm_value(d2, lambda: slope_change)
     if d1 <= 1e-15 and d2 <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)
     else:

@@ -35,7 +35,7 @@ import torch
 from .controllers import StepSizeGrid
 from .graphs import attach_end_slope
 from .march import (
-    FixedGridStepping, Problem, Recorder, Stepping, Trajectory, _Attempt, _end_slope, _evaluate, _interp_output,
+    AdaptiveStepping, FixedGridStepping, Problem, Recorder, Stepping, Trajectory, _Attempt, _end_slope, _evaluate, _interp_output,
 )
 from .outputs import OutputPlacement
 from .precision import PrecisionPolicy
@@ -45,14 +45,20 @@ from .stepper import stage_time_table
 #: Iterations of the root finder before it gives up (it needs about ten).
 MAX_ROOT_ITERATIONS = 200
 
+#: Steps (fixed grids) or attempts (adaptive, unless ``options['max_num_steps']`` says otherwise) taken while
+#: looking for an event before the solve gives up (torchdiffeq's fixed-grid limit).
+MAX_EVENT_STEPS = 20000
+
 
 class EventFunction:
     """``event_fn(t, y)`` as one scalar ``g(t, y)`` that is positive until the event.
 
     ``event_fn`` may return a tensor of any shape; each element is multiplied by
     its sign at ``(t0, y0)`` (:meth:`calibrate`) and ``g`` is the minimum, so the
-    event is the first time any element changes sign.  Evaluated with autocast
-    off, in the state's dtype: ``g`` is a 0-dim tensor in that dtype.
+    event is the first time any element changes sign.  A later value of another
+    shape is multiplied by those signs with broadcasting (torchdiffeq's rule), so
+    e.g. a one-element value may become a vector.  Evaluated with autocast off, in
+    the state's dtype: ``g`` is a 0-dim tensor in that dtype.
     """
 
     def __init__(self, event_fn: Callable, layout: FlatState, policy: PrecisionPolicy) -> None:
@@ -77,11 +83,21 @@ class EventFunction:
         with torch.no_grad():
             self.signs = torch.sign(self.raw(t0, y0.detach()))
 
+    def holds_at_start(self) -> bool:
+        """Whether an element of ``event_fn(t0, y0)`` is zero: the event holds before any step (after :meth:`calibrate`)."""
+        return bool((self.signs == 0).any())
+
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = self.raw(t, y)
         if out.shape != self.signs.shape:
-            raise ValueError(f"event_fn returned shape {tuple(out.shape)} but {tuple(self.signs.shape)} at t0; "
-                             "it must return the same shape at every call")
+            try:
+                torch.broadcast_shapes(out.shape, self.signs.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"event_fn returned shape {tuple(out.shape)} at t = {float(t):.6g} but {tuple(self.signs.shape)} at "
+                    "t0; its elements are multiplied by their signs at t0, so later values must broadcast with the "
+                    "first (as in torchdiffeq); return the same shape at every call"
+                ) from None
         return (out * self.signs).min()
 
 
@@ -180,6 +196,14 @@ class EventLocator:
                     side = -1
         return a if abs(ga) < abs(gb) else b
 
+    def not_found(self, attempts: int, t: float) -> RuntimeError:
+        """The error of an adaptive march that made ``attempts`` attempts without an event, now at time ``t``."""
+        return RuntimeError(
+            f"odeint: no event within {attempts} step attempts from t = {self._t0:.6g} (reached t = {t:.6g}); check "
+            "that event_fn changes sign along the solution (an element of event_fn(t, y) must cross zero), or raise "
+            f"options['max_num_steps'] (default {MAX_EVENT_STEPS} for a solve until an event) if it happens later"
+        )
+
     def output_times(self, t: torch.Tensor) -> torch.Tensor:
         """``[t0, event time]`` in ``t``'s dtype and device (the outputs the backward pass differentiates)."""
         return torch.tensor([self._t0, self.time], dtype=t.dtype, device=t.device)
@@ -198,7 +222,7 @@ class FixedStepsUntilEvent(Stepping):
     :attr:`MAX_STEPS` steps (torchdiffeq's limit) are taken.
     """
 
-    MAX_STEPS = 20000
+    MAX_STEPS = MAX_EVENT_STEPS
 
     def __init__(self, grid_stepping: FixedGridStepping) -> None:
         if not isinstance(grid_stepping.rule, StepSizeGrid):
@@ -278,7 +302,11 @@ class _StepInterpolant:
 
 def until_event(stepping: Stepping, event_fn: Callable, layout: FlatState, policy: PrecisionPolicy,
                 t_host: torch.Tensor) -> tuple[Stepping, EventLocator]:
-    """The stepping and event locator of ``odeint(..., event_fn=...)``; checks ``t`` and the grid option."""
+    """The stepping and event locator of ``odeint(..., event_fn=...)``; checks ``t`` and the grid option.
+
+    Adaptive steps get a bound like fixed grids': at most :data:`MAX_EVENT_STEPS`
+    attempts unless ``options['max_num_steps']`` was given.
+    """
     if t_host.numel() != 2:
         raise ValueError(
             f"odeint: with event_fn, t must hold two times [t0, t1] (t0 starts the solve, t1 only gives the direction "
@@ -286,6 +314,8 @@ def until_event(stepping: Stepping, event_fn: Callable, layout: FlatState, polic
         )
     if isinstance(stepping, FixedGridStepping):
         stepping = FixedStepsUntilEvent(stepping)
+    elif isinstance(stepping, AdaptiveStepping) and stepping.options.max_num_steps is None:
+        stepping.options.max_num_steps = MAX_EVENT_STEPS
     return stepping, EventLocator(EventFunction(event_fn, layout, policy))
 
 
@@ -303,6 +333,12 @@ def attach_event_gradient(func: Callable, event_fn: Callable, t0: torch.Tensor, 
     gradient is ``dT``.  ``f`` is evaluated as in the solve (autocast), ``g`` in
     the state's dtype.  Raises when ``s`` is 0 or not finite (a tangential crossing:
     the event time has no derivative).
+
+    Two events do not move with the inputs (``dT = 0``, as torchdiffeq computes
+    them): one that holds at ``t0`` already (``T = t0``, so only ``t0`` moves it,
+    one for one), and one where ``g`` does not depend on ``(t, y)`` (``event_fn``
+    jumped there: a time horizon, a switch), where ``state`` is simply ``y`` at
+    the fixed time ``T``.
     """
     if not torch.is_grad_enabled():
         return event_t, state
@@ -310,19 +346,25 @@ def attach_event_gradient(func: Callable, event_fn: Callable, t0: torch.Tensor, 
     g = EventFunction(event_fn, layout, policy)
     g.calibrate(t0.detach().reshape(()), layout.flatten(y0).detach())
     y_e = layout.flatten(state)
+    still = event_t + (y_e * 0).sum().to(event_t.dtype)  # T itself, with a zero gradient wherever the state has one
+    if g.holds_at_start():
+        return still + (t0 - t0.detach()).reshape(()).to(event_t.dtype), state
     t_e = event_t.detach().to(layout.dtype)
     with torch.no_grad(), policy.autocast():
         f_e = FlatVectorField(func, layout)(t_e, y_e.detach())
     with torch.enable_grad():
         t_leaf, y_leaf = t_e.clone().requires_grad_(True), y_e.detach().clone().requires_grad_(True)
-        g_t, g_y = torch.autograd.grad(g(t_leaf, y_leaf), (t_leaf, y_leaf), allow_unused=True)
+        value = g(t_leaf, y_leaf)
+        g_t, g_y = torch.autograd.grad(value, (t_leaf, y_leaf), allow_unused=True) if value.requires_grad else (None, None)
     slope = (g_y * f_e).sum() if g_y is not None else torch.zeros((), dtype=layout.dtype, device=layout.device)
     if g_t is not None:
         slope = slope + g_t
     g_live = g(t_e, y_e)
     if not g_live.requires_grad:
-        return event_t, state
+        return still, state
     s = float(slope)
+    if s == 0.0 and not any(d is not None and bool(d.any()) for d in (g_t, g_y)):
+        return still, state  # g does not depend on (t, y) at T: the event is a jump of event_fn, fixed in time
     if s == 0.0 or not math.isfinite(s):
         raise FloatingPointError(
             f"odeint_event: d/dt event_fn(t, y(t)) is {s} at the event t = {float(event_t):.17g}: the solution touches "

@@ -16,6 +16,9 @@ strategy's own storage (its :class:`~mpnode.core.march.Recorder`):
   first evaluation read (frozen parameters, buffers, captured constants) and the
   forward did not itself modify.
 
+The march starts from a copy of ``y0``, so a field that writes into its input
+(refused at that evaluation) leaves the caller's ``y0`` as it was.
+
 The march runs outside the strategy's autograd Function, so the discovered tensors
 can become the Function's inputs; the Function then only saves what was recorded.
 The solution is checked (:func:`~mpnode.core.guards.check_solution`) before the
@@ -66,37 +69,35 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
     ``inputs`` is the strategy's :class:`~mpnode.core.strategies.SolveInputs`.  With
     ``replay_rng`` the generator states are tracked (per step on fixed grids); a
     stochastic field on an adaptive grid is refused (its draws cannot be replayed
-    per step: rejected attempts and first-same-as-last stages consume them).
-    ``cache_enabled`` is autocast's weight-cast cache (off when the recorder keeps
-    graphs: each evaluation's weight gradient is then converted before any sum).
+    per step: rejected attempts and first-same-as-last stages consume them) as soon
+    as it draws: after the first evaluation, then at every accepted step, so a
+    field whose noise collapses the step size is refused at once, not after the
+    march.  ``cache_enabled`` is autocast's weight-cast cache (off when the
+    recorder keeps graphs: each evaluation's weight gradient is then converted
+    before any sum).
     """
     adaptive = isinstance(stepping, AdaptiveStepping)
     randomness = None
     if replay_rng:
         randomness = StepRandomness(RandomStates(cuda_devices([inputs.y0, *inputs.params, *inputs.constants])))
         randomness.start()
-        if not adaptive:
-            recorder = _RandomnessRecorder(recorder, randomness)
+        recorder = (_RefuseRandomness if adaptive else _RandomnessRecorder)(recorder, randomness)
     probe = CapturedTensorProbe()  # also without discovery: the modules called and the tensors read
-    problem.field.next_call_hook = probe
+    first_call = probe
+    if adaptive and randomness is not None:
+        first_call = _checked_call(probe, lambda: _refuse_draws(randomness))
+    problem.field.next_call_hook = first_call
     nfe0 = problem.field.nfe
     try:
         with torch.no_grad(), problem.policy.autocast(cache_enabled=cache_enabled):
             outputs, trajectory = stepping.march(
-                problem, inputs.y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, recorder
+                problem, inputs.y0.detach().clone(), inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, recorder
             )
     finally:
         problem.field.next_call_hook = None
     check_solution(outputs, problem.policy)
     if randomness is not None and randomness.finish() and adaptive:
-        raise RuntimeError(
-            "odeint: func draws random numbers (dropout, torch.randn, ...) and this solve chooses its steps "
-            "adaptively, so the recompute backward cannot replay the forward's draws (rejected attempts and reused "
-            "stages consume them) and the gradient would belong to other noise. Use a fixed grid "
-            "(options={'step_size': ...} or a fixed method such as method='rk4'), make func deterministic "
-            "(module.eval(), or draw the noise once outside func and capture it), or accept gradients of fresh "
-            "draws with adjoint=RecomputeAdjoint(replay_rng=False)."
-        )
+        raise RuntimeError(ADAPTIVE_RANDOMNESS_REFUSED)
     params = list(inputs.params)
     if inputs.discover:
         params += probe.new_targets([*params, *inputs.constants, inputs.y0])
@@ -107,6 +108,46 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
                     module_modes(modules))
     versions = VersionRecord([*params, *inputs.constants, inputs.t, inputs.grid, *probe.unchanged_reads()])
     return outputs, TrackedForward(trajectory, params, replay, versions, nfe0)
+
+
+#: Why a field that draws random numbers is refused on adaptive steps by the strategies that recompute.
+ADAPTIVE_RANDOMNESS_REFUSED = (
+    "odeint: func draws random numbers (dropout, torch.randn, ...) and this solve chooses its steps adaptively, so "
+    "a recompute backward cannot replay the forward's draws (rejected attempts and reused stages consume them) and "
+    "the gradient would belong to other noise. Use adjoint=DirectAdjoint() to backpropagate through the forward's "
+    "own draws (as torchdiffeq does; it keeps every step's graph), a fixed grid (options={'step_size': ...} or a "
+    "fixed method such as method='rk4'), a deterministic func (module.eval(), or noise drawn once outside func and "
+    "captured), or accept gradients of fresh draws with adjoint=RecomputeAdjoint(replay_rng=False). (Noise that is "
+    "not small against rtol/atol also makes adaptive steps collapse: prefer a fixed grid for stochastic fields.)"
+)
+
+
+def _refuse_draws(randomness: StepRandomness) -> None:
+    """Raise :data:`ADAPTIVE_RANDOMNESS_REFUSED` if a generator moved since the solve started (one state read)."""
+    if not RandomStates.same(randomness.generators.capture(), randomness.initial):
+        raise RuntimeError(ADAPTIVE_RANDOMNESS_REFUSED)
+
+
+def _checked_call(probe, check):
+    """A one-shot field hook: the evaluation (through ``probe`` when discovering), then ``check()``."""
+
+    def call(func, t, y):
+        out = func(t, y) if probe is None else probe(func, t, y)
+        check()
+        return out
+
+    return call
+
+
+class _RefuseRandomness(ForwardingRecorder):
+    """Adaptive steps: passes each accepted step on to ``inner`` after checking that no random number was drawn."""
+
+    def __init__(self, inner: Recorder, randomness: StepRandomness) -> None:
+        self.inner, self.randomness = inner, randomness
+
+    def record(self, n, y, first_stage):
+        _refuse_draws(self.randomness)
+        self.inner.record(n, y, first_stage)
 
 
 class _RandomnessRecorder(ForwardingRecorder):

@@ -11,6 +11,8 @@
   of returning zeros.
 * :func:`refuse_function_transforms`: ``torch.func`` transforms (``vmap``, ``grad``,
   ``jacrev``, ...) cannot trace a solve that chooses its steps on the host.
+* :func:`refuse_batched_gradients`: a batch of output gradients pushed through one
+  backward pass (``jacobian(..., vectorize=True)``, ``is_grads_batched=True``).
 * :func:`check_solution`: the forward's one end-of-solve host check (finite
   solution), made by each strategy before it commits the solve's counters.
 """
@@ -83,6 +85,24 @@ def refuse_function_transforms() -> None:
             "into y0 (any shape is one state; a per-sample field sees the whole batch), and take derivatives with "
             "torch.autograd.grad / loss.backward() (per-sample gradients: one backward per sample, or "
             "torch.autograd.functional.jacobian with vectorize=False)."
+        )
+
+
+def refuse_batched_gradients(grad: torch.Tensor) -> None:
+    """Raise when ``grad`` is a vmap-batched tensor: autograd asked for a batch of vector-Jacobian products at once.
+
+    The adjoint walks the steps with host decisions (scaling blocks, the scaler's
+    checks) and sums gradients in place, which one batched pass cannot do.  The
+    batched-tensor test is a private torch API, asked here only.
+    """
+    functorch = getattr(torch._C, "_functorch", None)
+    tests = [getattr(functorch, name, None) for name in ("is_legacy_batchedtensor", "is_batchedtensor")]
+    if any(test is not None and test(grad) for test in tests):
+        raise RuntimeError(
+            "odeint: autograd asked its backward for a batch of gradients at once "
+            "(torch.autograd.functional.jacobian(..., vectorize=True) or autograd.grad(..., is_grads_batched=True)); "
+            "odeint's backward computes one vector-Jacobian product per pass. Use vectorize=False (jacobian) or "
+            "is_grads_batched=False with one autograd.grad(..., retain_graph=True) call per row of the Jacobian."
         )
 
 

@@ -244,7 +244,7 @@ class AdaptiveOptions:
     first_step: float | None = None
     min_step: float = 0.0
     max_step: float = math.inf
-    max_num_steps: int = 2**31 - 1
+    max_num_steps: int | None = None  # None: no bound of ours (2**31 - 1), or MAX_EVENT_STEPS until an event
     step_t: tuple[float, ...] = ()
     jump_t: tuple[float, ...] = ()
     max_rejections: int = 64
@@ -356,6 +356,7 @@ class AdaptiveStepping(Stepping):
             err = weighted_sum(tab.b_err, stages.ks) * hn
             ratio_t = self.tolerance.error_ratio(err, y, y1, self._roundoff_size(problem, hn, stages))
             ratio = float(ratio_t)  # the one host synchronisation of an attempt
+            self.tolerance.check_norm_value(ratio, lambda: err / self.tolerance.scale(y, y1))
             if not math.isfinite(ratio):
                 ratio = math.inf
             last_ratio = ratio
@@ -365,7 +366,9 @@ class AdaptiveStepping(Stepping):
             if size <= opts.min_step:
                 accept = True
             attempts += 1
-            if attempts > opts.max_num_steps:
+            if attempts > (opts.max_num_steps or 2**31 - 1):
+                if problem.event is not None:
+                    raise problem.event.not_found(attempts - 1, t0)
                 raise RuntimeError(
                     f"odeint: max_num_steps = {opts.max_num_steps} attempts were exceeded before reaching t = {outputs[j]:.6g}; "
                     "raise options['max_num_steps'] or loosen rtol/atol"

@@ -71,11 +71,12 @@ def odeint(
             with ``requires_grad`` receive gradients, and so does every other
             grad-requiring tensor the first evaluation of ``func`` uses (a
             closure's tensor, a module's context attribute).  Random numbers drawn
-            inside ``func`` are replayed in backward (fixed grids; refused on
-            adaptive ones), modules run in backward in the mode (``training``) they
-            had in the forward, module buffers are left as the forward left them,
-            and a tensor ``func`` read that is modified in place before backward
-            makes it raise (docs/guarantees.md).  It may define torchdiffeq's callbacks
+            inside ``func`` are replayed in backward (fixed grids; on adaptive
+            ones refused at the first draw, except by ``DirectAdjoint``, which
+            keeps the forward's graphs), modules run in backward in the mode
+            (``training``) they had in the forward, module buffers are left as the
+            forward left them, and a tensor ``func`` read that is modified in place
+            before backward makes it raise (docs/guarantees.md).  It may define torchdiffeq's callbacks
             ``callback_step`` etc. (see :mod:`mpnode.core.callbacks`).
         y0: float32/float64 tensor of any shape, or a tuple of such tensors.
         t: 1-D float32/float64 tensor of output times, strictly increasing or
@@ -250,7 +251,10 @@ def _positive_time(name: str, value: Any, allow_zero: bool = False, allow_inf: b
 def _times(name: str, value: Any) -> tuple[float, ...]:
     if value is None:
         return ()
-    values = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(-1)
+    try:
+        values = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"options[{name!r}] must be a list or 1-D tensor of times (numbers), got {value!r}") from None
     if not bool(torch.isfinite(values).all()):
         raise ValueError(f"options[{name!r}] contains inf or NaN")
     if values.unique().numel() != values.numel():

@@ -39,6 +39,15 @@ class FlatState:
         return tuple(p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes))
 
 
+#: What a field that modifies its input in place is told (the solver hands it a copy of y0, left as it was).
+IN_PLACE_INPUT = (
+    "odeint: func modified its input y in place (y.mul_(...), y[...] = ..., y += ..., an in-place activation such as "
+    "relu_ or nn.ReLU(inplace=True) applied to y); the solver reuses y for the step's other stages and the next "
+    "state, so the solution would be wrong. Compute a new tensor instead (y = y * 0.5, torch.relu(y)), or clone "
+    "first (y = y.clone()). Your y0 was not changed."
+)
+
+
 class FlatVectorField:
     """``func(t, y)`` seen as a map on flat high-precision vectors.
 
@@ -46,7 +55,9 @@ class FlatVectorField:
     torchdiffeq does), ``y`` in the user's structure.  The result is checked
     (structure, shape, floating dtype) and cast to the state dtype, so stage
     sums are accumulated in high precision whatever dtype autocast produced.
-    Every call is counted in ``nfe``.
+    Every call is counted in ``nfe``.  A ``func`` that modifies ``y`` in place
+    raises (:data:`IN_PLACE_INPUT`): the solver reuses ``y`` for the step's other
+    stages and the next state.
     """
 
     def __init__(self, func: Callable, layout: FlatState) -> None:
@@ -59,11 +70,14 @@ class FlatVectorField:
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         lay = self.layout
+        version = None if y.is_inference() else y._version
         if self.next_call_hook is not None:
             hook, self.next_call_hook = self.next_call_hook, None
             out = hook(self.func, t.to(lay.dtype), lay.unflatten(y))
         else:
             out = self.func(t.to(lay.dtype), lay.unflatten(y))
+        if version is not None and y._version != version:
+            raise RuntimeError(IN_PLACE_INPUT)
         if not lay.is_tuple and isinstance(out, torch.Tensor) and out.shape == lay.shapes[0] \
                 and out.dtype.is_floating_point:  # the common case, checked without the general path
             return out.reshape(-1).to(lay.dtype)

@@ -34,13 +34,13 @@ from .backward import BackwardPlan, StepSource, build_step_graph, run_adjoint
 from .checkpoints import CheckpointStore, StoredRows, decode_row, encode_row
 from .forward import TrackedForward, tracked_forward
 from .graphs import StepGraph
-from .guards import check_solution, first_order_only
+from .guards import check_solution, first_order_only, refuse_batched_gradients
 from .march import CARRIED, ForwardingRecorder, Problem, Recorder, Stepping, Trajectory, replay
+from .meters import held_memory
 from .parameters import reachable_grad_tensors
 from .replay import Replay
 from .scaling import AdjointScaling, NoAdjointScaling, default_scaling
 from .stats import SolverStats
-from .testing import held_memory
 
 
 @dataclass
@@ -299,7 +299,7 @@ class RecomputedSteps(StepSource):
     def session(self):
         return self.replay.session()
 
-    def state(self, n):
+    def state(self, plan, n):
         return self.checkpoints.states.row(n)
 
     def first_is_input(self, n):
@@ -308,7 +308,7 @@ class RecomputedSteps(StepSource):
     def graph(self, plan, n, with_end_slope):
         first = self.checkpoints.first_stages.row(self.checkpoints.first_row[n]) if self.first_is_input(n) else None
         self.replay.before_step(n)
-        return build_step_graph(plan, n, self.state(n), first, with_end_slope)
+        return build_step_graph(plan, n, self.state(plan, n), first, with_end_slope)
 
 
 # -- direct ------------------------------------------------------------------------------------------
@@ -363,7 +363,7 @@ class KeptSteps(StepSource):
     def session(self):
         return self.replay.session()
 
-    def state(self, n):
+    def state(self, plan, n):
         return self.graphs[n].y.detach()
 
     def first_is_input(self, n):
@@ -476,10 +476,10 @@ class SegmentReplay(StepSource):
                             None if first is None else first.to(state_dtype), before_step=self.replay.before_step)
         self.cache = dict(zip(range(start, stop), states))
 
-    def state(self, n):
-        if n in self.cache:
-            return self.cache[n][0]
-        return self.kept[n][0] if n in self.kept else None
+    def state(self, plan, n):
+        if n not in self.cache:  # callbacks may ask before backward reaches the step, or after it left its segment
+            self._segment(plan, n)
+        return self.cache[n][0]
 
     def first_is_input(self, n):
         return self.trajectory.first_stage[n] == CARRIED
@@ -600,11 +600,11 @@ class BudgetedStore(ForwardingRecorder, StepStore):
 
 
 def _solve_without_graph(problem: Problem, stepping: Stepping, inputs: SolveInputs, name: str) -> torch.Tensor:
-    """A solve nothing will differentiate: march under ``no_grad``, keep nothing."""
+    """A solve nothing will differentiate: march under ``no_grad`` from a copy of ``y0``, keep nothing."""
     nfe0 = problem.field.nfe
     with torch.no_grad(), problem.policy.autocast():
         outputs, trajectory = stepping.march(
-            problem, inputs.y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, Recorder()
+            problem, inputs.y0.detach().clone(), inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, Recorder()
         )
     check_solution(outputs, problem.policy)
     _commit_forward(problem, trajectory, inputs.user_stats, name, nfe0)
@@ -663,17 +663,21 @@ class _AdjointFunction(torch.autograd.Function):
     def backward(ctx, grad_outputs):
         setup = ctx.setup
         problem, inputs, forward = setup.problem, setup.inputs, setup.forward
+        saved = list(ctx.saved_tensors)  # after a pass without retain_graph: autograd's "backward ... a second time"
+        refuse_batched_gradients(grad_outputs)
         forward.versions.check()
         trajectory = forward.trajectory
-        source = setup.store.source(trajectory, list(ctx.saved_tensors), forward.replay)
+        retain = graph_retained()
+        source = setup.store.source(trajectory, saved, forward.replay)
         need_t, need_grid, need_y0 = ctx.needs_input_grad[1:4]
         params = forward.params
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:4 + len(params)]) if need]
         problem.counters = SolverStats()
         plan = BackwardPlan(problem, trajectory, [params[i] for i in wanted], [*params, *inputs.constants],
-                            inputs.t.detach(), need_times=need_t or need_grid)
+                            inputs.t.detach(), need_times=need_t or need_grid, retain_graph=retain)
         result = run_adjoint(plan, source, grad_outputs, setup.strategy.resolved_scaling(problem))
-        setup.store = None  # a direct strategy's graphs are not needed any more
+        if not retain:
+            setup.store = None  # a direct strategy's graphs are freed with the rest of the graph
         t_grad = _output_time_gradient(result, inputs, trajectory, need_t, adaptive=inputs.grid is None)
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         for i, g in zip(wanted, result.param_grads):
@@ -684,6 +688,17 @@ class _AdjointFunction(torch.autograd.Function):
         grid_grad = result.grid_grad if need_grid else None
         watched = [None] * (len(ctx.needs_input_grad) - 4 - len(params))
         return (None, t_grad, grid_grad, result.lam0 if need_y0 else None, *param_grads, *watched)
+
+
+def graph_retained() -> bool:
+    """Whether the running backward pass keeps the graph (``retain_graph=True``: backward may run through it again).
+
+    The one place mpnode asks autograd's engine this (a private torch API that
+    torch's own compiled-autograd code uses); where it is missing the graph counts
+    as retained, which keeps the store until autograd frees the node.
+    """
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 def _output_time_gradient(result, inputs: SolveInputs, trajectory: Trajectory, need_t: bool, adaptive: bool):

@@ -12,7 +12,8 @@ A standard vector field, :class:`MLPField` (a tanh MLP on ``(y, t)``).
 Meters for what a solve costs besides time:
 
 * :class:`HeldMemory` / :func:`held_memory`: bytes of the distinct storages
-  autograd saves for backward (``saved_tensors_hooks``);
+  autograd saves for backward (``saved_tensors_hooks``; defined in
+  :mod:`mpnode.core.meters`, which ``AutoAdjoint`` uses, and re-exported here);
 * :class:`SyncCount` / :func:`count_host_syncs`: device-to-host scalar reads
   (``aten._local_scalar_dense``: ``.item()``, ``bool(t)``, ``float(t)``).
 
@@ -21,11 +22,13 @@ See ``docs/tests.md`` for how the test suite uses them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .meters import HeldMemory, held_memory
 
 __all__ = [
     "LinearField",
@@ -218,97 +221,6 @@ class MLPField(torch.nn.Module):
 
 
 # ---------------------------------------------------------------- meters
-
-StorageKey = tuple[str, int]  # (device, data_ptr) of an untyped storage
-
-
-@dataclass
-class HeldMemory:
-    """Storages autograd saves for backward while this meter is active (``with HeldMemory() as m:``).
-
-    Every tensor autograd saves (``ctx.save_for_backward`` included, hence
-    mpnode's checkpoints) passes a ``saved_tensors_hooks`` pack hook; storages
-    are deduplicated by ``(device, data_ptr)``, so views of one buffer count
-    once.  Nothing is copied or retained: the hook returns the tensor unchanged.
-
-    Attributes:
-        storages: ``(device, data_ptr) -> (nbytes, dtype)`` of each distinct storage
-            packed outside a backward pass (what the forward keeps for backward).
-        recompute_storages: the same for packs made *inside* a backward pass (for
-            instance a recompute-based adjoint rebuilding one step); these are
-            transient and not counted in :attr:`bytes`.
-        excluded: keys of storages not to count (e.g. the parameters).
-    """
-
-    storages: dict[StorageKey, tuple[int, torch.dtype]] = field(default_factory=dict)
-    recompute_storages: dict[StorageKey, tuple[int, torch.dtype]] = field(default_factory=dict)
-    excluded: set[StorageKey] = field(default_factory=set)
-    chain: bool = False
-
-    @property
-    def bytes(self) -> int:
-        """Total bytes of the distinct storages held for backward."""
-        return sum(n for n, _ in self.storages.values())
-
-    @property
-    def recompute_bytes(self) -> int:
-        """Total bytes of distinct storages packed during backward passes (transient)."""
-        return sum(n for n, _ in self.recompute_storages.values())
-
-    def bytes_by_dtype(self) -> dict[torch.dtype, int]:
-        """:attr:`bytes` split by the dtype of the tensor that packed each storage."""
-        out: dict[torch.dtype, int] = {}
-        for n, dt in self.storages.values():
-            out[dt] = out.get(dt, 0) + n
-        return out
-
-    def __enter__(self) -> "HeldMemory":
-        # saved-tensor hooks do not nest: with ``chain`` the hooks active outside (e.g. the caller's
-        # ``save_on_cpu``) still pack and unpack every tensor, this meter only counts on the way
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(False) if self.chain else None
-        self._outer = outer
-        unpack = _unpack if outer is None else outer[1]
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-    def _pack(self, x: torch.Tensor) -> torch.Tensor:
-        self._count(x)
-        outer = getattr(self, "_outer", None)
-        return x if outer is None else outer[0](x)
-
-    def _count(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.layout != torch.strided:
-            return
-        try:
-            s = x.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
-            return
-        key = (str(x.device), s.data_ptr())
-        if key in self.excluded or s.nbytes() == 0:
-            return
-        inside_backward = torch._C._current_graph_task_id() != -1
-        target = self.recompute_storages if inside_backward else self.storages
-        previous = target.get(key, (0, x.dtype))[0]
-        target[key] = (max(previous, s.nbytes()), x.dtype)
-
-
-def _unpack(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def held_memory(exclude: Iterable[torch.Tensor] = (), chain: bool = False) -> HeldMemory:
-    """A :class:`HeldMemory` meter for ``with held_memory(exclude=model.parameters()) as m:``.
-
-    ``exclude``: tensors whose storages are not counted (pass the parameters to
-    leave out the weights every solver shares).  ``chain``: pass every tensor on to
-    the saved-tensor hooks active when the meter is entered (they would otherwise be
-    bypassed: hooks do not nest).
-    """
-    return HeldMemory(excluded={(str(t.device), t.untyped_storage().data_ptr()) for t in exclude}, chain=chain)
 
 
 class SyncCount(TorchDispatchMode):
