@@ -434,8 +434,8 @@ def test_an_empty_batch_is_solved_like_torchdiffeqs_fixed_grids(method, device):
 def test_a_field_that_writes_into_y_is_refused_and_y0_stays_as_it_was(strategy, stepping, device):
     """Was: the in-place write reached the caller's y0 (even a leaf that requires grad) and the solve went on.
 
-    A strategy that keeps graphs evaluates fixed steps with autograd on, where autograd itself refuses the write
-    (its leaf check comes first); elsewhere odeint's message names the fix."""
+    A strategy that keeps graphs evaluates its steps (and an adaptive solve's first stage) with autograd on, where
+    autograd itself refuses the write (its leaf check comes first); elsewhere odeint's message names the fix."""
 
     def halves_y(t, y):
         y.mul_(0.5)
@@ -445,7 +445,7 @@ def test_a_field_that_writes_into_y_is_refused_and_y0_stays_as_it_was(strategy, 
     adjoint = None if strategy == "no-grad" else STRATEGIES[strategy]()
     ours = "func modified its input y in place.*Your y0 was not changed"
     autograd = "leaf Variable that requires grad is being used in an in-place operation"
-    keeps_graphs = strategy in ("direct", "auto-fallback") and stepping == "fixed"
+    keeps_graphs = strategy in ("direct", "auto-fallback")
     with pytest.raises(RuntimeError, match=autograd if keeps_graphs else ours):
         odeint(halves_y, y0, torch.tensor([0.0, 1.0], dtype=F64, device=device), adjoint=adjoint,
                **STEPPINGS[stepping])
