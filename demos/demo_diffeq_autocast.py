@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from tqdm import tqdm
 
-from mpnode.bench.experiment import print_table, pyplot, save_figure, script_parser, setup, solver, write_csv
+from mpnode.bench.experiment import (
+    label_steps, print_table, progress, pyplot, save_figure, script_parser, setup, solver, write_csv,
+)
 from mpnode.core.testing import LinearField, LinearODE
 
 SOLVERS = ("torchdiffeq", "mpnode")
@@ -119,7 +120,7 @@ def error_growth(steps: list[int], precisions: list[str], seed: int = 0) -> list
     problem = LinearODE.random(dim=8, batch=4, seed=seed)
     rows = []
     grid = [(p, n, s) for p in precisions for n in steps for s in SOLVERS]
-    for precision, n, name in tqdm(grid, desc="solves", unit="solve"):
+    for precision, n, name in progress(grid, desc="solves", unit="solve"):
         with torch.autocast("cpu", dtype=getattr(torch, precision)):
             result = problem.solve(solver(name), n, method="rk4")
         err = problem.errors(result)
@@ -157,6 +158,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.loglog([r["steps"] for r in sel], [r["err_dA"] for r in sel], "-o", color=c, label=f"{s} dL/dA")
             ax.loglog([r["steps"] for r in sel], [r["err_dy0"] for r in sel], "--s", color=c, label=f"{s} dL/dy0")
         ax.set(title=f"{p} autocast, RK4", xlabel="steps", ylabel="relative gradient error")
+        label_steps(ax, (r["steps"] for r in rows))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, path, dpi=120)

@@ -145,6 +145,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.semilogy([r["iteration"] for r in sel], errs, "-o", label=solver, markersize=4)
         ax.set_title(f"{scenario} (loss x {SCENARIOS[scenario]:g})")
         ax.set_xlabel("training step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("rel. error of dL/dA (10 = inf)")
     axes[-1].legend(fontsize=7)

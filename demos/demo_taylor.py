@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from mpnode.bench.experiment import print_table, pyplot, save_figure, script_parser, setup, write_csv
+from mpnode.bench.experiment import print_table, progress, pyplot, save_figure, script_parser, setup, write_csv
 from mpnode.bench.report import linear_fit
 from mpnode.core import odeint
 
@@ -145,7 +144,7 @@ def run(n_eps: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
         else:
             eps0 = EPS0[kind]
         eps = [eps0 * 2.0**-k for k in range(n_eps)]
-        lk = [prob.loss64(kind, e, v) for e in tqdm(eps, desc=f"L64({kind})", leave=False)]
+        lk = [prob.loss64(kind, e, v) for e in progress(eps, desc=f"L64({kind})")]
         g64v = None
         for precision in PRECISIONS:
             gv = float((prob.gradient(precision, kind) * v).sum())

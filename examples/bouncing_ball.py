@@ -18,19 +18,27 @@ Writes ``<out>/log.csv`` (iteration, loss, e, error of e, seconds) and
 ``<out>/bouncing_ball.png`` (true and learned heights with their bounce times;
 ``e`` and the loss during training).
 
+Needs torch, mpnode-core and matplotlib (torchdiffeq for ``--odeint torchdiffeq``).
+
     python examples/bouncing_ball.py --precision bfloat16
     python examples/bouncing_ball.py --smoke
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
 import math
 import time
+from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
-from mpnode.bench.experiment import CSVLog, add_solver_flags, autocast, pyplot, save_figure, script_parser, setup
+import mpnode.core
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 GRAVITY = 9.81
 TRUE_RESTITUTION = 0.8
@@ -95,13 +103,11 @@ def bounce_times(func: nn.Module, restitution: torch.Tensor, x0: float, n_bounce
 
 def heights(func: nn.Module, flights, times: torch.Tensor, points: int, solve_kw: dict):
     """Height curves of each flight on ``points`` times: a list of ``(t, x)`` float numpy arrays."""
-    from mpnode.core import odeint
-
     curves = []
     with torch.no_grad():
         for (t0, y0), t1 in zip(flights, times):
             grid = torch.linspace(float(t0), float(t1), points, dtype=y0.dtype)
-            x = odeint(func, y0, grid, **solve_kw)[:, 0]
+            x = mpnode.core.odeint(func, y0, grid, **solve_kw)[:, 0]
             curves.append((grid.numpy(), x.float().numpy()))
     return curves
 
@@ -115,29 +121,46 @@ def _flight_loss(predicted: torch.Tensor, observed: torch.Tensor) -> torch.Tenso
 
 
 def event_solver_for(name: str):
+    """``mpnode.core.odeint_event``, or torchdiffeq's (same call) for the comparison."""
     if name == "mpnode":
-        from mpnode.core import odeint_event
-    else:
-        from torchdiffeq import odeint_event
-    return odeint_event
+        return mpnode.core.odeint_event
+    try:
+        import torchdiffeq
+    except ImportError as err:
+        raise SystemExit("--odeint torchdiffeq needs torchdiffeq: pip install torchdiffeq") from err
+    return torchdiffeq.odeint_event
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bouncing_ball.py", description=__doc__.splitlines()[0])
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="autocast dtype of the drag network")
+    p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode",
+                   help="whose odeint_event finds the bounces")
+    p.add_argument("--method", choices=["dopri5", "rk4"], default="dopri5")
+    p.add_argument("--step-size", type=float, default=0.01, help="step of rk4")
+    p.add_argument("--niters", type=int, default=150)
+    p.add_argument("--bounces", type=int, default=5)
+    p.add_argument("--height", type=float, default=3.0, help="drop height x0")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--print-freq", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fixed drag network")
+    p.add_argument("--out", type=Path, default=Path("outputs/bouncing_ball"), help="folder for log.csv and the figure")
+    p.add_argument("--smoke", "--quick", action="store_true",
+                   help="tiny sizes and counts, for the tests (--quick is an alias)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.niters, args.bounces, args.print_freq = 3, 2, 1
+    if args.niters < 1:
+        p.error("--niters must be >= 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = script_parser("bouncing_ball", "learn the coefficient of restitution from bounce times")
-    add_solver_flags(parser)
-    parser.add_argument("--niters", type=int, default=150)
-    parser.add_argument("--bounces", type=int, default=5)
-    parser.add_argument("--height", type=float, default=3.0, help="drop height x0")
-    parser.add_argument("--method", choices=["dopri5", "rk4"], default="dopri5")
-    parser.add_argument("--step-size", type=float, default=0.01, help="step of rk4")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--print-freq", type=int, default=25)
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.niters, args.bounces, args.print_freq = 3, 2, 1
-    device = setup(args)
-    if device.type != "cpu":
-        print(f"note: this example is a scalar ODE; it runs on the CPU (--device {args.device} ignored)")
+    args = parse_args(argv)  # a scalar ODE: it runs on the CPU
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    # only the drag network runs in the autocast dtype; the state, events and root finding stay float32
+    autocast = torch.autocast("cpu", dtype=PRECISIONS[args.precision], enabled=args.precision != "float32")
     event_solver = event_solver_for(args.odeint)
     solve_kw = {"method": args.method, "rtol": 1e-6, "atol": 1e-8}
     if args.method == "rk4":
@@ -153,28 +176,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = Ball(0.5, seed=args.seed)
     optimizer = torch.optim.Adam([model.logit_e], lr=args.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.niters)
-    log = CSVLog(args.out / "log.csv")
     history = []
     start = time.perf_counter()
     for it in range(1, args.niters + 1):
         optimizer.zero_grad()
-        with autocast(args.precision, torch.device("cpu")):
+        with autocast:
             predicted, _ = bounce_times(model, model.restitution, args.height, args.bounces, solve_kw, event_solver)
         loss = _flight_loss(predicted, observed)
         loss.backward()
         optimizer.step()
         schedule.step()
         e = float(model.restitution.detach())
-        row = {"iteration": it, "loss": float(loss), "restitution": e, "error": abs(e - TRUE_RESTITUTION),
+        row = {"iteration": it, "loss": loss.item(), "restitution": e, "error": abs(e - TRUE_RESTITUTION),
                "seconds": time.perf_counter() - start}
-        log.write(**row)
         history.append(row)
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(f"the loss became {row['loss']} at iteration {it}; lower --lr")
         if it % args.print_freq == 0 or it == args.niters:
             print(f"iter {it:4d}  loss {row['loss']:.3e}  e {e:.5f} (true {TRUE_RESTITUTION})  "
                   f"{row['seconds']:.1f}s")
-    log.close()
+    write_csv(args.out / "log.csv", history)
 
     with torch.no_grad():
         predicted, flights = bounce_times(model, model.restitution, args.height, args.bounces, solve_kw, event_solver)
@@ -185,8 +206,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return final
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _plot(args, history, observed, predicted, true_flights, flights, truth, model, solve_kw) -> None:
-    fig, (ax_x, ax_e) = pyplot().subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_x, ax_e = fig.subplots(1, 2)
     exact_kw = {"rtol": 1e-10, "atol": 1e-12}
     for label, color, curves, times in (
         ("true", "black", heights(truth, true_flights, observed.double(), 60, exact_kw), observed),
@@ -204,13 +233,15 @@ def _plot(args, history, observed, predicted, true_flights, flights, truth, mode
     ax_e.plot(its, [h["restitution"] for h in history], color="tab:blue", label="learned e")
     ax_e.axhline(TRUE_RESTITUTION, color="tab:blue", ls=":", label="true e")
     ax_e.set_xlabel("iteration")
+    ax_e.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
     ax_e.set_ylabel("coefficient of restitution e")
     ax_loss = ax_e.twinx()
-    ax_loss.semilogy(its, [h["loss"] for h in history], color="tab:red", alpha=0.6, label="loss")
-    ax_loss.set_ylabel("loss (mean squared relative error of flight times)")
-    ax_e.legend(loc="center right")
+    ax_loss.semilogy(its, [h["loss"] for h in history], color="tab:red", alpha=0.6, label="loss (right axis)")
+    ax_loss.set_ylabel("loss: mean squared relative error of flight times")
+    lines = ax_e.get_legend_handles_labels()[0] + ax_loss.get_legend_handles_labels()[0]
+    ax_e.legend(lines, [ln.get_label() for ln in lines], loc="center right")
     fig.tight_layout()
-    save_figure(fig, args.out / "bouncing_ball.png", dpi=120)
+    fig.savefig(args.out / "bouncing_ball.png", dpi=120)
 
 
 if __name__ == "__main__":

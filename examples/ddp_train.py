@@ -14,21 +14,33 @@ On CPU the ranks talk over gloo, on CUDA over NCCL (one GPU per rank: ``cuda:LOC
 ``--precision float16`` runs the vector field in float16 with mpnode's dynamic adjoint scaler
 (one per process, kept across iterations) and a ``torch.amp.GradScaler`` for the other layers.
 Rank 0 prints one line per epoch and the final loss, and writes ``<out>/ddp_train.csv``
-(epoch, mean training loss over all ranks, test loss and accuracy, seconds, world size).
+(epoch, mean training loss over all ranks, test loss and accuracy, seconds, world size) and
+``<out>/ddp_train.png`` (the test points coloured by the predicted ring over the learned decision
+regions; the losses and the test accuracy per epoch).
+
+Needs torch, mpnode-core, mpnode-models, mpnode-scaler (for ``--precision float16``) and matplotlib
+(torchdiffeq for ``--odeint torchdiffeq``).
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from matplotlib.figure import Figure
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from mpnode.bench.experiment import CSVLog, add_solver_flags, autocast, script_parser, setup, solver
+import mpnode.core
+from mpnode.models.toy_data import circles
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Field(nn.Module):
@@ -62,8 +74,6 @@ class ODEClassifier(nn.Module):
 
 def circles_dataset(n: int, seed: int) -> TensorDataset:
     """``n`` points of the two circles and their ring label (0 inner, 1 outer); the same on every rank."""
-    from mpnode.models.toy_data import circles
-
     x = circles(n, generator=torch.Generator().manual_seed(seed))
     return TensorDataset(x, (x.norm(dim=1) > 1.5).long())
 
@@ -91,11 +101,22 @@ def mean_over_ranks(value: float, world_size: int, device: torch.device) -> floa
     return float(total) / world_size
 
 
+def get_odeint(name: str):
+    """``mpnode.core.odeint``, or torchdiffeq's (same call) for the comparison."""
+    if name == "mpnode":
+        return mpnode.core.odeint
+    try:
+        import torchdiffeq
+    except ImportError as err:
+        raise SystemExit("--odeint torchdiffeq needs torchdiffeq: pip install torchdiffeq") from err
+    return torchdiffeq.odeint
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TensorDataset, args, device) -> tuple[float, float]:
+def evaluate(model: nn.Module, data: TensorDataset, autocast, device) -> tuple[float, float]:
     """Test loss and accuracy of ``model`` (the plain module, no collectives) on ``data``."""
     x, labels = (t.to(device) for t in data.tensors)
-    with autocast(args.precision, device):
+    with autocast:
         logits = model(x)
     loss = nn.functional.cross_entropy(logits.float(), labels)
     return float(loss), float((logits.argmax(1) == labels).float().mean())
@@ -103,21 +124,22 @@ def evaluate(model: nn.Module, data: TensorDataset, args, device) -> tuple[float
 
 def train(args) -> float:
     rank, world_size, device = init_distributed(args.device)
-    args.device = str(device)
-    setup(args)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    args.out.mkdir(parents=True, exist_ok=True)
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "float32")
     scaler = None
     if args.precision == "float16" and args.odeint == "mpnode":
         from mpnode.scaler import DynamicAdjointScaler
 
         scaler = DynamicAdjointScaler()  # per process: its decisions are this rank's own
-    model = ODEClassifier(solver(args.odeint), args.dim, args.width, args.step_size, scaler).to(device)
+    model = ODEClassifier(get_odeint(args.odeint), args.dim, args.width, args.step_size, scaler).to(device)
     ddp = DistributedDataParallel(model) if world_size > 1 else model
     train_set, test_set = circles_dataset(args.n_train, args.seed), circles_dataset(args.n_test, args.seed + 1)
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True)
     opt = torch.optim.Adam(ddp.parameters(), lr=args.lr)
     grad_scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
-    log = CSVLog(args.out / "ddp_train.csv") if rank == 0 else None
+    rows = []
     start, train_loss = time.perf_counter(), float("nan")
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)  # a different shuffle per epoch, the same on every rank
@@ -126,7 +148,7 @@ def train(args) -> float:
             if step == args.max_steps:
                 break
             x, labels = x.to(device), labels.to(device)
-            with autocast(args.precision, device):
+            with autocast:
                 loss = nn.functional.cross_entropy(ddp(x).float(), labels)
             opt.zero_grad(set_to_none=True)
             grad_scaler.scale(loss).backward()  # DDP all-reduces the gradients here
@@ -135,15 +157,17 @@ def train(args) -> float:
             loss_sum, steps = loss_sum + loss.detach(), steps + 1
         train_loss = mean_over_ranks(float(loss_sum) / steps, world_size, device)  # one host read per epoch
         if rank == 0:
-            test_loss, accuracy = evaluate(model, test_set, args, device)
+            test_loss, accuracy = evaluate(model, test_set, autocast, device)
             row = dict(epoch=epoch, train_loss=train_loss, test_loss=test_loss, test_accuracy=accuracy,
                        seconds=time.perf_counter() - start, world_size=world_size, precision=args.precision)
-            log.write(**row)
+            rows.append(row)
+            write_csv(args.out / "ddp_train.csv", rows)
             print(f"epoch {epoch:3d}  train loss {train_loss:.3e}  test loss {test_loss:.3e}  "
                   f"accuracy {accuracy:.3f}  ({row['seconds']:.1f} s, {world_size} process(es))", flush=True)
     if rank == 0:
-        log.close()
+        plot(model, test_set, rows, autocast, device, args.out / "ddp_train.png")
         print(f"final loss {train_loss:.6e}", flush=True)
+        print(f"wrote {args.out / 'ddp_train.csv'} and {args.out / 'ddp_train.png'}", flush=True)
         if scaler is not None:
             print(f"rank 0 adjoint scaler: learned target {scaler.target:g}, {scaler.counters}", flush=True)
     if world_size > 1:
@@ -151,22 +175,74 @@ def train(args) -> float:
     return train_loss
 
 
-def main(argv=None) -> float:
-    parser = script_parser("ddp_train", __doc__.splitlines()[0])
-    add_solver_flags(parser)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
-    parser.add_argument("--n-train", type=int, default=4096)
-    parser.add_argument("--n-test", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=64, help="per rank")
-    parser.add_argument("--dim", type=int, default=4, help="ODE state size (>2: room to separate the rings)")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--step-size", type=float, default=0.25)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    args = parser.parse_args(argv)
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@torch.no_grad()
+def plot(model: nn.Module, test_set: TensorDataset, rows: list[dict], autocast, device, path: Path) -> None:
+    """Left: predicted ring over [-3, 3]^2 with the test points; right: losses and test accuracy per epoch."""
+    fig = Figure(figsize=(10, 4))
+    ax_map, ax_loss = fig.subplots(1, 2)
+    g = torch.linspace(-3, 3, 121)
+    xx, yy = torch.meshgrid(g, g, indexing="xy")
+    with autocast:
+        outer = model(torch.stack([xx.flatten(), yy.flatten()], 1).to(device)).argmax(1).cpu()
+    ax_map.contourf(xx, yy, outer.reshape(xx.shape).float(), levels=[-0.5, 0.5, 1.5], colors=["#dbe9f6", "#fbe3d6"])
+    x, labels = test_set.tensors
+    for ring, color, name in ((0, "tab:blue", "inner ring"), (1, "tab:orange", "outer ring")):
+        ax_map.scatter(x[labels == ring, 0], x[labels == ring, 1], s=3, color=color, label=name)
+    ax_map.set(title="test points over the predicted regions", xlabel="x1", ylabel="x2", aspect="equal")
+    ax_map.legend(fontsize=7, loc="upper right")
+    epochs = [r["epoch"] for r in rows]
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "-o", label="train loss (mean over ranks)")
+    ax_loss.plot(epochs, [r["test_loss"] for r in rows], "-s", label="test loss")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", ylim=(0, None))
+    ax_acc = ax_loss.twinx()
+    ax_acc.plot(epochs, [r["test_accuracy"] for r in rows], ":^", color="tab:green", label="test accuracy")
+    ax_acc.set(ylabel="test accuracy", ylim=(0, 1.02))
+    lines = ax_loss.get_legend_handles_labels()[0] + ax_acc.get_legend_handles_labels()[0]
+    ax_loss.legend(lines, [ln.get_label() for ln in lines], fontsize=7, ncol=3, loc="upper center",
+                   bbox_to_anchor=(0.5, -0.15))
+    ax_loss.set_title(f"{rows[-1]['world_size']} process(es), {rows[-1]['precision']}")
+    ax_loss.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ddp_train.py", description=__doc__.splitlines()[0])
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="autocast dtype of the model")
+    p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
+    p.add_argument("--n-train", type=int, default=4096)
+    p.add_argument("--n-test", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--dim", type=int, default=4, help="ODE state size (>2: room to separate the rings)")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--step-size", type=float, default=0.25)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda: one GPU per rank (cuda:LOCAL_RANK), over NCCL; cpu: gloo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("outputs/ddp_train"),
+                   help="folder for ddp_train.csv and ddp_train.png (written by rank 0)")
+    p.add_argument("--smoke", "--quick", action="store_true",
+                   help="tiny sizes and counts, for the tests (--quick is an alias)")
+    args = p.parse_args(argv)
     if args.smoke:
         args.epochs, args.max_steps, args.n_train, args.n_test, args.batch_size = 2, 3, 512, 128, 32
-    return train(args)
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> float:
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from mpnode.bench.experiment import (
-    PRECISIONS, CSVLog, add_device_flag, autocast, print_table, pyplot, save_figure, script_parser, setup, solver,
+    PRECISIONS, CSVLog, add_device_flag, autocast, label_steps, print_table, progress, pyplot, save_figure,
+    script_parser, setup, solver,
 )
 from mpnode.core.testing import LinearODE, held_memory
 
@@ -33,7 +32,7 @@ def run(args) -> list[dict]:
     grid = [(p, m, n, s) for p in args.precisions for m in args.methods for n in args.steps for s in args.solvers]
     log = CSVLog(args.out / "modeleq.csv")
     rows = []
-    for precision, method, n, name in tqdm(grid, desc="solves", unit="solve"):
+    for precision, method, n, name in progress(grid, desc="solves", unit="solve"):
         start = time.perf_counter()
         with autocast(precision, device, cache=name != "torchdiffeq-nocache"), held_memory() as held:
             result = problem.solve(solver(name), n, method=method, device=device)
@@ -74,6 +73,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     ax.loglog([r["steps"] for r in sel], [r[f"err_{q}"] for r in sel], style, color=colors[s],
                               label=f"{s} {q}", markersize=4)
             ax.set_title(f"{m}, {p} autocast")
+            label_steps(ax, (r["steps"] for r in rows))
             ax.set_xlabel("steps")
             ax.set_ylabel("relative error")
             ax.grid(True, which="both", alpha=0.3)

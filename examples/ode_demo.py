@@ -6,9 +6,12 @@ MLP(y^3)`` to random windows of ``--batch-time`` points starting at
 ``--batch-size`` random times (L1 loss), solving with mpnode or torchdiffeq
 (``--method``: fixed-grid RK4 on the output times by default, or an adaptive
 method with ``--rtol``/``--atol``) under the chosen autocast precision.
-Logs iteration, train loss, full-trajectory test loss and time to
-``<out>/log.csv``; draws trajectories, the phase portrait and the learned vs
-true vector field to ``<out>/ode_demo.png`` and the loss curves to ``<out>/loss.png``.
+Every ``--test-freq`` iterations it prints and logs the train loss, the
+full-trajectory test loss and the time to ``<out>/log.csv``; at the end it draws
+trajectories, the phase portrait and the learned vs true vector field to
+``<out>/ode_demo.png`` and the loss curves to ``<out>/loss.png``.
+
+Needs torch, mpnode-core and matplotlib (torchdiffeq for ``--odeint torchdiffeq``).
 
     python examples/ode_demo.py --precision bfloat16 --niters 1000
     python examples/ode_demo.py --method dopri5 --rtol 1e-4 --atol 1e-6
@@ -17,18 +20,18 @@ true vector field to ``<out>/ode_demo.png`` and the loss curves to ``<out>/loss.
 
 from __future__ import annotations
 
+import argparse
+import csv
 import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 from torch import nn
-from tqdm import tqdm
 
-from mpnode.bench.experiment import (
-    CSVLog, add_method_flags, add_number_flags, add_solver_flags, autocast, make_grad_scaler, pyplot, save_figure,
-    script_parser, setup, solver, tolerance_kwargs,
-)
+import mpnode.core
 
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 A_TRUE = [[-0.1, 2.0], [-2.0, -0.1]]
 
 
@@ -60,12 +63,11 @@ class CubeFeatureMLP(nn.Module):
 
 def ground_truth(data_size: int, t_end: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(t, y)``: float32 times ``(data_size,)`` and states ``(data_size, 1, 2)`` from a float64 RK4 solve."""
-    from mpnode.core import odeint
-
     t = torch.linspace(0.0, t_end, data_size, dtype=torch.float64, device=device)
     y0 = torch.tensor([[2.0, 0.0]], dtype=torch.float64, device=device)
     with torch.no_grad():
-        y = odeint(Spiral().to(device), y0, t, method="rk4", options={"step_size": t_end / (10 * (data_size - 1))})
+        y = mpnode.core.odeint(Spiral().to(device), y0, t, method="rk4",
+                               options={"step_size": t_end / (10 * (data_size - 1))})
     return t.float(), y.float()
 
 
@@ -78,92 +80,136 @@ def get_batch(t: torch.Tensor, y: torch.Tensor, batch_time: int, batch_size: int
     return y0, bt, by
 
 
-def plot_results(t, y_true, y_pred, func, losses, path: Path, loss_path: Path, title: str) -> None:
-    plt = pyplot()
-    tt, yt, yp = t.cpu(), y_true[:, 0].cpu(), y_pred[:, 0].cpu()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    ax = axes[0]
-    ax.plot(tt, yt[:, 0], "g-", label="true y1")
-    ax.plot(tt, yt[:, 1], "b-", label="true y2")
-    ax.plot(tt, yp[:, 0], "g--", label="learned y1")
-    ax.plot(tt, yp[:, 1], "b--", label="learned y2")
-    ax.set(title="trajectories", xlabel="t", ylabel="y")
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    ax.plot(yt[:, 0], yt[:, 1], "g-", label="true")
-    ax.plot(yp[:, 0], yp[:, 1], "b--", label="learned")
-    ax.set(title="phase portrait", xlabel="y1", ylabel="y2", xlim=(-2, 2), ylim=(-2, 2))
-    ax.legend(fontsize=7)
-    ax = axes[2]
-    g1, g2 = torch.meshgrid(torch.linspace(-2, 2, 21), torch.linspace(-2, 2, 21), indexing="xy")
-    grid = torch.stack([g1, g2], -1).reshape(-1, 2)
-    param = next(func.parameters())
-    with torch.no_grad():
-        learned = func(torch.zeros(()), grid.to(param)).float().cpu()
-        true = Spiral(torch.float32)(None, grid)
-    for field, color, label in ((true, "tab:gray", "true"), (learned, "tab:blue", "learned")):
-        v = field / field.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        ax.quiver(grid[:, 0], grid[:, 1], v[:, 0], v[:, 1], color=color, alpha=0.7, label=label, scale=30)
-    ax.set(title="vector field (directions)", xlabel="y1", ylabel="y2", xlim=(-2, 2), ylim=(-2, 2))
-    ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, path, dpi=110)
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.semilogy([r["iter"] for r in losses], [r["train_loss"] for r in losses], label="train (windows)")
-    ax.semilogy([r["iter"] for r in losses], [r["test_loss"] for r in losses], "o-", label="test (full trajectory)")
-    ax.set(xlabel="iteration", ylabel="mean |y - y_true|", title=title.split(",")[0])
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
-    save_figure(fig, loss_path, dpi=110)
+def get_odeint(name: str):
+    """``mpnode.core.odeint``, or torchdiffeq's (same call) for the comparison."""
+    if name == "mpnode":
+        return mpnode.core.odeint
+    try:
+        import torchdiffeq
+    except ImportError as err:
+        raise SystemExit("--odeint torchdiffeq needs torchdiffeq: pip install torchdiffeq") from err
+    return torchdiffeq.odeint
 
 
-def main(argv=None) -> list[dict]:
-    parser = script_parser("ode_demo", __doc__.splitlines()[0])
-    add_solver_flags(parser)
-    add_number_flags(parser, niters=1000, data_size=1000, t_end=25.0, batch_time=10, batch_size=20, hidden=50,
-                     lr=1e-3, test_freq=50)
-    add_method_flags(parser, steps=None)
-    args = parser.parse_args(argv)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ode_demo.py", description=__doc__.splitlines()[0])
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="autocast dtype of the vector field")
+    p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
+    p.add_argument("--method", default="rk4",
+                   help="fixed-grid (rk4, euler, ...: steps on the output times) or adaptive (dopri5, ...)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of an adaptive method")
+    p.add_argument("--atol", type=float, default=1e-7, help="absolute tolerance of an adaptive method")
+    p.add_argument("--niters", type=int, default=1000)
+    p.add_argument("--data-size", type=int, default=1000)
+    p.add_argument("--t-end", type=float, default=25.0)
+    p.add_argument("--batch-time", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--hidden", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--test-freq", type=int, default=50)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("outputs/ode_demo"), help="folder for log.csv and the figures")
+    p.add_argument("--smoke", "--quick", action="store_true",
+                   help="tiny sizes and counts, for the tests (--quick is an alias)")
+    args = p.parse_args(argv)
     if args.smoke:
         args.niters, args.data_size, args.batch_time, args.batch_size, args.test_freq = 6, 40, 5, 8, 3
-    device = setup(args)
-    odeint = solver(args.odeint)
-    solve_kw = dict(method=args.method, **tolerance_kwargs(args))
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    odeint = get_odeint(args.odeint)
+    solve_kw = dict(method=args.method, rtol=args.rtol, atol=args.atol)  # a fixed-grid method ignores rtol/atol
+    # the autocast dtype of the vector field; the ODE state and the solver's sums stay float32 with mpnode
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "float32")
+    # float16 needs loss scaling for the weights' gradients; a pass-through otherwise
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
+
     t, y_true = ground_truth(args.data_size, args.t_end, device)
     func = CubeFeatureMLP(args.hidden).to(device)
     opt = torch.optim.RMSprop(func.parameters(), lr=args.lr)
-    grad_scaler = make_grad_scaler(args.precision, device)
     gen = torch.Generator().manual_seed(args.seed)
-    title = f"spiral, {args.odeint}, {args.precision}, {args.method} on {args.data_size} points, {args.niters} iterations"
-    log = CSVLog(args.out / "log.csv")
     rows: list[dict] = []
     start = time.perf_counter()
-    y_pred = y_true
-    with tqdm(range(1, args.niters + 1), desc="spiral", unit="it") as bar:
-        for it in bar:
-            y0, bt, by = get_batch(t, y_true, args.batch_time, args.batch_size, gen)
-            opt.zero_grad(set_to_none=True)
-            with autocast(args.precision, device):
-                pred = odeint(func, y0.to(device), bt, **solve_kw)
-                loss = (pred.float() - by).abs().mean()
-            grad_scaler.scale(loss).backward()
-            grad_scaler.step(opt)
-            grad_scaler.update()
-            if it % args.test_freq == 0 or it == args.niters:
-                with torch.no_grad(), autocast(args.precision, device):
-                    y_pred = odeint(func, y_true[0], t, **solve_kw).float()
-                test_loss = float((y_pred - y_true).abs().mean())
-                row = dict(iter=it, train_loss=float(loss.detach()), test_loss=test_loss,
-                           time_s=round(time.perf_counter() - start, 3), precision=args.precision, odeint=args.odeint)
-                log.write(**row)
-                rows.append(row)
-                bar.set_postfix(test=f"{test_loss:.4f}")
-    log.close()
-    plot_results(t, y_true, y_pred, func, rows, args.out / "ode_demo.png", args.out / "loss.png", title)
+    for it in range(1, args.niters + 1):
+        y0, bt, by = get_batch(t, y_true, args.batch_time, args.batch_size, gen)
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            pred = odeint(func, y0.to(device), bt, **solve_kw)
+            loss = (pred.float() - by).abs().mean()
+        grad_scaler.scale(loss).backward()
+        grad_scaler.step(opt)
+        grad_scaler.update()
+        if it % args.test_freq == 0 or it == args.niters:
+            with torch.no_grad(), autocast:
+                y_pred = odeint(func, y_true[0], t, **solve_kw).float()
+            row = dict(iter=it, train_loss=loss.item(), test_loss=float((y_pred - y_true).abs().mean()),
+                       time_s=round(time.perf_counter() - start, 3), precision=args.precision, odeint=args.odeint)
+            rows.append(row)
+            write_csv(args.out / "log.csv", rows)
+            print(f"iter {it:5d} | train loss {row['train_loss']:.4f} | test loss {row['test_loss']:.4f} | "
+                  f"{row['time_s']:.1f} s", flush=True)
+
+    title = f"spiral, {args.odeint}, {args.precision}, {args.method} on {args.data_size} points, {args.niters} iterations"
+    plot_solution(t, y_true, y_pred, func, title, args.out / "ode_demo.png")
+    plot_losses(rows, title.split(",")[0], args.out / "loss.png")
     print(f"final test loss {rows[-1]['test_loss']:.4f} after {args.niters} iterations, {rows[-1]['time_s']:.1f} s")
     print(f"wrote {args.out / 'log.csv'}, {args.out / 'ode_demo.png'} and {args.out / 'loss.png'}")
     return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_solution(t, y_true, y_pred, func: nn.Module, title: str, path: Path) -> None:
+    """Trajectories, phase portrait and vector-field directions, true vs learned."""
+    tt, yt, yp = t.cpu(), y_true[:, 0].cpu(), y_pred[:, 0].cpu()
+    fig = Figure(figsize=(14, 4))
+    ax_t, ax_p, ax_f = fig.subplots(1, 3)
+    ax_t.plot(tt, yt[:, 0], "g-", label="true y1")
+    ax_t.plot(tt, yt[:, 1], "b-", label="true y2")
+    ax_t.plot(tt, yp[:, 0], "g--", label="learned y1")
+    ax_t.plot(tt, yp[:, 1], "b--", label="learned y2")
+    ax_t.set(title="trajectories", xlabel="t", ylabel="y")
+    ax_t.legend(fontsize=7)
+    ax_p.plot(yt[:, 0], yt[:, 1], "g-", label="true")
+    ax_p.plot(yp[:, 0], yp[:, 1], "b--", label="learned")
+    ax_p.set(title="phase portrait", xlabel="y1", ylabel="y2", xlim=(-2, 2), ylim=(-2, 2))
+    ax_p.legend(fontsize=7)
+    g1, g2 = torch.meshgrid(torch.linspace(-2, 2, 21), torch.linspace(-2, 2, 21), indexing="xy")
+    grid = torch.stack([g1, g2], -1).reshape(-1, 2)
+    with torch.no_grad():
+        learned = func(torch.zeros(()), grid.to(next(func.parameters()))).float().cpu()
+        true = Spiral(torch.float32)(None, grid)
+    for field, color, label in ((true, "tab:gray", "true"), (learned, "tab:blue", "learned")):
+        v = field / field.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        ax_f.quiver(grid[:, 0], grid[:, 1], v[:, 0], v[:, 1], color=color, alpha=0.7, label=label, scale=30)
+    ax_f.set(title="vector field (directions)", xlabel="y1", ylabel="y2", xlim=(-2, 2), ylim=(-2, 2))
+    ax_f.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_losses(rows: list[dict], title: str, path: Path) -> None:
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    ax.semilogy([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train (windows)")
+    ax.semilogy([r["iter"] for r in rows], [r["test_loss"] for r in rows], "o-", label="test (full trajectory)")
+    ax.set(xlabel="iteration", ylabel="mean |y - y_true|", title=title)
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 Trains the ~0.21 M-parameter ODE-Net (:class:`mpnode.models.mnist.ODENet`) with
 Adam and logs, per epoch, train loss/accuracy, test accuracy, the learning rate of
 the epoch's last step, wall time, CUDA peak memory (empty on CPU), the bytes one
-training step keeps for backward (``step_held_mib``, weights excluded) and
-vector-field evaluations per batch (forward and backward) to ``<out>/log.csv``;
-plots them to ``<out>/ode_mnist.png``.
+training step keeps for backward (``step_held_mib``, weights excluded, counted on
+the epoch's first step) and vector-field evaluations per batch (forward and
+backward) to ``<out>/log.csv``; plots them to ``<out>/ode_mnist.png``.
 
 Recipe for a final accuracy that does not depend on which optimizer step the run
 stops at: the learning rate decays per optimizer step from ``--lr`` to
@@ -16,37 +16,52 @@ after the optimizer steps ``N - j * gap`` (``j = K-1 .. 0``, ``N`` the last step
 ``lr``, ``test_acc``): their spread is the step-to-step noise left in the final
 number.
 
-    python examples/ode_mnist.py --data-root ../shared/data --train-subset 6000 --epochs 2
-    python examples/ode_mnist.py --smoke          # tiny generated IDX set, no real data needed
+Needs torch, mpnode-core, mpnode-models with its ``mnist`` extra (torchvision) and
+matplotlib (torchdiffeq for ``--odeint torchdiffeq``).  The data are read through
+torchvision from ``<data-root>/MNIST/raw``; nothing is downloaded.  ``--smoke`` writes
+a tiny synthetic set in that layout and trains on it (torchvision still reads it).
 
-The data are read through torchvision (``pip install mpnode-models[mnist]``)
-from ``<data-root>/MNIST/raw``; nothing is downloaded.
+    python examples/ode_mnist.py --data-root ../shared/data --train-subset 6000 --epochs 2
+    python examples/ode_mnist.py --smoke
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import csv
 import math
+import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from matplotlib.figure import Figure
 
-from mpnode.bench.experiment import (
-    CSVLog, add_solver_flags, autocast, make_grad_scaler, pyplot, save_figure, script_parser, setup, solver,
-)
+import mpnode.core
+from mpnode.core.testing import held_memory
 from mpnode.models.mnist import ODENet, mnist_loaders, write_idx_mnist
 
 REPO = Path(__file__).resolve().parents[1]
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def profiler():
-    """``mpnode.bench.profilers.profile``: time, CUDA peak memory, bytes held for backward, host syncs."""
-    from mpnode.bench.profilers import profile
+def get_odeint(name: str):
+    """``mpnode.core.odeint``, or torchdiffeq's (same call) for the comparison."""
+    if name == "mpnode":
+        return mpnode.core.odeint
+    try:
+        import torchdiffeq
+    except ImportError as err:
+        raise SystemExit("--odeint torchdiffeq needs torchdiffeq: pip install torchdiffeq") from err
+    return torchdiffeq.odeint
 
-    return profile
+
+def elapsed(start: float, device: torch.device) -> float:
+    """Seconds since ``start`` (``time.perf_counter``), after the device's queued work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _mib(n: int | None) -> float | str:
@@ -103,33 +118,32 @@ class Snapshots:
             self.saved[self.count] = (lr, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
 
 
-def train_epoch(model, loader, opt, grad_scaler, args, device, bar, profile, schedule, snapshots) -> dict:
+def train_epoch(model, loader, opt, grad_scaler, autocast, device, schedule, snapshots, print_freq: int) -> dict:
     """One pass over ``loader``; returns mean loss, accuracy, NFE per batch, the last step's learning rate
-    and the first step's profile.
+    and the bytes the first step kept for backward (``step_held_mib``, weights excluded).
 
-    The first batch's forward+backward is profiled on its own (``held_mib``: bytes
-    kept for backward, excluding the weights; ``host_syncs``); the epoch's time
-    is measured by the caller.  ``schedule`` (an ``LRScheduler``) steps after every
-    optimizer step, then ``snapshots.after_step`` sees the learning rate that step used.
+    ``schedule`` (an ``LRScheduler``) steps after every optimizer step, then
+    ``snapshots.after_step`` sees the learning rate that step used.
     """
     model.train()
     func = model.block.func
+    weights = list(model.parameters())
     loss_sum = correct = seen = nfe_f = nfe_b = 0
-    step_rec = None
+    held_bytes = None
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
         n0 = func.nfe
-        ctx = profile(device, exclude=list(model.parameters())) if i == 0 else contextlib.nullcontext()
-        with ctx as rec:
-            with autocast(args.precision, device):
+        with held_memory(exclude=weights) as held:  # counts the bytes autograd saves for backward
+            with autocast:
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
             n1 = func.nfe
             grad_scaler.scale(loss).backward()
-        step_rec = rec if i == 0 else step_rec
+        if i == 0:
+            held_bytes = held.bytes
         nfe_f += n1 - n0
-        nfe_b += func.nfe - n1
+        nfe_b += func.nfe - n1  # mpnode recomputes each step in backward; torchdiffeq backpropagates its graph
         grad_scaler.step(opt)
         grad_scaler.update()
         lr = opt.param_groups[0]["lr"]
@@ -138,43 +152,45 @@ def train_epoch(model, loader, opt, grad_scaler, args, device, bar, profile, sch
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        if (i + 1) % print_freq == 0:
+            print(f"  batch {i + 1}/{len(loader)}: loss {loss_sum / seen:.4f}, accuracy {correct / seen:.4f}",
+                  flush=True)
     n_batches = max(len(loader), 1)
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
             "nfe_forward": nfe_f / n_batches, "nfe_backward": nfe_b / n_batches, "lr": lr,
-            "step_held_mib": _mib(step_rec.held_bytes), "step_host_syncs": step_rec.host_syncs}
+            "step_held_mib": _mib(held_bytes)}
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device) -> float:
+def evaluate(model, loader, autocast, device) -> float:
     """Test accuracy (inference under the same autocast; mpnode then stores no checkpoints)."""
     model.eval()
     correct = seen = 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        with autocast(args.precision, device):
+        with autocast:
             logits = model(x)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
     return correct / max(seen, 1)
 
 
-def evaluate_snapshots(model, snapshots: Snapshots, test_loader, args, device) -> list[dict]:
+def evaluate_snapshots(model, snapshots: Snapshots, test_loader, autocast, device) -> list[dict]:
     """Test accuracy of every saved snapshot, in step order; restores the model's current weights afterwards."""
     current = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rows = []
     for step in sorted(snapshots.saved):
         lr, state = snapshots.saved[step]
         model.load_state_dict(state)
-        rows.append(dict(step=step, lr=lr, test_acc=evaluate(model, test_loader, args, device)))
+        rows.append(dict(step=step, lr=lr, test_acc=evaluate(model, test_loader, autocast, device)))
     model.load_state_dict(current)
     return rows
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     ep = [r["epoch"] for r in rows]
-    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     axes[0].plot(ep, [r["train_acc"] for r in rows], "-o", label="train")
     axes[0].plot(ep, [r["test_acc"] for r in rows], "-s", label="test")
     axes[0].set_ylabel("accuracy")
@@ -187,89 +203,112 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     axes[2].legend()
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
         ax.grid(True, alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    save_figure(fig, path, dpi=120)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def write_final(rows: list[dict], path: Path) -> None:
     """Write the end-of-run evaluations to ``path`` and print their mean and range."""
-    log = CSVLog(path)
-    for row in rows:
-        log.write(**row)
-    log.close()
+    write_csv(path, rows)
     accs = [r["test_acc"] for r in rows]
     print(f"final test accuracy {accs[-1]:.4f}; over the last {len(accs)} evaluations (steps "
           f"{rows[0]['step']}..{rows[-1]['step']}): mean {sum(accs) / len(accs):.4f}, "
           f"min {min(accs):.4f}, max {max(accs):.4f}")
 
 
-def main(argv=None) -> list[dict]:
-    parser = script_parser("ode_mnist", __doc__.splitlines()[0])
-    add_solver_flags(parser)
-    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data",
-                        help="folder containing MNIST/raw/*-ubyte (default ../shared/data)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--test-batch-size", type=int, default=500)
-    parser.add_argument("--lr", type=float, default=2e-3, help="initial Adam learning rate")
-    parser.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine",
-                        help="per-step decay of the learning rate from --lr to --lr * --final-lr-ratio at the "
-                             "last step (default cosine; constant: no decay)")
-    parser.add_argument("--final-lr-ratio", type=float, default=1e-2,
-                        help="learning rate of the last step as a fraction of --lr (default 0.01)")
-    parser.add_argument("--final-evals", type=int, default=1,
-                        help="evaluate the test set after this many of the last optimizer steps (default 1: "
-                             "only the final weights); all go to <out>/final.csv")
-    parser.add_argument("--final-eval-gap", type=int, default=1,
-                        help="optimizer steps between two of the --final-evals evaluations (default 1)")
-    parser.add_argument("--train-subset", type=int, default=None, help="train on this many examples (default all 60000)")
-    parser.add_argument("--test-subset", type=int, default=None, help="test on this many examples (default all 10000)")
-    parser.add_argument("--steps", type=int, default=4, help="fixed Runge-Kutta steps of the ODE block on [0, 1]")
-    parser.add_argument("--method", default="rk4")
-    parser.add_argument("--width", type=int, default=64, help="channels of the ODE state")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    args = parser.parse_args(argv)
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ode_mnist.py", description=__doc__.splitlines()[0])
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="autocast dtype of the model")
+    p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
+    p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data",
+                   help="folder containing MNIST/raw/*-ubyte (default ../shared/data)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--test-batch-size", type=int, default=500)
+    p.add_argument("--lr", type=float, default=2e-3, help="initial Adam learning rate")
+    p.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="per-step decay of the learning rate from --lr to --lr * --final-lr-ratio at the "
+                        "last step (default cosine; constant: no decay)")
+    p.add_argument("--final-lr-ratio", type=float, default=1e-2,
+                   help="learning rate of the last step as a fraction of --lr (default 0.01)")
+    p.add_argument("--final-evals", type=int, default=1,
+                   help="evaluate the test set after this many of the last optimizer steps (default 1: "
+                        "only the final weights); all go to <out>/final.csv")
+    p.add_argument("--final-eval-gap", type=int, default=1,
+                   help="optimizer steps between two of the --final-evals evaluations (default 1)")
+    p.add_argument("--train-subset", type=int, default=None, help="train on this many examples (default all 60000)")
+    p.add_argument("--test-subset", type=int, default=None, help="test on this many examples (default all 10000)")
+    p.add_argument("--steps", type=int, default=4, help="fixed Runge-Kutta steps of the ODE block on [0, 1]")
+    p.add_argument("--method", default="rk4")
+    p.add_argument("--width", type=int, default=64, help="channels of the ODE state")
+    p.add_argument("--print-freq", type=int, default=50, help="print the running loss every this many batches")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("outputs/ode_mnist"), help="folder for the CSV files and the figure")
+    p.add_argument("--smoke", "--quick", action="store_true",
+                   help="tiny sizes and counts on a generated data set, for the tests (--quick is an alias)")
+    args = p.parse_args(argv)
     if args.smoke:
         args.epochs, args.batch_size, args.width, args.steps = 1, 8, 8, 1
         args.data_root = write_idx_mnist(args.out / "smoke_data", n_train=16, n_test=8, seed=args.seed)
         args.train_subset = args.test_subset = None
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = setup(args)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    # the stem, the ODE function and the head run in the autocast dtype; with mpnode the ODE state stays float32
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "float32")
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
     train_loader, test_loader = mnist_loaders(args.data_root, args.batch_size, args.test_batch_size,
                                               args.train_subset, args.test_subset, seed=args.seed)
-    model = ODENet(width=args.width, n_steps=args.steps, method=args.method, odeint=solver(args.odeint)).to(device)
+    model = ODENet(width=args.width, n_steps=args.steps, method=args.method, odeint=get_odeint(args.odeint)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     total_steps = args.epochs * len(train_loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args.lr_schedule, args.final_lr_ratio, total_steps))
     eval_steps = final_eval_steps(total_steps, args.final_evals, args.final_eval_gap)
     snapshots = Snapshots(model, eval_steps[:-1])  # the last step's weights are the final model itself
-    grad_scaler = make_grad_scaler(args.precision, device)
-    profile = profiler()
     title = (f"ODE-Net ({n_params} params), {args.odeint}, {args.precision}, {args.method} x{args.steps}, "
              f"train {len(train_loader.dataset)}, test {len(test_loader.dataset)}, {device.type}")
     print(title)
-    log = CSVLog(args.out / "log.csv")
     rows = []
-    bar = tqdm(total=args.epochs * len(train_loader), desc="train", unit="batch")
     for epoch in range(1, args.epochs + 1):
-        with profile(device, sync_count=False) as rec:
-            stats = train_epoch(model, train_loader, opt, grad_scaler, args, device, bar, profile, schedule, snapshots)
-        with profile(device, sync_count=False) as rec_test:
-            test_acc = evaluate(model, test_loader, args, device)
-        row = dict(epoch=epoch, precision=args.precision, odeint=args.odeint, train_n=len(train_loader.dataset),
-                   test_n=len(test_loader.dataset), **stats, test_acc=test_acc, train_time_s=round(rec.time_s, 2),
-                   test_time_s=round(rec_test.time_s, 2), peak_mib=_mib(rec.peak_bytes))
-        log.write(**row)
-        rows.append(row)
-        tqdm.write(f"epoch {epoch}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f} | "
-                   f"test acc {test_acc:.4f} | {rec.time_s:.1f} s train, {rec_test.time_s:.1f} s test | "
-                   f"NFE/batch fwd {stats['nfe_forward']:.0f} bwd {stats['nfe_backward']:.0f}")
-    bar.close()
-    log.close()
-    write_final(evaluate_snapshots(model, snapshots, test_loader, args, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        stats = train_epoch(model, train_loader, opt, grad_scaler, autocast, device, schedule, snapshots,
+                            args.print_freq)
+        train_s = elapsed(start, device)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        start = time.perf_counter()
+        test_acc = evaluate(model, test_loader, autocast, device)
+        test_s = elapsed(start, device)
+        rows.append(dict(epoch=epoch, precision=args.precision, odeint=args.odeint,
+                         train_n=len(train_loader.dataset), test_n=len(test_loader.dataset), **stats,
+                         test_acc=test_acc, train_time_s=round(train_s, 2), test_time_s=round(test_s, 2),
+                         peak_mib=_mib(peak)))
+        write_csv(args.out / "log.csv", rows)
+        print(f"epoch {epoch}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f} | "
+              f"test acc {test_acc:.4f} | {train_s:.1f} s train, {test_s:.1f} s test | "
+              f"NFE/batch fwd {stats['nfe_forward']:.0f} bwd {stats['nfe_backward']:.0f}", flush=True)
+    write_final(evaluate_snapshots(model, snapshots, test_loader, autocast, device)
                 + [dict(step=total_steps, lr=rows[-1]["lr"], test_acc=rows[-1]["test_acc"])], args.out / "final.csv")
     plot(rows, args.out / "ode_mnist.png", title)
     print(f"wrote {args.out / 'log.csv'} and {args.out / 'ode_mnist.png'}")

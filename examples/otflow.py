@@ -1,76 +1,159 @@
 """OT-Flow on a 2-D toy set or a higher-dimensional Gaussian mixture: NLL, L, HJB, MMD, time, memory.
 
+OT-Flow (:mod:`mpnode.models.otflow`) moves data to a standard normal along the gradient of a
+potential ``Phi(x, t)``; the ODE carries the state ``x``, the log-determinant ``l``, the transport
+cost ``L`` and the HJB penalty ``R``, and the loss is ``a_L L + a_C C + a_R R`` with ``C`` the
+negative log-likelihood.  Each iteration draws ``--batch`` points, takes an Adam step and measures
+the iteration's wall time and the bytes autograd keeps for backward (weights excluded).
+
+Writes ``<out>/otflow.csv`` (per iteration: loss, L, C, R, NLL, time, held bytes),
+``<out>/summary.csv`` (test NLL, L, HJB, MMD of generated vs held-out samples, median time per
+iteration, held bytes) and ``<out>/otflow_samples.png`` (data vs generated samples, first two
+coordinates).
+
+Needs torch, mpnode-core, mpnode-models and matplotlib (torchdiffeq for ``--odeint torchdiffeq``).
+
     python examples/otflow.py --data 8gaussians --precision bfloat16 --odeint mpnode
     python examples/otflow.py --data gmm --dim 8
     python examples/otflow.py --method dopri5 --rtol 1e-4 --atol 1e-6     # adaptive steps
-
-Writes ``<out>/otflow.csv`` (per iteration), ``<out>/summary.csv`` and
-``<out>/otflow_samples.png`` (data vs generated samples, first two coordinates).
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import statistics
+import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
-from mpnode.bench.experiment import (
-    add_method_flags, add_number_flags, add_solver_flags, is_adaptive, make_grad_scaler, pyplot, save_figure,
-    script_parser, setup, solver, tolerance_kwargs, train, write_summary,
-)
+import mpnode.core
+from mpnode.core.testing import held_memory
 from mpnode.models.otflow import OTPotential, gaussian_mixture, generate, mmd, otflow_loss
 from mpnode.models.toy_data import DATASETS, sample
 
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-def draw(args, n: int, gen: torch.Generator) -> torch.Tensor:
+
+def get_odeint(name: str):
+    """``mpnode.core.odeint``, or torchdiffeq's (same call) for the comparison."""
+    if name == "mpnode":
+        return mpnode.core.odeint
+    try:
+        import torchdiffeq
+    except ImportError as err:
+        raise SystemExit("--odeint torchdiffeq needs torchdiffeq: pip install torchdiffeq") from err
+    return torchdiffeq.odeint
+
+
+def draw(args: argparse.Namespace, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` samples ``(n, d)`` of the training density (``--data``)."""
     if args.data == "gmm":
         return gaussian_mixture(n, args.dim, generator=gen)
     return sample(args.data, n, gen)
 
 
-def main(argv=None) -> dict:
-    p = script_parser("otflow", __doc__.splitlines()[0])
-    add_solver_flags(p)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="otflow.py", description=__doc__.splitlines()[0])
     p.add_argument("--data", choices=[*sorted(DATASETS), "gmm"], default="8gaussians")
     p.add_argument("--dim", type=int, default=8, help="dimension of the Gaussian mixture (--data gmm)")
-    add_number_flags(p, iters=300, batch=256, width=32, layers=2, lr=2e-2)
-    add_method_flags(p, steps=8)
-    p.add_argument("--alphas", type=float, nargs=3, default=[1.0, 100.0, 5.0], metavar=("A_L", "A_C", "A_R"))
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="autocast dtype of the vector field")
+    p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
+    p.add_argument("--method", default="rk4", help="fixed-grid (rk4, euler, ...) with --steps, or adaptive (dopri5, ...)")
+    p.add_argument("--steps", type=int, default=8, help="steps of a fixed-grid method on [0, 1]")
+    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of an adaptive method")
+    p.add_argument("--atol", type=float, default=1e-7, help="absolute tolerance of an adaptive method")
+    p.add_argument("--alphas", type=float, nargs=3, default=[1.0, 100.0, 5.0], metavar=("A_L", "A_C", "A_R"),
+                   help="weights of the transport cost L, the NLL C and the HJB penalty R")
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("outputs/otflow"), help="folder for the CSV files and the figure")
+    p.add_argument("--smoke", "--quick", action="store_true",
+                   help="tiny sizes and counts, for the tests (--quick is an alias)")
     args = p.parse_args(argv)
     if args.smoke:
         args.iters, args.batch, args.width, args.steps = 3, 32, 8, 2
-    device = setup(args)
-    odeint = solver(args.odeint)
-    # a fixed method steps on the output grid; an adaptive one integrates [0, 1] in one output interval
-    solve_kw = dict(n_steps=1 if is_adaptive(args.method) else args.steps, method=args.method, **tolerance_kwargs(args))
+    if args.iters < 1:
+        p.error("--iters must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    odeint = get_odeint(args.odeint)
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "float32")
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
+    # the output times: a fixed method steps on them (n_steps + 1 points on [0, 1]); an adaptive one
+    # integrates [0, 1] in one output interval, choosing its own steps
+    adaptive = mpnode.core.get_tableau(args.method).is_adaptive
+    solve_kw = dict(n_steps=1 if adaptive else args.steps, method=args.method, rtol=args.rtol, atol=args.atol)
+    alphas = tuple(args.alphas)
+
     dim = args.dim if args.data == "gmm" else 2
     potential = OTPotential(dim, args.width, args.layers).to(device)
     opt = torch.optim.Adam(potential.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
-    test = draw(args, 2000 if not args.smoke else 200, gen).to(device)
-    run = train(potential, opt, make_grad_scaler(args.precision, device), device, args.precision, args.iters,
-                draw_batch=lambda: draw(args, args.batch, gen).to(device),
-                loss_fn=lambda x: otflow_loss(potential, x, odeint, alphas=tuple(args.alphas), **solve_kw),
-                log_path=args.out / "otflow.csv", desc=f"otflow {args.data} {args.odeint} {args.precision}")
+    test = draw(args, 200 if args.smoke else 2000, gen).to(device)
+    weights = list(potential.parameters())
+    rows = []
+    for it in range(args.iters):
+        x = draw(args, args.batch, gen).to(device)
+        start = time.perf_counter()
+        with held_memory(exclude=weights) as held:  # counts the bytes autograd saves for backward
+            with autocast:
+                loss, parts = otflow_loss(potential, x, odeint, alphas=alphas, **solve_kw)
+            opt.zero_grad(set_to_none=True)
+            grad_scaler.scale(loss).backward()
+            grad_scaler.step(opt)
+            grad_scaler.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rows.append(dict(iteration=it, loss=loss.item(), **parts, time_s=time.perf_counter() - start,
+                         held_bytes=held.bytes))
+        if it % 25 == 0 or it == args.iters - 1:
+            print(f"iter {it:4d} | loss {rows[-1]['loss']:.4f} | NLL {parts['nll']:.4f} | "
+                  f"{rows[-1]['time_s'] * 1e3:.0f} ms", flush=True)
+    write_csv(args.out / "otflow.csv", rows)
+
     with torch.no_grad():
-        _, parts = otflow_loss(potential, test, odeint, alphas=tuple(args.alphas), **solve_kw)
+        _, parts = otflow_loss(potential, test, odeint, alphas=alphas, **solve_kw)
         z = torch.randn(test.shape, generator=gen).to(device)
         generated = generate(potential, z, odeint, **solve_kw)
     summary = dict(data=args.data, dim=dim, odeint=args.odeint, precision=args.precision, method=args.method,
-                   iters=args.iters,
-                   test_nll=parts["nll"], L=parts["L"], HJB=parts["R"], mmd=mmd(generated.cpu(), test.cpu()),
-                   median_iter_s=run.median_iter_s, held_bytes=run.held_bytes)
-    write_summary(summary, args.out)
+                   iters=args.iters, test_nll=parts["nll"], L=parts["L"], HJB=parts["R"],
+                   mmd=mmd(generated.cpu(), test.cpu()), median_iter_s=statistics.median(r["time_s"] for r in rows),
+                   held_bytes=rows[-1]["held_bytes"])
+    write_csv(args.out / "summary.csv", [summary])
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     plot(test.cpu(), generated.cpu(), args.out / "otflow_samples.png")
     return summary
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def plot(data: torch.Tensor, generated: torch.Tensor, path: Path) -> None:
-    fig, axes = pyplot().subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+    fig = Figure(figsize=(8, 4))
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
     for ax, pts, title in zip(axes, (data, generated), ("data", "generated (z ~ N(0, I) pulled back)")):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
         ax.set_title(title, fontsize=9)
-    save_figure(fig, path, dpi=100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bouncing_ball_smoke(precision, method, tmp_path):
     res = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "bouncing_ball.py"), "--smoke", "--precision", precision,
-         "--method", method, "--device", "cpu", "--out", str(tmp_path)],
+         "--method", method, "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert res.returncode == 0, res.stderr[-3000:]

@@ -46,6 +46,7 @@ def test_ddp_train_two_processes(precision, tmp_path):
     assert all(math.isfinite(float(r[k])) for r in rows for k in ("train_loss", "test_loss"))
     final = float(res.stdout.split("final loss")[1].split()[0])
     assert final == pytest.approx(float(rows[-1]["train_loss"]), rel=1e-5)
+    assert (tmp_path / "ddp_train.png").stat().st_size > 10_000  # written by rank 0
 
 
 def test_ddp_train_single_process(tmp_path):
@@ -55,3 +56,4 @@ def test_ddp_train_single_process(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "ddp_train.csv").open()))
     assert len(rows) == 2 and {r["world_size"] for r in rows} == {"1"} and "final loss" in res.stdout
+    assert (tmp_path / "ddp_train.png").stat().st_size > 10_000

@@ -52,7 +52,7 @@ def test_ode_mnist_smoke(precision, device, tmp_path, run, read_csv):
     assert float(row["nfe_forward"]) == 4  # 1 RK4 step x 4 evaluations
     assert float(row["nfe_backward"]) >= 4  # mpnode recomputes each step in backward
     assert 0.0 <= float(row["test_acc"]) <= 1.0 and math.isfinite(float(row["train_loss"]))
-    assert float(row["step_held_mib"]) > 0 and int(row["step_host_syncs"]) >= 0  # mpnode.bench profile of one step
+    assert float(row["step_held_mib"]) > 0  # bytes the first step kept for backward (mpnode.core.testing.held_memory)
     assert (tmp_path / "ode_mnist.png").stat().st_size > 10_000
     assert (tmp_path / "smoke_data" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").stat().st_size == 8 + 8
 

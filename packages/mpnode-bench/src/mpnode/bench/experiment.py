@@ -1,4 +1,5 @@
-"""The experiment harness shared by ``examples/``, ``demos/`` and the benchmark runner.
+"""The experiment harness of the measurement scripts (``examples/modeleq_demo.py``,
+``examples/adaptive_precision.py``), ``demos/`` and the benchmark runner.
 
 One home for what every experiment script needs:
 
@@ -10,10 +11,12 @@ One home for what every experiment script needs:
   :data:`SOLVERS`, :func:`solver`, :func:`make_grad_scaler`;
 * output: :class:`CSVLog` / :func:`write_csv`, :func:`format_table` /
   :func:`print_table` (rich when installed, aligned plain text otherwise),
-  :func:`pyplot` / :func:`save_figure` (matplotlib on its Agg backend);
-* the training loop of the flow examples: :func:`train`, :func:`write_summary`.
+  :func:`progress` (a tqdm bar when installed, counts on stderr otherwise),
+  :func:`pyplot` / :func:`save_figure` (matplotlib on its Agg backend), :func:`label_steps`.
 
-matplotlib, rich and tqdm are imported only by the functions that use them.
+The training examples (``ode_demo.py``, ``cnf8g.py``, ...) do not use this module: each
+shows its own loop with torch and mpnode only.  matplotlib, rich and tqdm are imported
+only by the functions that use them.
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ import contextlib
 import csv
 import functools
 import random
-import statistics
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -50,11 +52,10 @@ __all__ = [
     "write_csv",
     "format_table",
     "print_table",
+    "progress",
     "pyplot",
     "save_figure",
-    "TrainingRun",
-    "train",
-    "write_summary",
+    "label_steps",
 ]
 
 PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -298,6 +299,25 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
     print(format_table(title, header, rows, **kwargs))
 
 
+T = TypeVar("T")
+
+
+def progress(items: Sequence[T], desc: str, unit: str = "it") -> Iterator[T]:
+    """Yield ``items``, showing progress on stderr: a tqdm bar when tqdm is installed, otherwise a
+    ``desc: k/n`` line after every tenth of them (tqdm is optional)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        n = len(items)
+        every = max(1, n // 10)
+        for k, item in enumerate(items, 1):
+            yield item
+            if k % every == 0 or k == n:
+                print(f"{desc}: {k}/{n} {unit}", file=sys.stderr, flush=True)
+        return
+    yield from tqdm(items, desc=desc, unit=unit)
+
+
 # ------------------------------------------------------------------ figures
 
 
@@ -314,73 +334,22 @@ def pyplot():
     return plt
 
 
+def label_steps(ax, steps: Iterable[int]) -> None:
+    """A base-2 log x axis with one plain-integer tick per step count in ``steps`` and no minor labels
+    (matplotlib's default labels, ``3x10^1 4x10^1 ...``, overlap on a short axis)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    ticks = sorted(set(steps))
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(lambda x, _pos: f"{x:g}")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     """Lay out ``fig``, write it to ``path`` and close it (frees its memory); returns ``path``."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return Path(path)
-
-
-# ------------------------------------------------------------------ training loop
-
-
-@dataclass
-class TrainingRun:
-    """What :func:`train` measured.
-
-    Attributes:
-        times_s: wall time of every iteration (forward, backward, optimizer step), seconds.
-        held_bytes: bytes the last iteration kept for backward, weights excluded.
-    """
-
-    times_s: list[float] = field(default_factory=list)
-    held_bytes: int | None = None
-
-    @property
-    def median_iter_s(self) -> float:
-        return statistics.median(self.times_s)
-
-
-LossOutput = torch.Tensor | tuple[torch.Tensor, Mapping[str, float]]
-
-
-def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_scaler: torch.amp.GradScaler,
-          device: torch.device, precision: str, iters: int, draw_batch: Callable[[], Any],
-          loss_fn: Callable[[Any], LossOutput], log_path: Path, desc: str) -> TrainingRun:
-    """Run ``iters`` profiled training iterations; log one CSV row per iteration to ``log_path``.
-
-    Per iteration: ``x = draw_batch()`` (not measured), then, measured by
-    ``mpnode.bench.profilers.profile`` (time, bytes held for backward with the
-    weights excluded): ``loss_fn(x)`` under the autocast of ``precision``,
-    backward through ``grad_scaler``, the optimizer step.  ``loss_fn`` returns
-    the loss or ``(loss, extras)``; the float ``extras`` are logged next to
-    ``iteration``, ``loss``, ``time_s`` and ``held_bytes``.
-    """
-    from tqdm import tqdm
-
-    from .profilers import profile
-
-    run = TrainingRun()
-    weights = list(model.parameters())
-    with CSVLog(log_path) as log:
-        for it in tqdm(range(iters), desc=desc):
-            x = draw_batch()
-            with profile(device, sync_count=False, exclude=weights) as rec:
-                with autocast(precision, device):
-                    out = loss_fn(x)
-                loss, extras = (out if isinstance(out, tuple) else (out, {}))
-                optimizer.zero_grad(set_to_none=True)
-                grad_scaler.scale(loss).backward()
-                grad_scaler.step(optimizer)
-                grad_scaler.update()
-            run.times_s.append(rec.time_s)
-            run.held_bytes = rec.held_bytes
-            log.write(iteration=it, loss=float(loss.detach()), **extras, time_s=rec.time_s, held_bytes=rec.held_bytes)
-    return run
-
-
-def write_summary(summary: Mapping[str, Any], out: Path) -> None:
-    """Write ``summary`` as the one row of ``<out>/summary.csv`` and print it as ``key=value`` pairs."""
-    write_csv(out / "summary.csv", [summary])
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

@@ -4,7 +4,7 @@
   relative to torchdiffeq float32 (and, where timed, speed-up and CUDA peak
   relative to mpnode float32) against the swept size.
 * ``steps_<problem>.png`` for each steps sweep: time and held memory against
-  the number of steps, with the fitted slope in the legend.
+  the number of steps, with the fitted slope and its unit (ms/step, KiB/step, ...) in the legend.
 * ``dial_<problem>.png`` for each dial sweep: time against held memory (log-log),
   one marker per implementation, one point per step count (labelled ``N=...``),
   the points of one implementation joined in order of steps.
@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .experiment import pyplot, save_figure
-from .report import linear_fit
+from .experiment import label_steps, pyplot, save_figure
+from .report import fmt_bytes, linear_fit
 from .runner import BenchRow
 
 
@@ -96,17 +96,15 @@ def _plot_ratios(plt, rows, axis, path: Path, title: str) -> Path:
 
 def _plot_steps(plt, rows, path: Path, title: str) -> Path:
     x_of = lambda r: r.steps  # noqa: E731
+    # (row field, axis label, scale to the axis unit, text of the fitted slope per step, in the row's unit)
+    panels = (("time_s", "time per forward+backward [ms]", 1e3, lambda s: f"{s * 1e3:.3g} ms/step"),
+              ("held_bytes", "held for backward [MiB]", 2.0**-20, lambda b: f"{fmt_bytes(b)}/step"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, label, scale in ((axes[0], "time_s", "time per forward+backward [s]", 1.0),
-                                  (axes[1], "held_bytes", "held for backward [MiB]", 2.0**-20)):
+    for ax, (key, label, scale, slope_text) in zip(axes, panels):
         for impl, (xs, ys) in _series(rows, x_of, key).items():
-            ys = [y * scale for y in ys]
-            note = ""
-            if len(xs) >= 2:
-                f = linear_fit(xs, ys)
-                note = f" (slope {f.slope:.3g}/step)"
-            ax.plot(xs, ys, marker="o", label=impl + note)
-        ax.set_xscale("log", base=2)
+            note = f" (slope {slope_text(linear_fit(xs, ys).slope)})" if len(xs) >= 2 else ""
+            ax.plot(xs, [y * scale for y in ys], marker="o", label=impl + note)
+        label_steps(ax, (r.steps for r in rows))
         ax.set_yscale("log")
         ax.set_xlabel("RK4 steps")
         ax.set_ylabel(label)
