@@ -28,7 +28,7 @@ import torch
 from matplotlib.figure import Figure
 
 import mpnode.core
-from mpnode.core.testing import held_memory
+from mpnode.core.meters import held_memory
 from mpnode.models.cnf import CNF, HyperNetField
 from mpnode.models.toy_data import eight_gaussians_log_density, sample
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 import mpnode.core
-from mpnode.core.testing import held_memory
+from mpnode.core.meters import held_memory
 from mpnode.models.mnist import ODENet, mnist_loaders, write_idx_mnist
 
 REPO = Path(__file__).resolve().parents[1]

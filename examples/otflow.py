@@ -30,7 +30,7 @@ import torch
 from matplotlib.figure import Figure
 
 import mpnode.core
-from mpnode.core.testing import held_memory
+from mpnode.core.meters import held_memory
 from mpnode.models.otflow import OTPotential, gaussian_mixture, generate, mmd, otflow_loss
 from mpnode.models.toy_data import DATASETS, sample
 
