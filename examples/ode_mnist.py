@@ -19,7 +19,7 @@ number.
     python examples/ode_mnist.py --data-root ../shared/data --train-subset 6000 --epochs 2
     python examples/ode_mnist.py --smoke          # tiny generated IDX set, no real data needed
 
-The data are read through torchvision (``pip install mpnode-models[mnist]``)
+The data are read through torchvision (``pip install "./packages/mpnode-models[mnist]"``)
 from ``<data-root>/MNIST/raw``; nothing is downloaded.
 """
 
