@@ -19,7 +19,9 @@ Environments (under ``.nox/``, rebuilt only when what they were built from chang
 
 ``MPNODE_SYSTEM_PYTHON=1`` uses the current interpreter for every session instead and
 installs nothing (machines without a package index, e.g. the GPU box); package
-boundaries are then not enforced.
+boundaries are then not enforced.  ``MPNODE_TORCH_INDEX=<url>`` installs torch and
+torchvision from that index, e.g. ``https://download.pytorch.org/whl/cpu`` for the CPU
+build on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -107,12 +109,13 @@ def _site_packages(session: nox.Session, python: str) -> str:
 def base_python(session: nox.Session) -> str:
     """The shared base environment (torch, torchvision, test tools), built once per change of its requirements."""
     env = NOX_DIR / "base"
-    want = _fingerprint(" ".join(TORCH + BUILD_TOOLS), ROOT / "requirements-test.txt")
+    index = os.environ.get("MPNODE_TORCH_INDEX")
+    want = _fingerprint(" ".join(TORCH + BUILD_TOOLS), index or "", ROOT / "requirements-test.txt")
     if not _is_current(env, want):
         session.log(f"building {env}: torch and the test tools (once per change of requirements)")
         session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
         pip = [_python(env), "-m", "pip", "install", *PIP_FLAGS]
-        session.run(*pip, *TORCH, external=True)
+        session.run(*pip, *TORCH, *(("--index-url", index) if index else ()), external=True)
         session.run(*pip, "-r", str(ROOT / "requirements-test.txt"), *BUILD_TOOLS, external=True)
         (env / ".installed").write_text(want)
     return _python(env)
@@ -197,7 +200,8 @@ for _suite in TEST_SUITES:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Build the documentation into site/ (mkdocs --strict: a broken link or reference fails), check README links."""
+    """Build the documentation into site/ (mkdocs --strict: a broken link or reference fails); check the README
+    (length, links to every page) and that each measured figure matches its results file (tools/check_docs.py)."""
     python = docs_python(session)
     probe = session.run(python, "-c", "import importlib.util as u; print(bool(u.find_spec('mkdocstrings')))",
                         silent=True, external=True)
@@ -205,18 +209,7 @@ def docs(session: nox.Session) -> None:
         session.error(f"{python} has no mkdocs/mkdocstrings: pip install -r requirements-docs.txt")
     session.run(python, "-m", "mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *session.posargs,
                 external=True)
-    _check_readme_links(session)
-
-
-def _check_readme_links(session: nox.Session) -> None:
-    """Every relative link of README.md names a file of the repository (mkdocs checks the docs/ pages)."""
-    text = (ROOT / "README.md").read_text()
-    targets = re.findall(r"\]\(([^)\s]+)\)", text)
-    broken = [t for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")
-              and not (ROOT / t.split("#")[0]).exists()]
-    if broken:
-        session.error(f"README.md links to missing files: {', '.join(broken)}")
-    session.log(f"README.md: {len(targets)} links, all relative ones resolve")
+    session.run(python, str(ROOT / "tools" / "check_docs.py"), external=True)
 
 
 @nox.session

@@ -99,7 +99,7 @@ def variants(fields: dict[str, torch.nn.Module]) -> dict[str, tuple]:
     explicit = {"adjoint_params": tuple(mlp.parameters())}
     return {
         "discovery": (mlp, {}, (), explicit, (NO_PROBE,)),
-        "untracked check": (mlp, explicit, (), explicit, (NO_UNTRACKED_CHECK,)),
+        "untracked check": (mlp, {}, (), {}, (NO_UNTRACKED_CHECK,)),  # runs without adjoint_params only
         "version check": (mlp, explicit, (), explicit, (NO_VERSION_CHECK,)),
         "rng tracking (deterministic)": (mlp, explicit, (), {**explicit, "adjoint": RecomputeAdjoint(replay_rng=False)},
                                          ()),

@@ -16,8 +16,8 @@ after the optimizer steps ``N - j * gap`` (``j = K-1 .. 0``, ``N`` the last step
 ``lr``, ``test_acc``): their spread is the step-to-step noise left in the final
 number.
 
-Needs torch, mpnode-core, mpnode-models with its ``mnist`` extra (torchvision) and
-matplotlib (torchdiffeq for ``--odeint torchdiffeq``).  The data are read through
+Needs torch, mpnode-core, mpnode-models with its ``mnist`` extra (torchvision:
+``pip install "./packages/mpnode-models[mnist]"``) and matplotlib (torchdiffeq for ``--odeint torchdiffeq``).  The data are read through
 torchvision from ``<data-root>/MNIST/raw``; nothing is downloaded.  ``--smoke`` writes
 a tiny synthetic set in that layout and trains on it (torchvision still reads it).
 

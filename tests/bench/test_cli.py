@@ -99,3 +99,24 @@ def test_module_entry_point_lists_suites():
     done = subprocess.run([sys.executable, "-m", "mpnode.bench", "list"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "quick" in done.stdout and "core-mlp" in done.stdout and "gpu" in done.stdout
+
+
+def test_run_without_suite_says_it_runs_the_default(capsys):
+    assert main(["run", "--dry"]) == 0
+    err = capsys.readouterr().err
+    assert "no --suite given, running the default suite 'quick'" in err and "mpnode-bench list" in err
+
+
+def test_plain_tables_wrap_to_the_width_repeating_the_key_columns():
+    from mpnode.bench.experiment import plain_table
+
+    header = ["impl", *(f"column{i}" for i in range(8))]
+    rows = [["mpnode", *(f"{i}.00x" for i in range(8))], ["torchdiffeq", *("-" * 1 for _ in range(8))]]
+    text = plain_table("title", header, rows, width=40, key=["impl"])
+    assert max(len(line) for line in text.splitlines()) <= 40
+    blocks = text.split("\n\n")
+    assert len(blocks) >= 3 and all(b.splitlines()[-4].startswith("impl ") for b in blocks)  # the key in each block
+    for i in range(8):
+        assert text.count(f"column{i}") == 1
+    wide = plain_table("title", header, rows, key=["impl"])
+    assert len(wide.splitlines()) == 5  # fits: one block

@@ -1,4 +1,4 @@
-"""The README's "Migrating from torchdiffeq" table is honest.
+"""The migration table (docs/migration.md, "The table") is honest.
 
 Every row is ``same``, ``different: <reason>`` or ``refused: <reason>``; every row has
 a test marked ``@pytest.mark.torchdiffeq_row("<row>")`` in ``tests/``; the test of a
@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTION = "## Migrating from torchdiffeq"
+PAGE = ROOT / "docs" / "migration.md"
+SECTION = "## The table"
 STATUS = re.compile(r"^(same|different: \S.*|refused: \S.*)$")
 
 
 def table_rows() -> dict[str, str]:
     """``row id -> status`` of the section's table."""
-    text = (ROOT / "README.md").read_text()
-    assert SECTION in text, f"README.md has no section {SECTION!r}"
+    text = PAGE.read_text()
+    assert SECTION in text, f"{PAGE} has no section {SECTION!r}"
     body = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in body.splitlines():
@@ -128,7 +129,7 @@ def test_every_row_has_a_marked_test_and_same_rows_compare_with_torchdiffeq():
 def test_every_marker_names_a_row():
     rows = table_rows()
     stale = {row: [f"{p.name}::{t}" for p, t, _ in tests] for row, tests in marked_tests().items() if row not in rows}
-    assert not stale, f"markers naming rows the README table does not have: {stale}"
+    assert not stale, f"markers naming rows the migration table does not have: {stale}"
 
 
 def test_the_marker_is_registered():

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from mpnode.core import AdjointArgumentsIgnoredWarning, odeint, odeint_adjoint
+from mpnode.core import AdjointArgumentsIgnoredWarning, DirectAdjoint, SegmentedAdjoint, odeint, odeint_adjoint
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
@@ -97,6 +97,40 @@ def test_a_subset_of_adjoint_params_restricts_the_gradients_like_torchdiffeq():
     (ours,) = torch.autograd.grad(odeint_adjoint(func, y0, t, adjoint_params=(func.scale,), **kw).sum(), [func.scale])
     (theirs,) = torch.autograd.grad(torchdiffeq.odeint(func, y0, t, **kw).sum(), [func.scale])
     assert float((ours - theirs).abs() / theirs.abs()) <= 1e-12
+
+
+@pytest.mark.torchdiffeq_row("adjoint-params")
+@pytest.mark.parametrize("solve", [odeint, odeint_adjoint])
+@pytest.mark.parametrize("adjoint", [None, DirectAdjoint(), SegmentedAdjoint()])
+def test_tensors_left_out_of_adjoint_params_are_constants_like_torchdiffeq(solve, adjoint):
+    """A closure's grad-requiring tensor that adjoint_params leaves out gets no gradient (its .grad stays None),
+    also when func first uses it late in the solve, and the listed gradients are those with it held constant."""
+    func = Field()
+    c = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+
+    def closure(t, y):
+        return func(t, y) - (c * y if t > 0.5 else 0.0)
+
+    y0 = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    kw = dict(method="rk4", options={"step_size": 0.125})
+    params = tuple(func.parameters())
+    extra = {} if adjoint is None else {"adjoint": adjoint}
+    out = solve(closure, y0, t, adjoint_params=params, **kw, **extra)
+    ours = torch.autograd.grad(out.square().sum(), [y0, *params])
+    solve(closure, y0, t, adjoint_params=params, **kw, **extra).square().sum().backward()
+    assert c.grad is None
+    c.grad = None
+    torchdiffeq.odeint_adjoint(closure, y0, t, adjoint_params=params, **kw).square().sum().backward()
+    assert c.grad is None  # torchdiffeq's rule
+    held = c.detach()
+
+    def constant(t, y):
+        return func(t, y) - (held * y if t > 0.5 else 0.0)
+
+    ref = torch.autograd.grad(torchdiffeq.odeint(constant, y0, t, **kw).square().sum(), [y0, *params])
+    for a, b in zip(ours, ref):
+        assert float((a - b).norm() / b.norm()) <= 1e-12
 
 
 def _call_with(**adjoint_kw):

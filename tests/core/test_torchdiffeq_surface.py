@@ -111,6 +111,30 @@ def test_a_grid_option_without_method_selects_rk4():
                            options={"step_size": 0.1})
 
 
+@pytest.mark.torchdiffeq_row("adaptive-grid-options")
+@pytest.mark.parametrize("option", [{"step_size": 0.01}, {"grid_constructor": lambda f, y0, t: torch.linspace(0, 1.2, 50,
+                                                                                                         dtype=F64)}])
+def test_an_adaptive_method_ignores_a_grid_option_with_one_warning_as_torchdiffeq(option):
+    """dopri5 with step_size or grid_constructor: adaptive steps as without the option (torchdiffeq warns
+    "Unexpected arguments" and ignores it); mpnode's warning names the fixes, once per call site."""
+    with pytest.warns(UserWarning, match="Unexpected arguments"):
+        theirs = _solve(torchdiffeq.odeint, method="dopri5", options={"first_step": 0.01, **option})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        for _ in range(2):
+            ours = _solve(odeint, method="dopri5", options={"first_step": 0.01, **option})
+    assert [type(w.message) for w in record] == [mpnode.core.GridOptionIgnoredWarning]
+    assert "method='rk4'" in str(record[0].message) and "fixed_grid()" in str(record[0].message)
+    plain = _solve(odeint, method="dopri5", options={"first_step": 0.01})
+    for a, b, c in zip(ours, plain, theirs):
+        assert torch.equal(a, b) and _rel(a, c) <= 1e-10
+    stats = mpnode.core.SolverStats()
+    with pytest.warns(mpnode.core.GridOptionIgnoredWarning):
+        odeint(Field(), torch.ones(3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), method="dopri5",
+               options={"stats": stats, **option})
+    assert stats.nfe_forward < 100  # adaptive steps, not 1/0.01 fixed ones
+
+
 @pytest.mark.torchdiffeq_row("tolerance-tensors")
 @pytest.mark.torchdiffeq_row("tuple-state")
 @pytest.mark.torchdiffeq_row("option-norm")
@@ -240,13 +264,87 @@ def test_unknown_and_misplaced_options_raise_where_torchdiffeq_warns():
 # -- inputs ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.torchdiffeq_row("state-dtypes")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.complex64])
-def test_low_precision_and_complex_states_are_refused(dtype):
-    y0, t = torch.ones(3, dtype=dtype), torch.tensor([0.0, 1.0])
+@pytest.mark.torchdiffeq_row("complex-y0")
+def test_complex_states_are_refused_naming_the_fix():
+    y0, t = torch.ones(3, dtype=torch.complex64), torch.tensor([0.0, 1.0])
     torchdiffeq.odeint(lambda t, y: -y, y0, t, method="euler")
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match="real and imaginary"):
         odeint(lambda t, y: -y, y0, t, method="euler")
+
+
+class _Stem(torch.nn.Module):
+    """An autocast model's pieces: a linear stem (its output is the ODE block's y0) and the block's field."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem = torch.nn.Linear(5, 4)
+        self.field = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+    def forward(self, t, y):
+        return self.field(y)
+
+
+@pytest.mark.torchdiffeq_row("state-dtypes")
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method, options", [("rk4", {"step_size": 0.125}), ("dopri5", {"first_step": 0.05})])
+def test_a_low_precision_y0_from_an_autocast_model_is_solved_in_float32(low, method, options):
+    """A float16/bfloat16 y0 (what a layer under autocast returns): solved in float32, outputs and dL/dy0 in y0's
+    dtype as torchdiffeq returns them; the result is the float32 solve of the same y0, rounded."""
+    model, x, t = _Stem(), torch.randn(6, 5), torch.tensor([0.0, 0.5, 1.0])
+    kw = dict(method=method, options=options, rtol=1e-3, atol=1e-5)
+
+    def run(solve, upcast):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=low):
+            y0 = model.stem(x)
+            y0.retain_grad()
+            out = solve(model, y0.float() if upcast else y0, t, **kw).to(low)  # upcast: the same rounded outputs
+            loss = (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+        loss.backward()
+        return out, y0.grad, [p.grad.clone() for p in model.parameters()]
+
+    ours, dy0, dparams = run(odeint, upcast=False)
+    ref, ref_dy0, ref_dparams = run(odeint, upcast=True)  # the field's first layer casts to `low` either way
+    assert y0_dtype(ours, dy0) == (low, low)
+    assert torch.equal(ours, ref) and torch.equal(dy0, ref_dy0)
+    assert all(torch.equal(a, b) for a, b in zip(dparams, ref_dparams))  # the stem's gradient too, through dL/dy0
+    theirs, their_dy0, _ = run(torchdiffeq.odeint, upcast=False)
+    assert y0_dtype(theirs, their_dy0) == (low, low)  # the dtypes a torchdiffeq user gets
+    assert _rel(ours.float(), theirs.float()) < 0.05  # and about the same numbers (theirs accumulate in `low`)
+
+
+def y0_dtype(out, grad):
+    return out.dtype, grad.dtype
+
+
+@pytest.mark.torchdiffeq_row("state-dtypes")
+def test_func_sees_t_and_y_in_a_low_precision_y0s_dtype_as_with_torchdiffeq():
+    """A model converted to bfloat16 (no autocast) runs as it does with torchdiffeq; the state stays float32."""
+    model = _Stem().to(torch.bfloat16)
+    y0, t = torch.randn(6, 4, dtype=torch.bfloat16), torch.tensor([0.0, 1.0])
+    seen = []
+
+    def func(t, y):
+        seen.append((t.dtype, y.dtype))
+        return model(t, y)
+
+    out = odeint(func, y0, t, method="rk4", options={"step_size": 0.25})
+    theirs = torchdiffeq.odeint(func, y0, t, method="rk4", options={"step_size": 0.25})
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)} and out.dtype == theirs.dtype == torch.bfloat16
+    exact = odeint(lambda t, y: model.double()(t, y), y0.double(), t.double(), method="rk4",
+                   options={"step_size": 0.25})
+    model.to(torch.bfloat16)
+    assert _rel(out.double(), exact) <= _rel(theirs.double(), exact) + 2 ** -8
+
+
+@pytest.mark.torchdiffeq_row("low-precision-t")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_times_are_refused_naming_the_fix(dtype):
+    y0, t = torch.ones(3), torch.tensor([0.0, 0.5, 1.0], dtype=dtype)
+    torchdiffeq.odeint(lambda t, y: -y, y0, t, method="rk4")
+    with pytest.raises(TypeError, match=r"float32 or float64.*t.float\(\)"):
+        odeint(lambda t, y: -y, y0, t, method="rk4")
 
 
 @pytest.mark.torchdiffeq_row("t-device")

@@ -190,5 +190,5 @@ def test_missing_mnist_names_the_layout(tmp_path):
 
 def test_missing_torchvision_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # makes `import torchvision` raise ImportError
-    with pytest.raises(ImportError, match=r"pip install mpnode-models\[mnist\]"):
+    with pytest.raises(ImportError, match=r'pip install \"\./packages/mpnode-models\[mnist\]\"'):
         load_mnist(tmp_path)

@@ -29,6 +29,7 @@ from .runner import REFERENCE, BenchRow, run_cases
 from .suites import SUITES, get_suite
 
 GPU_TARGET_PROBLEMS = ("conv", "otflow")
+DEFAULT_SUITE = "quick"
 
 
 def _progress(disable: bool) -> Callable[[int], Callable[[], None]]:
@@ -159,6 +160,10 @@ def _resolve_device(name: str | None, suite_device: str) -> torch.device:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.suite is None:
+        print(f"mpnode-bench: no --suite given, running the default suite {DEFAULT_SUITE!r}; "
+              "`mpnode-bench list` shows the others", file=sys.stderr)
+        args.suite = DEFAULT_SUITE
     suite = get_suite(args.suite)
     device = torch.device(args.device or suite.device_type) if args.dry else _resolve_device(args.device, suite.device_type)
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
@@ -247,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "time, memory held for backward, CUDA peak memory, host syncs, gradient accuracy.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a suite and write results.csv, results.json, summary.txt and plots")
-    r.add_argument("--suite", default="quick", choices=sorted(SUITES))
+    r.add_argument("--suite", default=None, choices=sorted(SUITES),
+                   help=f"the suite to run (default: {DEFAULT_SUITE}; `mpnode-bench list` describes them)")
     r.add_argument("--device", default=None, help="override the suite's device (cpu, cuda, cuda:1)")
     r.add_argument("--out", default=None, help="output folder (default outputs/bench/<suite>-<device>)")
     r.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default: the suite's)")

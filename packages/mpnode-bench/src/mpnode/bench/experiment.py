@@ -26,6 +26,7 @@ import contextlib
 import csv
 import functools
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
@@ -51,6 +52,7 @@ __all__ = [
     "CSVLog",
     "write_csv",
     "format_table",
+    "plain_table",
     "print_table",
     "progress",
     "pyplot",
@@ -265,7 +267,8 @@ def write_csv(path: Path, rows: Iterable[Mapping[str, Any]], fieldnames: Sequenc
 
 def format_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int = 120,
                  left: Iterable[str] = ()) -> str:
-    """Rows of strings as a table: rich's box table when installed, else aligned plain text.
+    """Rows of strings as a table: rich's box table ``width`` characters wide when installed, else aligned
+    plain text that wraps to the terminal's width (see :func:`plain_table`).
 
     Columns named in ``left`` are left-aligned, the others right-aligned (rich only).
     """
@@ -273,7 +276,8 @@ def format_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        return _plain_table(title, header, rows)
+        return plain_table(title, header, rows, width=shutil.get_terminal_size((width, 24)).columns,
+                           key=[h for h in header if h in set(left)])
     left = set(left)
     table = Table(title=title or None)
     for h in header:
@@ -286,11 +290,26 @@ def format_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]
     return captured.get().rstrip()
 
 
-def _plain_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def plain_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], width: int = 10**9,
+                key: Iterable[str] = ()) -> str:
+    """Aligned plain text; a table wider than ``width`` characters is cut into blocks of columns that fit, one
+    under the other, each repeating the ``key`` columns (e.g. problem and implementation) that name its rows."""
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    lines = ([title] if title else []) + [line, "-" * len(line)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    keep = [i for i, h in enumerate(header) if h in set(key)]
+    blocks: list[list[int]] = [[]]
+    used = sum(widths[i] + 2 for i in keep)
+    for i in (i for i in range(len(header)) if i not in keep):
+        if blocks[-1] and used + widths[i] > width:
+            blocks.append([])
+            used = sum(widths[k] + 2 for k in keep)
+        blocks[-1].append(i)
+        used += widths[i] + 2
+    lines = [title] if title else []
+    for n, block in enumerate(blocks):
+        cols = keep + block
+        line = "  ".join(header[i].ljust(widths[i]) for i in cols).rstrip()
+        lines += ([""] if n else []) + [line, "-" * len(line)]
+        lines += ["  ".join(r[i].ljust(widths[i]) for i in cols).rstrip() for r in rows]
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
 :func:`torchode_odeint` runs torchode (Lienen & Günnemann, "torchode: A Parallel ODE
 Solver for PyTorch", 2022; ``pip install torchode``, an optional dependency:
-``pip install mpnode-bench[peers]``) like ``torchdiffeq.odeint(func, y0, t, ...)``:
+``pip install "./packages/mpnode-bench[peers]"``) like ``torchdiffeq.odeint(func, y0, t, ...)``:
 
 * ``y0`` of shape ``(batch, features)``; the result has shape ``(len(t), batch, features)``;
 * methods ``"dopri5"`` and ``"tsit5"``; with ``options={"step_size": h}`` a
@@ -37,7 +37,7 @@ DEFAULT_RTOL, DEFAULT_ATOL = 1e-7, 1e-9  # torchdiffeq's, so a call reads the sa
 def torchode_unavailable() -> str | None:
     """``"unavailable: pip install torchode"`` when torchode is not importable, else ``None``."""
     if importlib.util.find_spec("torchode") is None:
-        return "unavailable: pip install torchode (or pip install mpnode-bench[peers])"
+        return 'unavailable: pip install torchode (or pip install "./packages/mpnode-bench[peers]")'
     return None
 
 

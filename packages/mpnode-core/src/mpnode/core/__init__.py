@@ -14,7 +14,7 @@ from .compat import AdjointArgumentsIgnoredWarning, odeint_adjoint, odeint_event
 from .controllers import IntegralController, PIController, StepSizeController
 from .march import MixedPrecisionToleranceWarning
 from .methods import TABLEAUX, get_tableau
-from .odeint import odeint
+from .odeint import GridOptionIgnoredWarning, odeint
 from .precision import PrecisionPolicy
 from .scaling import AdjointScaling, NoAdjointScaling, NonFiniteGradientError, ScalingPass
 from .stats import SolverStats
@@ -44,5 +44,6 @@ __all__ = [
     "ScalingPass",
     "NonFiniteGradientError",
     "MixedPrecisionToleranceWarning",
+    "GridOptionIgnoredWarning",
 ]
 __version__ = "0.1.0"

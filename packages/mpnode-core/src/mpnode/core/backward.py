@@ -48,7 +48,9 @@ class BackwardPlan:
         trajectory: the forward pass's accepted steps and output placement.
         params: the tensors whose gradients are wanted (a subset of ``known``).
         known: every tensor the solve differentiates or holds constant (for the
-            captured-tensor check, prepared once as ``frontier``).
+            captured-tensor check, prepared once as ``frontier``); ``None`` when
+            ``adjoint_params`` was given: every other tensor is then a constant
+            (torchdiffeq's rule) and nothing is checked.
         t: the output times, detached (``(T,)``, ``t``'s dtype).
         need_times: whether gradients w.r.t. grid nodes and output times are wanted.
         retain_graph: the caller keeps the graph (``retain_graph=True``): kept step
@@ -58,7 +60,7 @@ class BackwardPlan:
     problem: Problem
     trajectory: Trajectory
     params: list[torch.Tensor]
-    known: list[torch.Tensor]
+    known: list[torch.Tensor] | None
     t: torch.Tensor
     need_times: bool
     stage_times: list[tuple[torch.Tensor, ...]] | None = field(default=None)
@@ -66,7 +68,7 @@ class BackwardPlan:
 
     def __post_init__(self) -> None:
         traj = self.trajectory
-        self.frontier = KnownTensors(self.known)
+        self.frontier = KnownTensors(self.known) if self.known is not None else None
         if traj.output_times is not None:  # decided by the forward pass (a solve until an event)
             self.t = traj.output_times
         if self.stage_times is None and traj.n_steps == 0:  # an event at t0: no step was taken
@@ -301,7 +303,8 @@ def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, sca
                 traj.steps[m], traj.grid.dtype)
     inside = [(j, x, g[j]) for j, x in traj.placement.in_step.get(m, ())]
     graph = source.graph(plan, m, with_end_slope=bool(inside) and plan.problem.output_rule.needs_end_slope)
-    _refuse_untracked(graph, plan.frontier)
+    if plan.frontier is not None:
+        _refuse_untracked(graph, plan.frontier)
     inherits_next = m + 1 < traj.n_steps and source.first_is_input(m + 1)
     # the scale sees every seed of the VJP: an output interpolated in the step is seeded like the adjoint (the last
     # step of an adaptive solve starts from lam = 0 and its output's gradient alone)

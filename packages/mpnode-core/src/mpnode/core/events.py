@@ -372,4 +372,4 @@ def attach_event_gradient(func: Callable, event_fn: Callable, t0: torch.Tensor, 
             "initial condition, or detach the inputs if no gradient is needed"
         )
     delta = (g_live - g_live.detach()) * (-1.0 / s)
-    return event_t + delta.to(event_t.dtype), layout.unflatten(y_e + f_e * delta)
+    return event_t + delta.to(event_t.dtype), layout.unflatten(y_e + f_e * delta, dtype=layout.user_dtype)

@@ -179,6 +179,12 @@ TSIT5 = ButcherTableau(
 TABLEAUX: dict[str, ButcherTableau] = {
     t.name: t for t in (*_FIXED, DOPRI5, BOSH3, FEHLBERG2, ADAPTIVE_HEUN, DOPRI8, TSIT5)
 }
+"""The built-in methods by name, what ``odeint(..., method=<name>)`` accepts.
+
+Fixed grid: ``euler``, ``midpoint``, ``heun2``, ``ralston``, ``heun3``, ``ssprk3``, ``rk4`` (Kutta's 3/8 rule, as
+torchdiffeq's ``rk4``), ``rk4_classic``.  Adaptive (an embedded pair and dense output): ``dopri5`` (the default),
+``bosh3``, ``fehlberg2``, ``adaptive_heun``, ``dopri8``, ``tsit5``.  Orders and stages: docs/solvers.md.
+"""
 
 
 _MULTISTEP = (
@@ -186,7 +192,6 @@ _MULTISTEP = (
     "(one checkpoint per step, each step recomputed on its own) does not keep; use 'rk4' on the same grid, or 'dopri5'"
 )
 
-#: torchdiffeq's method names that mpnode does not provide, with the reason and the alternative.
 REFUSED_METHODS: dict[str, str] = {
     "explicit_adams": _MULTISTEP,
     "implicit_adams": _MULTISTEP,
@@ -196,6 +201,7 @@ REFUSED_METHODS: dict[str, str] = {
         "neither gradients nor low precision; use 'dopri5' (or 'dopri8'), or call scipy directly for inference"
     ),
 }
+"""torchdiffeq's method names that mpnode does not provide, with the reason and the alternative."""
 
 
 def get_tableau(method: str | ButcherTableau) -> ButcherTableau:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -67,7 +68,8 @@ def odeint(
 
     Args:
         func: ``func(t, y) -> dy/dt``; ``t`` a 0-dim tensor in ``y0``'s dtype, ``y``
-            and the result structured like ``y0``.  An ``nn.Module``'s parameters
+            structured like ``y0`` in its dtype, the result structured like ``y0``
+            (any floating dtype: it is cast to the state's).  An ``nn.Module``'s parameters
             with ``requires_grad`` receive gradients, and so does every other
             grad-requiring tensor the first evaluation of ``func`` uses (a
             closure's tensor, a module's context attribute).  Random numbers drawn
@@ -78,7 +80,11 @@ def odeint(
             forward left them, and a tensor ``func`` read that is modified in place
             before backward makes it raise (docs/guarantees.md).  It may define torchdiffeq's callbacks
             ``callback_step`` etc. (see :mod:`mpnode.core.callbacks`).
-        y0: float32/float64 tensor of any shape, or a tuple of such tensors.
+        y0: float32/float64 tensor of any shape, or a tuple of such tensors of one
+            dtype.  A float16/bfloat16 ``y0`` (the output of a layer under autocast)
+            is solved in float32: states, stage sums, the error estimate and the
+            adjoint are float32; ``func`` sees ``t`` and ``y`` and the outputs are
+            returned in ``y0``'s dtype, as torchdiffeq returns them.
         t: 1-D float32/float64 tensor of output times, strictly increasing or
             decreasing, on ``y0``'s device.  A single time returns a copy of ``y0``
             with a leading dimension of 1 (no step is taken; gradients flow to ``y0``).
@@ -102,7 +108,8 @@ def odeint(
             method's module, modules in ``func``'s closure) that are left out are
             constants of the solve: they get no gradient, so listing a subset
             restricts which parameters train.  Any other grad-requiring tensor
-            ``func`` uses that is not listed makes backward raise.
+            ``func`` uses (a closure's tensor) is a constant too and its ``.grad``
+            stays ``None``, as with torchdiffeq's ``odeint_adjoint``.
         scaler: shorthand for ``adjoint=RecomputeAdjoint(scaling=scaler)``: adjoint
             scaling for float16; ``None`` automatic, ``False`` none.
         adjoint: an adjoint strategy, e.g. ``RecomputeAdjoint(checkpoint_dtype=...,
@@ -130,7 +137,7 @@ def odeint(
     policy = PrecisionPolicy.capture(y0 if isinstance(y0, torch.Tensor) else y0[0])
     stepping = _stepping(tableau, opts, rtol, atol, layout, policy)
     if event_fn is None and t.shape[0] == 1:  # torchdiffeq's rule: the initial state, copied
-        return layout.unflatten(layout.flatten(y0).clone().unsqueeze(0), (1,))
+        return layout.unflatten(layout.flatten(y0).clone().unsqueeze(0), (1,), dtype=layout.user_dtype)
     event = None
     if event_fn is not None:
         stepping, event = until_event(stepping, event_fn, layout, policy, t_host)
@@ -154,7 +161,7 @@ def odeint(
         constants=constants, modules=reachable_modules(func),
     )
     out = strategy.solve(problem, stepping, inputs)
-    solution = layout.unflatten(out, (t.shape[0],))
+    solution = layout.unflatten(out, (t.shape[0],), dtype=layout.user_dtype)
     return solution if event is None else (event.event_time(t), solution)
 
 
@@ -169,15 +176,29 @@ def _check_stats(stats: Any) -> SolverStats | None:
     return stats
 
 
+class GridOptionIgnoredWarning(UserWarning):
+    """An adaptive method got ``step_size``/``grid_constructor``; it chooses its own steps and ignores them."""
+
+
 def _stepping(tableau: ButcherTableau, opts: dict, rtol, atol, layout: FlatState, policy: PrecisionPolicy) -> Stepping:
-    """Fixed grid when a grid option is given or the method has no error estimate; adaptive otherwise."""
-    grid_given = opts.get("step_size") is not None or opts.get("grid_constructor") is not None
-    if grid_given or not tableau.is_adaptive:
+    """Fixed grid when the method has no error estimate; adaptive otherwise (grid options then warn and are ignored)."""
+    grid_options = sorted(k for k in ("step_size", "grid_constructor") if opts.get(k) is not None)
+    if grid_options and tableau.is_adaptive:
+        warnings.warn(
+            f"odeint: method {tableau.name!r} is adaptive and chooses its own steps, so options {grid_options} are "
+            "ignored (as torchdiffeq ignores them). Remove them to silence this warning; to solve on that grid pass "
+            f"a fixed-grid method such as method='rk4', or method=get_tableau({tableau.name!r}).fixed_grid() "
+            "(mpnode.core.get_tableau) for this method's steps.",
+            GridOptionIgnoredWarning, stacklevel=3,
+        )
+        opts = {k: v for k, v in opts.items() if k not in grid_options}
+    grid_given = bool(grid_options) and not tableau.is_adaptive
+    if not tableau.is_adaptive:
         refuse_options(opts, ADAPTIVE_OPTIONS, f"apply to adaptive methods only, but this solve uses a fixed grid "
                        f"(method {tableau.name!r}{' with a grid option' if grid_given else ''}); remove them")
         return _fixed_grid_stepping(opts)
     refuse_options(opts, FIXED_GRID_OPTIONS, f"apply to fixed grids only, but method {tableau.name!r} is adaptive; "
-                   "remove them, or pass step_size to run it on a fixed grid")
+                   "remove them, or use a fixed-grid method such as method='rk4'")
     tolerance = Tolerance(
         DEFAULT_RTOL if rtol is None else rtol, DEFAULT_ATOL if atol is None else atol, layout, opts.get("norm"),
         roundoff=policy.roundoff,

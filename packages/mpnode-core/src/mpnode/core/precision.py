@@ -3,7 +3,7 @@
 =========================================================  ===========================================
 quantity                                                   dtype
 =========================================================  ===========================================
-``y0``, states, stage inputs, stage sums, outputs          ``y0``'s dtype (float32/float64)
+``y0``, states, stage inputs, stage sums, outputs          ``y0``'s dtype (float32/float64); float32 for a 16-bit ``y0``
 vector-field evaluations and their VJPs                    what autocast selects for ``y0.device.type``
 checkpoints                                                the adjoint strategy's ``checkpoint_dtype``
 adjoint, gradient sums for ``y0``, ``t``, parameters       ``y0``'s dtype; parameters' own for their grads
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 STATE_DTYPES = (torch.float32, torch.float64)
+#: ``y0`` dtypes accepted and solved in float32 (an autocast model's output); outputs return in them.
+LOW_PRECISION_Y0_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,8 @@ class PrecisionPolicy:
         device_type: autocast device type, taken from ``y0.device`` (``"cpu"``, ``"cuda"``, ...).
         autocast_dtype: the low precision of the vector field, or ``None`` when
             autocast is off for ``device_type`` at the call.
-        state_dtype: dtype of ``y0``: state, stage inputs, adjoint and outputs.
+        state_dtype: the state's dtype: state, stage inputs, adjoint and outputs
+            (``y0``'s, or float32 for a float16/bfloat16 ``y0``).
     """
 
     device_type: str
@@ -41,7 +44,7 @@ class PrecisionPolicy:
         device_type = y0.device.type
         enabled = torch.is_autocast_enabled(device_type)
         low = torch.get_autocast_dtype(device_type) if enabled else None
-        return cls(device_type, low, y0.dtype)
+        return cls(device_type, low, torch.float32 if y0.dtype in LOW_PRECISION_Y0_DTYPES else y0.dtype)
 
     @property
     def roundoff(self) -> float:

@@ -98,7 +98,8 @@ class NonFiniteGradientError(FloatingPointError):
 
 #: What NoAdjointScaling(raise_on_nonfinite=True) tells the user when no scaler was found.
 INSTALL_SCALER_ADVICE = (
-    "no adjoint scaler was used. Install mpnode-scaler (pip install packages/mpnode-scaler) and pass "
+    "no adjoint scaler was used. Install mpnode-scaler (pip install ./packages/mpnode-scaler from the torchmpnode "
+    "checkout) and pass "
     "scaler=mpnode.scaler.DynamicAdjointScaler(), or autocast to torch.bfloat16."
 )
 

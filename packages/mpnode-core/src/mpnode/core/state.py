@@ -6,6 +6,8 @@ from typing import Callable, Sequence, Union
 
 import torch
 
+from .precision import LOW_PRECISION_Y0_DTYPES
+
 State = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
 
@@ -14,6 +16,12 @@ class FlatState:
 
     The solver works on a 1-D vector of ``numel`` entries in ``dtype``; this
     object converts between that vector and the user's structure.
+
+    Attributes:
+        dtype: the state's dtype: ``y0``'s when float32/float64, float32 for a
+            float16/bfloat16 ``y0`` (states, stage sums and the adjoint stay in it).
+        user_dtype: ``y0``'s own dtype: ``func`` receives ``t`` and ``y`` in it and
+            ``odeint`` returns its outputs in it, as torchdiffeq does.
     """
 
     def __init__(self, y0: State) -> None:
@@ -22,17 +30,20 @@ class FlatState:
         self.shapes = tuple(p.shape for p in parts)
         self.sizes = tuple(p.numel() for p in parts)
         self.numel = sum(self.sizes)
-        self.dtype = parts[0].dtype
+        self.user_dtype = parts[0].dtype
+        self.dtype = torch.float32 if self.user_dtype in LOW_PRECISION_Y0_DTYPES else self.user_dtype
         self.device = parts[0].device
 
     def flatten(self, y: State) -> torch.Tensor:
-        """User state -> 1-D vector (a view when the state is a single tensor)."""
+        """User state -> 1-D vector in ``dtype`` (a view when the state is a single tensor in ``dtype``)."""
         if not self.is_tuple:
-            return y.reshape(-1)
-        return torch.cat([p.reshape(-1) for p in y])
+            return y.reshape(-1).to(self.dtype)
+        return torch.cat([p.reshape(-1).to(self.dtype) for p in y])
 
-    def unflatten(self, flat: torch.Tensor, lead: tuple[int, ...] = ()) -> State:
-        """``(*lead, numel)`` -> user structure with leading dims ``lead`` (views)."""
+    def unflatten(self, flat: torch.Tensor, lead: tuple[int, ...] = (), dtype: torch.dtype | None = None) -> State:
+        """``(*lead, numel)`` -> user structure with leading dims ``lead`` (views), cast to ``dtype`` if given."""
+        if dtype is not None:
+            flat = flat.to(dtype)
         if not self.is_tuple:
             return flat.reshape((*lead, *self.shapes[0]))  # a tuple: works for 0-dim states too
         parts = torch.split(flat, self.sizes, dim=-1)
@@ -51,8 +62,8 @@ IN_PLACE_INPUT = (
 class FlatVectorField:
     """``func(t, y)`` seen as a map on flat high-precision vectors.
 
-    ``t`` is passed to ``func`` as a 0-dim tensor in the state dtype (as
-    torchdiffeq does), ``y`` in the user's structure.  The result is checked
+    ``t`` is passed to ``func`` as a 0-dim tensor and ``y`` in the user's
+    structure, both in ``y0``'s dtype (``layout.user_dtype``, as torchdiffeq does).  The result is checked
     (structure, shape, floating dtype) and cast to the state dtype, so stage
     sums are accumulated in high precision whatever dtype autocast produced.
     Every call is counted in ``nfe``.  A ``func`` that modifies ``y`` in place
@@ -73,9 +84,9 @@ class FlatVectorField:
         version = None if y.is_inference() else y._version
         if self.next_call_hook is not None:
             hook, self.next_call_hook = self.next_call_hook, None
-            out = hook(self.func, t.to(lay.dtype), lay.unflatten(y))
+            out = hook(self.func, t.to(lay.user_dtype), lay.unflatten(y, dtype=lay.user_dtype))
         else:
-            out = self.func(t.to(lay.dtype), lay.unflatten(y))
+            out = self.func(t.to(lay.user_dtype), lay.unflatten(y, dtype=lay.user_dtype))
         if version is not None and y._version != version:
             raise RuntimeError(IN_PLACE_INPUT)
         if not lay.is_tuple and isinstance(out, torch.Tensor) and out.shape == lay.shapes[0] \

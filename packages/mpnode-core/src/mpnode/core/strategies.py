@@ -58,8 +58,9 @@ class SolveInputs:
         user_stats: the caller's :class:`SolverStats` (updated when a pass completes), or ``None``.
         discover: probe the first evaluation for grad-requiring tensors ``func``
             captures (``adjoint_params`` was not given).
-        constants: grad-requiring tensors ``func`` may use that get no gradient
-            (module parameters left out of ``adjoint_params``).
+        constants: module parameters left out of ``adjoint_params``: they get no
+            gradient (nor does any other tensor outside ``params`` when
+            ``adjoint_params`` is given) and are checked for in-place changes.
         modules: the modules reachable from ``func`` (their buffers are watched).
     """
 
@@ -673,7 +674,8 @@ class _AdjointFunction(torch.autograd.Function):
         params = forward.params
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:4 + len(params)]) if need]
         problem.counters = SolverStats()
-        plan = BackwardPlan(problem, trajectory, [params[i] for i in wanted], [*params, *inputs.constants],
+        known = [*params, *inputs.constants] if inputs.discover else None  # adjoint_params given: the rest is constant
+        plan = BackwardPlan(problem, trajectory, [params[i] for i in wanted], known,
                             inputs.t.detach(), need_times=need_t or need_grid, retain_graph=retain)
         result = run_adjoint(plan, source, grad_outputs, setup.strategy.resolved_scaling(problem))
         if not retain:

@@ -16,6 +16,7 @@ tableau can be passed as ``method=`` safely.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -334,6 +335,17 @@ class ButcherTableau:
     def carries_first_stage(self) -> bool:
         """The first stage of a step is inherited from the previous step and is not ``f(t0, y0)``."""
         return self.reuse_last_stage and not self.is_fsal
+
+    def fixed_grid(self) -> "ButcherTableau":
+        """This method without its error estimate: a fixed-grid method, on which ``step_size`` and
+        ``grid_constructor`` act (an adaptive method ignores them, as torchdiffeq does).
+
+        ``odeint(f, y0, t, method=get_tableau("dopri5").fixed_grid(), options={"step_size": h})`` takes
+        dopri5's fifth-order steps on a fixed grid.  Returns ``self`` for a fixed-grid method.
+        """
+        if not self.is_adaptive:
+            return self
+        return dataclasses.replace(self, name=f"{self.name}-fixed", b_err=None, embedded_order=None)
 
     def dense_weights(self, x: float | torch.Tensor) -> tuple[float | torch.Tensor, ...]:
         """``w_i(x)`` of the dense output at ``x in [0, 1]``: ``y(t0 + x h) = y0 + h sum_i w_i(x) k_i``.

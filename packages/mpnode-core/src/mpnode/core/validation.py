@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .precision import STATE_DTYPES
+from .precision import LOW_PRECISION_Y0_DTYPES, STATE_DTYPES
 from .state import State
 
 FIXED_GRID_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb")
@@ -16,7 +16,7 @@ ADAPTIVE_OPTIONS = (
 )
 COMMON_OPTIONS = ("checkpoint_dtype", "stats")
 KNOWN_OPTIONS = FIXED_GRID_OPTIONS + ADAPTIVE_OPTIONS + COMMON_OPTIONS
-#: torchdiffeq options mpnode refuses, with the reason (see the README's migration table).
+#: torchdiffeq options mpnode refuses, with the reason (see docs/migration.md).
 REFUSED_OPTIONS = {
     "dtype": "mpnode keeps the times of adaptive solves in float64 always (torchdiffeq's default); remove it",
     "max_iters": "it configures torchdiffeq's implicit Adams method, which mpnode does not provide",
@@ -39,13 +39,12 @@ def check_y0(y0: State) -> None:
                 "torch.zeros(shape, device='cpu'), or materialise the module that produced it with "
                 "module.to_empty(device=...) and load its weights"
             )
-        if not p.dtype.is_floating_point or p.dtype not in STATE_DTYPES:
-            hint = (
-                " (keep the state in float32 and evaluate the network in low precision under torch.autocast)"
-                if p.dtype.is_floating_point
-                else ""
+        if p.dtype not in STATE_DTYPES + LOW_PRECISION_Y0_DTYPES:
+            raise TypeError(
+                f"y0 must be a real floating tensor (float32/float64, or float16/bfloat16 solved in float32), got "
+                f"{p.dtype}; convert it with y0.float()"
+                + (" (split a complex state into its real and imaginary parts)" if p.dtype.is_complex else "")
             )
-            raise TypeError(f"y0 must be float32 or float64, got {p.dtype}{hint}; convert it with y0.float()")
     if len(dtypes) > 1:
         raise TypeError(f"all tensors of a tuple y0 must share one dtype, got {sorted(map(str, dtypes))}; cast them to one")
     devices = {p.device for p in parts}

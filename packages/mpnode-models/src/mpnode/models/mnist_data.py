@@ -1,7 +1,7 @@
 """MNIST data for the ODE-Net: loading through ``torchvision.datasets.MNIST`` and a tiny IDX writer.
 
-``load_mnist`` and ``mnist_loaders`` need torchvision (``pip install
-mpnode-models[mnist]``), imported only when they are called.  Nothing is
+``load_mnist`` and ``mnist_loaders`` need torchvision (from the repository root:
+``pip install "./packages/mpnode-models[mnist]"``), imported only when they are called.  Nothing is
 downloaded: the files must already be in torchvision's raw layout
 ``<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``.
 ``write_idx_mnist`` writes a small synthetic set in that layout (no
@@ -29,7 +29,8 @@ def _torchvision_datasets():
     except Exception as err:  # ImportError, or a torchvision built for another torch
         raise ImportError(
             "mpnode.models.mnist data helpers need torchvision: install it with "
-            "`pip install mpnode-models[mnist]` (a torchvision matching your torch). "
+            "`pip install \"./packages/mpnode-models[mnist]\"` from the torchmpnode checkout (a torchvision "
+            "matching your torch). "
             f"Importing torchvision failed with: {err!r}"
         ) from err
     return datasets
