@@ -54,7 +54,7 @@ class TrackedForward:
 
 
 def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Recorder,
-                    replay_rng: bool, cache_enabled: bool = True) -> tuple[torch.Tensor, TrackedForward]:
+                    replay_rng: bool) -> tuple[torch.Tensor, TrackedForward]:
     """March without a graph, recording through ``recorder``; returns the ``(T, D)`` outputs
     (no graph) and the :class:`TrackedForward`; see the module docstring.
 
@@ -62,8 +62,6 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
     ``replay_rng`` the generator states are tracked (per step on fixed grids); a
     stochastic field on an adaptive grid is refused (its draws cannot be replayed
     per step: rejected attempts and first-same-as-last stages consume them).
-    ``cache_enabled`` is autocast's weight-cast cache (off when the recorder keeps
-    graphs: each evaluation's weight gradient is then converted before any sum).
     """
     adaptive = isinstance(stepping, AdaptiveStepping)
     randomness = None
@@ -77,7 +75,7 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
         problem.field.next_call_hook = probe
     nfe0 = problem.field.nfe
     try:
-        with torch.no_grad(), problem.policy.autocast(cache_enabled=cache_enabled):
+        with torch.no_grad(), problem.policy.autocast():
             outputs, trajectory = stepping.march(
                 problem, inputs.y0, inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, recorder
             )
