@@ -140,3 +140,17 @@ def test_gpu_targets_compare_each_strategy_with_its_own_float32():
 def test_smoke_flag_needs_a_suite_with_a_smoke_variant():
     with pytest.raises(ValueError, match="no --smoke variant.*speed"):
         main(["run", "--suite", "quick", "--smoke", "--dry"])
+
+
+def test_a_cut_run_rerenders_with_its_machine(forced_smoke, tmp_path):
+    """gpu_run.sh renders results.partial.jsonl when a time limit cuts a suite: the machine line must survive."""
+    _, out = forced_smoke
+    data = json.loads((out / "results.json").read_text())
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "results.partial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data["rows"][:12]))
+    (cut / "meta.partial.json").write_text(json.dumps({k: v for k, v in data["meta"].items() if k != "growth"}))
+    assert main(["plot", str(cut / "results.partial.jsonl")]) == 0
+    summary = (cut / "summary.txt").read_text()
+    assert summary.startswith("machine: cpu") and "speed targets" in summary
+    assert json.loads((cut / "results.json").read_text())["meta"]["partial"] is True

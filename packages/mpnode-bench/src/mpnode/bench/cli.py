@@ -32,6 +32,8 @@ from .runner import REFERENCE, BenchRow, run_cases
 from .suites import SUITES, get_suite
 
 GPU_TARGET_PROBLEMS = ("conv", "otflow")
+PARTIAL_META = "meta.partial.json"
+"""Written next to ``results.partial.jsonl`` when a run starts (the machine, the skipped precisions), removed at its end."""
 
 
 def _progress(disable: bool) -> Callable[[int], Callable[[], None]]:
@@ -195,6 +197,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "results.partial.jsonl"  # one line per finished case, kept if a time limit stops the run
     partial.write_text("")
+    partial_meta = out / PARTIAL_META  # the machine, for re-rendering a cut run
+    partial_meta.write_text(json.dumps(meta, default=str))
 
     def save_partial(case_rows: list[BenchRow]) -> None:
         with partial.open("a") as fh:
@@ -206,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     meta["load_average_end"] = _load_average()
     status = _emit(rows, meta, out, plots=not args.no_plots)
     partial.unlink()  # the complete results are written
+    partial_meta.unlink()
     return status
 
 
@@ -271,7 +276,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     path = Path(args.results)
     if path.suffix == ".jsonl":  # partial results of an interrupted run
         rows = [BenchRow.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-        meta = {"suite": rows[0].suite if rows else "", "device": rows[0].device if rows else "", "partial": True}
+        meta = {"suite": rows[0].suite if rows else "", "device": rows[0].device if rows else ""}
+        if (path.parent / PARTIAL_META).exists():
+            meta = json.loads((path.parent / PARTIAL_META).read_text())
+        meta["partial"] = True
     else:
         meta, rows = read_results_json(path)
     out = Path(args.out) if args.out else Path(args.results).parent
