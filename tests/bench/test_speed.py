@@ -154,3 +154,12 @@ def test_a_cut_run_rerenders_with_its_machine(forced_smoke, tmp_path):
     summary = (cut / "summary.txt").read_text()
     assert summary.startswith("machine: cpu") and "speed targets" in summary
     assert json.loads((cut / "results.json").read_text())["meta"]["partial"] is True
+
+
+def test_precisions_flag_keeps_those_rows(capsys):
+    assert main(["run", "--suite", "speed", "--smoke", "--problems", "mlp", "--precisions", "float32,bfloat16",
+                 "--dry"]) == 0
+    text = capsys.readouterr().out
+    assert "mpnode/bfloat16" in text and "torchdiffeq-nocache/bfloat16" in text and "float16+scaler" not in text
+    with pytest.raises(SystemExit, match="unknown precisions"):
+        main(["run", "--suite", "speed", "--precisions", "fp8", "--dry"])

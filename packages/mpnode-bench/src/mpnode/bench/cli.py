@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -174,6 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.problems:
         wanted = set(args.problems.split(","))
         cases = [c for c in cases if c.problem in wanted]
+    if args.precisions:
+        cases = _only_precisions(cases, set(args.precisions.split(",")))
     repeats = args.repeats or suite.repeats
     if args.dry:
         for c in cases:
@@ -212,6 +215,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     partial.unlink()  # the complete results are written
     partial_meta.unlink()
     return status
+
+
+def _only_precisions(cases: list, precisions: set[str]) -> list:
+    """The cases with only the implementations in ``precisions`` (cases left with none are dropped)."""
+    unknown = precisions - {"float32", "bfloat16", "float16"}
+    if unknown:
+        raise SystemExit(f"mpnode-bench: unknown precisions {sorted(unknown)}; choose from float32, bfloat16, float16")
+    out = []
+    for c in cases:
+        keep = [k for k, i in enumerate(c.impls) if i.precision in precisions]
+        if keep:
+            pick = lambda seq: None if seq is None else tuple(seq[k] for k in keep)  # noqa: E731
+            out.append(dataclasses.replace(c, impls=pick(c.impls), timed=pick(c.timed), skip=pick(c.skip)))
+    return out
 
 
 def _hardware_gate(suite, device: torch.device, args: argparse.Namespace
@@ -304,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads; default 1 on CPU (stable ratios on a shared machine: several "
                         "threads on a busy CPU make small ops 10-100x slower), 0 keeps torch's default")
-    r.add_argument("--problems", default=None, help="comma-separated subset: mlp,otflow,conv,cnf")
+    r.add_argument("--problems", default=None, help="comma-separated subset: mlp,otflow,conv,cnf,demo")
+    r.add_argument("--precisions", default=None,
+                   help="comma-separated subset of the implementations' precisions: float32,bfloat16,float16")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dry", action="store_true", help="list the cases without running them")
     r.add_argument("--smoke", action="store_true", help="the suite at tiny sizes (suites with a smoke variant: "
