@@ -161,5 +161,8 @@ def test_precisions_flag_keeps_those_rows(capsys):
                  "--dry"]) == 0
     text = capsys.readouterr().out
     assert "mpnode/bfloat16" in text and "torchdiffeq-nocache/bfloat16" in text and "float16+scaler" not in text
+    assert main(["run", "--suite", "speed", "--sizes", "width=512", "--dry"]) == 0
+    text = capsys.readouterr().out
+    assert "1 cases" in text and "width=512" in text
     with pytest.raises(SystemExit, match="unknown precisions"):
         main(["run", "--suite", "speed", "--precisions", "fp8", "--dry"])

@@ -175,6 +175,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.problems:
         wanted = set(args.problems.split(","))
         cases = [c for c in cases if c.problem in wanted]
+    if args.sizes:
+        wanted_sizes = set(args.sizes.split(","))
+        cases = [c for c in cases if wanted_sizes <= {f"{k}={v}" for k, v in c.sizes}]
     if args.precisions:
         cases = _only_precisions(cases, set(args.precisions.split(",")))
     repeats = args.repeats or suite.repeats
@@ -322,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads; default 1 on CPU (stable ratios on a shared machine: several "
                         "threads on a busy CPU make small ops 10-100x slower), 0 keeps torch's default")
     r.add_argument("--problems", default=None, help="comma-separated subset: mlp,otflow,conv,cnf,demo")
+    r.add_argument("--sizes", default=None,
+                   help="keep the cases whose sizes include all of these, e.g. width=512 or batch=256,width=512")
     r.add_argument("--precisions", default=None,
                    help="comma-separated subset of the implementations' precisions: float32,bfloat16,float16")
     r.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,7 @@ mixed precision, so the ``speed`` suite measures the machine first
 
 The measure is one matmul per dtype, 1 thread on a CPU (the suite's setting):
 ``(256, 512) @ (512, 512)`` on a CPU, ``(4096, 4096) @ (4096, 4096)`` on a GPU,
-the median of 5 timed rounds of several calls each.
+the median of 5 rounds, interleaved across the dtypes, of several calls each.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def _cpu_name_and_flags() -> tuple[str, list[str]]:
     return name, [f for f in CPU_FLAGS if f in flags]
 
 
-def _median_matmul_s(dtype: torch.dtype, shape: tuple[int, int, int], device: torch.device, rounds: int = 5,
-                     min_round_s: float = 0.02) -> float:
+def _matmul_calls(dtype: torch.dtype, shape: tuple[int, int, int], device: torch.device, min_round_s: float):
+    """A warmed-up closure making ``calls`` matmuls of ``shape`` in ``dtype`` (enough for ``min_round_s``), and ``calls``."""
     m, k, n = shape
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
@@ -134,22 +134,19 @@ def _median_matmul_s(dtype: torch.dtype, shape: tuple[int, int, int], device: to
     t0 = time.perf_counter()
     torch.mm(a, b)
     synchronize(device)
-    once = max(time.perf_counter() - t0, 1e-7)
-    calls = max(1, min(200, int(min_round_s / once)))
-    samples = []
-    for _ in range(rounds):
-        synchronize(device)
-        t0 = time.perf_counter()
+    calls = max(1, min(200, int(min_round_s / max(time.perf_counter() - t0, 1e-7))))
+
+    def run() -> None:
         for _ in range(calls):
             torch.mm(a, b)
-        synchronize(device)
-        samples.append((time.perf_counter() - t0) / calls)
-    return statistics.median(samples)
+
+    return run, calls
 
 
-def measure(device: torch.device | str, precisions: tuple[str, ...] = ("float32", "bfloat16", "float16")
-            ) -> LowPrecisionSpeed:
-    """Measure the matmul speed of each precision on ``device`` with the current thread setting."""
+def measure(device: torch.device | str, precisions: tuple[str, ...] = ("float32", "bfloat16", "float16"),
+            rounds: int = 5, min_round_s: float = 0.02) -> LowPrecisionSpeed:
+    """Measure the matmul speed of each precision on ``device`` with the current thread setting: ``rounds``
+    interleaved rounds of at least ``min_round_s`` (or one call) per dtype, the median per call."""
     dev = torch.device(device)
     shape = MATMUL_SHAPES.get(dev.type, MATMUL_SHAPES["cpu"])
     if dev.type == "cuda":
@@ -161,5 +158,14 @@ def measure(device: torch.device | str, precisions: tuple[str, ...] = ("float32"
     speed.matmul_shape = shape
     speed.threads = torch.get_num_threads()
     dtypes = {"float32": torch.float32, **LOW_PRECISIONS}
-    speed.matmul_s = {p: _median_matmul_s(dtypes[p], shape, dev) for p in precisions}
+    runs = {p: _matmul_calls(dtypes[p], shape, dev, min_round_s) for p in precisions}
+    samples: dict[str, list[float]] = {p: [] for p in precisions}
+    for _ in range(rounds):  # interleaved, so a load change on a shared machine hits every dtype alike
+        for p, (run, calls) in runs.items():
+            synchronize(dev)
+            t0 = time.perf_counter()
+            run()
+            synchronize(dev)
+            samples[p].append((time.perf_counter() - t0) / calls)
+    speed.matmul_s = {p: statistics.median(v) for p, v in samples.items()}
     return speed
