@@ -287,15 +287,23 @@ def render_speed(rows: Sequence[BenchRow]) -> str:
     cells = []
     for (problem, sizes, steps, method), by in cases.items():
         case = f"{problem} ({sizes}), " + (f"{steps} rk4 steps" if method == "rk4" else f"{method}: {steps} steps")
+        skipped: dict[str, list[str]] = {}  # one line per skip reason (a precision without fast kernels)
         for r in by.values():
-            if r.error:
+            if r.error and r.error.startswith("skipped"):
+                skipped.setdefault(r.error, []).append(r.impl)
+            elif r.error:
                 cells.append((case, r.impl, r.error[:110], "", "", "", "", "", "", ""))
-                continue
-            s = speedup_vs_own_float32(r, by)
-            cells.append((case, r.impl, fmt_time(r.time_s), fmt_time(r.time_spread_s), fmt_ratio(r.time_vs_torchdiffeq),
-                          "-" if s is None else f"{1 / s:.2f}x", fmt_bytes(r.held_bytes),
-                          fmt_ratio(r.held_vs_torchdiffeq, inverse=True), fmt_bytes(r.peak_bytes),
-                          fmt_err(r.grad_rel_err)))
+                case = ""
+            else:
+                s = speedup_vs_own_float32(r, by)
+                cells.append((case, r.impl, fmt_time(r.time_s), fmt_time(r.time_spread_s),
+                              fmt_ratio(r.time_vs_torchdiffeq), "-" if s is None else f"{1 / s:.2f}x",
+                              fmt_bytes(r.held_bytes), fmt_ratio(r.held_vs_torchdiffeq, inverse=True),
+                              fmt_bytes(r.peak_bytes), fmt_err(r.grad_rel_err)))
+                case = ""
+        for reason, impls in skipped.items():
+            cells.append((case, f"{len(impls)} {impls[0].split('/')[1].split('+')[0]} rows", reason, "", "", "", "",
+                          "", "", ""))
             case = ""
     if not show_peak:
         k = headers.index("peak")

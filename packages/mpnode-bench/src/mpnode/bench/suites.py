@@ -269,7 +269,7 @@ SPEED_SMOKE = _speed_sweeps({"batch": 8, "dim": 4}, (8, 16), {"batch": 2, "chann
 _register(Suite(
     "speed", "cpu",
     _speed_sweeps({"batch": 256, "dim": 32}, (128, 512, 1024), {"batch": 32, "channels": 64, "size": 6},
-                  {"batch": 1024, "width": 64}, {"batch": 256, "d": 63, "width": 256}, {"batch": 20, "width": 50},
+                  {"batch": 1024, "width": 64}, {"batch": 256, "d": 63, "width": 64}, {"batch": 20, "width": 50},
                   steps=8, conv_steps=4, **{k: ADAPTIVE[k] for k in ("rtol", "atol")}),
     repeats=5, time_low_precision=True, gate_on_hardware=True, smoke=SPEED_SMOKE,
     describe="CPU (1 thread), what mixed precision buys: forward+backward time, held memory and float64 gradient "
