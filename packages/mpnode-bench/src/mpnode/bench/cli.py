@@ -225,12 +225,15 @@ def _only_precisions(cases: list, precisions: set[str]) -> list:
     unknown = precisions - {"float32", "bfloat16", "float16"}
     if unknown:
         raise SystemExit(f"mpnode-bench: unknown precisions {sorted(unknown)}; choose from float32, bfloat16, float16")
+    def pick(seq, keep: list[int]):
+        return None if seq is None else tuple(seq[k] for k in keep)
+
     out = []
     for c in cases:
         keep = [k for k, i in enumerate(c.impls) if i.precision in precisions]
         if keep:
-            pick = lambda seq: None if seq is None else tuple(seq[k] for k in keep)  # noqa: E731
-            out.append(dataclasses.replace(c, impls=pick(c.impls), timed=pick(c.timed), skip=pick(c.skip)))
+            out.append(dataclasses.replace(c, impls=pick(c.impls, keep), timed=pick(c.timed, keep),
+                                           skip=pick(c.skip, keep)))
     return out
 
 

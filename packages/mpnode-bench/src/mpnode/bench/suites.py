@@ -39,7 +39,7 @@ hardware check finds fast kernels for it (:attr:`Suite.gate_on_hardware`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping
 
 from .implementations import Impl, parse_impl
