@@ -169,8 +169,8 @@ def _plot_speed(plt, rows, path: Path, title: str) -> Path | None:
         return None
     n = len(cases)
     cols = min(3, n)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(5.2 * cols, 4.2 * ((n + cols - 1) // cols)),
-                             squeeze=False)
+    rows_ = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(max(5.2 * cols, 9.0), 4.2 * rows_ + 0.4), squeeze=False)
     for ax, ((problem, sizes), rs) in zip(axes.flat, cases.items()):
         for r in rs:
             ax.scatter(r.held_vs_torchdiffeq, r.time_vs_torchdiffeq, s=45, c=_PRECISION_COLOURS.get(r.precision, "k"),
