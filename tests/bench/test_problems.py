@@ -28,6 +28,7 @@ def test_problems_use_the_library_fields():
         ("otflow", {"batch": 3, "d": 2, "width": 4}, 3 * 2 + 3 * 3),
         ("conv", {"batch": 2, "channels": 4, "size": 3}, 2 * 4 * 9),
         ("cnf", {"batch": 3, "width": 4}, 3 * 2 + 3),
+        ("demo", {"batch": 3, "width": 5}, 3 * 2),
     ],
 )
 def test_problems_build_and_evaluate(problem, sizes, state_numel, device):
@@ -45,4 +46,13 @@ def test_build_errors_name_the_fix():
         build("nope", {}, "cpu")
     with pytest.raises(ValueError, match=r"missing \['width'\]"):
         build("mlp", {"batch": 2, "dim": 3}, "cpu")
-    assert set(PROBLEMS) == {"mlp", "otflow", "conv", "cnf"}
+    assert set(PROBLEMS) == {"mlp", "otflow", "conv", "cnf", "demo"}
+
+
+def test_demo_problem_is_the_cubic_spiral_field():
+    """torchdiffeq's ode_demo field: a 2 -> width -> 2 tanh MLP of y**3."""
+    inst = build("demo", {"batch": 4, "width": 7}, "cpu")
+    lin1, lin2 = inst.func.net[0], inst.func.net[2]
+    y = inst.y0
+    expected = lin2(torch.tanh(lin1(y**3)))
+    assert lin1.weight.shape == (7, 2) and torch.equal(inst.func(torch.tensor(0.0), y), expected)

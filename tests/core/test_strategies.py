@@ -156,6 +156,49 @@ def test_direct_strategy_error_stays_flat_in_the_step_count(precision, amp, devi
     assert errors[2048]["dA"] <= bound and errors[2048]["dA"] <= 1.5 * errors[32]["dA"], errors
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_direct_strategy_under_autocast_gives_the_recompute_gradients(precision, amp, device):
+    """One weight cast per solve, as in the recompute backward: the direct strategy's VJPs are the recompute
+    strategy's (float32 checkpoints, so both start each step from the same state) bit for bit."""
+    torch.manual_seed(0)
+    field = MLPField(dim=4, width=32, hidden_layers=2).to(device)
+    y0 = torch.randn(8, 4, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 3, device=device)
+
+    def grads(strategy):
+        with amp(precision):
+            out = odeint(field, y0, t, method="rk4", options={"step_size": 0.1}, adjoint=strategy)
+        return torch.autograd.grad(out.pow(2).sum(), (y0, *field.parameters()))
+
+    direct = grads(DirectAdjoint(scaling=False))
+    recompute = grads(RecomputeAdjoint(checkpoint_dtype=torch.float32, scaling=False))
+    for a, b in zip(direct, recompute):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_direct_strategy_holds_one_low_precision_copy_of_each_weight(precision, amp, device):
+    """The kept graphs share one autocast copy per weight, not one per evaluation (4N for RK4)."""
+    torch.manual_seed(0)
+    field = MLPField(dim=4, width=32, hidden_layers=2).to(device)
+    y0 = torch.randn(8, 4, device=device)
+    low = {"bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+    shapes = {tuple(p.shape) for p in field.parameters() if p.dim() == 2}
+    copies: dict[tuple, set] = {s: set() for s in shapes}
+
+    def pack(x):
+        for shape in {tuple(x.shape), tuple(x.shape[::-1])} & shapes:  # linear saves the weight or its transpose
+            if x.dtype == low:
+                copies[shape].add(x.untyped_storage().data_ptr())
+        return x
+
+    with amp(precision), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = odeint(field, y0, torch.tensor([0.0, 1.0], device=device), method="rk4", options={"step_size": 0.125},
+                     adjoint=DirectAdjoint(scaling=False))
+    out[-1].pow(2).sum().backward()
+    assert all(len(c) == 1 for c in copies.values()), {s: len(c) for s, c in copies.items()}
+
+
 def test_strategy_arguments_are_validated():
     with pytest.raises(ValueError, match="checkpoints"):
         SegmentedAdjoint(checkpoints=0)

@@ -5,12 +5,15 @@
     mpnode-bench run --suite core-mlp              # the headline float32 comparison
     mpnode-bench run --suite dial                  # adjoint strategies: time vs held memory (CPU, ~2 min)
     mpnode-bench run --suite gpu --out $OUT/bench  # on a CUDA machine
+    mpnode-bench run --suite speed                 # what mixed precision buys on this CPU (1 thread)
+    mpnode-bench run --suite speed --smoke         # the same at tiny sizes (seconds)
     mpnode-bench plot outputs/bench/quick/results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -21,15 +24,18 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import hardware
 from .report import (
-    dial_targets, growth_with_steps, read_results_json, render_adaptive, render_dial, render_growth,
-    render_table, write_results_csv, write_results_json,
+    dial_targets, growth_with_steps, read_results_json, render_adaptive, render_dial, render_growth, render_speed,
+    render_table, speed_targets, write_results_csv, write_results_json,
 )
 from .runner import REFERENCE, BenchRow, run_cases
 from .suites import SUITES, get_suite
 
 GPU_TARGET_PROBLEMS = ("conv", "otflow")
 DEFAULT_SUITE = "quick"
+PARTIAL_META = "meta.partial.json"
+"""Written next to ``results.partial.jsonl`` when a run starts (the machine, the skipped precisions), removed at its end."""
 
 
 def _progress(disable: bool) -> Callable[[int], Callable[[], None]]:
@@ -169,10 +175,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    cases = suite.cases()
+    speed, skip = _hardware_gate(suite, device, args)
+    cases = suite.cases(smoke=args.smoke, skip=skip)
     if args.problems:
         wanted = set(args.problems.split(","))
         cases = [c for c in cases if c.problem in wanted]
+    if args.sizes:
+        wanted_sizes = set(args.sizes.split(","))
+        cases = [c for c in cases if wanted_sizes <= {f"{k}={v}" for k, v in c.sizes}]
+    if args.precisions:
+        cases = _only_precisions(cases, set(args.precisions.split(",")))
     repeats = args.repeats or suite.repeats
     if args.dry:
         for c in cases:
@@ -184,12 +196,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{len(cases)} cases, {repeats} timed repeats each, device {device}")
         return 0
     out = Path(args.out) if args.out else Path("outputs") / "bench" / f"{suite.name}-{device.type}"
-    meta = {**machine_info(device), "suite": suite.name, "repeats": repeats, "describe": suite.describe}
+    meta = {**machine_info(device), "suite": suite.name, "repeats": repeats, "describe": suite.describe,
+            "smoke": args.smoke}
+    if speed is not None:
+        meta["hardware"] = speed.as_dict()
+        meta["hardware_line"] = speed.describe()
+        meta["skipped_precisions"] = {p: speed.skip_reason(p) for p in skip}
+        meta["forced_low_precision"] = args.force_low_precision
     print(f"mpnode-bench: suite {suite.name} ({suite.describe}) on {device}, torch {meta['torch']}, "
           f"{meta['cpu_count']} CPUs, {meta['torch_threads']} threads; {len(cases)} cases", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "results.partial.jsonl"  # one line per finished case, kept if a time limit stops the run
     partial.write_text("")
+    partial_meta = out / PARTIAL_META  # the machine, for re-rendering a cut run
+    partial_meta.write_text(json.dumps(meta, default=str))
 
     def save_partial(case_rows: list[BenchRow]) -> None:
         with partial.open("a") as fh:
@@ -201,15 +221,65 @@ def cmd_run(args: argparse.Namespace) -> int:
     meta["load_average_end"] = _load_average()
     status = _emit(rows, meta, out, plots=not args.no_plots)
     partial.unlink()  # the complete results are written
+    partial_meta.unlink()
     return status
+
+
+def _only_precisions(cases: list, precisions: set[str]) -> list:
+    """The cases with only the implementations in ``precisions`` (cases left with none are dropped)."""
+    unknown = precisions - {"float32", "bfloat16", "float16"}
+    if unknown:
+        raise SystemExit(f"mpnode-bench: unknown precisions {sorted(unknown)}; choose from float32, bfloat16, float16")
+    def pick(seq, keep: list[int]):
+        return None if seq is None else tuple(seq[k] for k in keep)
+
+    out = []
+    for c in cases:
+        keep = [k for k, i in enumerate(c.impls) if i.precision in precisions]
+        if keep:
+            out.append(dataclasses.replace(c, impls=pick(c.impls, keep), timed=pick(c.timed, keep),
+                                           skip=pick(c.skip, keep)))
+    return out
+
+
+def _hardware_gate(suite, device: torch.device, args: argparse.Namespace
+                   ) -> tuple[hardware.LowPrecisionSpeed | None, dict[str, str]]:
+    """For a suite that gates on hardware: the measured machine and ``precision -> why its rows are skipped``
+    (the short note each skipped row carries; empty with ``--force-low-precision``)."""
+    if not suite.gate_on_hardware or args.dry:
+        return None, {}
+    speed = hardware.measure(device)
+    print(f"mpnode-bench: {speed.describe()}", file=sys.stderr)
+    if args.force_low_precision:
+        return speed, {}
+    skip = {p: speed.row_note(p) for p in hardware.LOW_PRECISIONS if not speed.is_fast(p)}
+    for p in skip:
+        print(f"mpnode-bench: {speed.skip_reason(p)}", file=sys.stderr)
+    return speed, skip
+
+
+def _machine_lines(meta: dict) -> str:
+    """The measured low-precision capability and what was skipped (speed suites), else empty."""
+    if "hardware_line" not in meta:
+        return ""
+    lines = ["machine: " + meta["hardware_line"],
+             f"load average (1, 5, 15 min) at start {meta.get('load_average_start')}, "
+             f"at end {meta.get('load_average_end')}; torch threads {meta.get('torch_threads')}"]
+    lines += [f"{p}: {reason}" for p, reason in (meta.get("skipped_precisions") or {}).items()]
+    if meta.get("forced_low_precision"):
+        lines.append("low precisions timed on request (--force-low-precision), whatever the hardware check said")
+    return "\n".join(lines)
 
 
 def _emit(rows: list[BenchRow], meta: dict, out: Path, plots: bool) -> int:
     title = f"mpnode-bench {meta.get('suite', '')} on {meta.get('gpu') or meta.get('device')} (torch {meta.get('torch')})"
     table = render_table(rows, title)
     fits = growth_with_steps(rows)
-    text = [table, headline(rows)]
-    text += [t for t in (render_adaptive(rows), render_dial(rows), dial_targets(rows)) if t]
+    device_type = str(meta.get("device", "cpu")).split(":")[0]
+    only_speed = bool(rows) and all(r.axis == "speed" for r in rows)  # the speed table says it all
+    text = [] if only_speed else [table, headline(rows)]
+    text += [t for t in (_machine_lines(meta), render_speed(rows), speed_targets(rows, device_type),
+                         render_adaptive(rows), render_dial(rows), dial_targets(rows)) if t]
     if fits:
         text.append(render_growth(fits))
     if meta.get("device", "").startswith("cuda"):
@@ -234,7 +304,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     path = Path(args.results)
     if path.suffix == ".jsonl":  # partial results of an interrupted run
         rows = [BenchRow.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-        meta = {"suite": rows[0].suite if rows else "", "device": rows[0].device if rows else "", "partial": True}
+        meta = {"suite": rows[0].suite if rows else "", "device": rows[0].device if rows else ""}
+        if (path.parent / PARTIAL_META).exists():
+            meta = json.loads((path.parent / PARTIAL_META).read_text())
+        meta["partial"] = True
     else:
         meta, rows = read_results_json(path)
     out = Path(args.out) if args.out else Path(args.results).parent
@@ -260,9 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads; default 1 on CPU (stable ratios on a shared machine: several "
                         "threads on a busy CPU make small ops 10-100x slower), 0 keeps torch's default")
-    r.add_argument("--problems", default=None, help="comma-separated subset: mlp,otflow,conv,cnf")
+    r.add_argument("--problems", default=None, help="comma-separated subset: mlp,otflow,conv,cnf,demo")
+    r.add_argument("--sizes", default=None,
+                   help="keep the cases whose sizes include all of these, e.g. width=512 or batch=256,width=512")
+    r.add_argument("--precisions", default=None,
+                   help="comma-separated subset of the implementations' precisions: float32,bfloat16,float16")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dry", action="store_true", help="list the cases without running them")
+    r.add_argument("--smoke", action="store_true", help="the suite at tiny sizes (suites with a smoke variant: "
+                   + ", ".join(sorted(n for n, s in SUITES.items() if s.smoke)) + ")")
+    r.add_argument("--force-low-precision", action="store_true",
+                   help="speed suites: time bfloat16/float16 rows even where the hardware check finds no fast "
+                        "kernels for them (on such a machine they measure emulation, not mixed precision)")
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_run)

@@ -8,6 +8,10 @@
 * ``dial_<problem>.png`` for each dial sweep: time against held memory (log-log),
   one marker per implementation, one point per step count (labelled ``N=...``),
   the points of one implementation joined in order of steps.
+* ``speed.png`` for the ``speed`` suites: one panel per case, time relative to
+  torchdiffeq float32 against held memory relative to it (log-log), colour =
+  precision, marker = solver, each point labelled with its gradient error against
+  float64: speed, memory and accuracy read together.
 """
 
 from __future__ import annotations
@@ -56,8 +60,13 @@ def plot_all(rows: Sequence[BenchRow], out_dir: Path, title: str = "") -> list[P
     for r in rows:
         if r.axis and r.axis != "base":
             sweeps.setdefault((r.problem, r.axis), []).append(r)
+    speed_rows = [r for r in rows if r.axis == "speed"]
+    if speed_rows:
+        path = _plot_speed(plt, speed_rows, out_dir / "speed.png", title)
+        if path is not None:
+            written.append(path)
     for (problem, axis), rs in sorted(sweeps.items()):
-        if axis == "adaptive":
+        if axis in ("adaptive", "speed"):
             continue
         if axis == "dial":
             path = _plot_dial(plt, rs, out_dir / f"dial_{problem}.png", f"{title} {problem}".strip())
@@ -140,4 +149,45 @@ def _plot_dial(plt, rows, path: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     ax.set_title(f"{title}: time vs memory (one point per step count)")
+    return save_figure(fig, path, dpi=110)
+
+
+_PRECISION_COLOURS = {"float32": "tab:blue", "bfloat16": "tab:orange", "float16": "tab:green"}
+_SOLVER_MARKERS = {"torchdiffeq": "s", "torchdiffeq-nocache": "D", "mpnode": "o", "mpnode-direct": "^",
+                   "mpnode-segmented": "v"}
+
+
+def _plot_speed(plt, rows, path: Path, title: str) -> Path | None:
+    """One panel per speed case: time vs held memory relative to torchdiffeq float32, errors as labels."""
+    cases: dict[tuple, list[BenchRow]] = {}
+    for r in rows:
+        if not r.error and r.time_vs_torchdiffeq is not None and r.held_vs_torchdiffeq:
+            cases.setdefault((r.problem, r.sizes), []).append(r)
+    if not cases:
+        return None
+    n = len(cases)
+    cols = min(3, n)
+    rows_ = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(max(5.2 * cols, 9.0), 4.2 * rows_ + 0.4), squeeze=False)
+    for ax, ((problem, sizes), rs) in zip(axes.flat, cases.items()):
+        for r in rs:
+            ax.scatter(r.held_vs_torchdiffeq, r.time_vs_torchdiffeq, s=45, c=_PRECISION_COLOURS.get(r.precision, "k"),
+                       marker=_SOLVER_MARKERS.get(r.solver, "x"))
+            if r.grad_rel_err is not None:
+                ax.annotate(f"{r.grad_rel_err:.0e}", (r.held_vs_torchdiffeq, r.time_vs_torchdiffeq),
+                            textcoords="offset points", xytext=(4, 3), fontsize=6)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("held for backward / torchdiffeq float32")
+        ax.set_ylabel("forward+backward time / torchdiffeq float32")
+        ax.set_title(f"{problem} [{sizes}]", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=p) for p, c in _PRECISION_COLOURS.items()]
+    handles += [plt.Line2D([], [], ls="", marker=m, color="k", label=s) for s, m in _SOLVER_MARKERS.items()]
+    axes.flat[0].legend(handles=handles, fontsize=6, loc="best")
+    fig.suptitle(f"{title}: time vs memory held for backward (labels: gradient error vs float64)".strip(": "))
     return save_figure(fig, path, dpi=110)

@@ -20,6 +20,10 @@ is a function of the final state only.  The fields are the library's own:
   :class:`mpnode.models.cnf.CNF` around the FFJORD hypernetwork field
   :class:`~mpnode.models.cnf.HyperNetField` of width ``width``; state
   ``(z, l)``, ``z`` of shape ``(batch, 2)``, ``l`` of shape ``(batch,)``.
+* ``demo``: the field of torchdiffeq's ``ode_demo.py`` (a spiral): a tanh MLP
+  ``2 -> width -> 2`` applied to ``y**3`` (:class:`CubicMLPField`), ``y`` of shape
+  ``(batch, 2)`` around ``(2, 0)``.  So small that Python and dispatch overhead,
+  not arithmetic, set its time: the overhead-bound case.
 """
 
 from __future__ import annotations
@@ -113,6 +117,23 @@ def build_cnf(sizes: dict[str, int], device: torch.device) -> Instance:
     return Instance(func, y0, loss)
 
 
+class CubicMLPField(nn.Module):
+    """``f(t, y) = W_2 tanh(W_1 y^3 + b_1) + b_2`` on ``y`` of shape ``(..., 2)`` (the spiral of ``ode_demo.py``)."""
+
+    def __init__(self, width: int = 50) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, 2))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(y**3)
+
+
+def build_demo(sizes: dict[str, int], device: torch.device) -> Instance:
+    func = CubicMLPField(sizes["width"]).to(device)
+    y0 = torch.tensor([2.0, 0.0], device=device) + 0.5 * torch.randn(sizes["batch"], 2, device=device)
+    return Instance(func, y0, _mean_square, time_column=True)
+
+
 # ------------------------------------------------------------------ registry
 
 
@@ -134,6 +155,8 @@ PROBLEMS: dict[str, Problem] = {
         Problem("otflow", build_otflow, ("batch", "d", "width"), "OT-Flow potential flow, x (batch, d), ResNet width m"),
         Problem("conv", build_conv, ("batch", "channels", "size"), "ODE-Net conv block, state (batch, C, size, size)"),
         Problem("cnf", build_cnf, ("batch", "width"), "2-D CNF (hypernetwork field, exact trace), z (batch, 2)"),
+        Problem("demo", build_demo, ("batch", "width"), "torchdiffeq's ode_demo field (tanh MLP of y**3), "
+                "y (batch, 2): overhead-bound"),
     )
 }
 

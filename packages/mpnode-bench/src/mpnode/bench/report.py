@@ -251,3 +251,165 @@ def render_growth(fits: Sequence[dict]) -> str:
              else "held not measured")
         lines.append(f"  {f['problem']} [{f['sizes']}] {f['impl']}: {t}; {h}, steps {f['steps']}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the speed suite
+
+
+def _own_float32(r: BenchRow, by: dict[str, BenchRow]) -> BenchRow | None:
+    """The float32 row of ``r``'s own solver (the same strategy; torchdiffeq's for its cache-off variant)."""
+    return by.get(f"{r.solver.replace('-nocache', '')}/float32")
+
+
+def speedup_vs_own_float32(r: BenchRow, by: dict[str, BenchRow]) -> float | None:
+    """The same solver's float32 time over ``r``'s (``> 1``: mixed precision is faster)."""
+    own = _own_float32(r, by)
+    return None if own is None or r.precision == "float32" else ratio(own.time_s, r.time_s)
+
+
+def _speed_cases(rows: Sequence[BenchRow]) -> dict[tuple, dict[str, BenchRow]]:
+    cases: dict[tuple, dict[str, BenchRow]] = {}
+    for r in rows:
+        if r.axis == "speed":
+            cases.setdefault((r.problem, r.sizes, r.steps, r.method), {})[r.impl] = r
+    return cases
+
+
+def render_speed(rows: Sequence[BenchRow]) -> str:
+    """The ``speed`` cases: time, ratios to torchdiffeq float32 and to the row's own float32, held memory,
+    CUDA peak and the gradient error against float64, one block per case (empty string without speed rows)."""
+    cases = _speed_cases(rows)
+    if not cases:
+        return ""
+    headers = ["case", "impl", "time", "±iqr", "vs td fp32", "vs own fp32", "held", "held vs td", "peak",
+               "grad err vs f64"]
+    show_peak = any(r.peak_bytes for by in cases.values() for r in by.values())
+    cells = []
+    for (problem, sizes, steps, method), by in cases.items():
+        case = f"{problem} ({sizes}), " + (f"{steps} rk4 steps" if method == "rk4" else f"{method}: {steps} steps")
+        skipped: dict[str, list[str]] = {}  # one line per skip reason (a precision without fast kernels)
+        for r in by.values():
+            if r.error and r.error.startswith("skipped"):
+                skipped.setdefault(r.error, []).append(r.impl)
+            elif r.error:
+                cells.append((case, r.impl, r.error[:110], "", "", "", "", "", "", ""))
+                case = ""
+            else:
+                s = speedup_vs_own_float32(r, by)
+                cells.append((case, r.impl, fmt_time(r.time_s), fmt_time(r.time_spread_s),
+                              fmt_ratio(r.time_vs_torchdiffeq), "-" if s is None else f"{1 / s:.2f}x",
+                              fmt_bytes(r.held_bytes), fmt_ratio(r.held_vs_torchdiffeq, inverse=True),
+                              fmt_bytes(r.peak_bytes), fmt_err(r.grad_rel_err)))
+                case = ""
+        for reason, impls in skipped.items():
+            cells.append((case, f"{len(impls)} {impls[0].split('/')[1].split('+')[0]} rows", reason, "", "", "", "",
+                          "", "", ""))
+            case = ""
+    if not show_peak:
+        k = headers.index("peak")
+        headers = headers[:k] + headers[k + 1:]
+        cells = [c[:k] + c[k + 1:] for c in cells]
+    return format_table("speed: forward+backward time (medians of interleaved rounds), memory held for backward, "
+                        "gradient error against float64 on the same grid", headers, cells, width=200,
+                        left=("case", "impl"))
+
+
+@dataclass(frozen=True)
+class SpeedTarget:
+    """``time(numerator) / time(denominator) <= bound`` in the ``speed`` case of ``problem`` whose sizes contain
+    ``sizes`` (e.g. ``"width=512"``), on ``device_type``."""
+
+    device_type: str
+    problem: str
+    sizes: str
+    numerator: str
+    denominator: str
+    bound: float
+    what: str
+
+
+SPEED_TARGETS = (
+    SpeedTarget("cpu", "mlp", "width=512", "mpnode-direct/bfloat16", "torchdiffeq-nocache/bfloat16", 0.90,
+                "direct beats the equally accurate peer (torchdiffeq bf16, cast cache off)"),
+    SpeedTarget("cpu", "mlp", "width=512", "mpnode/bfloat16", "torchdiffeq/float32", 0.45,
+                "the default in bf16 vs torchdiffeq fp32"),
+    SpeedTarget("cpu", "mlp", "width=512", "mpnode/bfloat16", "mpnode-direct/bfloat16", 1.35,
+                "recompute vs direct (the recompute floor is 4/3)"),
+    SpeedTarget("cpu", "conv", "", "mpnode/bfloat16", "torchdiffeq/float32", 1.0,
+                "the default in bf16 no slower than torchdiffeq fp32"),
+    SpeedTarget("cpu", "conv", "", "mpnode-direct/bfloat16", "torchdiffeq-nocache/bfloat16", 1.0,
+                "direct bf16 no slower than torchdiffeq bf16 without the cast cache"),
+    SpeedTarget("cpu", "demo", "", "mpnode/float32", "torchdiffeq/float32", 1.0,
+                "overhead-bound field, the default no slower than torchdiffeq"),
+    SpeedTarget("cpu", "demo", "", "mpnode-direct/float32", "torchdiffeq/float32", 1.0,
+                "overhead-bound field, direct no slower than torchdiffeq"),
+    SpeedTarget("cuda", "demo", "", "mpnode/float32", "torchdiffeq/float32", 1.0,
+                "overhead-bound field, the default no slower than torchdiffeq"),
+    SpeedTarget("cuda", "demo", "", "mpnode-direct/float32", "torchdiffeq/float32", 1.0,
+                "overhead-bound field, direct no slower than torchdiffeq"),
+)
+"""The targets of issue 17 that are ratios of two rows (CPU, 1 thread; and the overhead-bound case on a GPU)."""
+GPU_SPEEDUP_TARGET, GPU_PEAK_TARGET = 2.0, 0.5
+"""On a GPU: each low precision of an mpnode strategy at least 2x faster than the same strategy in float32,
+with at most half its CUDA peak, on the conv block and OT-Flow."""
+GPU_TARGET_PROBLEMS_SPEED = ("conv", "otflow")
+
+
+def _verdict(value: float | None, bound: float, below: bool = True) -> str:
+    if value is None:
+        return "not measured"
+    return "met" if (value <= bound if below else value >= bound) else "MISSED"
+
+
+def speed_targets(rows: Sequence[BenchRow], device_type: str) -> str:
+    """Issue 17's targets on this device type, each with its measured ratio and met/MISSED; float16's standing;
+    empty string without speed rows."""
+    cases = _speed_cases(rows)
+    if not cases:
+        return ""
+    lines = [f"speed targets ({device_type}; ratios of medians measured in this run):"]
+    for t in SPEED_TARGETS:
+        if t.device_type != device_type:
+            continue
+        for (problem, sizes, _, _), by in cases.items():
+            if problem != t.problem or t.sizes not in sizes:
+                continue
+            num, den = by.get(t.numerator), by.get(t.denominator)
+            value = None if num is None or den is None else ratio(num.time_s, den.time_s)
+            why = next((r.error for r in (num, den) if r is not None and r.error), "")
+            lines.append(f"  {problem} [{sizes}] {t.numerator} / {t.denominator}: "
+                         + ("-" if value is None else f"{value:.2f}x") + f" (<= {t.bound:g}; {t.what}): "
+                         + _verdict(value, t.bound) + (f" ({why.split(':')[0]})" if value is None and why else ""))
+    if len(lines) == 1:
+        lines.append("  (no target names these cases' sizes)")
+    if device_type == "cuda":
+        for (problem, sizes, _, _), by in cases.items():
+            if problem not in GPU_TARGET_PROBLEMS_SPEED:
+                continue
+            for r in by.values():
+                if r.solver.startswith("mpnode") and r.precision != "float32":
+                    own = _own_float32(r, by)
+                    s = speedup_vs_own_float32(r, by)
+                    peak = None if own is None else ratio(r.peak_bytes, own.peak_bytes)
+                    ok = _verdict(s, GPU_SPEEDUP_TARGET, below=False), _verdict(peak, GPU_PEAK_TARGET)
+                    lines.append(f"  {problem} [{sizes}] {r.impl}: speed-up {fmt_ratio(s)} vs own float32 "
+                                 f"(>= {GPU_SPEEDUP_TARGET:g}): {ok[0]}; CUDA peak {fmt_ratio(peak)} of own float32 "
+                                 f"(<= {GPU_PEAK_TARGET:g}): {ok[1]}")
+    header = len(lines)
+    lines.append("float16 (mpnode default strategy, vs float32 and bfloat16 of the same case):")
+    failed: dict[str, list[str]] = {}
+    for (problem, sizes, _, _), by in cases.items():
+        f16, f32, bf16 = by.get("mpnode/float16+scaler"), by.get("mpnode/float32"), by.get("mpnode/bfloat16")
+        if f16 is None:
+            continue
+        if f16.error:
+            failed.setdefault(f16.error, []).append(problem)
+            continue
+        vs32, vsbf = ratio(f16.time_s, f32.time_s if f32 else None), ratio(f16.time_s, bf16.time_s if bf16 else None)
+        lines.append(f"  {problem} [{sizes}]: time {fmt_ratio(vs32)} of float32, {fmt_ratio(vsbf)} of bfloat16; "
+                     f"grad err {fmt_err(f16.grad_rel_err)} (bfloat16 {fmt_err(bf16.grad_rel_err if bf16 else None)})"
+                     + ("; slower than float32: do not use float16 here" if vs32 is not None and vs32 > 1 else ""))
+    lines += [f"  {', '.join(problems)}: {error}" for error, problems in failed.items()]
+    if len(lines) == header + 1:  # no float16 row in these cases
+        lines.pop()
+    return "\n".join(lines)

@@ -21,9 +21,15 @@ what a solver that keeps only states and recomputes each step once in backward
 cannot beat.  Each row's ``time_vs_floor`` is its time over that floor.
 
 Gradient reference: fixed grids: torchdiffeq float32 on the same grid (else
-mpnode float32); adaptive cases: a float64 mpnode ``dopri5`` solve at
-``rtol=1e-10, atol=1e-12`` (:data:`ADAPTIVE_REFERENCE`), i.e. the ODE's gradient
-to about 1e-9, since every adaptive solver takes its own steps.
+mpnode float32), or, for a case with ``reference="float64"``, a float64 mpnode
+solve on the same grid (what each row's roundoff is measured against); adaptive
+cases: a float64 mpnode ``dopri5`` solve at ``rtol=1e-10, atol=1e-12``
+(:data:`ADAPTIVE_REFERENCE`), i.e. the ODE's gradient to about 1e-9, since every
+adaptive solver takes its own steps.
+
+A case may name a skip reason per implementation (``Case.skip``, e.g. a low
+precision without fast kernels on this machine): that row is not run and carries
+the reason as its ``error``.
 
 Each implementation of a case gives one :class:`BenchRow`; ratios are filled in per case.
 """
@@ -68,7 +74,8 @@ class BenchRow:
         syncs_forward, syncs_backward: host synchronisations of forward and of backward.
         loss: the loss value; grad_rel_err: relative error of the parameter gradient
             against the case's reference (fixed grids: :data:`REFERENCE`, or mpnode
-            float32 when that failed or is absent; adaptive: :data:`ADAPTIVE_REFERENCE`).
+            float32 when that failed or is absent, or float64 on the same grid when the
+            case asks for it; adaptive: :data:`ADAPTIVE_REFERENCE`); grad_reference: which.
         time_vs_torchdiffeq, held_vs_torchdiffeq: ratios to :data:`REFERENCE` of the same case.
         speedup_vs_mpnode_f32, peak_vs_mpnode_f32: mpnode float32's time over this one's,
             this one's CUDA peak over mpnode float32's.
@@ -119,6 +126,7 @@ class BenchRow:
     graph_free_forward_s: float | None = None
     time_vs_floor: float | None = None
     grad_vs_mpnode_f32: float | None = None
+    grad_reference: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BenchRow":
@@ -139,6 +147,10 @@ class Case:
 
     ``method="rk4"`` with ``steps`` fixed steps, or an adaptive ``method`` with
     ``rtol``/``atol`` and ``steps=0`` (each row then reports its accepted steps).
+    ``skip``: per implementation, ``None`` or why it is not run here.  ``reference``:
+    ``"torchdiffeq"`` (fixed grids: torchdiffeq float32 on the same grid) or
+    ``"float64"`` (mpnode in float64 on the same grid); adaptive cases always use
+    :data:`ADAPTIVE_REFERENCE`.
     """
 
     problem: str
@@ -150,9 +162,19 @@ class Case:
     method: str = "rk4"
     rtol: float | None = None
     atol: float | None = None
+    skip: tuple[str | None, ...] | None = None
+    reference: str = "torchdiffeq"
 
     def __post_init__(self) -> None:
         self.discretization  # noqa: B018 (validates method, steps and tolerances)
+        if self.reference not in ("torchdiffeq", "float64"):
+            raise ValueError(f"reference must be 'torchdiffeq' or 'float64', got {self.reference!r}")
+        if self.skip is not None and len(self.skip) != len(self.impls):
+            raise ValueError(f"skip needs one entry per implementation ({len(self.impls)}), got {len(self.skip)}")
+
+    def skip_reason(self, index: int) -> str | None:
+        """Why implementation ``index`` is not run in this case, or ``None``."""
+        return None if self.skip is None else self.skip[index]
 
     @property
     def discretization(self) -> Discretization:
@@ -165,7 +187,8 @@ class Case:
     @property
     def has_floor(self) -> bool:
         """Whether the case times torchdiffeq direct, hence the recompute floor."""
-        return any(i.label == REFERENCE and t for i, t in zip(self.impls, self.timed_flags))
+        return any(i.label == REFERENCE and t and self.skip_reason(k) is None
+                   for k, (i, t) in enumerate(zip(self.impls, self.timed_flags)))
 
     @property
     def size_dict(self) -> dict[str, int]:
@@ -245,10 +268,10 @@ def run_group(cases: Sequence[Case], device: torch.device, repeats: int, suite: 
         rows: dict[str, BenchRow] = {}
         per_case.append(rows)
         grads.append({})
-        for impl, want_time in zip(case.impls, case.timed_flags):
+        for k, (impl, want_time) in enumerate(zip(case.impls, case.timed_flags)):
             row = _new_row(suite, case, impl, device)
             rows[impl.label] = row
-            row.error = impl.unavailable(inst, disc)
+            row.error = case.skip_reason(k) or impl.unavailable(inst, disc)
             if row.error is None:
                 try:
                     grads[ci][impl.label] = _measure_once(impl, case, inst, device, row)
@@ -274,8 +297,15 @@ def run_group(cases: Sequence[Case], device: torch.device, repeats: int, suite: 
             row.time_s, row.time_spread_s, row.time_repeats = t.median_s, t.spread_s, len(s)
     out: list[BenchRow] = []
     for ci, (case, rows, case_grads) in enumerate(zip(cases, per_case, grads)):
-        reference = _float64_gradient(inst, device) if case.discretization.adaptive else None
+        reference, name = None, None
+        if case.discretization.adaptive:
+            reference, name = _float64_gradient(inst, device), "float64 dopri5 rtol=1e-10 atol=1e-12"
+        elif case.reference == "float64":
+            reference, name = _float64_gradient(inst, device, case.discretization), "float64 on the same grid"
         _fill_ratios(rows, case_grads, floors.get(ci), reference)
+        for row in rows.values():
+            if row.grad_rel_err is not None:
+                row.grad_reference = name or (REFERENCE if REFERENCE in case_grads else MPNODE_F32)
         out.extend(rows.values())
     return out
 
@@ -305,15 +335,18 @@ def graph_free_forward(inst: Instance, disc: Discretization, device: torch.devic
     return run
 
 
-def _float64_gradient(inst: Instance, device: torch.device) -> torch.Tensor:
-    """The parameter gradient of a float64 copy of ``inst`` solved by :data:`ADAPTIVE_REFERENCE`."""
+def _float64_gradient(inst: Instance, device: torch.device,
+                      disc: Discretization = ADAPTIVE_REFERENCE) -> torch.Tensor:
+    """The parameter gradient of a float64 copy of ``inst`` solved by mpnode with ``disc``
+    (default :data:`ADAPTIVE_REFERENCE`), outside any autocast."""
     from mpnode.core import odeint
 
     func = copy.deepcopy(inst.func).double()
     _zero_grad(func)
     y0 = inst.y0.double() if isinstance(inst.y0, torch.Tensor) else tuple(p.double() for p in inst.y0)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)
-    out = odeint(func, y0, t, **ADAPTIVE_REFERENCE.solve_kwargs())
+    with torch.autocast(device.type, enabled=False):
+        out = odeint(func, y0, t, **disc.solve_kwargs())
     y_T = out[-1] if isinstance(out, torch.Tensor) else tuple(o[-1] for o in out)
     inst.loss(y_T).backward()
     return _grad_vector(func)
@@ -394,7 +427,8 @@ def run_cases(cases: Iterable[Case], device: torch.device, repeats: int, suite: 
     """Run all cases in order; ``progress(total_calls)`` returns a per-call tick, ``on_case(rows)``
     sees each finished case's rows (e.g. to save partial results before a time limit)."""
     cases = list(cases)
-    total = sum(len(c.impls) + repeats * (sum(c.timed_flags) + c.has_floor) for c in cases)
+    total = sum(len(c.impls) + repeats * (c.has_floor + sum(t and c.skip_reason(k) is None
+                                                             for k, t in enumerate(c.timed_flags))) for c in cases)
     tick = progress(total) if progress else None
     groups: list[list[Case]] = []
     for case in cases:  # consecutive cases of one problem and size share an instance and timing rounds

@@ -62,7 +62,7 @@ class TrackedForward:
 
 
 def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Recorder,
-                    replay_rng: bool, cache_enabled: bool = True) -> tuple[torch.Tensor, TrackedForward]:
+                    replay_rng: bool) -> tuple[torch.Tensor, TrackedForward]:
     """March without a graph, recording through ``recorder``; returns the ``(T, D)`` outputs
     (no graph) and the :class:`TrackedForward`; see the module docstring.
 
@@ -72,9 +72,7 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
     per step: rejected attempts and first-same-as-last stages consume them) as soon
     as it draws: after the first evaluation, then at every accepted step, so a
     field whose noise collapses the step size is refused at once, not after the
-    march.  ``cache_enabled`` is autocast's weight-cast cache (off when the
-    recorder keeps graphs: each evaluation's weight gradient is then converted
-    before any sum).
+    march.
     """
     adaptive = isinstance(stepping, AdaptiveStepping)
     randomness = None
@@ -89,7 +87,7 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
     problem.field.next_call_hook = first_call
     nfe0 = problem.field.nfe
     try:
-        with torch.no_grad(), problem.policy.autocast(cache_enabled=cache_enabled):
+        with torch.no_grad(), problem.policy.autocast():
             outputs, trajectory = stepping.march(
                 problem, inputs.y0.detach().clone(), inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, recorder
             )

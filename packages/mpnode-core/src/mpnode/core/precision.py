@@ -51,13 +51,14 @@ class PrecisionPolicy:
         """Unit roundoff of the vector field's dtype under autocast (bfloat16 2^-8, float16 2^-11); 0 without autocast."""
         return 0.0 if self.autocast_dtype is None else torch.finfo(self.autocast_dtype).eps / 2
 
-    def autocast(self, cache_enabled: bool = True) -> torch.autocast:
+    def autocast(self) -> torch.autocast:
         """The autocast context of this solve, entered once around a whole loop.
 
-        ``cache_enabled=False`` casts the weights afresh at every use, so that each
-        use's weight gradient is converted to the weight's dtype before autograd
-        sums them (used by the direct strategy).
+        Its weight-cast cache is on: each weight is cast to the autocast dtype once per
+        loop and that copy serves every stage and step.  The per-step VJP then sums a
+        step's stage contributions to a weight's gradient in the autocast dtype, converts
+        the step's total to the weight's dtype, and the steps are summed there.
         """
         if self.autocast_dtype is None:
             return torch.autocast(self.device_type, enabled=False)
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype, cache_enabled=True)

@@ -135,8 +135,6 @@ class StepStore(Recorder):
     name: str = "store"
     #: backward may evaluate the field again (so the forward's random numbers must be replayable).
     recomputes: bool = True
-    #: the forward runs with autocast's weight-cast cache off (each evaluation casts its own weight copy).
-    disable_cast_cache: bool = False
 
     def saved_tensors(self) -> list[torch.Tensor]:
         """Tensors to hand to ``save_for_backward`` (checkpoints)."""
@@ -207,8 +205,7 @@ class AdjointStrategy(abc.ABC):
             carries=not fixed and problem.tableau.carries_first_stage,
             need_times=inputs.times_need_grad, params=tuple(inputs.params),
         ))
-        outputs, forward = tracked_forward(problem, stepping, inputs, store, self.replay_rng and store.recomputes,
-                                           cache_enabled=not store.disable_cast_cache)
+        outputs, forward = tracked_forward(problem, stepping, inputs, store, self.replay_rng and store.recomputes)
         differentiable = forward.needs_grad or any(
             x is not None and x.requires_grad for x in (inputs.t, inputs.grid, inputs.y0)
         )
@@ -321,10 +318,11 @@ class DirectAdjoint(AdjointStrategy):
     The field's activations are stored in the autocast dtype; the state, the adjoint
     and every gradient sum stay in high precision, because backward still takes one
     vector-Jacobian product per step and sums them in ``y0``'s (parameters') dtype.
-    Under autocast the forward runs with the weight-cast cache off, so each
-    evaluation's weight gradient is converted to the weight's dtype before any sum
-    (one low-precision weight copy is held per evaluation).  ``checkpoint_dtype`` has
-    no role here.
+    Under autocast each weight is cast once per solve (autocast's weight-cast cache,
+    as in the recompute strategy's backward) and that one low-precision copy is held:
+    a step's VJP sums its stages' weight gradients in the autocast dtype, converts the
+    step's total to the weight's dtype, and the steps are summed there, so the error
+    does not grow with the number of steps.  ``checkpoint_dtype`` has no role here.
     """
 
     name = "direct"
@@ -339,7 +337,6 @@ class KeptGraphs(StepStore):
     name = "direct"
     keeps_graphs = True
     recomputes = False
-    disable_cast_cache = True
 
     def __init__(self, need_times: bool) -> None:
         self.need_times = need_times
@@ -545,10 +542,6 @@ class BudgetedStore(ForwardingRecorder, StepStore):
     @property
     def name(self) -> str:
         return self.inner.name
-
-    @property
-    def disable_cast_cache(self) -> bool:
-        return True  # it starts keeping graphs: each evaluation casts its own weights (see DirectAdjoint)
 
     def graph_context(self):
         return self.meter
