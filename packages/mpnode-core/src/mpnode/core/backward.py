@@ -298,7 +298,10 @@ def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, sca
     graph = source.graph(plan, m, with_end_slope=bool(inside) and plan.problem.output_rule.needs_end_slope)
     _refuse_untracked(graph, plan.frontier)
     inherits_next = m + 1 < traj.n_steps and source.first_is_input(m + 1)
-    scale = scaling.scale(acc.lam)
+    # the VJP is seeded with lam and with the gradients of the outputs inside the step: S must fit them all
+    # (after the last node lam is still zero while an interpolated output's gradient is not)
+    seeds = acc.lam if not inside else torch.stack([acc.lam, *(gj for _, _, gj in inside)]).abs().amax(0)
+    scale = scaling.scale(seeds)
     vjp = step_graph_vjp(plan, m, graph, acc.lam, acc.mu if inherits_next else None, inside, scale,
                          retain_graph=source.retain_graphs and scaling.block_size is not None)
     coef = traj.steps[m] if scale is None else scale.double().reciprocal() * traj.steps[m]  # h / S
