@@ -240,7 +240,8 @@ def plot(rows: list[dict], path) -> None:
     for ax, problem in zip(axes[0], problems):
         sel = [r for r in rows if r["problem"] == problem]
         for (name, precision) in dict.fromkeys((r["solver"], r["precision"]) for r in sel):
-            pts = sorted((r["accepted"], r["grad_err"]) for r in sel if (r["solver"], r["precision"]) == (name, precision))
+            pts = sorted((r["accepted"], r["grad_err"]) for r in sel
+                         if (r["solver"], r["precision"]) == (name, precision))
             color, marker = STYLE[name] if precision != "float32" else ("black", "x")
             ax.plot(*zip(*pts), color=color, marker=marker, linestyle="-" if precision != "float16" else "--",
                     label=f"{name} {precision}")

@@ -331,10 +331,10 @@ class RoundoffNoise:
 
     def size(self, h: float, ks: Any) -> torch.Tensor:
         """The per-element bound ``u |h| sum_i |b_err_i| |k_i|`` of the estimate's noise, in the stages' dtype."""
-        out = None
-        for w, k in zip(self.weights, ks):
-            if w != 0.0:
-                out = k.abs() * w if out is None else out.add(k.abs(), alpha=w)
+        (w0, k0), *rest = [(w, k) for w, k in zip(self.weights, ks) if w != 0.0]
+        out = k0.abs() * w0
+        for w, k in rest:
+            out = out.add(k.abs(), alpha=w)
         return out * (self.unit_roundoff * abs(h))
 
     def judge(self, plain: float, floor: float) -> tuple[float, bool]:
