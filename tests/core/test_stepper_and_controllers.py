@@ -140,7 +140,10 @@ def test_tolerance_ratio_is_torchdiffeqs_rms_of_scaled_error():
     y1 = torch.tensor([1.5, -1.0, 0.25, 1e-3], dtype=F64)
     err = torch.tensor([1e-3, 2e-3, 1e-4, 0.0], dtype=F64)
     scale = 1e-6 + 1e-3 * torch.max(y0.abs(), y1.abs())
-    assert float(tol.error_ratio(err, y0, y1, None)) == pytest.approx(float((err / scale).pow(2).mean().sqrt()))
+    assert float(tol.error_ratio(err, y0, y1)) == pytest.approx(float((err / scale).pow(2).mean().sqrt()))
+    noise = torch.tensor([1e-4, 0.0, 3e-4, 1e-9], dtype=F64)
+    both = tol.noisy_error_ratios(err, y0, y1, noise).tolist()
+    assert both == pytest.approx([float((err / scale).pow(2).mean().sqrt()), float((noise / scale).pow(2).mean().sqrt())])
 
 
 def test_tolerance_accepts_per_element_and_per_part_values_and_refuses_bad_ones():

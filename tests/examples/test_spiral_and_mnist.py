@@ -71,10 +71,12 @@ def test_adaptive_precision_example_meets_its_targets(precision, device, tmp_pat
     out = run("examples/adaptive_precision.py", "--smoke", "--device", device.type, "--out", str(tmp_path),
               as_command=True)
     rows = read_csv(tmp_path / "adaptive_precision.csv")
-    target = [r for r in rows if r["solver"] == "mpnode" and r["precision"] == "bfloat16" and float(r["rtol"]) == 1e-2]
-    assert len(target) == 2  # linear and mlp
-    for r in target:
-        assert float(r["err_vs_f32"]) <= 3 and float(r["steps_vs_f32"]) <= 1.5
-    floor = [r for r in rows if float(r["rtol"]) < 1e-3 and r["solver"] == "mpnode"]
-    assert floor and floor[0]["floor_warning"] == "True"
-    assert (tmp_path / "adaptive_precision.png").exists() and "targets" in out
+    assert {(r["problem"], r["solver"]) for r in rows} == {
+        (p, s) for p in ("decay", "mlp", "cnf") for s in ("mpnode", "torchdiffeq", "torchdiffeq-nocache")}
+    ours = [r for r in rows if r["solver"] == "mpnode" and r["precision"] == precision]
+    assert len(ours) == 6  # three problems at rtol 1e-3 and 1e-5
+    for r in ours:  # the smoke sizes meet the targets with margin (measured: at most 1.15x and 1.0x)
+        assert float(r["y_vs_nocache"]) <= 2 and float(r["grad_vs_nocache"]) <= 2 and float(r["steps_vs_f32"]) <= 1.25
+    assert any(int(r["noise_accepted"]) > 0 for r in ours)  # the noise criterion is exercised
+    assert "targets:" in out and "all met" in out
+    assert (tmp_path / "adaptive_precision.png").stat().st_size > 10_000

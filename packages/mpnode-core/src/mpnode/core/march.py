@@ -20,10 +20,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .callbacks import Callbacks
-from .controllers import GridRule, IntegralController, StepSizeController, Tolerance, initial_step
+from .controllers import GridRule, IntegralController, RoundoffNoise, StepSizeController, Tolerance, initial_step
 from .graphs import FirstStage, StepGraph, evaluate_first_stage, evaluate_step
 from .outputs import DenseOutput, OutputPlacement, OutputRule, place_on_grid
-from .precision import PrecisionPolicy
+from .precision import PrecisionPolicy, field_roundoff
 from .state import FlatVectorField
 from .stats import SolverStats
 from .stepper import (
@@ -36,7 +36,8 @@ CARRIED = 2
 
 
 class MixedPrecisionToleranceWarning(UserWarning):
-    """rtol was below what the autocast dtype can resolve and was raised to the documented floor."""
+    """Adaptive steps were accepted because their error estimate was within the rounding noise of a vector field
+    evaluated in bfloat16/float16 (``SolverStats.noise_accepted_steps`` counts them)."""
 
 
 class Recorder:
@@ -100,6 +101,8 @@ class Trajectory:
             perturbation (``NONE``/``NEXT``/``PREV``) of its freshly evaluated first stage.
         placement: where each output time lies.
         rejected: rejected attempts (adaptive).
+        noise_accepted: accepted steps (adaptive) whose error estimate was above the tolerance but within its
+            rounding noise (:class:`~mpnode.core.controllers.RoundoffNoise`).
         output_times: the output times when the march decided them (``[t0, event time]``
             of a solve until an event, ``t``'s dtype), else ``None`` (they are ``t``).
         anchored_from: index of the first node that landed on a ``step_t``/``jump_t``
@@ -114,6 +117,7 @@ class Trajectory:
     first_stage: list[int]
     placement: OutputPlacement
     rejected: int = 0
+    noise_accepted: int = 0
     output_times: torch.Tensor | None = None
     anchored_from: int | None = None
 
@@ -256,7 +260,10 @@ class AdaptiveStepping(Stepping):
     Per attempt: clamp ``h`` to ``[min_step, max_step]``; shorten it to land on the
     next ``step_t``/``jump_t`` inside the step; take the step; error ratio
     ``r = norm(h sum b_err_i k_i / tol)`` (one host read); accept when ``r <= 1``
-    (always at ``min_step``); the controller proposes the next size.  Outputs are
+    (always at ``min_step``); the controller proposes the next size.  When the
+    first evaluation shows the field ran in a lower precision than the state
+    (autocast lowered it), ``r`` discounts the estimate's rounding noise
+    (:class:`~mpnode.core.controllers.RoundoffNoise`): rtol/atol are kept as given.  Outputs are
     the dense output of the accepted step that reaches them.  After a ``jump_t``
     the next first stage is evaluated just after the jump.  More than
     ``max_rejections`` consecutive rejections raise instead of looping.
@@ -274,6 +281,10 @@ class AdaptiveStepping(Stepping):
         self.controller = controller or IntegralController()
         self.options = options
         self.output_rule = DenseOutput(tableau)
+        #: of the latest march: the least precise dtype of the field's first evaluation, and the accepted steps
+        #: that passed on the noise criterion only
+        self.field_dtype: torch.dtype | None = None
+        self.noise_accepted = 0
 
     # -- helpers ---------------------------------------------------------------------------------
     def _time(self, value: float, problem: Problem) -> torch.Tensor:
@@ -290,38 +301,31 @@ class AdaptiveStepping(Stepping):
             start = evaluate_first_stage(problem, y, node, rule, recorder.need_times)
         return start.k.detach(), start
 
-    def _roundoff_size(self, problem: Problem, h: float, stages: Stages) -> torch.Tensor | None:
-        u = problem.policy.roundoff
-        if u == 0.0:
-            return None
-        noise = weighted_sum([abs(e) for e in self.tableau.b_err], [k.abs() for k in stages.ks])
-        return noise * (2 * u * abs(h))
-
-    def _apply_tolerance_floor(self, problem: Problem, y0: torch.Tensor) -> None:
-        """Under autocast: ``rtol >= u`` and ``atol >= u * RMS(y0)`` (``u`` the field dtype's unit roundoff)."""
-        u = problem.policy.roundoff
-        if not u:
-            return
-        scale = float(y0.detach().pow(2).mean().sqrt())  # one host read, before the first step
-        raised = [name for name, floor in (("rtol", u), ("atol", u * scale)) if self.tolerance.raise_to(name, floor)]
-        if raised:
-            dtype = problem.policy.autocast_dtype
-            warnings.warn(
-                f"odeint: {'/'.join(raised)} below what {dtype} can resolve in the vector field; raised to the floor "
-                f"rtol >= {u:.3g} (the unit roundoff of {dtype}) and atol >= {u:.3g} * RMS(y0). Loosen the tolerances, "
-                "or run the field in float32 for tighter ones.",
-                MixedPrecisionToleranceWarning,
-                stacklevel=5,
-            )
+    def _error_ratio(self, err: torch.Tensor, y: torch.Tensor, y1: torch.Tensor, noise: RoundoffNoise | None,
+                     h: float, stages: Stages) -> tuple[float, bool]:
+        """The attempt's error ratio (accept when ``<= 1``; the controller's input) and whether only the rounding
+        noise of the field made it pass; one host read.  Without noise: ``norm(err / tol)``, torchdiffeq's."""
+        tol = self.tolerance
+        if noise is None:
+            ratio = float(tol.error_ratio(err, y, y1))
+            tol.check_norm_value(ratio, lambda: err / tol.scale(y, y1))
+            return (ratio if math.isfinite(ratio) else math.inf), False
+        plain, floor = tol.noisy_error_ratios(err, y, y1, noise.size(h, stages.ks)).tolist()
+        tol.check_norm_value(plain, lambda: err / tol.scale(y, y1))
+        if not (math.isfinite(plain) and math.isfinite(floor)):
+            return math.inf, False
+        return noise.judge(plain, floor)
 
     # -- the march -------------------------------------------------------------------------------
     def march(self, problem, y0, t, t_host, grid, grid_host, recorder):
         tab, f, opts, cb = self.tableau, problem.field, self.options, problem.callbacks
         outputs = t_host.to(torch.float64).tolist()
         direction = 1 if outputs[-1] > outputs[0] else -1
-        self._apply_tolerance_floor(problem, y0)
         t0 = outputs[0]
         k_first, start = self._first_stage(problem, recorder, t0, y0, StagePerturbation(direction=direction))
+        self.field_dtype = f.out_dtype  # what the field ran in decides, not whether autocast is on
+        u = field_roundoff(f.out_dtype, problem.policy.state_dtype)
+        noise = RoundoffNoise(u, tab.b_err) if u else None
         mode = NONE
         h = opts.first_step if opts.first_step is not None else initial_step(
             f, t0, direction, y0, k_first, tab.order, self.tolerance, torch.float64
@@ -334,6 +338,7 @@ class AdaptiveStepping(Stepping):
         step_t = _upcoming(opts.step_t, t0, direction)
         jump_t = _upcoming(opts.jump_t, t0, direction)
         y, j, attempts, rejections, rejected, previous_ratio, last_ratio = y0, 1, 0, 0, 0, None, 0.0
+        on_noise = 0
         if problem.event is not None:  # outputs become [t0, event time]; j = 2 if the event holds at t0
             outputs, j = problem.event.begin(outputs, direction, y0, rows, placement)
         while j < len(outputs):
@@ -354,11 +359,7 @@ class AdaptiveStepping(Stepping):
             step = _evaluate(problem, recorder, y, inherited, hn, (pair[0], pair[1]), rule, times, start=start)
             stages, phi, y1 = step.stages, step.phi, step.y1
             err = weighted_sum(tab.b_err, stages.ks) * hn
-            ratio_t = self.tolerance.error_ratio(err, y, y1, self._roundoff_size(problem, hn, stages))
-            ratio = float(ratio_t)  # the one host synchronisation of an attempt
-            self.tolerance.check_norm_value(ratio, lambda: err / self.tolerance.scale(y, y1))
-            if not math.isfinite(ratio):
-                ratio = math.inf
+            ratio, noise_only = self._error_ratio(err, y, y1, noise, hn, stages)  # the attempt's one host read
             last_ratio = ratio
             accept = ratio <= 1.0
             if size > opts.max_step:
@@ -376,6 +377,7 @@ class AdaptiveStepping(Stepping):
             if accept:
                 if cb:
                     cb.call("callback_accept_step", t0, y, hn, torch.float64)
+                on_noise += noise_only
                 n = len(steps)
                 recorder.record(n, y, k_first if mode == CARRIED else None)
                 if step.graph is not None:
@@ -423,10 +425,29 @@ class AdaptiveStepping(Stepping):
             if accept:
                 previous_ratio = ratio
         grid = torch.tensor(nodes, dtype=torch.float64, device=y0.device)
-        trajectory = Trajectory(nodes, steps, grid, rules, modes, placement, rejected, anchored_from=anchored_from)
+        trajectory = Trajectory(nodes, steps, grid, rules, modes, placement, rejected, noise_accepted=on_noise,
+                                anchored_from=anchored_from)
+        self.noise_accepted = on_noise
         if problem.event is not None:
             trajectory.output_times = problem.event.output_times(t)
         return torch.stack(rows), trajectory
+
+    def warn_if_noise_accepted(self, stacklevel: int) -> None:
+        """One :class:`MixedPrecisionToleranceWarning` when the latest march accepted steps on the noise criterion.
+
+        The text does not change with the counts, so Python shows it once per call site.
+        """
+        if not self.noise_accepted:
+            return
+        dtype = self.field_dtype
+        warnings.warn(
+            f"odeint: some adaptive steps had an error estimate above rtol/atol but within the rounding noise of the "
+            f"vector field's {dtype} evaluations, so they were accepted (SolverStats.noise_accepted_steps counts them): "
+            f"there the solution is as accurate as {dtype} allows, not as rtol/atol ask. For tighter results evaluate "
+            "the field in float32 (outside torch.autocast); loosening rtol/atol to what it resolves silences this.",
+            MixedPrecisionToleranceWarning,
+            stacklevel=stacklevel + 1,
+        )
 
     def _clamp(self, h: float) -> float:
         if not math.isfinite(h):
@@ -448,7 +469,7 @@ class AdaptiveStepping(Stepping):
                 f"odeint: the solution became inf/NaN near t = {t0:.6g} and smaller steps did not help; check the vector "
                 "field for blow-up (under float16 autocast it may overflow: try bfloat16)"
             )
-        dtype = problem.policy.autocast_dtype or problem.policy.state_dtype
+        dtype = self.field_dtype or problem.policy.state_dtype  # what the field ran in
         return RuntimeError(
             f"odeint: {self.options.max_rejections} consecutive steps were rejected at t = {t0:.6g} (last h = {abs(h):.3g}, "
             f"error ratio {ratio:.3g}); the tolerances cannot be met in {dtype} here: loosen rtol/atol, set "

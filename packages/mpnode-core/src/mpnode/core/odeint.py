@@ -161,6 +161,8 @@ def odeint(
         constants=constants, modules=reachable_modules(func),
     )
     out = strategy.solve(problem, stepping, inputs)
+    if isinstance(stepping, AdaptiveStepping):
+        stepping.warn_if_noise_accepted(stacklevel=2)
     solution = layout.unflatten(out, (t.shape[0],), dtype=layout.user_dtype)
     return solution if event is None else (event.event_time(t), solution)
 
@@ -200,8 +202,7 @@ def _stepping(tableau: ButcherTableau, opts: dict, rtol, atol, layout: FlatState
     refuse_options(opts, FIXED_GRID_OPTIONS, f"apply to fixed grids only, but method {tableau.name!r} is adaptive; "
                    "remove them, or use a fixed-grid method such as method='rk4'")
     tolerance = Tolerance(
-        DEFAULT_RTOL if rtol is None else rtol, DEFAULT_ATOL if atol is None else atol, layout, opts.get("norm"),
-        roundoff=policy.roundoff,
+        DEFAULT_RTOL if rtol is None else rtol, DEFAULT_ATOL if atol is None else atol, layout, opts.get("norm")
     )
     return AdaptiveStepping(tableau, tolerance, _controller(opts), _adaptive_options(opts))
 

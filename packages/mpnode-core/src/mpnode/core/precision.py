@@ -5,10 +5,15 @@ quantity                                                   dtype
 =========================================================  ===========================================
 ``y0``, states, stage inputs, stage sums, outputs          ``y0``'s dtype (float32/float64); float32 for a 16-bit ``y0``
 vector-field evaluations and their VJPs                    what autocast selects for ``y0.device.type``
-checkpoints                                                the adjoint strategy's ``checkpoint_dtype``
+checkpoints                                                the strategy's ``checkpoint_dtype``, else the
+                                                           autocast dtype (float32 states) or ``y0``'s
 adjoint, gradient sums for ``y0``, ``t``, parameters       ``y0``'s dtype; parameters' own for their grads
 times, step sizes                                          ``t``'s dtype (fixed grids), float64 (adaptive)
 =========================================================  ===========================================
+
+What autocast does to a field is read from the field's output, not from whether
+autocast is on: autocast never lowers float64, nor the ops it keeps in float32
+(:func:`field_roundoff`).
 """
 
 from __future__ import annotations
@@ -47,9 +52,15 @@ class PrecisionPolicy:
         return cls(device_type, low, torch.float32 if y0.dtype in LOW_PRECISION_Y0_DTYPES else y0.dtype)
 
     @property
-    def roundoff(self) -> float:
-        """Unit roundoff of the vector field's dtype under autocast (bfloat16 2^-8, float16 2^-11); 0 without autocast."""
-        return 0.0 if self.autocast_dtype is None else torch.finfo(self.autocast_dtype).eps / 2
+    def lowered_dtype(self) -> torch.dtype | None:
+        """The dtype autocast lowers this solve's field to: the autocast dtype for a float32 state, ``None`` without
+        autocast or for a float64 state (autocast never lowers float64, so a float64 field runs in float64)."""
+        return None if self.state_dtype == torch.float64 else self.autocast_dtype
+
+    @property
+    def default_checkpoint_dtype(self) -> torch.dtype:
+        """Checkpoints' dtype unless the strategy sets one: :attr:`lowered_dtype`, else the state's dtype."""
+        return self.lowered_dtype or self.state_dtype
 
     def autocast(self) -> torch.autocast:
         """The autocast context of this solve, entered once around a whole loop.
@@ -62,3 +73,22 @@ class PrecisionPolicy:
         if self.autocast_dtype is None:
             return torch.autocast(self.device_type, enabled=False)
         return torch.autocast(self.device_type, dtype=self.autocast_dtype, cache_enabled=True)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the machine epsilon of a floating dtype: bfloat16 2^-8, float16 2^-11, float32 2^-24, float64 2^-53."""
+    return torch.finfo(dtype).eps / 2
+
+
+def field_roundoff(field_dtype: torch.dtype | None, state_dtype: torch.dtype) -> float:
+    """Unit roundoff of the precision a vector field ran in, when it is coarser than the state's; else 0.
+
+    ``field_dtype`` is the least precise dtype among the field's outputs (see
+    ``FlatVectorField.out_dtype``): bfloat16 or float16 when autocast lowered the
+    field's last op, the state's dtype when it did not (a float64 field under
+    autocast, ops autocast keeps in float32).  0 means the field is as precise
+    as the state, and adaptive stepping behaves exactly as without autocast.
+    """
+    if field_dtype is None or unit_roundoff(field_dtype) <= unit_roundoff(state_dtype):
+        return 0.0
+    return unit_roundoff(field_dtype)

@@ -66,15 +66,18 @@ class FlatVectorField:
     structure, both in ``y0``'s dtype (``layout.user_dtype``, as torchdiffeq does).  The result is checked
     (structure, shape, floating dtype) and cast to the state dtype, so stage
     sums are accumulated in high precision whatever dtype autocast produced.
-    Every call is counted in ``nfe``.  A ``func`` that modifies ``y`` in place
-    raises (:data:`IN_PLACE_INPUT`): the solver reuses ``y`` for the step's other
-    stages and the next state.
+    Every call is counted in ``nfe``; ``out_dtype`` is the least precise dtype
+    among the outputs of the latest call (before the cast), ``None`` before the
+    first: the precision the field actually ran in.  A ``func`` that modifies
+    ``y`` in place raises (:data:`IN_PLACE_INPUT`): the solver reuses ``y`` for
+    the step's other stages and the next state.
     """
 
     def __init__(self, func: Callable, layout: FlatState) -> None:
         self.func = func
         self.layout = layout
         self.nfe = 0
+        self.out_dtype: torch.dtype | None = None
         #: one-shot hook: the next evaluation runs as ``hook(func, t, y)`` (e.g. a CapturedTensorProbe)
         self.next_call_hook: Callable | None = None
 
@@ -91,8 +94,10 @@ class FlatVectorField:
             raise RuntimeError(IN_PLACE_INPUT)
         if not lay.is_tuple and isinstance(out, torch.Tensor) and out.shape == lay.shapes[0] \
                 and out.dtype.is_floating_point:  # the common case, checked without the general path
+            self.out_dtype = out.dtype
             return out.reshape(-1).to(lay.dtype)
         parts = self._check(out)
+        self.out_dtype = max((p.dtype for p in parts), key=lambda d: torch.finfo(d).eps)
         if not lay.is_tuple:
             return parts[0].reshape(-1).to(lay.dtype)
         return torch.cat([p.reshape(-1).to(lay.dtype) for p in parts])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-COUNTERS = ("steps", "rejected_steps", "nfe_forward", "nfe_backward", "backward_steps", "retries", "host_syncs")
+COUNTERS = ("steps", "rejected_steps", "noise_accepted_steps", "nfe_forward", "nfe_backward", "backward_steps", "retries", "host_syncs")
 
 
 @dataclass
@@ -18,6 +18,10 @@ class SolverStats:
     Attributes:
         steps: accepted steps of forward passes.
         rejected_steps: rejected attempts of adaptive forward passes.
+        noise_accepted_steps: accepted steps of adaptive forward passes whose error
+            estimate was above the tolerance but within its own rounding noise (the
+            vector field ran in bfloat16/float16): there the solution is as accurate
+            as the field's precision allows, not as rtol/atol ask.
         nfe_forward: vector-field evaluations in forward passes (the initial-step
             selection of adaptive methods included).
         nfe_backward: evaluations made while recomputing steps in backward passes,
@@ -34,6 +38,7 @@ class SolverStats:
 
     steps: int = 0
     rejected_steps: int = 0
+    noise_accepted_steps: int = 0
     nfe_forward: int = 0
     nfe_backward: int = 0
     backward_steps: int = 0

@@ -150,8 +150,8 @@ class AdjointStrategy(abc.ABC):
     """What a solve keeps for backward and how backward gets each step's graph back.
 
     Args:
-        checkpoint_dtype: dtype of stored states; ``None`` = the autocast dtype under
-            autocast, else the state's dtype.  float16 rows are stored scaled by a
+        checkpoint_dtype: dtype of stored states; ``None`` = the autocast dtype for a
+            float32 state under autocast, else the state's dtype (autocast never lowers float64).  float16 rows are stored scaled by a
             power of two each (no range loss).
         scaling: adjoint scaling for float16 backward passes: an ``AdjointScaling``
             (e.g. ``mpnode.scaler.DynamicAdjointScaler()``), ``None`` = automatic (the
@@ -178,13 +178,12 @@ class AdjointStrategy(abc.ABC):
         """A fresh store for one solve."""
 
     def resolved_checkpoint_dtype(self, problem: Problem) -> torch.dtype:
-        policy = problem.policy
-        return self.checkpoint_dtype or policy.autocast_dtype or policy.state_dtype
+        return self.checkpoint_dtype or problem.policy.default_checkpoint_dtype
 
     def resolved_scaling(self, problem: Problem) -> AdjointScaling:
         if isinstance(self.scaling, AdjointScaling):
             return self.scaling
-        float16 = torch.float16 in (problem.policy.autocast_dtype, self.resolved_checkpoint_dtype(problem))
+        float16 = torch.float16 in (problem.policy.lowered_dtype, self.resolved_checkpoint_dtype(problem))
         if self.scaling is None:
             return default_scaling(float16)
         return NoAdjointScaling(raise_on_nonfinite=float16, advice=SCALING_TURNED_OFF_ADVICE)
@@ -612,6 +611,7 @@ def _commit_forward(problem: Problem, trajectory: Trajectory, user_stats: Solver
     counters.nfe_forward += problem.field.nfe - nfe0
     counters.steps += trajectory.n_steps
     counters.rejected_steps += trajectory.rejected
+    counters.noise_accepted_steps += trajectory.noise_accepted
     counters.last_grid = tuple(trajectory.nodes)
     counters.last_adjoint = name
     if user_stats is not None:

@@ -86,6 +86,26 @@ class LinearODE:
         y0 = torch.randn(batch, dim, generator=g, dtype=torch.float64)
         return cls(A, y0, T)
 
+    @classmethod
+    def decaying(cls, dim: int = 8, batch: int = 4, rate: float = 3.0, T: float = 3.0, seed: int = 0,
+                 scales: tuple[float, ...] | None = None) -> "LinearODE":
+        """A decaying system: ``A = -rate I`` plus a skew-symmetric part and a small random part, so its eigenvalues
+        lie around ``-rate`` and ``y(T)`` is about ``exp(-rate T)`` times ``y0``.
+
+        ``scales``, if given, multiplies sample ``b`` of ``y0`` by ``scales[b % len(scales)]`` (a batch mixing
+        magnitudes, e.g. ``(1e3, 1e-3)``).
+        """
+        g = torch.Generator().manual_seed(seed)
+        M = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+        A = -rate * torch.eye(dim, dtype=torch.float64) + (M - M.T) / dim**0.5 + 0.3 * torch.randn(
+            dim, dim, generator=g, dtype=torch.float64
+        )
+        y0 = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+        if scales is not None:
+            factors = torch.tensor(scales, dtype=torch.float64).repeat(batch // len(scales) + 1)[:batch]
+            y0 = y0 * factors[:, None]
+        return cls(A, y0, T)
+
     def exact(self) -> dict[str, torch.Tensor]:
         """Float64 ``yT`` (``(B, d)``), ``dy0`` (``(B, d)``) and ``dA`` (``(d, d)``) through the matrix exponential."""
         A = self.A.clone().requires_grad_(True)
