@@ -503,9 +503,9 @@ def test_step_size_beyond_the_step_limit_names_steps_and_bytes(device):
 
 
 def test_step_size_whose_grid_would_not_fit_in_memory(device, monkeypatch):
-    import mpnode.core.controllers as controllers
+    import mpnode.core.grids as grids
 
-    monkeypatch.setattr(controllers, "available_memory_bytes", lambda device: 2**20)  # 1 MiB left
+    monkeypatch.setattr(grids, "available_memory_bytes", lambda device: 2**20)  # 1 MiB left
     allocated = []
     monkeypatch.setattr(torch, "arange", lambda *a, **k: allocated.append(a))
     with pytest.raises(ValueError, match=r"makes 1,000,000 steps: .*8,000,008 bytes.*only 0.000977 GiB is available"):

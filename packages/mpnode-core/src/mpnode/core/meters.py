@@ -12,6 +12,9 @@ saved output returned as itself would tie the autograd node to itself through
 the hook, a reference cycle the garbage collector cannot see, so the graph would
 never be freed), and it records storages by ``(device, data_ptr)`` only.
 
+[`available_memory_bytes`][mpnode.core.meters.available_memory_bytes] tells what a new allocation can use (a
+fixed grid too large for it is refused before it is built).
+
 Two facts come from private torch APIs; each is asked in one function here
 (:func:`outer_saved_tensors_hooks`, :func:`in_backward_pass`), which
 ``tests/core/test_meters.py`` checks on the installed torch.
@@ -19,12 +22,13 @@ Two facts come from private torch APIs; each is asked in one function here
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["HeldMemory", "held_memory", "outer_saved_tensors_hooks", "in_backward_pass"]
+__all__ = ["HeldMemory", "held_memory", "outer_saved_tensors_hooks", "in_backward_pass", "available_memory_bytes"]
 
 StorageKey = tuple[str, int]  # (device, data_ptr) of an untyped storage
 Hooks = tuple[Callable[[torch.Tensor], object], Callable[[object], torch.Tensor]]
@@ -135,3 +139,24 @@ def held_memory(exclude: Iterable[torch.Tensor] = (), chain: bool = False) -> He
     bypassed: hooks do not nest).
     """
     return HeldMemory(excluded={(str(t.device), t.untyped_storage().data_ptr()) for t in exclude}, chain=chain)
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on ``device`` can use: free CUDA memory plus PyTorch's reusable cache on a GPU,
+    ``MemAvailable`` of ``/proc/meminfo`` on a Linux host, else the physical memory; ``None`` if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

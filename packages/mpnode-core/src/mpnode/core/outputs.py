@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .stepper import Stages, weighted_sum
+from .rk import Stages, weighted_sum
 from .tableau import ButcherTableau
 
 
