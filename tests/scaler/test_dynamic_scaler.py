@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mpnode.core import NonFiniteGradientError, SolverStats, odeint
+from mpnode.core import NoAdjointScaling, NonFiniteGradientError, SolverStats, odeint
 from mpnode.core.testing import DynamicRangeODE, count_host_syncs
 from mpnode.scaler import DynamicAdjointScaler, GradScalerPassthrough
 
@@ -152,7 +152,7 @@ def test_gradscaler_mode_skips_the_step_on_overflow(precision, amp, device):
     before = [p.detach().clone() for p in net.parameters()]
     with amp(precision):
         out = odeint(lambda t, y: net(y), y0, torch.linspace(0, 1, 9, device=device), method="rk4",
-                     adjoint_params=tuple(net.parameters()), scaler=GradScalerPassthrough())
+                     adjoint_params=tuple(net.parameters()), scaler=NoAdjointScaling())
         loss = (out[-1].float() ** 2).sum()
     grad_scaler.scale(loss).backward()
     assert not all(torch.isfinite(p.grad).all() for p in net.parameters())
@@ -160,6 +160,16 @@ def test_gradscaler_mode_skips_the_step_on_overflow(precision, amp, device):
     grad_scaler.update()
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # step skipped
     assert grad_scaler.get_scale() < 2.0**40
+
+
+def test_gradscaler_passthrough_is_a_deprecated_alias_of_no_scaling():
+    with pytest.warns(DeprecationWarning, match=r"GradScalerPassthrough is deprecated: pass scaler=mpnode.core.NoAdjointScaling\(\)"):
+        scaler = GradScalerPassthrough()
+    assert isinstance(scaler, NoAdjointScaling) and scaler.raise_on_nonfinite is False
+    y0 = torch.ones(2, requires_grad=True)
+    out = odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0]), method="rk4", scaler=scaler)
+    out[-1].sum().backward()
+    assert torch.allclose(y0.grad, torch.full((2,), 0.36788), atol=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["float16"])

@@ -46,7 +46,7 @@ import torch
 
 from .implementations import Discretization, Impl, StepCount
 from .problems import Instance, build
-from .profilers import Timing, _Stopwatch, count_host_syncs, held_memory, peak_memory, synchronize
+from .profilers import Timing, Stopwatch, count_host_syncs, held_memory, peak_memory, synchronize
 
 REFERENCE = "torchdiffeq/float32"
 MPNODE_F32 = "mpnode/float32"
@@ -364,7 +364,7 @@ def _timing_rounds(fns: dict[tuple[int, str], Callable], per_case: list[dict[str
             _zero_grad(inst.func)
             synchronize(device)
             try:
-                with _Stopwatch(device) as sw:
+                with Stopwatch(device) as sw:
                     fns[key]()
             except Exception as exc:
                 if key[1] != FLOOR:
