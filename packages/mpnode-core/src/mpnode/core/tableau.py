@@ -3,7 +3,7 @@
 A method is fully described by its coefficients: the matrix ``a``, the weights
 ``b``, the nodes ``c`` and its order; an adaptive method adds error weights
 ``b_err = b - b_hat`` of an embedded pair and, for output between steps, the
-weights of a dense output.  The one generic engine in :mod:`mpnode.core.stepper`
+weights of a dense output.  The one generic engine in [`mpnode.core.rk`][mpnode.core.rk]
 runs any of them; the named methods live in :mod:`mpnode.core.methods`.
 
 Construction validates everything it can: structure (explicit, consistent
