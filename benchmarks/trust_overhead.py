@@ -42,9 +42,9 @@ import mpnode.core.forward as forward_module
 import mpnode.core.guards as guards_module
 import mpnode.core.parameters as parameters_module
 import mpnode.core.replay as replay_module
-from mpnode.core.testing import MLPField
 from mpnode.bench.profilers import time_fn
 from mpnode.core import RecomputeAdjoint, odeint
+from mpnode.core.testing import MLPField
 
 
 class _NoisyMLP(MLPField):

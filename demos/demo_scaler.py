@@ -30,7 +30,16 @@ from pathlib import Path
 
 import torch
 
-from mpnode.bench.experiment import add_device_flag, add_number_flags, print_table, pyplot, save_figure, script_parser, setup, write_csv
+from mpnode.bench.experiment import (
+    add_device_flag,
+    add_number_flags,
+    print_table,
+    pyplot,
+    save_figure,
+    script_parser,
+    setup,
+    write_csv,
+)
 from mpnode.core import NonFiniteGradientError, odeint
 from mpnode.core.testing import DynamicRangeODE
 from mpnode.scaler import DynamicAdjointScaler

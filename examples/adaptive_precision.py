@@ -27,13 +27,22 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from mpnode.bench.experiment import CSVLog, add_device_flag, autocast, print_table, pyplot, save_figure, script_parser
-from mpnode.bench.experiment import setup, solver
+from mpnode.bench.experiment import (
+    CSVLog,
+    add_device_flag,
+    autocast,
+    print_table,
+    pyplot,
+    save_figure,
+    script_parser,
+    setup,
+    solver,
+)
 from mpnode.core import SolverStats, odeint
 from mpnode.core.testing import LinearField, LinearODE, MLPField
 from mpnode.models.cnf import CNF, HyperNetField, standard_normal_log_prob

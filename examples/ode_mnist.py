@@ -31,8 +31,8 @@ import argparse
 import csv
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

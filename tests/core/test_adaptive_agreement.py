@@ -9,7 +9,7 @@ import torch
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
-from mpnode.core import PIController, SolverStats, TABLEAUX, odeint  # noqa: E402
+from mpnode.core import TABLEAUX, PIController, SolverStats, odeint  # noqa: E402
 
 TORCHDIFFEQ_ADAPTIVE = ["dopri5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8"]
 F64 = torch.float64

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpnode.core import SolverStats, TABLEAUX, odeint
+from mpnode.core import TABLEAUX, SolverStats, odeint
 
 F64 = torch.float64
 ADAPTIVE = ["dopri5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8", "tsit5"]

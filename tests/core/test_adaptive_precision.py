@@ -16,10 +16,10 @@ import torch
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
 from mpnode.core import MixedPrecisionToleranceWarning, SolverStats, odeint  # noqa: E402
-from mpnode.core.tolerance import RoundoffNoise, Tolerance  # noqa: E402
 from mpnode.core.methods import get_tableau  # noqa: E402
 from mpnode.core.precision import field_roundoff, unit_roundoff  # noqa: E402
 from mpnode.core.testing import LinearField, LinearODE, MLPField  # noqa: E402
+from mpnode.core.tolerance import RoundoffNoise, Tolerance  # noqa: E402
 
 LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

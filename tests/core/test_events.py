@@ -12,8 +12,7 @@ import math
 import pytest
 import torch
 
-from mpnode.core import odeint, odeint_adjoint, odeint_event
-from mpnode.core import events
+from mpnode.core import events, odeint, odeint_adjoint, odeint_event
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mpnode.core import IntegralController, PIController, TABLEAUX
+from mpnode.core import TABLEAUX, IntegralController, PIController
 from mpnode.core.contracts import Nudge
 from mpnode.core.grids import ConstructedGrid, OutputTimesGrid, StepSizeGrid
 from mpnode.core.rk import StagePerturbation, rk_stages, stage_time_table, traced_stage_times

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from mpnode.core import (
-    AdjointScaling, AutoAdjoint, DirectAdjoint, RecomputeAdjoint, ScalingPass, SegmentedAdjoint, SolverStats, odeint,
+    AdjointScaling,
+    AutoAdjoint,
+    DirectAdjoint,
+    RecomputeAdjoint,
+    ScalingPass,
+    SegmentedAdjoint,
+    SolverStats,
+    odeint,
     odeint_event,
 )
 from mpnode.core.testing import LinearODE, MLPField

@@ -9,13 +9,12 @@ are installed, and the README's quick start prints what the README shows, with m
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-
-import importlib.util
 
 import pytest
 import torch

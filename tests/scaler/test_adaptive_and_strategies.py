@@ -27,7 +27,7 @@ def test_dopri5_under_float16_with_the_dynamic_scaler(precision, amp, device):
         unscaled = problem.solve(odeint, scaler=False, **kwargs)
 
     def rel(result, key):
-        return float(((result[key].double().cpu() - reference[key].cpu()).norm() / reference[key].norm()))
+        return float((result[key].double().cpu() - reference[key].cpu()).norm() / reference[key].norm())
 
     assert stats.steps >= 100
     assert max(rel(scaled, k) for k in ("dy0", "dcoef")) <= 1e-2

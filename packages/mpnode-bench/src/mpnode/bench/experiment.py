@@ -28,8 +28,9 @@ import functools
 import random
 import shutil
 import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -242,13 +243,14 @@ class CSVLog:
             self._writer = csv.DictWriter(self._file, fieldnames=self.fieldnames or list(row))
             self._writer.writeheader()
         self._writer.writerow(row)
+        assert self._file is not None
         self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
 
-    def __enter__(self) -> "CSVLog":
+    def __enter__(self) -> CSVLog:
         return self
 
     def __exit__(self, *exc) -> None:

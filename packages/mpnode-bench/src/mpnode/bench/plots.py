@@ -16,8 +16,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .experiment import label_steps, pyplot, save_figure
 from .report import fmt_bytes, linear_fit

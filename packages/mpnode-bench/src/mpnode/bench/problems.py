@@ -29,8 +29,9 @@ is a function of the final state only.  The fields are the library's own:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ class Instance:
 
     func: nn.Module
     y0: State
-    loss: Callable[[State], torch.Tensor]
+    loss: Callable[[Any], torch.Tensor]  # takes the solution's final state, structured like y0
     time_column: bool = False
 
     def state_bytes(self) -> int:

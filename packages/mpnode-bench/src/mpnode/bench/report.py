@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .experiment import format_table, write_csv
 from .runner import COLUMNS, STEP_AXES, BenchRow, ratio
@@ -230,13 +230,13 @@ def growth_with_steps(rows: Sequence[BenchRow]) -> list[dict]:
         if len(rs) < 2:
             continue
         entry = {"problem": problem, "sizes": sizes, "impl": impl, "steps": [r.steps for r in rs]}
-        timed = [r for r in rs if r.time_s is not None]
+        timed = [(r.steps, r.time_s) for r in rs if r.time_s is not None]
         if len(timed) >= 2:
-            f = linear_fit([r.steps for r in timed], [r.time_s for r in timed])
+            f = linear_fit([s for s, _ in timed], [v for _, v in timed])
             entry.update(time_slope_s=f.slope, time_intercept_s=f.intercept, time_r2=f.r2)
-        held = [r for r in rs if r.held_bytes is not None]
+        held = [(r.steps, r.held_bytes) for r in rs if r.held_bytes is not None]
         if len(held) >= 2:
-            f = linear_fit([r.steps for r in held], [r.held_bytes for r in held])
+            f = linear_fit([s for s, _ in held], [v for _, v in held])
             entry.update(held_slope_bytes=f.slope, held_intercept_bytes=f.intercept, held_r2=f.r2)
         out.append(entry)
     return out

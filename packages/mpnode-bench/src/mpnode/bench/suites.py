@@ -39,8 +39,8 @@ hardware check finds fast kernels for it (:attr:`Suite.gate_on_hardware`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .implementations import Impl, parse_impl
 from .runner import STEP_AXES, Case

@@ -229,6 +229,7 @@ class _AdjointFunction(torch.autograd.Function):
         ctx.setup = setup
         ctx.save_for_backward(*(setup.tensors or ()))
         outputs = setup.outputs
+        assert outputs is not None, "a setup is applied once"
         setup.tensors = setup.outputs = None  # they belong to autograd now
         return outputs
 
@@ -280,7 +281,7 @@ def graph_retained() -> bool:
     torch's own compiled-autograd code uses); where it is missing the graph counts
     as retained, which keeps the store until autograd frees the node.
     """
-    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    query = getattr(getattr(torch._C, "_autograd", None), "_get_current_graph_task_keep_graph", None)
     return True if query is None else bool(query())
 
 

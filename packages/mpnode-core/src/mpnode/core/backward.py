@@ -142,6 +142,7 @@ def step_graph_vjp(
     out_times = []
     for j, x, g in out_grads:
         if plan.need_times:
+            assert graph.t0 is not None and graph.t1 is not None, "a graph built with traced times has its nodes"
             t_j = plan.t[j].detach().to(traj.grid.dtype).requires_grad_(True)
             out_times.append((j, t_j))
             x = (t_j - graph.t0) / (graph.t1 - graph.t0)
@@ -170,7 +171,8 @@ def step_graph_vjp(
         result.dt0, result.dt1 = grads[k], grads[k + 1]
         result.dout = [(j, g) for (j, _), g in zip(out_times, grads[k + 2:])]
         unscaled = [lam] + [g for _, _, g in out_grads]
-        result.dot = sum((s * o.detach()).sum() for s, o in zip(unscaled, outputs)).to(traj.grid.dtype)
+        dots = [(s * o.detach()).sum() for s, o in zip(unscaled, outputs)]
+        result.dot = sum(dots[1:], dots[0]).to(traj.grid.dtype)
     return result
 
 
@@ -201,7 +203,7 @@ class AdjointAccumulator:
         self.mu = None if vjp.dfirst is None else _axpy(torch.zeros_like(vjp.dfirst), coef, vjp.dfirst)
         pairs = [(s, g) for s, g in zip(self.sums, vjp.dparams) if g is not None]
         if pairs and isinstance(coef, float):
-            torch._foreach_add_([s for s, _ in pairs], [g for _, g in pairs], alpha=coef)
+            add_scaled_([s for s, _ in pairs], [g for _, g in pairs], coef)
         else:
             for s, g in pairs:
                 _axpy(s, coef, g, inplace=True)
@@ -233,9 +235,23 @@ def _scaled(coef: float | torch.Tensor, g: torch.Tensor | None, like: torch.Tens
     return g * (coef.to(g.dtype) if isinstance(coef, torch.Tensor) else coef)
 
 
+def add_scaled_(xs: list[torch.Tensor], gs: list[torch.Tensor], alpha: float) -> None:
+    """``xs[i] += alpha * gs[i]`` in place, as one fused call where torch offers it.
+
+    The one place mpnode calls torch's ``_foreach_add_`` (a private API that ``torch.optim`` uses; one kernel
+    launch per dtype and device instead of one per tensor); where it is missing, one ``add_`` per tensor.
+    """
+    foreach = getattr(torch, "_foreach_add_", None)
+    if foreach is None:
+        for x, g in zip(xs, gs):
+            x.add_(g, alpha=alpha)
+    else:
+        foreach(xs, gs, alpha=alpha)
+
+
 def _axpy(x: torch.Tensor, a: float | torch.Tensor, g: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``x + a * g`` in ``x``'s dtype; ``a`` a host float (fused) or a 0-dim device tensor."""
-    if isinstance(a, float):
+    if not isinstance(a, torch.Tensor):
         return x.add_(g, alpha=a) if inplace else torch.add(x, g.to(x.dtype), alpha=a)
     a = a.to(x.dtype)
     return x.add_(a * g) if inplace else x + a * g
@@ -292,7 +308,8 @@ def run_adjoint(
             if accepted:
                 counters.backward_steps += n - lo
                 n = lo
-            else:
+            else:  # only a pass with blocks rejects one, so the snapshots were taken
+                assert snap is not None
                 acc.restore(snap)
                 scaling_pass.restore(scaling_snap)
                 counters.retries += n - lo

@@ -26,7 +26,8 @@ a warning naming the valid ones, and so does ``callback_accept_step`` /
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

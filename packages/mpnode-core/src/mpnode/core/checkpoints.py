@@ -80,7 +80,7 @@ class StoredRows:
         return [*self.chunks, *(self.scales or [])]
 
     @classmethod
-    def from_saved(cls, saved: tuple[torch.Tensor, ...] | list[torch.Tensor], n_chunks: int, scaled: bool) -> "StoredRows":
+    def from_saved(cls, saved: Sequence[torch.Tensor], n_chunks: int, scaled: bool) -> StoredRows:
         chunks = list(saved[:n_chunks])
         return cls(chunks, list(saved[n_chunks: 2 * n_chunks]) if scaled else None)
 

@@ -19,10 +19,11 @@ the others, so any layer can import it without a cycle.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from .rk import StagePerturbation, Stages
     from .state import FlatVectorField
     from .tableau import ButcherTableau
+
+
+R = TypeVar("R", bound="Recorder")
 
 
 class Nudge(enum.IntEnum):
@@ -102,7 +106,7 @@ class Problem:
     policy: PrecisionPolicy
     output_rule: OutputRule
     callbacks: Callbacks
-    counters: SolverStats = field(default_factory=SolverStats)
+    counters: SolverStats = dataclasses.field(default_factory=SolverStats)  # (the attribute ``field`` shadows it)
     event: EventLocator | None = None
 
 
@@ -177,16 +181,18 @@ class StepGraph:
 
 
 class Recorder:
-    """What a march hands to the adjoint strategy at each accepted step; the base class keeps nothing.
+    """What a march hands to the adjoint strategy at each accepted step; the base class keeps nothing."""
 
-    Attributes:
-        keeps_graphs: the march evaluates every step with autograd on (from leaf
-            inputs) and hands the step's graph to ``keep`` (the direct strategy).
-        need_times: those graphs must trace the step times (gradients w.r.t. ``t``).
-    """
+    @property
+    def keeps_graphs(self) -> bool:
+        """The march evaluates every step with autograd on (from leaf inputs) and hands the step's graph to
+        ``keep`` (the direct strategy)."""
+        return False
 
-    keeps_graphs: bool = False
-    need_times: bool = False
+    @property
+    def need_times(self) -> bool:
+        """Those graphs must trace the step times (gradients w.r.t. ``t``)."""
+        return False
 
     def record(self, n: int, y: torch.Tensor, first_stage: torch.Tensor | None) -> None:
         """Accepted step ``n`` starts from ``y``; ``first_stage`` is its carried first stage (else ``None``)."""
@@ -199,10 +205,10 @@ class Recorder:
         return contextlib.nullcontext()
 
 
-class ForwardingRecorder(Recorder):
+class ForwardingRecorder(Recorder, Generic[R]):
     """A recorder that hands everything to ``self.inner``; subclasses intercept what they need."""
 
-    inner: Recorder
+    inner: R
 
     @property
     def keeps_graphs(self) -> bool:

@@ -82,22 +82,26 @@ class EventFunction:
         with torch.no_grad():
             self.signs = torch.sign(self.raw(t0, y0.detach()))
 
+    def _signs(self) -> torch.Tensor:
+        assert self.signs is not None, "calibrate() runs first"
+        return self.signs
+
     def holds_at_start(self) -> bool:
-        """Whether an element of ``event_fn(t0, y0)`` is zero: the event holds before any step (after :meth:`calibrate`)."""
-        return bool((self.signs == 0).any())
+        """Whether an element of ``event_fn(t0, y0)`` is zero: the event holds before any step (after ``calibrate``)."""
+        return bool((self._signs() == 0).any())
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.raw(t, y)
-        if out.shape != self.signs.shape:
+        out, signs = self.raw(t, y), self._signs()
+        if out.shape != signs.shape:
             try:
-                torch.broadcast_shapes(out.shape, self.signs.shape)
+                torch.broadcast_shapes(out.shape, signs.shape)
             except RuntimeError:
                 raise ValueError(
-                    f"event_fn returned shape {tuple(out.shape)} at t = {float(t):.6g} but {tuple(self.signs.shape)} at "
+                    f"event_fn returned shape {tuple(out.shape)} at t = {float(t):.6g} but {tuple(signs.shape)} at "
                     "t0; its elements are multiplied by their signs at t0, so later values must broadcast with the "
                     "first (as in torchdiffeq); return the same shape at every call"
                 ) from None
-        return (out * self.signs).min()
+        return (out * signs).min()
 
 
 class EventLocator:

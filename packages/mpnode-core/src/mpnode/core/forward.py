@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .guards import VersionRecord, check_solution
 from .contracts import ForwardingRecorder, Problem, Recorder, SolveInputs, Trajectory
+from .guards import VersionRecord, check_solution
 from .march import AdaptiveMarch, March
 from .parameters import CapturedTensorProbe
 from .replay import RandomStates, Replay, StepRandomness, cuda_devices, module_buffers, module_modes
@@ -120,7 +120,7 @@ ADAPTIVE_RANDOMNESS_REFUSED = (
 
 def _refuse_draws(randomness: StepRandomness) -> None:
     """Raise :data:`ADAPTIVE_RANDOMNESS_REFUSED` if a generator moved since the solve started (one state read)."""
-    if not RandomStates.same(randomness.generators.capture(), randomness.initial):
+    if not RandomStates.same(randomness.generators.capture(), randomness.initial_state()):
         raise RuntimeError(ADAPTIVE_RANDOMNESS_REFUSED)
 
 
@@ -135,7 +135,7 @@ def _checked_call(probe, check):
     return call
 
 
-class _RefuseRandomness(ForwardingRecorder):
+class _RefuseRandomness(ForwardingRecorder[Recorder]):
     """Adaptive steps: passes each accepted step on to ``inner`` after checking that no random number was drawn."""
 
     def __init__(self, inner: Recorder, randomness: StepRandomness) -> None:
@@ -146,7 +146,7 @@ class _RefuseRandomness(ForwardingRecorder):
         self.inner.record(n, y, first_stage)
 
 
-class _RandomnessRecorder(ForwardingRecorder):
+class _RandomnessRecorder(ForwardingRecorder[Recorder]):
     """Passes each step on to ``inner`` after logging the generator state the step starts from.
 
     Logged at ``record``, which a fixed grid calls before evaluating the step.

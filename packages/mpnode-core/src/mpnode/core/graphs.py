@@ -72,6 +72,7 @@ def evaluate_step(
     t0 = t1 = h_traced = None
     if need_times:
         t0 = nodes[0].detach().requires_grad_(True) if start is None else start.t0
+        assert t0 is not None, "a first stage evaluated for traced times has its node"
         t1 = nodes[1].detach().requires_grad_(True)
         h_traced = t1 - t0
         stage_times = traced_stage_times(tab, t0, t1, state_dtype, perturbation)

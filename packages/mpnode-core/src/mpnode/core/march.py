@@ -203,12 +203,13 @@ class AdaptiveMarch(March):
     """
 
     def __init__(self, tableau: ButcherTableau, tolerance: Tolerance, options: AdaptiveOptions) -> None:
-        if not tableau.is_adaptive or tableau.dense is None:
+        if tableau.b_err is None or tableau.dense is None:
             raise ValueError(
                 f"method {tableau.name!r} has no embedded error estimate and dense output, so it cannot choose its steps; "
                 "pass options={'step_size': ...} for a fixed grid or use an adaptive method such as 'dopri5'"
             )
         self.tableau = tableau
+        self.b_err = tableau.b_err
         self.tolerance = tolerance
         self.options = options
         self.output_rule = DenseOutput(tableau)
@@ -347,7 +348,7 @@ class _AdaptiveRun:
         size = abs(hn) if (on_step or on_jump) else h  # the size the rules compare (not t1 - t0's rounding)
         rule = StagePerturbation(first=self.mode.nudge, end=Nudge.PREV, direction=self.direction)
         step = self._evaluate(y, t0, t1, hn, rule)
-        err = weighted_sum(march.tableau.b_err, step.stages.ks) * hn
+        err = weighted_sum(march.b_err, step.stages.ks) * hn
         ratio, noise_only = march.error_ratio(err, y, step.y1, self.noise, hn, step.stages)  # the one host read
         self.last_ratio = ratio
         accept = (ratio <= 1.0 and size <= opts.max_step) or size <= opts.min_step

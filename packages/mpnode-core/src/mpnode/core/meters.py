@@ -25,13 +25,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 __all__ = ["HeldMemory", "held_memory", "outer_saved_tensors_hooks", "in_backward_pass", "available_memory_bytes"]
 
 StorageKey = tuple[str, int]  # (device, data_ptr) of an untyped storage
-Hooks = tuple[Callable[[torch.Tensor], object], Callable[[object], torch.Tensor]]
+Hooks = tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]
 
 
 def outer_saved_tensors_hooks() -> Hooks | None:
@@ -40,7 +41,7 @@ def outer_saved_tensors_hooks() -> Hooks | None:
     Hooks do not nest, so a meter passes every tensor on to these (private API;
     where it is missing the meter cannot chain and returns ``None``).
     """
-    query = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    query = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
     return None if query is None else query(False)
 
 
@@ -72,6 +73,7 @@ class HeldMemory:
     recompute_storages: dict[StorageKey, tuple[int, torch.dtype]] = field(default_factory=dict)
     excluded: set[StorageKey] = field(default_factory=set)
     chain: bool = False
+    _hooks: torch.autograd.graph.saved_tensors_hooks | None = field(default=None, init=False, repr=False)
 
     @property
     def bytes(self) -> int:
@@ -90,14 +92,15 @@ class HeldMemory:
             out[dt] = out.get(dt, 0) + n
         return out
 
-    def __enter__(self) -> "HeldMemory":
+    def __enter__(self) -> HeldMemory:
         outer = outer_saved_tensors_hooks() if self.chain else None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(*_hooks(self, outer))
         self._hooks.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         hooks, self._hooks = self._hooks, None  # no meter <-> hooks reference cycle outlives the region
+        assert hooks is not None, "exit follows enter"
         hooks.__exit__(*exc)
 
     def count(self, x: torch.Tensor) -> None:
@@ -119,7 +122,7 @@ class HeldMemory:
 def _hooks(meter: HeldMemory, outer: Hooks | None) -> Hooks:
     """The meter's pack/unpack pair: count, then hand on to ``outer`` (or keep a detached alias)."""
 
-    def pack(x: torch.Tensor) -> object:
+    def pack(x: torch.Tensor) -> Any:
         meter.count(x)
         return x.detach() if outer is None else outer[0](x)
 

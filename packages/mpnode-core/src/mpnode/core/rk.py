@@ -23,8 +23,8 @@ jumps at a grid time is evaluated on the side of the step it belongs to.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

@@ -17,8 +17,8 @@ backward pass that raises leaves the policy as it was.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Sequence
 
 import torch
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Union
 
 import torch
 
@@ -26,7 +27,7 @@ class FlatState:
 
     def __init__(self, y0: State) -> None:
         self.is_tuple = not isinstance(y0, torch.Tensor)
-        parts = tuple(y0) if self.is_tuple else (y0,)
+        parts = (y0,) if isinstance(y0, torch.Tensor) else tuple(y0)
         self.shapes = tuple(p.shape for p in parts)
         self.sizes = tuple(p.numel() for p in parts)
         self.numel = sum(self.sizes)
@@ -36,7 +37,7 @@ class FlatState:
 
     def flatten(self, y: State) -> torch.Tensor:
         """User state -> 1-D vector in ``dtype`` (a view when the state is a single tensor in ``dtype``)."""
-        if not self.is_tuple:
+        if isinstance(y, torch.Tensor):  # (a state has its layout's structure)
             return y.reshape(-1).to(self.dtype)
         return torch.cat([p.reshape(-1).to(self.dtype) for p in y])
 
@@ -46,7 +47,7 @@ class FlatState:
             flat = flat.to(dtype)
         if not self.is_tuple:
             return flat.reshape((*lead, *self.shapes[0]))  # a tuple: works for 0-dim states too
-        parts = torch.split(flat, self.sizes, dim=-1)
+        parts = torch.split(flat, list(self.sizes), dim=-1)
         return tuple(p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes))
 
 

@@ -53,7 +53,7 @@ class SolverStats:
         self.last_grid = None
         self.last_adjoint = None
 
-    def add(self, other: "SolverStats") -> None:
+    def add(self, other: SolverStats) -> None:
         """Add ``other``'s counters to this one and take its ``last_*`` values (when set)."""
         for name in COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))

@@ -24,7 +24,6 @@ scaling=...)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -85,11 +84,17 @@ class KeptGraphs(Kept):
     """Holds each accepted step's [`StepGraph`][mpnode.core.contracts.StepGraph] (they hold their own saved
     tensors); the backward pass reads the list of graphs."""
 
-    keeps_graphs = True
-
     def __init__(self, need_times: bool) -> None:
-        self.need_times = need_times
+        self._need_times = need_times
         self.graphs: list[StepGraph] = []
+
+    @property
+    def keeps_graphs(self) -> bool:
+        return True
+
+    @property
+    def need_times(self) -> bool:
+        return self._need_times
 
     def keep(self, n: int, graph: StepGraph) -> None:
         self.graphs.append(graph)
@@ -186,7 +191,7 @@ class AutoAdjoint(AdjointStrategy):
         return f"AutoAdjoint(budget_bytes={self.budget_bytes}, checkpoint_dtype={self.checkpoint_dtype})"
 
 
-class _BudgetedKept(ForwardingRecorder, Kept):
+class _BudgetedKept(ForwardingRecorder[Kept], Kept):
     """Direct while the kept graphs fit the budget, then recompute, then segmented (``inner`` is what the current
     ``strategy`` keeps)."""
 

@@ -15,12 +15,13 @@ tableau can be passed as ``method=`` safely.
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
-from typing import TYPE_CHECKING, Sequence, Union
+from functools import cache
+from typing import TYPE_CHECKING, Any, Union, overload
 
 if TYPE_CHECKING:  # the tableau is plain data; dense_weights also accepts a tensor x
     import torch
@@ -57,12 +58,12 @@ def _as_order(value: object, name: str, what: str) -> int:
 # -- rooted trees and the order conditions -------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tree_size(tree: Tree) -> int:
     return 1 + sum(_tree_size(child) for child in tree)
 
 
-@lru_cache(maxsize=None)
+@cache
 def rooted_trees(n: int) -> tuple[Tree, ...]:
     """All rooted trees with ``n`` nodes (1, 1, 2, 4, 9, 20, 48, 115, ... of them)."""
     if n == 1:
@@ -89,7 +90,7 @@ def _forests(total: int, largest: tuple | None):
                 yield (tree, *rest)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _density(tree: Tree) -> int:
     """Butcher's gamma: the tree's size times its children's densities."""
     return _tree_size(tree) * math.prod(_density(child) for child in tree)
@@ -291,6 +292,7 @@ class ButcherTableau:
                 "solution at the midpoint t0 + h/2 (order 1 there), and every interpolated output would be off; check "
                 "c_mid (it holds the weights of the stages for the midpoint, not for the step end)"
             )
+        assert self.dense_order is not None, "construction sets the order of a dense output"
         defect = dense_order_defect(self.a, self.dense, self.dense_order)
         if defect > ORDER_TOL:
             source = "c_mid" if c_mid is not None else "dense"
@@ -309,6 +311,7 @@ class ButcherTableau:
             )
         if self.b_err is not None:
             b_hat = [bi - ei for bi, ei in zip(self.b, self.b_err)]
+            assert self.embedded_order is not None, "construction sets the order of an embedded pair"
             defect = order_defect(self.a, b_hat, self.embedded_order)
             if defect > ORDER_TOL:
                 raise ValueError(
@@ -336,7 +339,7 @@ class ButcherTableau:
         """The first stage of a step is inherited from the previous step and is not ``f(t0, y0)``."""
         return self.reuse_last_stage and not self.is_fsal
 
-    def fixed_grid(self) -> "ButcherTableau":
+    def fixed_grid(self) -> ButcherTableau:
         """This method without its error estimate: a fixed-grid method, on which ``step_size`` and
         ``grid_constructor`` act (an adaptive method ignores them, as torchdiffeq does).
 
@@ -347,14 +350,28 @@ class ButcherTableau:
             return self
         return dataclasses.replace(self, name=f"{self.name}-fixed", b_err=None, embedded_order=None)
 
-    def dense_weights(self, x: float | torch.Tensor) -> tuple[float | torch.Tensor, ...]:
+    @overload
+    def dense_weights(self, x: float) -> tuple[float, ...]: ...
+
+    @overload
+    def dense_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def dense_weights(self, x: float | torch.Tensor) -> tuple[float, ...] | tuple[torch.Tensor, ...]:
         """``w_i(x)`` of the dense output at ``x in [0, 1]``: ``y(t0 + x h) = y0 + h sum_i w_i(x) k_i``.
 
         ``x`` a host float (floats returned) or a 0-dim tensor (0-dim tensors, differentiable in ``x``).
         """
         if self.dense is None:
             raise ValueError(f"method {self.name!r} has no dense output")
-        return tuple(sum(coef * x ** (m + 1) for m, coef in enumerate(row)) for row in self.dense)
+        return tuple(_power_series(row, x) for row in self.dense)
+
+
+def _power_series(coefs: Sequence[float], x: Any) -> Any:
+    """``sum_m coefs[m] x^(m+1)`` for a host float or a 0-dim tensor ``x`` (the same type comes back)."""
+    total: Any = 0
+    for m, coef in enumerate(coefs):
+        total = total + coef * x ** (m + 1)
+    return total
 
 
 def _lower_triangular(name: str, a: Sequence[Sequence[Number]], s: int) -> tuple[tuple[float, ...], ...]:

@@ -70,7 +70,7 @@ class Tolerance:
             return out.reshape(())
         if not self.layout.is_tuple:
             return rms_norm(x)
-        parts = torch.split(x, self.layout.sizes)
+        parts = torch.split(x, list(self.layout.sizes))
         return torch.stack([rms_norm(p) for p in parts if p.numel()]).max()
 
     def check_norm_value(self, value: float, scaled: Callable[[], torch.Tensor]) -> None:
@@ -174,7 +174,7 @@ def _refuse_zero_tolerances(rtol: float | torch.Tensor, atol: float | torch.Tens
 
 
 def _on_state(value: float | torch.Tensor, layout: FlatState) -> float | torch.Tensor:
-    return value if isinstance(value, float) else value.to(device=layout.device, dtype=layout.dtype)
+    return value.to(device=layout.device, dtype=layout.dtype) if isinstance(value, torch.Tensor) else value
 
 
 def _flat_tolerance(name: str, value: Any, layout: FlatState) -> float | torch.Tensor:

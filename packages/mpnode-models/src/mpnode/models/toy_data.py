@@ -8,7 +8,7 @@ roughly unit scale, centred at the origin.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
