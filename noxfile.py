@@ -137,7 +137,8 @@ def suite_python(session: nox.Session, suite: str) -> str:
     python = _python(env)
     # The base's site-packages (torch, pip, the test tools) joins this environment's path: nothing is copied.
     base_site = _site_packages(session, base)
-    (Path(_site_packages(session, python)) / "zz_mpnode_base.pth").write_text(f"import site; site.addsitedir({base_site!r})\n")
+    (Path(_site_packages(session, python)) / "zz_mpnode_base.pth").write_text(f"import site; "
+                                                                              f"site.addsitedir({base_site!r})\n")
     editable = [arg for p in members for arg in ("-e", str(ROOT / "packages" / f"mpnode-{p}") + EXTRAS.get(p, ""))]
     session.run(python, "-m", "pip", "install", *PIP_FLAGS, "--no-build-isolation", *editable, external=True)
     _check_boundaries(session, python, members)

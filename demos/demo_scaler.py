@@ -72,7 +72,8 @@ def run(args) -> tuple[list[dict], DynamicAdjointScaler]:
             with torch.no_grad():
                 layer.weight.copy_(A0)
             opt = torch.optim.Adam(layer.parameters(), lr=args.lr)
-            grad_scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16) if solver.startswith("torchdiffeq") else None
+            grad_scaler = (torch.amp.GradScaler(device.type, init_scale=2.0**16) if solver.startswith("torchdiffeq")
+                           else None)
             dyn = DynamicAdjointScaler() if solver == "mpnode dynamic" else None
             y0_dev, target_dev = y0.float().to(device), target.float().to(device)
             for it in range(args.iters):
@@ -84,9 +85,9 @@ def run(args) -> tuple[list[dict], DynamicAdjointScaler]:
                         if grad_scaler is not None:
                             import torchdiffeq
 
-                            out = torchdiffeq.odeint(lambda t, y: layer(y), y0_dev, t, method="rk4")
+                            out = torchdiffeq.odeint(lambda t, y, layer=layer: layer(y), y0_dev, t, method="rk4")
                         else:
-                            out = odeint(lambda t, y: layer(y), y0_dev, t, method="rk4",
+                            out = odeint(lambda t, y, layer=layer: layer(y), y0_dev, t, method="rk4",
                                          adjoint_params=(layer.weight,), scaler=dyn if dyn else False)
                         loss = scale * 0.5 * ((out[-1].float() - target_dev) ** 2).sum()
                     if grad_scaler is not None:

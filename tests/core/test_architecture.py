@@ -61,7 +61,8 @@ def test_no_module_imports_another_modules_private_names(package):
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("mpnode")):
                 private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
                 if private:
-                    found.append(f"{path.relative_to(ROOT)}: from {'.' * node.level}{node.module or ''} import {private}")
+                    found.append(f"{path.relative_to(ROOT)}: from "
+                                 f"{'.' * node.level}{node.module or ''} import {private}")
     assert not found, "\n".join(found)
 
 

@@ -35,7 +35,8 @@ def test_testing_and_bench_re_export_the_core_meter():
 
 @pytest.mark.parametrize("chain", [False, True])
 def test_a_metered_graph_is_freed_with_its_last_reference(chain):
-    """The pack hook keeps no tensor: a saved output (tanh) returned as itself made node and tensor a cycle gc cannot free."""
+    """The pack hook keeps no tensor: a saved output (tanh) returned as itself made node and tensor a cycle gc cannot
+    free."""
     w = torch.randn(64, 64, requires_grad=True)
     with meters.held_memory(exclude=[w], chain=chain) as meter:
         out = torch.tanh(torch.ones(8, 64) @ w)

@@ -65,25 +65,27 @@ def test_perturbation_moves_stage_times_to_the_neighbouring_float():
     tab = TABLEAUX["rk4"]
     grid = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float32)
     plain = stage_time_table(tab, grid, torch.float32)
-    nudged = stage_time_table(tab, grid, torch.float32, StagePerturbation(first=Nudge.NEXT, end=Nudge.PREV, direction=1))
+    nudged = stage_time_table(tab, grid, torch.float32,
+                              StagePerturbation(first=Nudge.NEXT, end=Nudge.PREV, direction=1))
     for row_p, row_n in zip(plain, nudged):
         assert row_n[0] == torch.nextafter(row_p[0], torch.tensor(math.inf))
         assert row_n[3] == torch.nextafter(row_p[3], torch.tensor(-math.inf))
         assert row_n[1] == row_p[1] and row_n[2] == row_p[2]
-    backwards = stage_time_table(tab, grid.flip(0), torch.float32, StagePerturbation(first=Nudge.NEXT, end=Nudge.PREV, direction=-1))
+    backwards = stage_time_table(tab, grid.flip(0), torch.float32,
+                                 StagePerturbation(first=Nudge.NEXT, end=Nudge.PREV, direction=-1))
     assert backwards[0][0] < 1.0 and backwards[0][3] > 0.5  # Nudge.NEXT follows the direction of time
 
 
 def test_output_times_grid_is_t_itself():
     t = torch.linspace(0, 1, 5)
-    grid, host = OutputTimesGrid().build(None, None, t, t)
+    grid, _host = OutputTimesGrid().build(None, None, t, t)
     assert grid is t
 
 
 @pytest.mark.parametrize("t_end", [1.0, -1.0])
 def test_step_size_grid_follows_torchdiffeqs_rule(t_end):
     t = torch.tensor([0.0, 0.3, t_end], dtype=F64)
-    grid, host = StepSizeGrid(0.3).build(None, torch.zeros(2, dtype=F64), t, t)
+    grid, _host = StepSizeGrid(0.3).build(None, torch.zeros(2, dtype=F64), t, t)
     n = math.ceil(1.0 / 0.3 + 1)
     assert grid.shape[0] == n and float(grid[-1]) == t_end
     assert torch.allclose(grid[:-1], torch.arange(n - 1, dtype=F64) * 0.3 * math.copysign(1, t_end))
@@ -132,7 +134,8 @@ def test_pi_controller_uses_the_previous_ratio():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(safety=1.5), "safety"), (dict(ifactor=0.5), "ifactor"), (dict(dfactor=0.0), "dfactor"), (dict(safety="x"), "safety"),
+    (dict(safety=1.5), "safety"), (dict(ifactor=0.5), "ifactor"), (dict(dfactor=0.0), "dfactor"),
+    (dict(safety="x"), "safety"),
 ])
 def test_controllers_validate_their_settings(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
@@ -149,7 +152,8 @@ def test_tolerance_ratio_is_torchdiffeqs_rms_of_scaled_error():
     assert float(tol.error_ratio(err, y0, y1)) == pytest.approx(float((err / scale).pow(2).mean().sqrt()))
     noise = torch.tensor([1e-4, 0.0, 3e-4, 1e-9], dtype=F64)
     both = tol.noisy_error_ratios(err, y0, y1, noise).tolist()
-    assert both == pytest.approx([float((err / scale).pow(2).mean().sqrt()), float((noise / scale).pow(2).mean().sqrt())])
+    rms = [float((x / scale).pow(2).mean().sqrt()) for x in (err, noise)]
+    assert both == pytest.approx(rms)
 
 
 def test_tolerance_accepts_per_element_and_per_part_values_and_refuses_bad_ones():

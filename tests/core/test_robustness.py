@@ -194,7 +194,8 @@ class _LoggingField(torch.nn.Module):
 @pytest.mark.parametrize("stepping", STEPPINGS)
 @pytest.mark.parametrize("strategy", ["direct", "segmented", "auto-fallback"])
 def test_adjoint_callbacks_see_the_recompute_states(strategy, stepping, device):
-    """Was: SegmentedAdjoint (and AutoAdjoint falling back to segments) raised 'NoneType' object has no attribute 'to'."""
+    """Was: SegmentedAdjoint (and AutoAdjoint falling back to segments) raised 'NoneType' object has no attribute
+    'to'."""
     logs = []
     for name in ("recompute", strategy):
         field = _LoggingField().to(device)
@@ -223,12 +224,13 @@ def test_adaptive_event_search_is_bounded_like_fixed_grids(given, monkeypatch, d
     y0 = torch.tensor([1.0, 0.0], dtype=F64, device=device)
     options = {} if given is None else {"max_num_steps": given}
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match=rf"no event within {given or 60} step attempts .*options\['max_num_steps'\]"):
+    expected = rf"no event within {given or 60} step attempts .*options\['max_num_steps'\]"
+    with pytest.raises(RuntimeError, match=expected):
         odeint_event(lambda t, y: torch.stack([y[1], -y[0]]), y0, torch.tensor(0.0, dtype=F64, device=device),
                      event_fn=lambda t, y: y[0] - 2.0, options=options)
     assert time.perf_counter() - start < 60
     if given is None:  # fixed grids: the same bound, on steps
-        with pytest.raises(RuntimeError, match="no event within 60 steps of size 0.01"):
+        with pytest.raises(RuntimeError, match=r"no event within 60 steps of size 0.01"):
             odeint_event(lambda t, y: torch.stack([y[1], -y[0]]), y0, torch.tensor(0.0, dtype=F64, device=device),
                          event_fn=lambda t, y: y[0] - 2.0, method="rk4", options={"step_size": 0.01})
 
@@ -293,7 +295,8 @@ def test_a_field_that_starts_drawing_late_is_refused_at_the_next_accepted_step(d
 
 
 def test_direct_adjoint_backpropagates_through_the_forwards_own_draws_on_adaptive_steps(device):
-    """y' = -(w + sigma xi) y with one scalar draw per evaluation: y(T) = J y0 for the forward's draws, so dL/dy0 = y(T)/y0."""
+    """y' = -(w + sigma xi) y with one scalar draw per evaluation: y(T) = J y0 for the forward's draws, so
+    dL/dy0 = y(T)/y0."""
     torch.manual_seed(0)
     field = _NoisyField(sigma=1e-3, multiplicative=True).to(device)
     y0 = torch.tensor([1.0, 2.0, -0.5], dtype=F64, device=device, requires_grad=True)

@@ -3,6 +3,7 @@ host synchronisations, unrecoverable overflow and the automatic choice."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import pytest
@@ -97,7 +98,7 @@ def test_growth_does_not_oscillate(precision, amp, device):
     kinds = [e.kind for e in scaler.history]
     assert kinds.count("init") == 1
     # no grow immediately undone by a shrink or backoff (the signature of testing the unscaled adjoint)
-    assert not any(a == "grow" and b in ("shrink", "backoff") for a, b in zip(kinds, kinds[1:])), kinds
+    assert not any(a == "grow" and b in ("shrink", "backoff") for a, b in itertools.pairwise(kinds)), kinds
 
 
 @pytest.mark.parametrize("precision", ["float16"])
@@ -133,8 +134,8 @@ def test_unrecoverable_overflow_reports_the_step_and_touches_nothing(precision, 
     scaler = DynamicAdjointScaler(max_retries=3)
     untouched = scaler.state_dict()
     with amp(precision):
-        out = odeint(field, y0, torch.linspace(0, 1, 65, device=device), method="rk4", adjoint_params=tuple(net.parameters()),
-                     scaler=scaler)
+        out = odeint(field, y0, torch.linspace(0, 1, 65, device=device), method="rk4",
+                     adjoint_params=tuple(net.parameters()), scaler=scaler)
         loss = (out[-1].float() ** 2).sum()
     with pytest.raises(NonFiniteGradientError, match="step 32 of 64 after 3 halvings"):
         loss.backward()
@@ -163,7 +164,8 @@ def test_gradscaler_mode_skips_the_step_on_overflow(precision, amp, device):
 
 
 def test_gradscaler_passthrough_is_a_deprecated_alias_of_no_scaling():
-    with pytest.warns(DeprecationWarning, match=r"GradScalerPassthrough is deprecated: pass scaler=mpnode.core.NoAdjointScaling\(\)"):
+    with pytest.warns(DeprecationWarning, match=r"GradScalerPassthrough is deprecated: pass "
+                                                r"scaler=mpnode.core.NoAdjointScaling\(\)"):
         scaler = GradScalerPassthrough()
     assert isinstance(scaler, NoAdjointScaling) and scaler.raise_on_nonfinite is False
     grads = []

@@ -45,7 +45,8 @@ from .suites import SUITES, get_suite
 GPU_TARGET_PROBLEMS = ("conv", "otflow")
 DEFAULT_SUITE = "quick"
 PARTIAL_META = "meta.partial.json"
-"""Written next to ``results.partial.jsonl`` when a run starts (the machine, the skipped precisions), removed at its end."""
+"""Written next to ``results.partial.jsonl`` when a run starts (the machine, the skipped precisions), removed at its
+end."""
 
 
 def _progress(disable: bool) -> Callable[[int], Callable[[], None]]:
@@ -181,7 +182,10 @@ def cmd_run(args: argparse.Namespace) -> int:
               "`mpnode-bench list` shows the others", file=sys.stderr)
         args.suite = DEFAULT_SUITE
     suite = get_suite(args.suite)
-    device = torch.device(args.device or suite.device_type) if args.dry else _resolve_device(args.device, suite.device_type)
+    if args.dry:
+        device = torch.device(args.device or suite.device_type)
+    else:
+        device = _resolve_device(args.device, suite.device_type)
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -282,7 +286,8 @@ def _machine_lines(meta: dict) -> str:
 
 
 def _emit(rows: list[BenchRow], meta: dict, out: Path, plots: bool) -> int:
-    title = f"mpnode-bench {meta.get('suite', '')} on {meta.get('gpu') or meta.get('device')} (torch {meta.get('torch')})"
+    where = meta.get("gpu") or meta.get("device")
+    title = f"mpnode-bench {meta.get('suite', '')} on {where} (torch {meta.get('torch')})"
     table = render_table(rows, title)
     fits = growth_with_steps(rows)
     device_type = str(meta.get("device", "cpu")).split(":")[0]

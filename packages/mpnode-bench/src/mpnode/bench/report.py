@@ -154,8 +154,9 @@ def render_dial(rows: Sequence[BenchRow]) -> str:
 
 def render_adaptive(rows: Sequence[BenchRow]) -> str:
     """The table of the adaptive cases (empty string when there are none)."""
-    return _render_axis(rows, "adaptive", _ADAPTIVE_COLUMNS, "adaptive steps (grad err vs a float64 dopri5 solve at "
-                        "rtol 1e-10, atol 1e-12; nfe: field calls of forward + backward)", ("problem", "method", "impl"))
+    title = ("adaptive steps (grad err vs a float64 dopri5 solve at rtol 1e-10, atol 1e-12; nfe: field "
+             "calls of forward + backward)")
+    return _render_axis(rows, "adaptive", _ADAPTIVE_COLUMNS, title, ("problem", "method", "impl"))
 
 
 def dial_targets(rows: Sequence[BenchRow]) -> str:

@@ -37,7 +37,8 @@ from .validation import check_flag
 #: What an unscaled float16 overflow says when the user turned scaling off.
 SCALING_TURNED_OFF_ADVICE = (
     "adjoint scaling is off (scaler=False / scaling=False). Drop that argument so float16 solves use the default "
-    "scaler (mpnode-scaler's DynamicAdjointScaler, when installed), or pass scaler=mpnode.scaler.DynamicAdjointScaler(), "
+    "scaler (mpnode-scaler's DynamicAdjointScaler, when installed), or pass "
+    "scaler=mpnode.scaler.DynamicAdjointScaler(), "
     "or autocast to torch.bfloat16."
 )
 
@@ -52,8 +53,8 @@ class AdjointStrategy(abc.ABC):
 
     Args:
         checkpoint_dtype: dtype of stored states; ``None`` = the autocast dtype for a
-            float32 state under autocast, else the state's dtype (autocast never lowers float64).  float16 rows are stored scaled by a
-            power of two each (no range loss).
+            float32 state under autocast, else the state's dtype (autocast never lowers float64).
+            float16 rows are stored scaled by a power of two each (no range loss).
         scaling: adjoint scaling for float16 backward passes: an ``AdjointScaling``
             (e.g. ``mpnode.scaler.DynamicAdjointScaler()``), ``None`` = automatic (the
             registered float16 default when float16 is involved, none otherwise),
@@ -124,7 +125,8 @@ class AdjointStrategy(abc.ABC):
         )
         # nothing differentiated, but func may read a grad-requiring tensor later in the solve: keep a graph through
         # it, so that backward's per-step check refuses it rather than the output silently having no graph
-        watched = [] if differentiable else reachable_grad_tensors(problem.field.func, [*forward.params, *inputs.constants])
+        known = [*forward.params, *inputs.constants]
+        watched = [] if differentiable else reachable_grad_tensors(problem.field.func, known)
         if differentiable or watched:
             tensors, read = kept.finish()
             setup = _Setup(self, used, problem, inputs, forward, read, tensors, outputs)
@@ -158,8 +160,8 @@ def _check_scaling(scaling: object) -> AdjointScaling | bool | None:
     if scaling is None or scaling is False or isinstance(scaling, AdjointScaling):
         return scaling
     raise TypeError(
-        "scaler must be an mpnode.core.AdjointScaling (e.g. mpnode.scaler.DynamicAdjointScaler()), None or False; "
-        f"got {scaling!r}"
+        "scaler must be an mpnode.core.AdjointScaling (e.g. mpnode.scaler.DynamicAdjointScaler()), None "
+        f"or False; got {scaling!r}"
     )
 
 
@@ -243,7 +245,7 @@ class _AdjointFunction(torch.autograd.Function):
         refuse_batched_gradients(grad_outputs)
         forward.versions.check()
         retain = graph_retained()
-        need_t, need_grid, need_y0 = ctx.needs_input_grad[1:4]
+        need_t, need_grid, _need_y0 = ctx.needs_input_grad[1:4]
         params = forward.params
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:4 + len(params)]) if need]
         problem.counters = SolverStats()
@@ -287,7 +289,8 @@ def graph_retained() -> bool:
 
 def _output_time_gradient(result: AdjointResult, inputs: SolveInputs, trajectory: Trajectory, need_t: bool,
                           adaptive: bool) -> torch.Tensor | None:
-    """``dL/dt``: interpolation terms per output, plus (adaptive steps) the terms of the nodes that move with ``t[0]``."""
+    """``dL/dt``: interpolation terms per output, plus (adaptive steps) the terms of the nodes that move with
+    ``t[0]``."""
     if not need_t:
         return None
     grad = torch.zeros_like(inputs.t)

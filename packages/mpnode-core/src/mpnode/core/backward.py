@@ -112,7 +112,8 @@ class StepVJP:
 def build_step_graph(
     plan: BackwardPlan, n: int, y_stored: torch.Tensor, first_stored: torch.Tensor | None, with_end_slope: bool
 ) -> StepGraph:
-    """Evaluate step ``n`` of the trajectory from its stored start state (and inherited first stage), with autograd on."""
+    """Evaluate step ``n`` of the trajectory from its stored start state (and inherited first stage), with autograd
+    on."""
     traj = plan.trajectory
     nodes = (traj.grid[n], traj.grid[n + 1])
     times = None if plan.need_times else plan.stage_times[n]

@@ -74,7 +74,8 @@ class Callbacks:
     def wants(self, name: str) -> bool:
         return name in self._found
 
-    def call(self, name: str, t0: torch.Tensor | float, y: torch.Tensor, dt: torch.Tensor | float, dtype: torch.dtype) -> None:
+    def call(self, name: str, t0: torch.Tensor | float, y: torch.Tensor, dt: torch.Tensor | float,
+             dtype: torch.dtype) -> None:
         """Call ``name`` if defined; host floats are turned into 0-dim tensors on the state's device."""
         hook = self._found.get(name)
         if hook is None:

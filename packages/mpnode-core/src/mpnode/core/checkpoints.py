@@ -50,15 +50,21 @@ def row_scale(row: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _prescaled(row: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(row / 2^e, 2^e)`` in ``row``'s dtype for a narrow-range ``dtype``, else ``(row, None)``: what to cast and store."""
+    """``(row / 2^e, 2^e)`` in ``row``'s dtype for a narrow-range ``dtype``, else ``(row, None)``: what to cast and
+    store."""
     if not needs_row_scaling(dtype):
         return row, None
     scale = row_scale(row, dtype)
     return row / scale.to(row.dtype), scale
 
 
+#: A row as stored: the tensor in the storage dtype and, for narrow-range dtypes, its power-of-two scale.
+Encoded = tuple[torch.Tensor, torch.Tensor | None]
+
+
 def encode_row(row: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``row`` as stored in ``dtype``: ``(row / 2^e in dtype, 2^e)`` for a narrow-range dtype, else ``(row in dtype, None)``."""
+    """``row`` as stored in ``dtype``: ``(row / 2^e in dtype, 2^e)`` for a narrow-range dtype, else ``(row in dtype,
+    None)``."""
     scaled, scale = _prescaled(row, dtype)
     return scaled.to(dtype, copy=True), scale
 
@@ -70,7 +76,8 @@ def decode_row(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor
 
 @dataclass
 class StoredRows:
-    """The rows a :class:`CheckpointStore` kept: ``chunks`` ``(rows_i, width)`` and, when scaled, ``scales`` ``(rows_i,)`` float32."""
+    """The rows a [`CheckpointStore`][mpnode.core.checkpoints.CheckpointStore] kept: ``chunks`` ``(rows_i, width)``
+    and, when scaled, ``scales`` ``(rows_i,)`` float32."""
 
     chunks: list[torch.Tensor]
     scales: list[torch.Tensor] | None = None
@@ -224,7 +231,7 @@ class SparseCheckpoints(Kept):
         self.dtype = setup.dtype
         self.budget = budget
         self.every = max(1, -(-setup.rows // budget)) if setup.rows else 1
-        self.kept: dict[int, tuple[tuple[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None] | None]] = {}
+        self.kept: dict[int, tuple[Encoded, Encoded | None]] = {}  # step -> its state and carried first stage
 
     def record(self, n: int, y: torch.Tensor, first_stage: torch.Tensor | None) -> None:
         if n % self.every:

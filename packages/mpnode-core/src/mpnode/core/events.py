@@ -123,7 +123,8 @@ class EventLocator:
         with torch.no_grad():
             v = float(self.g(torch.tensor(t, dtype=self.g.layout.dtype, device=y.device), y))
         if math.isnan(v):
-            raise FloatingPointError(f"odeint: event_fn returned NaN at t = {t:.17g}; check the event function and the state")
+            raise FloatingPointError(f"odeint: event_fn returned NaN at t = {t:.17g}; check the "
+                                     "event function and the state")
         return v
 
     def begin(self, outputs: list[float], direction: int, y0: torch.Tensor, rows: list,
@@ -269,7 +270,8 @@ def attach_event_gradient(func: Callable, event_fn: Callable, t0: torch.Tensor, 
     with torch.enable_grad():
         t_leaf, y_leaf = t_e.clone().requires_grad_(True), y_e.detach().clone().requires_grad_(True)
         value = g(t_leaf, y_leaf)
-        g_t, g_y = torch.autograd.grad(value, (t_leaf, y_leaf), allow_unused=True) if value.requires_grad else (None, None)
+        g_t, g_y = (torch.autograd.grad(value, (t_leaf, y_leaf), allow_unused=True) if value.requires_grad
+                    else (None, None))
     slope = (g_y * f_e).sum() if g_y is not None else torch.zeros((), dtype=layout.dtype, device=layout.device)
     if g_t is not None:
         slope = slope + g_t

@@ -98,7 +98,8 @@ def end_state(graph: StepGraph) -> torch.Tensor:
 
 
 def attach_end_slope(problem: Problem, graph: StepGraph, t1: torch.Tensor) -> None:
-    """Set ``graph.end_slope = f(tau_{n+1}, y_{n+1})`` with its graph (call with autograd on, under the solve's autocast).
+    """Set ``graph.end_slope = f(tau_{n+1}, y_{n+1})`` with its graph (call with autograd on, under the solve's
+    autocast).
 
     ``t1`` is the step's end node (0-dim, grid dtype); the graph's traced ``t1`` is used instead when it has one.
     """

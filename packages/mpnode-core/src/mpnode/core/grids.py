@@ -24,8 +24,10 @@ class GridRule(abc.ABC):
     """A fixed grid built from the output times before the solve."""
 
     @abc.abstractmethod
-    def build(self, func: Callable, y0: Any, t: torch.Tensor, t_host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(grid, grid_host)``: the grid (1-D, ``t``'s dtype and device, differentiable in ``t``) and its host copy."""
+    def build(self, func: Callable, y0: Any, t: torch.Tensor,
+              t_host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(grid, grid_host)``: the grid (1-D, ``t``'s dtype and device, differentiable in ``t``) and its host
+        copy."""
 
 
 class OutputTimesGrid(GridRule):
@@ -74,8 +76,10 @@ class StepSizeGrid(GridRule):
         available = available_memory_bytes(t.device)
         if steps <= self.MAX_STEPS and (available is None or grid_bytes <= available):
             return
-        limit = (f"more than the {self.MAX_STEPS:,} steps a grid may have" if available is None or steps > self.MAX_STEPS
-                 else f"but only {_gib(available)} is available on {t.device}")
+        if available is None or steps > self.MAX_STEPS:
+            limit = f"more than the {self.MAX_STEPS:,} steps a grid may have"
+        else:
+            limit = f"but only {_gib(available)} is available on {t.device}"
         raise ValueError(
             f"options['step_size'] = {self.step_size:g} over |t[-1] - t[0]| = {span:g} makes {steps:,} steps: the grid "
             f"alone needs {_gib(grid_bytes)} ({grid_bytes:,} bytes) and training keeps one checkpoint per step "
@@ -84,7 +88,8 @@ class StepSizeGrid(GridRule):
 
 
 class ConstructedGrid(GridRule):
-    """A user grid ``grid_constructor(func, y0, t)``: 1-D, ``t``'s dtype/device, from ``t[0]`` to ``t[-1]``, monotone."""
+    """A user grid ``grid_constructor(func, y0, t)``: 1-D, ``t``'s dtype/device, from ``t[0]`` to ``t[-1]``,
+    monotone."""
 
     def __init__(self, grid_constructor: Callable) -> None:
         if not callable(grid_constructor):

@@ -1,4 +1,5 @@
-"""The forward marches: the loops that walk a solve's steps, every step taken by [`take_step`][mpnode.core.step.take_step].
+"""The forward marches: the loops that walk a solve's steps, every step taken by
+[`take_step`][mpnode.core.step.take_step].
 
 * [`FixedGridMarch`][mpnode.core.march.FixedGridMarch]: steps on a grid built before the solve (a
   [`GridRule`][mpnode.core.grids.GridRule]);
@@ -85,7 +86,8 @@ class FixedGridMarch(March):
         if not isinstance(self.rule, StepSizeGrid):
             raise ValueError(
                 "odeint: with event_fn, fixed-grid methods need options['step_size'] (the grid cannot be built before "
-                "the event time is known, as in torchdiffeq); pass step_size, or use an adaptive method such as 'dopri5'"
+                "the event time is known, as in torchdiffeq); pass step_size, or use an "
+                "adaptive method such as 'dopri5'"
             )
         return FixedStepsUntilEvent(self, self.rule.step_size, max_steps)
 
@@ -153,8 +155,8 @@ class FixedStepsUntilEvent(March):
             n = len(steps)
             if n == self.max_steps:
                 raise RuntimeError(
-                    f"odeint: no event within {self.max_steps} steps of size {self.step_size:g} from t = {nodes[0]:.6g}; "
-                    "use a larger step_size, or check that event_fn changes sign along the solution"
+                    f"odeint: no event within {self.max_steps} steps of size {self.step_size:g} from t = "
+                    f"{nodes[0]:.6g}; use a larger step_size, or check that event_fn changes sign along the solution"
                 )
             pair = torch.tensor([nodes[-1], nodes[-1] + direction * self.step_size], dtype=t.dtype)
             t0, t1 = pair.tolist()
@@ -169,7 +171,8 @@ class FixedStepsUntilEvent(March):
             y = step.y1
         grid = torch.tensor(nodes, dtype=t.dtype, device=t.device)
         modes = [FirstStageMode.evaluated(rule.first)] * len(steps)
-        return _stack(rows), Trajectory(nodes, steps, grid, [rule], modes, placement, output_times=event.output_times(t))
+        trajectory = Trajectory(nodes, steps, grid, [rule], modes, placement, output_times=event.output_times(t))
+        return _stack(rows), trajectory
 
     def _step(self, problem: Problem, recorder: Recorder, n: int, y: torch.Tensor, h: float, pair: torch.Tensor,
               rule: StagePerturbation) -> Step:
@@ -205,7 +208,8 @@ class AdaptiveMarch(March):
     def __init__(self, tableau: ButcherTableau, tolerance: Tolerance, options: AdaptiveOptions) -> None:
         if tableau.b_err is None or tableau.dense is None:
             raise ValueError(
-                f"method {tableau.name!r} has no embedded error estimate and dense output, so it cannot choose its steps; "
+                f"method {tableau.name!r} has no embedded error estimate and dense output, so it "
+                "cannot choose its steps; "
                 "pass options={'step_size': ...} for a fixed grid or use an adaptive method such as 'dopri5'"
             )
         self.tableau = tableau
@@ -260,9 +264,10 @@ class AdaptiveMarch(March):
         dtype = self.field_dtype
         warnings.warn(
             f"odeint: some adaptive steps had an error estimate above rtol/atol but within the rounding noise of the "
-            f"vector field's {dtype} evaluations, so they were accepted (SolverStats.noise_accepted_steps counts them): "
-            f"there the solution is as accurate as {dtype} allows, not as rtol/atol ask. For tighter results evaluate "
-            "the field in float32 (outside torch.autocast); loosening rtol/atol to what it resolves silences this.",
+            f"vector field's {dtype} evaluations, so they were accepted (SolverStats.noise_accepted_steps counts "
+            f"them): there the solution is as accurate as {dtype} allows, not as rtol/atol ask. For tighter results "
+            "evaluate the field in float32 (outside torch.autocast); loosening rtol/atol to what "
+            "it resolves silences this.",
             MixedPrecisionToleranceWarning,
             stacklevel=stacklevel + 1,
         )
@@ -284,14 +289,14 @@ class AdaptiveMarch(March):
     def rejection_error(self, problem: Problem, t0: float, h: float, ratio: float) -> Exception:
         if ratio == math.inf:
             return FloatingPointError(
-                f"odeint: the solution became inf/NaN near t = {t0:.6g} and smaller steps did not help; check the vector "
-                "field for blow-up (under float16 autocast it may overflow: try bfloat16)"
+                f"odeint: the solution became inf/NaN near t = {t0:.6g} and smaller steps did not help; check the "
+                f"vector field for blow-up (under float16 autocast it may overflow: try bfloat16)"
             )
         dtype = self.field_dtype or problem.policy.state_dtype  # what the field ran in
         return RuntimeError(
-            f"odeint: {self.options.max_rejections} consecutive steps were rejected at t = {t0:.6g} (last h = {abs(h):.3g}, "
-            f"error ratio {ratio:.3g}); the tolerances cannot be met in {dtype} here: loosen rtol/atol, set "
-            "options['min_step'], or use a fixed grid"
+            f"odeint: {self.options.max_rejections} consecutive steps were rejected at t = {t0:.6g} (last h = "
+            f"{abs(h):.3g}, error ratio {ratio:.3g}); the tolerances cannot be met in {dtype} here: loosen rtol/atol, "
+            f"set options['min_step'], or use a fixed grid"
         )
 
 

@@ -166,7 +166,8 @@ def _inputs(func: Callable, y0: State, t: torch.Tensor, t_host: torch.Tensor, ma
                        constants=constants, modules=reachable_modules(func))
 
 
-def _strategy(adjoint: AdjointStrategy | None, scaler: AdjointScaling | bool | None, checkpoint_dtype) -> AdjointStrategy:
+def _strategy(adjoint: AdjointStrategy | None, scaler: AdjointScaling | bool | None,
+              checkpoint_dtype: Any) -> AdjointStrategy:
     if adjoint is None:
         return RecomputeAdjoint(checkpoint_dtype=checkpoint_dtype, scaling=scaler)
     if not isinstance(adjoint, AdjointStrategy):
@@ -174,6 +175,7 @@ def _strategy(adjoint: AdjointStrategy | None, scaler: AdjointScaling | bool | N
     if scaler is not None or checkpoint_dtype is not None:
         raise ValueError(
             "scaler= and options['checkpoint_dtype'] are shorthands for the default adjoint strategy; with adjoint= "
-            f"pass them to the strategy instead, e.g. RecomputeAdjoint(checkpoint_dtype=..., scaling=...) (got {adjoint!r})"
+            "pass them to the strategy instead, e.g. RecomputeAdjoint(checkpoint_dtype=..., "
+            f"scaling=...) (got {adjoint!r})"
         )
     return adjoint

@@ -210,7 +210,8 @@ def _controller(opts: Mapping[str, Any]) -> StepSizeController:
             f"options['controller'] must be a mpnode.core.StepSizeController such as PIController(), got {controller!r}"
         )
     if factors:
-        raise ValueError(f"options {sorted(factors)} configure the default controller; pass them to {controller!r} instead")
+        raise ValueError(f"options {sorted(factors)} configure the default controller; pass them "
+                         f"to {controller!r} instead")
     return controller
 
 

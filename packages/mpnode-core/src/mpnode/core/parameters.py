@@ -92,7 +92,8 @@ def reachable_modules(func: Callable) -> list[torch.nn.Module]:
     return list(found.values())
 
 
-def reachable_grad_tensors(func: Callable, exclude: Sequence[torch.Tensor] = (), limit: int = 10_000) -> list[torch.Tensor]:
+def reachable_grad_tensors(func: Callable, exclude: Sequence[torch.Tensor] = (),
+                           limit: int = 10_000) -> list[torch.Tensor]:
     """Grad-requiring tensors ``func`` may read, found without running it, minus ``exclude``.
 
     Looked for (a wider net than :func:`reachable_modules`, since it only decides

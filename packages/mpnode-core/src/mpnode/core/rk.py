@@ -69,7 +69,8 @@ def stage_time_table(
     dtype: torch.dtype,
     perturbation: StagePerturbation | Sequence[StagePerturbation] = StagePerturbation(),
 ) -> list[tuple[torch.Tensor, ...]]:
-    """Stage times ``tau_n + c_i h_n`` of every step of ``grid`` in ``dtype``: one tuple of ``s`` 0-dim tensors per step.
+    """Stage times ``tau_n + c_i h_n`` of every step of ``grid`` in ``dtype``: one tuple of ``s`` 0-dim tensors per
+    step.
 
     Computed in ``grid``'s dtype, then cast (``c_i = 1`` uses ``tau_{n+1}``
     itself), then perturbed; ``perturbation`` is one rule for all steps or one per
@@ -159,7 +160,8 @@ def _stage_input(y: torch.Tensor, terms: list[tuple[float, torch.Tensor]], h: fl
 
 
 def with_traced_step(value: torch.Tensor, h_traced: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``value + (h_traced - h_traced.detach()) * direction``: ``value`` exactly, with gradient ``direction`` w.r.t. ``h_traced``.
+    """``value + (h_traced - h_traced.detach()) * direction``: ``value`` exactly, with gradient ``direction``
+    w.r.t. ``h_traced``.
 
     ``value`` was computed with the host float of ``h_traced`` (one arithmetic path
     for every strategy); this attaches the dependence on the traced step.

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 
 from .precision import LOW_PRECISION_Y0_DTYPES
 
-State = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+State = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 class FlatState:
@@ -121,7 +120,8 @@ class FlatVectorField:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{where} must be a tensor, got {type(p).__name__}")
             if p.shape != shape:
-                raise ValueError(f"{where} has shape {tuple(p.shape)} but the state has shape {tuple(shape)}; dy/dt must match y")
+                raise ValueError(f"{where} has shape {tuple(p.shape)} but the state has shape "
+                                 f"{tuple(shape)}; dy/dt must match y")
             if not p.dtype.is_floating_point:
                 raise TypeError(f"{where} has dtype {p.dtype}; the vector field must return a real floating tensor")
         return parts

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-COUNTERS = ("steps", "rejected_steps", "noise_accepted_steps", "nfe_forward", "nfe_backward", "backward_steps", "retries", "host_syncs")
+COUNTERS = (
+    "steps", "rejected_steps", "noise_accepted_steps", "nfe_forward", "nfe_backward", "backward_steps", "retries",
+    "host_syncs",
+)
 
 
 @dataclass

@@ -22,6 +22,7 @@ See ``docs/tests.md`` for how the test suite uses them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -226,7 +227,7 @@ class MLPField(torch.nn.Module):
         if hidden_layers < 1:
             raise ValueError(f"MLPField needs hidden_layers >= 1, got {hidden_layers}")
         sizes = [dim + 1] + [width] * hidden_layers
-        hidden = [torch.nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:])]
+        hidden = [torch.nn.Linear(i, o) for i, o in itertools.pairwise(sizes)]
         self.hidden = torch.nn.ModuleList(hidden)
         self.out = torch.nn.Linear(width, dim)
         if gain != 1.0:  # larger weights: a more nonlinear field that needs more (adaptive) steps

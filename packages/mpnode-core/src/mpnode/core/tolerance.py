@@ -6,7 +6,8 @@
   rejecting steps;
 * [`initial_step`][mpnode.core.tolerance.initial_step] is Hairer's starting-step rule.
 
-The step-size controllers that turn the ratio into the next step live in [`mpnode.core.controllers`][mpnode.core.controllers].
+The step-size controllers that turn the ratio into the next step live in
+[`mpnode.core.controllers`][mpnode.core.controllers].
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class Tolerance:
                     raise TypeError(f"options['norm'] must return a number or a 0-dim tensor, got {out!r}") from None
             if out.numel() != 1:
                 raise TypeError(
-                    f"options['norm'] returned a tensor of shape {tuple(out.shape)}; it must reduce the scaled error to "
-                    "one number (a 0-dim tensor), e.g. lambda e: e.abs().max()"
+                    f"options['norm'] returned a tensor of shape {tuple(out.shape)}; it must reduce the scaled error "
+                    f"to one number (a 0-dim tensor), e.g. lambda e: e.abs().max()"
                 )
             return out.reshape(())
         if not self.layout.is_tuple:
@@ -181,7 +182,8 @@ def _flat_tolerance(name: str, value: Any, layout: FlatState) -> float | torch.T
     """A tolerance as a float, or as a ``(D,)`` tensor in the state's dtype for per-element values."""
     if layout.is_tuple and isinstance(value, (tuple, list)):
         if len(value) != len(layout.shapes):
-            raise ValueError(f"{name} is a tuple of {len(value)} but y0 has {len(layout.shapes)} parts; give one tolerance per part")
+            raise ValueError(f"{name} is a tuple of {len(value)} but y0 has {len(layout.shapes)} parts; "
+                             "give one tolerance per part")
         parts = [_part_tolerance(name, v, shape) for v, shape in zip(value, layout.shapes)]
         return torch.cat(parts)
     if isinstance(value, torch.Tensor) and value.numel() > 1:
@@ -203,7 +205,8 @@ def _part_tolerance(name: str, value: Any, shape: torch.Size) -> torch.Tensor:
     try:
         return tensor.expand(shape).reshape(-1)
     except RuntimeError:
-        raise ValueError(f"{name} of shape {tuple(tensor.shape)} does not broadcast to the state's shape {tuple(shape)}") from None
+        raise ValueError(f"{name} of shape {tuple(tensor.shape)} does not broadcast to the state's shape "
+                         f"{tuple(shape)}") from None
 
 
 def _refuse_grad(name: str, value: Any) -> None:

@@ -1,5 +1,6 @@
 """Checks of user input, each raising an error that names the fix: the solve's arguments, and the one number
-checker every option, controller and strategy setting goes through ([`check_number`][mpnode.core.validation.check_number]).
+checker every option, controller and strategy setting goes through
+([`check_number`][mpnode.core.validation.check_number]).
 
 ``odeint``'s options are parsed with these into validated objects in [`mpnode.core.options`][mpnode.core.options];
 a user tableau checks itself ([`ButcherTableau`][mpnode.core.tableau.ButcherTableau]).
@@ -37,7 +38,8 @@ def check_y0(y0: State) -> None:
                 + (" (split a complex state into its real and imaginary parts)" if p.dtype.is_complex else "")
             )
     if len(dtypes) > 1:
-        raise TypeError(f"all tensors of a tuple y0 must share one dtype, got {sorted(map(str, dtypes))}; cast them to one")
+        raise TypeError("all tensors of a tuple y0 must share one dtype, got "
+                        f"{sorted(map(str, dtypes))}; cast them to one")
     devices = {p.device for p in parts}
     if len(devices) > 1:
         raise ValueError(f"all tensors of a tuple y0 must be on one device, got {sorted(map(str, devices))}")
@@ -55,7 +57,8 @@ def check_t(t: Any, device: torch.device) -> torch.Tensor:
         raise TypeError(f"t must be a floating tensor, got {t.dtype}; use t.float()")
     if t.dtype not in STATE_DTYPES:
         raise TypeError(
-            f"t has dtype {t.dtype}; times must be float32 or float64 (low-precision time grids lose the step sizes): use t.float()"
+            f"t has dtype {t.dtype}; times must be float32 or float64 (low-precision time grids lose the "
+            "step sizes): use t.float()"
         )
     if t.device != device:
         raise ValueError(f"t is on {t.device} but y0 is on {device}; move it with t.to(y0.device)")
@@ -71,12 +74,14 @@ def check_t(t: Any, device: torch.device) -> torch.Tensor:
 def check_strictly_monotone(name: str, t: torch.Tensor) -> None:
     d = t[1:] - t[:-1]
     if not (bool((d > 0).all()) or bool((d < 0).all())):
-        raise ValueError(f"{name} must be strictly increasing or strictly decreasing (no repeats); sort it and drop duplicates")
+        raise ValueError(f"{name} must be strictly increasing or strictly decreasing (no repeats); "
+                         "sort it and drop duplicates")
 
 
 def check_func(func: Any) -> None:
     if not callable(func):
-        raise TypeError(f"func must be callable as func(t, y) -> dy/dt (a function or an nn.Module), got {type(func).__name__}")
+        raise TypeError(f"func must be callable as func(t, y) -> dy/dt (a function or an nn.Module), got "
+                        f"{type(func).__name__}")
 
 
 def check_grid(grid: Any, t: torch.Tensor, t_host: torch.Tensor) -> torch.Tensor:
@@ -84,7 +89,8 @@ def check_grid(grid: Any, t: torch.Tensor, t_host: torch.Tensor) -> torch.Tensor
     if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() < 2:
         raise ValueError("grid_constructor must return a 1-D tensor of at least two times")
     if grid.dtype != t.dtype or grid.device != t.device:
-        raise ValueError(f"grid_constructor returned {grid.dtype} on {grid.device}; it must match t ({t.dtype} on {t.device})")
+        raise ValueError(f"grid_constructor returned {grid.dtype} on {grid.device}; it must match t "
+                         f"({t.dtype} on {t.device})")
     host = grid.detach().cpu()
     if not (bool(host[0] == t_host[0]) and bool(host[-1] == t_host[-1])):
         raise ValueError("the grid must start at t[0] and end at t[-1] exactly")

@@ -103,8 +103,8 @@ class CNF(nn.Module):
         if self.divergence == "hutchinson":
             self.resample_noise(x)
         l0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        z, l = odeint(self, (x, l0), t, **kwargs)
-        return standard_normal_log_prob(z[-1]) - l[-1]
+        z, log_det = odeint(self, (x, l0), t, **kwargs)
+        return standard_normal_log_prob(z[-1]) - log_det[-1]
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:

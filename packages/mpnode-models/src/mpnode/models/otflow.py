@@ -72,7 +72,8 @@ class OTPotential(nn.Module):
         assert isinstance(layer, nn.Linear)
         return layer.weight
 
-    def grad_and_trace(self, s: torch.Tensor, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def grad_and_trace(self, s: torch.Tensor,
+                       out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``grad_s Phi`` (``(B, d+1)``) and ``tr(Hess_x Phi)`` (``(B,)``), in ``out_dtype`` (default ``s``'s)."""
         out_dtype = out_dtype or s.dtype
         d, h = self.dim, self.h
@@ -152,8 +153,10 @@ def otflow_loss(
     """
     zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     t = torch.linspace(0.0, T, n_steps + 1, device=x.device, dtype=x.dtype)
-    z, l, L, R = (v[-1] for v in odeint(OTFlowDynamics(potential), (x, zeros, zeros, zeros), t, method=method, **kwargs))
-    C = -(standard_normal_log_prob(z) + l)
+    z, log_det, L, R = (
+        v[-1] for v in odeint(OTFlowDynamics(potential), (x, zeros, zeros, zeros), t, method=method, **kwargs)
+    )
+    C = -(standard_normal_log_prob(z) + log_det)
     a0, a1, a2 = alphas
     loss = a0 * L.mean() + a1 * C.mean() + a2 * R.mean()
     return loss, {"L": float(L.mean().detach()), "C": float(C.mean().detach()), "R": float(R.mean().detach()),
@@ -162,7 +165,8 @@ def otflow_loss(
 
 def generate(potential: OTPotential, z: torch.Tensor, odeint: Callable, n_steps: int = 8, T: float = 1.0,
              method: str = "rk4", **kwargs):
-    """Samples: integrate ``z ~ N(0, I)`` (``(B, d)``) from ``T`` back to 0 (as in :func:`otflow_loss`); returns ``(B, d)``."""
+    """Samples: integrate ``z ~ N(0, I)`` (``(B, d)``) from ``T`` back to 0 (as in :func:`otflow_loss`); returns
+    ``(B, d)``."""
     t = torch.linspace(T, 0.0, n_steps + 1, device=z.device, dtype=z.dtype)
     return odeint(OTFlowVelocity(potential), z, t, method=method, **kwargs)[-1]
 

@@ -460,7 +460,8 @@ def _parse_state(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
            "history_dropped", "last_scale")
     _check_keys(where + "state", state, top)
     if _require_int("version", state["version"], 1, where + "state: ") != STATE_VERSION:
-        raise ValueError(f"{where}state['version'] is {state['version']}; this mpnode-scaler reads version {STATE_VERSION}")
+        raise ValueError(f"{where}state['version'] is {state['version']}; this mpnode-scaler "
+                         f"reads version {STATE_VERSION}")
     _check_keys(where + "state['settings']", state["settings"], tuple(SETTING_DEFAULTS))
     settings = _validated_settings(state["settings"], where + "state['settings']: ")
     _check_keys(where + "state['counters']", state["counters"], COUNTER_NAMES)
@@ -509,6 +510,8 @@ def _parse_last_scale(value: Any, where: str) -> float | None:
     """``state['last_scale']``: ``None`` or a positive finite float."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and float(value) > 0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+        math.isfinite(value) and float(value) > 0
+    ):
         raise ValueError(f"{where}state['last_scale'] must be None or a positive finite float, got {value!r}")
     return float(value)
