@@ -5,6 +5,7 @@
     nox -s bench             # the quick benchmark suite
     nox -s docs              # build the documentation (mkdocs --strict: broken links fail)
     nox -s gpu               # CUDA tests of every package + the GPU suite
+    nox -s matrix            # the full product of the differential test matrix (tests/core/test_matrix.py)
 
 Environments (under ``.nox/``, rebuilt only when what they were built from changes):
 
@@ -217,6 +218,13 @@ def _check_readme_links(session: nox.Session) -> None:
     if broken:
         session.error(f"README.md links to missing files: {', '.join(broken)}")
     session.log(f"README.md: {len(targets)} links, all relative ones resolve")
+
+
+@nox.session
+def matrix(session: nox.Session) -> None:
+    """The differential test matrix's full product, every precision column (the CI sessions run its covering slice)."""
+    python = suite_python(session, "core")
+    session.run(python, "-m", "pytest", "tests/core/test_matrix.py", "--matrix=full", *session.posargs, external=True)
 
 
 @nox.session
