@@ -79,11 +79,13 @@ class Method:
         min_rtol: adaptive methods: the least rtol used (low orders would take a hundred
             steps at float64's tolerance; with it every method takes about 4-30 steps).
         in_torchdiffeq: torchdiffeq has the same method under the same name (module-state peer).
+        tol_factor: the method amplifies roundoff: every tolerance of :data:`TOLERANCES` times this.
     """
 
     name: str
     min_rtol: float = 0.0
     in_torchdiffeq: bool = True
+    tol_factor: float = 1.0
 
     @property
     def adaptive(self) -> bool:
@@ -94,7 +96,10 @@ METHODS = [
     Method("euler"), Method("midpoint"), Method("heun2"), Method("ralston", in_torchdiffeq=False),
     Method("heun3"), Method("ssprk3", in_torchdiffeq=False), Method("rk4"), Method("rk4_classic", in_torchdiffeq=False),
     Method("dopri5"), Method("bosh3", min_rtol=1e-4), Method("fehlberg2", min_rtol=3e-5),
-    Method("adaptive_heun", min_rtol=3e-3), Method("dopri8"), Method("tsit5", in_torchdiffeq=False),
+    Method("adaptive_heun", min_rtol=3e-3), Method("dopri8"),
+    # weights b up to 3.3 and dense-output polynomials with coefficients up to 47 (dopri5: 0.65 and 12): roundoff is
+    # amplified 2-10x more than by the other methods (measured in every precision, float64 included)
+    Method("tsit5", in_torchdiffeq=False, tol_factor=3.0),
 ]
 
 
@@ -174,19 +179,20 @@ class Tolerance:
     state: float
 
 
-#: One table; set at 2-5x the largest error measured over the full product (docs/tests.md), for these reasons:
+#: One table; set at 3-10x the largest error measured over the full product (docs/tests.md), for these reasons:
 #: float64: the same operations in another order: roundoff (1.1e-16 per operation) over about 1e3 operations
-#:   (measured 2e-14 against the reference, 6e-15 between strategies); float buffers are compared with a looser
-#:   bound because an adaptive step size depends on the error estimate, a difference of nearly equal sums
+#:   (measured 5.8e-15 against the reference, 1.5e-15 between strategies); float buffers are compared with a
+#:   looser bound because an adaptive step size depends on the error estimate, a difference of nearly equal sums
 #:   whose roundoff moves the next step by about 1e-8 relative (measured 8e-8 for dopri8 against torchdiffeq).
-#: float32: unit roundoff 6e-8 amplified by the steps and the problem's condition (measured 4e-6 / 3e-6).
+#: float32: unit roundoff 6e-8 amplified by the steps and the problem's condition (measured 1.7e-6 / 2.5e-7).
 #: bfloat16 / float16: every field evaluation rounds to 2^-8 / 2^-11 (unit roundoff 3.9e-3 / 4.9e-4); a
 #:   gradient sums a few dozen such evaluations, and the recompute strategy linearises each step at a checkpoint
-#:   rounded to the autocast dtype, so strategies differ at that level too (measured 0.027 / 0.0053).
-#: A feature's ``tol_factor`` widens a row for an ill-conditioned field (BatchNorm, see FEATURES).
+#:   rounded to the autocast dtype, so strategies differ at that level too (measured 0.030 / 0.0032 against the reference, 0.026 / 0.0032 between strategies).
+#: A method's or a feature's ``tol_factor`` widens a row for an ill-conditioned combination (tsit5, BatchNorm,
+#: the event solve's t[0] gradient; see METHODS and FEATURES); the measured values above are divided by it.
 TOLERANCES = {
-    "float64": Tolerance(reference=1e-12, strategies=1e-13, state=1e-6),
-    "float32": Tolerance(reference=2e-5, strategies=1e-5, state=1e-5),
+    "float64": Tolerance(reference=3e-14, strategies=5e-15, state=1e-6),
+    "float32": Tolerance(reference=5e-6, strategies=2e-6, state=1e-5),
     "bfloat16": Tolerance(reference=8e-2, strategies=8e-2, state=5e-2),
     "float16": Tolerance(reference=1.5e-2, strategies=1.5e-2, state=1e-2),
 }
@@ -1012,7 +1018,7 @@ def _compare(what: str, got: Sequence[torch.Tensor], want: Sequence[torch.Tensor
 
 
 def tolerance(cell: Cell) -> Tolerance:
-    row, factor = TOLERANCES[cell.precision.name], cell.feature.tol_factor
+    row, factor = TOLERANCES[cell.precision.name], cell.feature.tol_factor * cell.method.tol_factor
     return Tolerance(row.reference * factor, row.strategies * factor, row.state * factor)
 
 
