@@ -1095,7 +1095,10 @@ def check_loss_scale(cell: Cell, run: Run, device: torch.device) -> list[str]:
     return _compare("gradients / loss scale 2^-20", [g / scale for g in scaled.grads], run.grads, LOSS_SCALE_TOL)
 
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+except OSError:  # no C library by that name (Windows): the CPU meter is unavailable
+    _LIBC = None
 
 
 class _MallInfo2(ctypes.Structure):
