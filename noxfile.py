@@ -5,6 +5,7 @@
     nox -s bench             # the quick benchmark suite
     nox -s docs              # build the documentation (mkdocs --strict: broken links fail)
     nox -s gpu               # CUDA tests of every package + the GPU suite
+    nox -s matrix            # the full product of the differential test matrix (tests/core/test_matrix.py)
 
 Environments (under ``.nox/``, rebuilt only when what they were built from changes):
 
@@ -210,6 +211,13 @@ def docs(session: nox.Session) -> None:
     session.run(python, "-m", "mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *session.posargs,
                 external=True)
     session.run(python, str(ROOT / "tools" / "check_docs.py"), external=True)
+
+
+@nox.session
+def matrix(session: nox.Session) -> None:
+    """The differential test matrix's full product, every precision column (the CI sessions run its covering slice)."""
+    python = suite_python(session, "core")
+    session.run(python, "-m", "pytest", "tests/core/test_matrix.py", "--matrix=full", *session.posargs, external=True)
 
 
 @nox.session
