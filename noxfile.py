@@ -8,6 +8,7 @@
     nox -s bench             # the quick benchmark suite
     nox -s docs              # build the documentation (mkdocs --strict: broken links fail)
     nox -s gpu               # CUDA tests of every package + the GPU suite
+    nox -s matrix            # the full product of the differential test matrix (tests/core/test_matrix.py)
 
 Environments (under ``.nox/``, rebuilt only when what they were built from changes):
 
@@ -252,6 +253,13 @@ def typecheck(session: nox.Session) -> None:
     target = suite_python(session, "examples")
     session.run(python, "-m", "pyright", "--pythonpath", target, "--project", str(ROOT / "pyrightconfig.json"),
                 *session.posargs, external=True)
+
+
+@nox.session
+def matrix(session: nox.Session) -> None:
+    """The differential test matrix's full product, every precision column (the CI sessions run its covering slice)."""
+    python = suite_python(session, "core")
+    session.run(python, "-m", "pytest", "tests/core/test_matrix.py", "--matrix=full", *session.posargs, external=True)
 
 
 @nox.session

@@ -2,7 +2,9 @@
 
 ``--precision`` selects one column of the matrix: tests parametrised over
 ``precision`` keep only that value, precision-independent tests run in the
-``float32`` column.  ``--device`` is ``cpu`` or ``cuda``.
+``float32`` column (and so do tests parametrised with ``precision="float64"``).
+``--device`` is ``cpu`` or ``cuda``.  ``--matrix=full`` runs the full product of
+the differential test matrix instead of its covering slice.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import pytest
 import torch
 
 PRECISIONS = ("float32", "bfloat16", "float16")
+#: precisions that are not a column of their own run in this column (float64: no autocast, like float32)
+COLUMN_OF = {"float64": "float32"}
 LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -25,6 +29,9 @@ def pytest_configure(config):
 def pytest_addoption(parser):
     parser.addoption("--precision", choices=(*PRECISIONS, "all"), default="all", help="precision column to run")
     parser.addoption("--device", default="cpu", help="torch device type for the tests (cpu or cuda)")
+    parser.addoption("--matrix", choices=("fast", "full"), default="fast",
+                     help="differential test matrix (tests/core/test_matrix.py): its covering slice or the full "
+                          "product")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         params = getattr(item, "callspec", None)
         precision = params.params.get("precision", "float32") if params else "float32"
-        (keep if precision == selected else drop).append(item)
+        (keep if COLUMN_OF.get(precision, precision) == selected else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
     items[:] = keep
