@@ -9,7 +9,7 @@ import torch
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
-from mpnode.core import TABLEAUX, PIController, SolverStats, odeint  # noqa: E402
+from mpnode.core import PIController, SolverStats, TABLEAUX, odeint  # noqa: E402
 
 TORCHDIFFEQ_ADAPTIVE = ["dopri5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8"]
 F64 = torch.float64
@@ -133,8 +133,7 @@ OPTION_CASES = {
     "norm": dict(options={"norm": lambda x: x.abs().max()}),
     "step_t": dict(options={"step_t": torch.tensor([0.25, 0.7], dtype=F64)}),
     "jump_t": dict(options={"jump_t": torch.tensor([0.4, 1.1], dtype=F64)}),
-    "step_t and jump_t": dict(options={"step_t": torch.tensor([0.3], dtype=F64),
-                                       "jump_t": torch.tensor([0.9], dtype=F64)}),
+    "step_t and jump_t": dict(options={"step_t": torch.tensor([0.3], dtype=F64), "jump_t": torch.tensor([0.9], dtype=F64)}),
 }
 
 
@@ -155,8 +154,7 @@ def test_jump_t_handles_a_discontinuous_field_like_torchdiffeq():
     y0 = torch.tensor([1.0, -0.5], dtype=F64)
     with torch.no_grad():
         ours = odeint(jumping, y0, T_OUT, method="dopri5", options={"jump_t": torch.tensor([0.6], dtype=F64)})
-        theirs = torchdiffeq.odeint(jumping, y0, T_OUT, method="dopri5",
-                                    options={"jump_t": torch.tensor([0.6], dtype=F64)})
+        theirs = torchdiffeq.odeint(jumping, y0, T_OUT, method="dopri5", options={"jump_t": torch.tensor([0.6], dtype=F64)})
     assert _rel(ours, theirs) <= 1e-10
 
 
@@ -175,10 +173,8 @@ def test_tsit5_converges_at_order_five_to_a_float64_reference():
     field, y0 = TimeMLP(), PROBLEMS["mlp"][1]()
     t = torch.tensor([0.0, 1.5], dtype=F64)
     with torch.no_grad():
-        ref = odeint(field, y0, t, method=TABLEAUX["dopri8"].fixed_grid(),
-                     options={"step_size": 1.5 / 256})[-1]  # ends on a node
-        tsit5 = TABLEAUX["tsit5"].fixed_grid()
-        errors = [float((odeint(field, y0, t, method=tsit5, options={"step_size": 1.5 / n})[-1] - ref).norm())
+        ref = odeint(field, y0, t, method=TABLEAUX["dopri8"].fixed_grid(), options={"step_size": 1.5 / 256})[-1]  # ends on a node
+        errors = [float((odeint(field, y0, t, method=TABLEAUX["tsit5"].fixed_grid(), options={"step_size": 1.5 / n})[-1] - ref).norm())
                   for n in (16, 32)]
         adaptive = odeint(field, y0, t, method="tsit5", rtol=1e-9, atol=1e-11)[-1]
     assert abs(math.log2(errors[0] / errors[1]) - 5) <= 0.3
