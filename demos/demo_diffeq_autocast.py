@@ -32,15 +32,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpnode.bench.experiment import (
-    label_steps,
-    print_table,
-    progress,
-    pyplot,
-    save_figure,
-    script_parser,
-    setup,
-    solver,
-    write_csv,
+    label_steps, print_table, progress, pyplot, save_figure, script_parser, setup, solver, write_csv,
 )
 from mpnode.core.testing import LinearField, LinearODE
 

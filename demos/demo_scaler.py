@@ -31,14 +31,7 @@ from pathlib import Path
 import torch
 
 from mpnode.bench.experiment import (
-    add_device_flag,
-    add_number_flags,
-    print_table,
-    pyplot,
-    save_figure,
-    script_parser,
-    setup,
-    write_csv,
+    add_device_flag, add_number_flags, print_table, pyplot, save_figure, script_parser, setup, write_csv,
 )
 from mpnode.core import NonFiniteGradientError, odeint
 from mpnode.core.testing import DynamicRangeODE

@@ -32,17 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mpnode.bench.experiment import (
-    CSVLog,
-    add_device_flag,
-    autocast,
-    print_table,
-    pyplot,
-    save_figure,
-    script_parser,
-    setup,
-    solver,
-)
+from mpnode.bench.experiment import CSVLog, add_device_flag, autocast, print_table, pyplot, save_figure, script_parser
+from mpnode.bench.experiment import setup, solver
 from mpnode.core import SolverStats, odeint
 from mpnode.core.testing import LinearField, LinearODE, MLPField
 from mpnode.models.cnf import CNF, HyperNetField, standard_normal_log_prob

@@ -18,18 +18,8 @@ import time
 from pathlib import Path
 
 from mpnode.bench.experiment import (
-    PRECISIONS,
-    CSVLog,
-    add_device_flag,
-    autocast,
-    label_steps,
-    print_table,
-    progress,
-    pyplot,
-    save_figure,
-    script_parser,
-    setup,
-    solver,
+    PRECISIONS, CSVLog, add_device_flag, autocast, label_steps, print_table, progress, pyplot, save_figure,
+    script_parser, setup, solver,
 )
 from mpnode.core.testing import LinearODE, held_memory
 
