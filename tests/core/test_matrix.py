@@ -191,13 +191,16 @@ class Tolerance:
 #: bfloat16 / float16: every field evaluation rounds to 2^-8 / 2^-11 (unit roundoff 3.9e-3 / 4.9e-4); a
 #:   gradient sums a few dozen such evaluations, and the recompute strategy linearises each step at a checkpoint
 #:   rounded to the autocast dtype, so strategies differ at that level too (measured 0.030 / 0.0032 against the
-#:   reference, 0.026 / 0.0032 between strategies).
+#:   reference, 0.026 / 0.0032 between strategies, under the tolerance floor the adaptive policy had then; with the
+#:   rounding-noise acceptance test a bfloat16 dopri5 solve of the (2, 2, 3) state takes 3 steps and its input
+#:   bias's gradient, a sum of terms of both signs, is off by 0.065-0.09 under every strategy, so the bfloat16
+#:   reference bound is 0.15).
 #: A method's or a feature's ``tol_factor`` widens a row for an ill-conditioned combination (tsit5, BatchNorm,
 #: the event solve's t[0] gradient; see METHODS and FEATURES); the measured values above are divided by it.
 TOLERANCES = {
     "float64": Tolerance(reference=3e-14, strategies=5e-15, state=1e-6),
     "float32": Tolerance(reference=5e-6, strategies=2e-6, state=1e-5),
-    "bfloat16": Tolerance(reference=8e-2, strategies=8e-2, state=5e-2),
+    "bfloat16": Tolerance(reference=1.5e-1, strategies=8e-2, state=5e-2),
     "float16": Tolerance(reference=1.5e-2, strategies=1.5e-2, state=1e-2),
 }
 
