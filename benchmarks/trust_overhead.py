@@ -42,9 +42,9 @@ import mpnode.core.forward as forward_module
 import mpnode.core.guards as guards_module
 import mpnode.core.parameters as parameters_module
 import mpnode.core.replay as replay_module
-from mpnode.core.testing import MLPField
 from mpnode.bench.profilers import time_fn
 from mpnode.core import RecomputeAdjoint, odeint
+from mpnode.core.testing import MLPField
 
 
 class _NoisyMLP(MLPField):
@@ -186,7 +186,8 @@ def _run_once(field, y0, t, kwargs, patches, timer_patches=()):
 
 def measure(batch: int, dim: int, width: int, steps: int, rounds: int) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
-    fields = {"mlp": MLPField(dim, width, hidden_layers=2), "noisy": _NoisyMLP(dim, width), "normed": _NormedMLP(dim, width)}
+    fields = {"mlp": MLPField(dim, width, hidden_layers=2), "noisy": _NoisyMLP(dim, width),
+              "normed": _NormedMLP(dim, width)}
     y0 = torch.randn(batch, dim)
     t = torch.tensor([0.0, 1.0])
     table = variants(fields)
@@ -247,8 +248,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     med = measure(args.batch, args.dim, args.width, args.steps, args.rounds)
-    print(f"# trust_overhead: batch {args.batch}, state {args.dim}, width {args.width}, {args.steps} rk4 steps, float32 "
-          f"CPU, {args.threads} thread(s), {args.rounds} interleaved rounds, medians; "
+    print(f"# trust_overhead: batch {args.batch}, state {args.dim}, width {args.width}, {args.steps} rk4 steps, "
+          f"float32 CPU, {args.threads} thread(s), {args.rounds} interleaved rounds, medians; "
           f"{datetime.date.today()} on {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}")
     print(f"{'guard':30s} {'fwd ms':>8s} {'own ms':>7s} {'share':>7s} {'on/off':>7s}   "
           f"{'bwd ms':>8s} {'own ms':>7s} {'share':>7s} {'on/off':>7s}")

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
-from mpnode.bench.experiment import add_device_flag, add_number_flags, print_table, pyplot, save_figure, script_parser, setup, write_csv
+from mpnode.bench.experiment import (
+    add_device_flag, add_number_flags, print_table, pyplot, save_figure, script_parser, setup, write_csv,
+)
 from mpnode.core import NonFiniteGradientError, odeint
 from mpnode.core.testing import DynamicRangeODE
 from mpnode.scaler import DynamicAdjointScaler
@@ -63,7 +65,8 @@ def run(args) -> tuple[list[dict], DynamicAdjointScaler]:
             with torch.no_grad():
                 layer.weight.copy_(A0)
             opt = torch.optim.Adam(layer.parameters(), lr=args.lr)
-            grad_scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16) if solver.startswith("torchdiffeq") else None
+            grad_scaler = (torch.amp.GradScaler(device.type, init_scale=2.0**16) if solver.startswith("torchdiffeq")
+                           else None)
             dyn = DynamicAdjointScaler() if solver == "mpnode dynamic" else None
             y0_dev, target_dev = y0.float().to(device), target.float().to(device)
             for it in range(args.iters):
@@ -75,9 +78,9 @@ def run(args) -> tuple[list[dict], DynamicAdjointScaler]:
                         if grad_scaler is not None:
                             import torchdiffeq
 
-                            out = torchdiffeq.odeint(lambda t, y: layer(y), y0_dev, t, method="rk4")
+                            out = torchdiffeq.odeint(lambda t, y, layer=layer: layer(y), y0_dev, t, method="rk4")
                         else:
-                            out = odeint(lambda t, y: layer(y), y0_dev, t, method="rk4",
+                            out = odeint(lambda t, y, layer=layer: layer(y), y0_dev, t, method="rk4",
                                          adjoint_params=(layer.weight,), scaler=dyn if dyn else False)
                         loss = scale * 0.5 * ((out[-1].float() - target_dev) ** 2).sum()
                     if grad_scaler is not None:

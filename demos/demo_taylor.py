@@ -149,8 +149,8 @@ def run(n_eps: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
         for precision in PRECISIONS:
             gv = float((prob.gradient(precision, kind) * v).sum())
             g64v = gv if precision == "float64" else g64v
-            rem = [abs(l - l0 - e * gv) for e, l in zip(eps, lk)]
-            first = [abs(l - l0) for l in lk]
+            rem = [abs(loss - l0 - e * gv) for e, loss in zip(eps, lk)]
+            first = [abs(loss - l0) for loss in lk]
             for e, r, z in zip(eps, rem, first):
                 points.append(dict(kind=kind, precision=precision, eps=e, remainder=r, first_difference=z))
             slope, decades = fit_second_order(eps, rem)

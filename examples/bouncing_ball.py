@@ -133,7 +133,8 @@ def event_solver_for(name: str):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bouncing_ball.py", description=__doc__.splitlines()[0])
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="autocast dtype of the drag network")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32",
+                   help="autocast dtype of the drag network")
     p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode",
                    help="whose odeint_event finds the bounces")
     p.add_argument("--method", choices=["dopri5", "rk4"], default="dopri5")

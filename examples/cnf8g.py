@@ -48,9 +48,11 @@ def get_odeint(name: str):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cnf8g.py", description=__doc__.splitlines()[0])
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="autocast dtype of the vector field")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32",
+                   help="autocast dtype of the vector field")
     p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
-    p.add_argument("--method", default="rk4", help="fixed-grid (rk4, euler, ...) with --steps, or adaptive (dopri5, ...)")
+    p.add_argument("--method", default="rk4", help="fixed-grid (rk4, euler, ...) with --steps, "
+                                                   "or adaptive (dopri5, ...)")
     p.add_argument("--steps", type=int, default=8, help="steps of a fixed-grid method on [0, 1]")
     p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of an adaptive method")
     p.add_argument("--atol", type=float, default=1e-7, help="absolute tolerance of an adaptive method")

@@ -93,7 +93,8 @@ def get_odeint(name: str):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ode_demo.py", description=__doc__.splitlines()[0])
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="autocast dtype of the vector field")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32",
+                   help="autocast dtype of the vector field")
     p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
     p.add_argument("--method", default="rk4",
                    help="fixed-grid (rk4, euler, ...: steps on the output times) or adaptive (dopri5, ...)")
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"iter {it:5d} | train loss {row['train_loss']:.4f} | test loss {row['test_loss']:.4f} | "
                   f"{row['time_s']:.1f} s", flush=True)
 
-    title = f"spiral, {args.odeint}, {args.precision}, {args.method} on {args.data_size} points, {args.niters} iterations"
+    title = (f"spiral, {args.odeint}, {args.precision}, {args.method} on {args.data_size} points, "
+             f"{args.niters} iterations")
     plot_solution(t, y_true, y_pred, func, title, args.out / "ode_demo.png")
     plot_losses(rows, title.split(",")[0], args.out / "loss.png")
     print(f"final test loss {rows[-1]['test_loss']:.4f} after {args.niters} iterations, {rows[-1]['time_s']:.1f} s")

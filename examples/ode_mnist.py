@@ -17,8 +17,8 @@ after the optimizer steps ``N - j * gap`` (``j = K-1 .. 0``, ``N`` the last step
 number.
 
 Needs torch, mpnode-core, mpnode-models with its ``mnist`` extra (torchvision:
-``pip install "./packages/mpnode-models[mnist]"``) and matplotlib (torchdiffeq for ``--odeint torchdiffeq``).  The data are read through
-torchvision from ``<data-root>/MNIST/raw``; nothing is downloaded.  ``--smoke`` writes
+``pip install "./packages/mpnode-models[mnist]"``) and matplotlib (torchdiffeq for ``--odeint torchdiffeq``).
+The data are read through torchvision from ``<data-root>/MNIST/raw``; nothing is downloaded.  ``--smoke`` writes
 a tiny synthetic set in that layout and trains on it (torchvision still reads it).
 
     python examples/ode_mnist.py --data-root ../shared/data --train-subset 6000 --epochs 2
@@ -31,8 +31,8 @@ import argparse
 import csv
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -255,7 +255,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("outputs/ode_mnist"), help="folder for the CSV files and the figure")
+    p.add_argument("--out", type=Path, default=Path("outputs/ode_mnist"),
+                   help="folder for the CSV files and the figure")
     p.add_argument("--smoke", "--quick", action="store_true",
                    help="tiny sizes and counts on a generated data set, for the tests (--quick is an alias)")
     args = p.parse_args(argv)
@@ -308,8 +309,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"epoch {epoch}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f} | "
               f"test acc {test_acc:.4f} | {train_s:.1f} s train, {test_s:.1f} s test | "
               f"NFE/batch fwd {stats['nfe_forward']:.0f} bwd {stats['nfe_backward']:.0f}", flush=True)
-    write_final(evaluate_snapshots(model, snapshots, test_loader, autocast, device)
-                + [dict(step=total_steps, lr=rows[-1]["lr"], test_acc=rows[-1]["test_acc"])], args.out / "final.csv")
+    last = dict(step=total_steps, lr=rows[-1]["lr"], test_acc=rows[-1]["test_acc"])
+    write_final([*evaluate_snapshots(model, snapshots, test_loader, autocast, device), last], args.out / "final.csv")
     plot(rows, args.out / "ode_mnist.png", title)
     print(f"wrote {args.out / 'log.csv'} and {args.out / 'ode_mnist.png'}")
     return rows

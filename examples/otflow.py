@@ -59,9 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="otflow.py", description=__doc__.splitlines()[0])
     p.add_argument("--data", choices=[*sorted(DATASETS), "gmm"], default="8gaussians")
     p.add_argument("--dim", type=int, default=8, help="dimension of the Gaussian mixture (--data gmm)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="autocast dtype of the vector field")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32",
+                   help="autocast dtype of the vector field")
     p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
-    p.add_argument("--method", default="rk4", help="fixed-grid (rk4, euler, ...) with --steps, or adaptive (dopri5, ...)")
+    p.add_argument("--method", default="rk4", help="fixed-grid (rk4, euler, ...) with --steps, "
+                                                   "or adaptive (dopri5, ...)")
     p.add_argument("--steps", type=int, default=8, help="steps of a fixed-grid method on [0, 1]")
     p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of an adaptive method")
     p.add_argument("--atol", type=float, default=1e-7, help="absolute tolerance of an adaptive method")

@@ -30,7 +30,8 @@ def pytest_addoption(parser):
     parser.addoption("--precision", choices=(*PRECISIONS, "all"), default="all", help="precision column to run")
     parser.addoption("--device", default="cpu", help="torch device type for the tests (cpu or cuda)")
     parser.addoption("--matrix", choices=("fast", "full"), default="fast",
-                     help="differential test matrix (tests/core/test_matrix.py): its covering slice or the full product")
+                     help="differential test matrix (tests/core/test_matrix.py): its covering slice or the full "
+                          "product")
 
 
 def pytest_collection_modifyitems(config, items):

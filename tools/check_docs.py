@@ -19,8 +19,8 @@ import json
 import math
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 README_LIMIT = 20_000

@@ -110,7 +110,7 @@ def convert(text: str, spans, modules, unlinked: list[str], where: str) -> tuple
     lines = text.split("\n")
     count = 0
     for i, line in enumerate(lines):
-        def replace(m: re.Match) -> str:
+        def replace(m: re.Match, i: int = i) -> str:  # i: this line's index, bound now
             nonlocal count
             count += 1
             target = m["target"].strip()

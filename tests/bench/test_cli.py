@@ -28,7 +28,7 @@ def test_smoke_run_writes_table_csv_json_and_plots(tmp_path, capsys):
     assert len(rows) == n_expected
     # every row ran, except torchode where it is not installed (then it says how to install it)
     assert all(r["error"] == "" or (r["solver"] == "torchode" and "pip install torchode" in r["error"]) for r in rows)
-    mp = [r for r in rows if r["impl"] == "mpnode/float32" and r["axis"] == "base"][0]
+    mp = next(r for r in rows if r["impl"] == "mpnode/float32" and r["axis"] == "base")
     assert 0 < float(mp["held_vs_torchdiffeq"]) < 0.2 and int(mp["syncs_backward"]) == 0
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["torch"] == torch.__version__ and meta["suite"] == "smoke" and meta["growth"]

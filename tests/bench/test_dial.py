@@ -67,7 +67,7 @@ def test_the_floor_is_torchdiffeq_direct_plus_one_graph_free_forward(dial_rows):
     td = dial_rows["torchdiffeq/float32"]
     forward_s = td.graph_free_forward_s
     assert forward_s is not None and 0 < forward_s < td.time_s * 5
-    for label, row in dial_rows.items():
+    for row in dial_rows.values():
         assert row.graph_free_forward_s == forward_s
         if row.time_s is None:
             assert row.time_vs_floor is None
@@ -98,7 +98,7 @@ def test_adaptive_case_counts_steps_and_evaluations(device):
     pytest.importorskip("torchdiffeq")
     impls = (Impl("mpnode"), Impl("mpnode", "bfloat16"), Impl("torchdiffeq"), Impl("torchdiffeq-adjoint"),
              Impl("mpnode", method="tsit5"), Impl("torchdiffeq", method="tsit5"))
-    sizes = SIZES + (("gain", 8),)
+    sizes = (*SIZES, ("gain", 8))
     case = Case("mlp", sizes, 0, impls, axis="adaptive", timed=(True, False, True, True, True, True), **ADAPTIVE)
     rows = _rows(case, device)
     mp, td = rows["mpnode/float32"], rows["torchdiffeq/float32"]
@@ -121,7 +121,7 @@ def test_torchode_in_an_adaptive_case(device):
     pytest.importorskip("torchode")
     pytest.importorskip("torchdiffeq")
     impls = (Impl("torchdiffeq"), Impl("torchode"), Impl("torchode", method="tsit5"))
-    rows = _rows(Case("mlp", SIZES + (("gain", 8),), 0, impls, axis="adaptive", **ADAPTIVE), device)
+    rows = _rows(Case("mlp", (*SIZES, ("gain", 8)), 0, impls, axis="adaptive", **ADAPTIVE), device)
     for label in ("torchode/float32", "torchode/float32+tsit5"):
         row = rows[label]
         assert row.error is None, row.error

@@ -20,7 +20,7 @@ class _SaveOne(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        (keep,) = ctx.saved_tensors
+        (_keep,) = ctx.saved_tensors
         return g * 2, None
 
 

@@ -51,7 +51,7 @@ def test_smoke_suite_runs_every_row(forced_smoke, capsys):
             assert r["precision"] == "float32" and err < 1e-3
     by = {(r["problem"], r["sizes"], r["impl"]): r for r in rows}
     for (problem, sizes, impl), r in by.items():
-        if impl.startswith("mpnode/") or impl.startswith("mpnode-segmented/"):  # checkpoints only
+        if impl.startswith(("mpnode/", "mpnode-segmented/")):  # checkpoints only
             direct = by[(problem, sizes, impl.replace("mpnode", "mpnode-direct", 1).replace("-direct-segmented",
                                                                                                 "-direct"))]
             assert int(r["held_bytes"]) < int(direct["held_bytes"]), (problem, impl)
@@ -138,7 +138,7 @@ def test_gpu_targets_compare_each_strategy_with_its_own_float32():
 
 
 def test_smoke_flag_needs_a_suite_with_a_smoke_variant():
-    with pytest.raises(ValueError, match="no --smoke variant.*speed"):
+    with pytest.raises(ValueError, match=r"no --smoke variant.*speed"):
         main(["run", "--suite", "quick", "--smoke", "--dry"])
 
 

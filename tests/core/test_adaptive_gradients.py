@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from mpnode.core import SolverStats, TABLEAUX, odeint
+from mpnode.core import TABLEAUX, SolverStats, odeint
 
 F64 = torch.float64
 ADAPTIVE = ["dopri5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8", "tsit5"]
@@ -33,7 +35,7 @@ def reference_solution(tableau, f, y0, nodes, t_out):
     outs = [y0]
     y, k_first, j = y0, f(nodes[0], y0), 1
     direction = 1.0 if float(nodes[-1]) > float(nodes[0]) else -1.0
-    for t0, t1 in zip(nodes[:-1], nodes[1:]):
+    for t0, t1 in itertools.pairwise(nodes):
         h = t1 - t0
         ks = [k_first]
         for i in range(1, tableau.stages):
@@ -159,7 +161,8 @@ def test_held_memory_is_one_checkpoint_per_accepted_step(method, carries, rtol, 
     y0 = torch.randn(64, 3, requires_grad=True)
     stats = SolverStats()
     with saved_bytes() as meter:
-        odeint(field, y0, torch.tensor([0.0, 12.0]), method=method, rtol=rtol, atol=rtol / 100, options={"stats": stats})
+        odeint(field, y0, torch.tensor([0.0, 12.0]), method=method, rtol=rtol, atol=rtol / 100,
+               options={"stats": stats})
     rows = stats.steps * (2 if carries else 1) - (1 if carries else 0)  # the first step's first stage is not carried
     per_row = y0.numel() * 4
     assert rows * per_row <= meter.bytes <= rows * per_row + 64 * per_row  # the last chunk is trimmed: no growth slack

@@ -16,10 +16,10 @@ import torch
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
 from mpnode.core import MixedPrecisionToleranceWarning, SolverStats, odeint  # noqa: E402
-from mpnode.core.controllers import RoundoffNoise, Tolerance  # noqa: E402
 from mpnode.core.methods import get_tableau  # noqa: E402
 from mpnode.core.precision import field_roundoff, unit_roundoff  # noqa: E402
 from mpnode.core.testing import LinearField, LinearODE, MLPField  # noqa: E402
+from mpnode.core.tolerance import RoundoffNoise, Tolerance  # noqa: E402
 
 LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -342,4 +342,5 @@ def test_a_blow_up_raises_instead_of_looping(device):
 
 def test_zero_tolerances_are_refused_at_the_call(device):
     with pytest.raises(ValueError, match="rtol and atol are both zero"):
-        odeint(lambda t, y: -y, torch.ones(2, device=device), torch.tensor([0.0, 1.0], device=device), rtol=0.0, atol=0.0)
+        odeint(lambda t, y: -y, torch.ones(2, device=device), torch.tensor([0.0, 1.0], device=device), rtol=0.0,
+               atol=0.0)

@@ -130,7 +130,8 @@ def test_forward_sequence_matches_torchdiffeq(method, options, direction):
 
 
 class RejectFirstBlock(AdjointScaling):
-    """Blocks of two steps; the first block of the first pass is rejected once (as a float16 scaler does after an overflow)."""
+    """Blocks of two steps; the first block of the first pass is rejected once (as a float16 scaler does after an
+    overflow)."""
 
     def __init__(self) -> None:
         self.rejected = False

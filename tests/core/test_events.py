@@ -12,8 +12,7 @@ import math
 import pytest
 import torch
 
-from mpnode.core import odeint, odeint_adjoint, odeint_event
-from mpnode.core.events import FixedStepsUntilEvent
+from mpnode.core import events, odeint, odeint_adjoint, odeint_event
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
@@ -340,7 +339,7 @@ def test_errors_name_the_fix(monkeypatch):
                event_fn=lambda t, y: torch.where(t > 0.2, math.nan, 1.0) + 0 * y[0])
     with pytest.raises(TypeError, match="one-element tensor"):
         odeint_event(Ball(), y0, 0.0, event_fn=ground)
-    monkeypatch.setattr(FixedStepsUntilEvent, "MAX_STEPS", 20)
+    monkeypatch.setattr(events, "MAX_EVENT_STEPS", 20)
     with pytest.raises(RuntimeError, match="no event within 20 steps"):
         odeint(Ball(), y0, torch.tensor([0.0, 1.0], dtype=torch.float64), event_fn=ground, method="rk4",
                options={"step_size": 0.01})

@@ -38,7 +38,7 @@ def test_closure_with_adjoint_params_including_a_non_leaf():
         A = scale * (W - W.T)  # non-leaf captured tensor
         if "adjoint_params" in kwargs:
             kwargs["adjoint_params"] = (A,)
-        out = solve(lambda t, y: torch.tanh(y @ A), y0, t, method="rk4", **kwargs)
+        out = solve(lambda t, y, A=A: torch.tanh(y @ A), y0, t, method="rk4", **kwargs)
         grads.append(torch.autograd.grad(out[-1].sum(), (W, scale)))
     (gW, gs), (rW, rs) = grads
     assert _rel(gW, rW) < 1e-5 and _rel(gs, rs) < 1e-5

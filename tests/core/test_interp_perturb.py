@@ -144,9 +144,9 @@ def test_perturb_shows_the_field_the_neighbouring_float_in_the_state_dtype(direc
 
 def test_invalid_values_name_the_choices():
     y0, t = torch.ones(2), torch.tensor([0.0, 1.0])
-    with pytest.raises(ValueError, match="interp.*cubic"):
+    with pytest.raises(ValueError, match=r"interp.*cubic"):
         odeint(lambda t, y: -y, y0, t, method="rk4", options={"interp": "quadratic"})
-    with pytest.raises(TypeError, match="perturb.*True or False"):
+    with pytest.raises(TypeError, match=r"perturb.*True or False"):
         odeint(lambda t, y: -y, y0, t, method="rk4", options={"perturb": "yes"})
     with pytest.raises(ValueError, match="fixed grids only"):
         odeint(lambda t, y: -y, y0, t, method="dopri5", options={"perturb": True})

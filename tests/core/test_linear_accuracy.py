@@ -8,7 +8,6 @@ cached low-precision copy of A in low precision and degrades.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mpnode.core import odeint
 from mpnode.core.testing import LinearODE

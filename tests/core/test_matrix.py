@@ -44,6 +44,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from mpnode.core import (
     TABLEAUX,
     AdjointScaling,
@@ -189,10 +190,11 @@ class Tolerance:
 #: float32: unit roundoff 6e-8 amplified by the steps and the problem's condition (measured 1.7e-6 / 2.5e-7).
 #: bfloat16 / float16: every field evaluation rounds to 2^-8 / 2^-11 (unit roundoff 3.9e-3 / 4.9e-4); a
 #:   gradient sums a few dozen such evaluations, and the recompute strategy linearises each step at a checkpoint
-#:   rounded to the autocast dtype, so strategies differ at that level too (measured 0.030 / 0.0032 against the reference, 0.026 / 0.0032 between strategies,
-#:   under the tolerance floor the adaptive policy had then; with the rounding-noise acceptance test a bfloat16 dopri5
-#:   solve of the (2, 2, 3) state takes 3 steps and its input bias's gradient, a sum of terms of both signs, is off
-#:   by 0.065-0.09 under every strategy, so the bfloat16 reference bound is 0.15).
+#:   rounded to the autocast dtype, so strategies differ at that level too (measured 0.030 / 0.0032 against the
+#:   reference, 0.026 / 0.0032 between strategies, under the tolerance floor the adaptive policy had then; with the
+#:   rounding-noise acceptance test a bfloat16 dopri5 solve of the (2, 2, 3) state takes 3 steps and its input
+#:   bias's gradient, a sum of terms of both signs, is off by 0.065-0.09 under every strategy, so the bfloat16
+#:   reference bound is 0.15).
 #: A method's or a feature's ``tol_factor`` widens a row for an ill-conditioned combination (tsit5, BatchNorm,
 #: the event solve's t[0] gradient; see METHODS and FEATURES); the measured values above are divided by it.
 TOLERANCES = {
@@ -273,7 +275,8 @@ class Case:
         return self.kwargs.get("event_fn")
 
 
-def loss_of(out: torch.Tensor | tuple[torch.Tensor, ...], round_to: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+def loss_of(out: torch.Tensor | tuple[torch.Tensor, ...], round_to: torch.dtype,
+            rows: slice = slice(None)) -> torch.Tensor:
     """A fixed random linear functional of the outputs at times ``rows`` (all: every output gets a gradient)."""
     parts = out if isinstance(out, tuple) else (out,)
     total = 0
@@ -319,7 +322,8 @@ class TupleField(torch.nn.Module):
 
 
 class RecordingField(Field):
-    """A field that records torchdiffeq's callbacks as ``(name, t0, dt)`` (the accept/reject ones on adaptive steps only)."""
+    """A field that records torchdiffeq's callbacks as ``(name, t0, dt)`` (the accept/reject ones on adaptive steps
+    only)."""
 
     def __init__(self, values: Values, adaptive: bool) -> None:
         super().__init__(values)
@@ -348,7 +352,8 @@ def base_case(spec: Spec, func: Callable | None = None, dim: int = 3, batch: int
     method = spec.method
     kwargs: dict[str, Any] = {"method": method.name}
     if method.adaptive:
-        kwargs.update(rtol=max(spec.precision.rtol, method.min_rtol), atol=max(spec.precision.atol, method.min_rtol / 10))
+        kwargs.update(rtol=max(spec.precision.rtol, method.min_rtol),
+                      atol=max(spec.precision.atol, method.min_rtol / 10))
     t = torch.linspace(0, 2, 4) if method.adaptive else torch.linspace(0, 1, 5)
     t = t.to(spec.device, spec.dtype)
     params = list(func.parameters()) if isinstance(func, torch.nn.Module) else []
@@ -608,7 +613,8 @@ def under_autocast(method: Method, precision: Precision) -> bool:
 
 
 def _callbacks_as_documented(cell: Cell, run: Run, case: Case) -> list[str]:
-    """``callback_step`` before every attempt, accept/reject per attempt, ``callback_step_adjoint`` per backward step."""
+    """``callback_step`` before every attempt, accept/reject per attempt, ``callback_step_adjoint`` per backward
+    step."""
     grid, stats = run.stats.last_grid, run.stats
     calls = run.callbacks
     starts = [(t0, abs(t1 - t0)) for t0, t1 in itertools.pairwise(grid)]
@@ -1014,7 +1020,8 @@ def check_partner(cell: Cell, run: Run, device: torch.device) -> list[str]:
     mine, theirs = run.stats.last_grid, partner.stats.last_grid
     if mine != theirs:
         n = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-        return [(f"accepted steps differ from {PARTNER}'s from node {n} on: {len(mine) - 1} steps vs {len(theirs) - 1}, "
+        return [(f"accepted steps differ from {PARTNER}'s from node {n} on: {len(mine) - 1} "
+                 f"steps vs {len(theirs) - 1}, "
                  f"node {n}: {mine[n] if n < len(mine) else None!r} vs {theirs[n] if n < len(theirs) else None!r}")]
     tol = tolerance(cell).strategies
     return _compare(f"outputs vs {PARTNER}", run.out, partner.out, tol) + _compare(
@@ -1024,7 +1031,8 @@ def check_partner(cell: Cell, run: Run, device: torch.device) -> list[str]:
 
 def check_strategy_used(cell: Cell, run: Run) -> list[str]:
     used = run.stats.last_adjoint
-    return [] if used in cell.strategy.reports else [f"last_adjoint = {used!r}, expected one of {sorted(cell.strategy.reports)}"]
+    return [] if used in cell.strategy.reports else [f"last_adjoint = {used!r}, expected one of "
+                                                     f"{sorted(cell.strategy.reports)}"]
 
 
 def peer_applies(cell: Cell) -> bool:
@@ -1033,7 +1041,8 @@ def peer_applies(cell: Cell) -> bool:
 
 
 def check_module_state(cell: Cell, run: Run, device: torch.device) -> list[str]:
-    """Buffers, ``training`` and the generator after forward and after backward equal torchdiffeq's after its forward."""
+    """Buffers, ``training`` and the generator after forward and after backward equal torchdiffeq's after its
+    forward."""
     case = build(cell, device)
     torch.manual_seed(SEED)
     with cell.precision.context(device):
@@ -1080,7 +1089,8 @@ except OSError:  # no C library by that name (Windows): the CPU meter is unavail
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
 
 
 def live_bytes(device: torch.device) -> int | None:

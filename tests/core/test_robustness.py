@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import gc
 
-
 import pytest
 import torch
 
 from mpnode.core import AutoAdjoint, DirectAdjoint, RecomputeAdjoint, SegmentedAdjoint, odeint
-from mpnode.core.graphs import StepGraph
+from mpnode.core.contracts import StepGraph
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
@@ -124,8 +123,8 @@ def test_jacobian_row_by_row_and_batched_gradients_refused(strategy, device):
 
 
 def test_the_private_torch_api_that_tells_a_retained_graph_still_answers():
-    """strategies.graph_retained asks autograd's engine (private API); without it every graph would count as retained."""
-    from mpnode.core.strategies import graph_retained
+    """adjoint.graph_retained asks autograd's engine (private API); without it every graph would count as retained."""
+    from mpnode.core.adjoint import graph_retained
 
     seen = []
     x = torch.ones(2, requires_grad=True)
@@ -195,7 +194,8 @@ class _LoggingField(torch.nn.Module):
 @pytest.mark.parametrize("stepping", STEPPINGS)
 @pytest.mark.parametrize("strategy", ["direct", "segmented", "auto-fallback"])
 def test_adjoint_callbacks_see_the_recompute_states(strategy, stepping, device):
-    """Was: SegmentedAdjoint (and AutoAdjoint falling back to segments) raised 'NoneType' object has no attribute 'to'."""
+    """Was: SegmentedAdjoint (and AutoAdjoint falling back to segments) raised 'NoneType' object has no attribute
+    'to'."""
     logs = []
     for name in ("recompute", strategy):
         field = _LoggingField().to(device)
@@ -224,24 +224,29 @@ def test_adaptive_event_search_is_bounded_like_fixed_grids(given, monkeypatch, d
     y0 = torch.tensor([1.0, 0.0], dtype=F64, device=device)
     options = {} if given is None else {"max_num_steps": given}
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match=rf"no event within {given or 60} step attempts .*options\['max_num_steps'\]"):
+    expected = rf"no event within {given or 60} step attempts .*options\['max_num_steps'\]"
+    with pytest.raises(RuntimeError, match=expected):
         odeint_event(lambda t, y: torch.stack([y[1], -y[0]]), y0, torch.tensor(0.0, dtype=F64, device=device),
                      event_fn=lambda t, y: y[0] - 2.0, options=options)
     assert time.perf_counter() - start < 60
-    assert events.FixedStepsUntilEvent.MAX_STEPS == 20000  # the fixed-grid limit, torchdiffeq's
+    if given is None:  # fixed grids: the same bound, on steps
+        with pytest.raises(RuntimeError, match=r"no event within 60 steps of size 0.01"):
+            odeint_event(lambda t, y: torch.stack([y[1], -y[0]]), y0, torch.tensor(0.0, dtype=F64, device=device),
+                         event_fn=lambda t, y: y[0] - 2.0, method="rk4", options={"step_size": 0.01})
 
 
 def test_adaptive_event_default_bound_is_the_fixed_grid_limit():
     from mpnode.core import events
-    from mpnode.core.controllers import Tolerance
-    from mpnode.core.march import AdaptiveOptions, AdaptiveStepping
+    from mpnode.core.march import AdaptiveMarch
     from mpnode.core.methods import get_tableau
+    from mpnode.core.options import AdaptiveOptions
     from mpnode.core.precision import PrecisionPolicy
     from mpnode.core.state import FlatState
+    from mpnode.core.tolerance import Tolerance
 
     y0 = torch.zeros(2, dtype=F64)
     layout = FlatState(y0)
-    stepping = AdaptiveStepping(get_tableau("dopri5"), Tolerance(1e-7, 1e-9, layout, None), None, AdaptiveOptions())
+    stepping = AdaptiveMarch(get_tableau("dopri5"), Tolerance(1e-7, 1e-9, layout), AdaptiveOptions())
     stepping, _ = events.until_event(stepping, lambda t, y: y[0], layout, PrecisionPolicy.capture(y0),
                                      torch.tensor([0.0, 1.0], dtype=F64))
     assert stepping.options.max_num_steps == events.MAX_EVENT_STEPS == 20000
@@ -290,7 +295,8 @@ def test_a_field_that_starts_drawing_late_is_refused_at_the_next_accepted_step(d
 
 
 def test_direct_adjoint_backpropagates_through_the_forwards_own_draws_on_adaptive_steps(device):
-    """y' = -(w + sigma xi) y with one scalar draw per evaluation: y(T) = J y0 for the forward's draws, so dL/dy0 = y(T)/y0."""
+    """y' = -(w + sigma xi) y with one scalar draw per evaluation: y(T) = J y0 for the forward's draws, so
+    dL/dy0 = y(T)/y0."""
     torch.manual_seed(0)
     field = _NoisyField(sigma=1e-3, multiplicative=True).to(device)
     y0 = torch.tensor([1.0, 2.0, -0.5], dtype=F64, device=device, requires_grad=True)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mpnode.core import (
+    TABLEAUX,
     AutoAdjoint,
     ButcherTableau,
     DirectAdjoint,
@@ -21,7 +22,6 @@ from mpnode.core import (
     RecomputeAdjoint,
     SegmentedAdjoint,
     SolverStats,
-    TABLEAUX,
     odeint,
 )
 

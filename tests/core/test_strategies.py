@@ -1,14 +1,20 @@
-"""Adjoint strategies: the same gradients, the memory each holds, the choice under a budget, flat low-precision error."""
+"""Adjoint strategies: the same gradients, the memory each holds, the choice under a budget, flat low-precision
+error."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from mpnode.core import (
-    AdjointScaling, AutoAdjoint, DirectAdjoint, RecomputeAdjoint, ScalingPass, SegmentedAdjoint, SolverStats, odeint,
+    AdjointScaling,
+    AutoAdjoint,
+    DirectAdjoint,
+    RecomputeAdjoint,
+    ScalingPass,
+    SegmentedAdjoint,
+    SolverStats,
+    odeint,
     odeint_event,
 )
 from mpnode.core.testing import LinearODE, MLPField
@@ -107,7 +113,8 @@ def test_auto_picks_the_fastest_strategy_that_fits(saved_bytes):
     row = BATCH * DIM * 4
     direct_bytes, _ = _held(DirectAdjoint(), saved_bytes)
     recompute_bytes, _ = _held(RecomputeAdjoint(), saved_bytes)
-    for budget, expected in ((direct_bytes + 1, "direct"), (direct_bytes // 2, "recompute"), (N_STEPS * row // 4, "segmented")):
+    budgets = ((direct_bytes + 1, "direct"), (direct_bytes // 2, "recompute"), (N_STEPS * row // 4, "segmented"))
+    for budget, expected in budgets:
         held, stats = _held(AutoAdjoint(budget_bytes=budget), saved_bytes)
         assert stats.last_adjoint == expected
         if expected == "direct":
@@ -125,8 +132,8 @@ def test_auto_falls_back_during_an_adaptive_solve():
     field = MLPField(dim=DIM, width=16)
     y0 = torch.randn(BATCH, DIM, requires_grad=True)
     stats = SolverStats()
-    out = odeint(field, y0, torch.tensor([0.0, 4.0]), rtol=1e-7, atol=1e-9, adjoint=AutoAdjoint(budget_bytes=5 * BATCH * DIM * 4),
-                 options={"stats": stats})
+    out = odeint(field, y0, torch.tensor([0.0, 4.0]), rtol=1e-7, atol=1e-9,
+                 adjoint=AutoAdjoint(budget_bytes=5 * BATCH * DIM * 4), options={"stats": stats})
     (g_auto,) = torch.autograd.grad(out[-1].sum(), (y0,))
     out = odeint(field, y0, torch.tensor([0.0, 4.0]), rtol=1e-7, atol=1e-9)
     (g_ref,) = torch.autograd.grad(out[-1].sum(), (y0,))

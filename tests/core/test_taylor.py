@@ -13,6 +13,7 @@ then nonzero but small, so roundoff in the low-precision forward and backward
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import pytest
@@ -36,7 +37,7 @@ class Field(torch.nn.Module):
 def second_order_run(remainders: list[float], lo: float = 1.6, hi: float = 2.4) -> int:
     """Longest run of consecutive halvings of eps over which the remainder falls as eps^2."""
     best = run = 0
-    for a, b in zip(remainders[:-1], remainders[1:]):
+    for a, b in itertools.pairwise(remainders):
         slope = math.log2(a / b) if a > 0 and b > 0 else float("nan")
         run = run + 1 if lo <= slope <= hi else 0
         best = max(best, run)

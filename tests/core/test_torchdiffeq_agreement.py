@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ class TupleField(torch.nn.Module):
 
 def uniform_grid(func, y0, t):
     """A user grid constructor: 3 sub-steps per output interval, as torchdiffeq users write them."""
-    pieces = [torch.linspace(a, b, 4, dtype=t.dtype, device=t.device)[:-1] for a, b in zip(t[:-1], t[1:])]
+    pieces = [torch.linspace(a, b, 4, dtype=t.dtype, device=t.device)[:-1] for a, b in itertools.pairwise(t)]
     return torch.cat([*pieces, t[-1:]])
 
 
@@ -58,7 +60,7 @@ def _rel(a, b):
 
 
 def _compare(func, y0, t, method, options):
-    params = [p for p in func.parameters()]
+    params = list(func.parameters())
     y0s = y0 if isinstance(y0, tuple) else (y0,)
     results = []
     for solve in (odeint, torchdiffeq.odeint):

@@ -112,8 +112,9 @@ def test_a_grid_option_without_method_selects_rk4():
 
 
 @pytest.mark.torchdiffeq_row("adaptive-grid-options")
-@pytest.mark.parametrize("option", [{"step_size": 0.01}, {"grid_constructor": lambda f, y0, t: torch.linspace(0, 1.2, 50,
-                                                                                                         dtype=F64)}])
+@pytest.mark.parametrize("option", [
+    {"step_size": 0.01}, {"grid_constructor": lambda f, y0, t: torch.linspace(0, 1.2, 50, dtype=F64)},
+])
 def test_an_adaptive_method_ignores_a_grid_option_with_one_warning_as_torchdiffeq(option):
     """dopri5 with step_size or grid_constructor: adaptive steps as without the option (torchdiffeq warns
     "Unexpected arguments" and ignores it); mpnode's warning names the fixes, once per call site."""
@@ -220,7 +221,8 @@ ADAPTIVE_OPTIONS = [
                  marks=pytest.mark.torchdiffeq_row("option-step_t")),
     pytest.param({"first_step": 0.01, "jump_t": torch.tensor([0.6], dtype=F64)},
                  marks=pytest.mark.torchdiffeq_row("option-jump_t")),
-    pytest.param({"first_step": 0.01, "norm": lambda e: e.abs().max()}, marks=pytest.mark.torchdiffeq_row("option-norm")),
+    pytest.param({"first_step": 0.01, "norm": lambda e: e.abs().max()},
+                 marks=pytest.mark.torchdiffeq_row("option-norm")),
 ]
 
 
@@ -238,7 +240,7 @@ def test_max_num_steps_raises_a_runtime_error_where_torchdiffeq_asserts():
     y0, t = torch.ones(3, dtype=F64), torch.tensor([0.0, 5.0], dtype=F64)
     with pytest.raises(AssertionError, match="max_num_steps exceeded"):
         torchdiffeq.odeint(Field(), y0, t, options={"max_num_steps": 3})
-    with pytest.raises(RuntimeError, match="max_num_steps = 3 .* raise options\\['max_num_steps'\\]"):
+    with pytest.raises(RuntimeError, match=r"max_num_steps = 3 .* raise options\['max_num_steps'\]"):
         odeint(Field(), y0, t, options={"max_num_steps": 3})
     _compare(1e-9, options={"max_num_steps": 1000, "first_step": 0.01})  # a bound that holds changes nothing
 
@@ -247,7 +249,7 @@ def test_max_num_steps_raises_a_runtime_error_where_torchdiffeq_asserts():
 def test_the_time_dtype_option_is_refused():
     y0, t = torch.ones(3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
     torchdiffeq.odeint(Field(), y0, t, options={"dtype": torch.float32})
-    with pytest.raises(ValueError, match="option 'dtype' .* float64"):
+    with pytest.raises(ValueError, match=r"option 'dtype' .* float64"):
         odeint(Field(), y0, t, options={"dtype": torch.float32})
 
 

@@ -34,7 +34,8 @@ def _grads(solve, field, y0, t, loss, wrt, **kwargs):
 
 def _mlp(device, dim=3, width=8, seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.Tanh(), torch.nn.Linear(width, dim)).to(device, F64)
+    net = torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.Tanh(), torch.nn.Linear(width, dim))
+    return net.to(device, F64)
 
 
 # -- 1. closure-captured tensors ------------------------------------------------------------------
@@ -66,7 +67,8 @@ def test_encoder_context_of_a_latent_ode_trains(device):
     grads = []
     for solve in (odeint, torchdiffeq.odeint):
         context = torch.tanh(encoder(x))
-        grads.append(_grads(solve, lambda t, y: net(y) * context, y0, t, lambda o: (o[1:] ** 2).sum(), wrt)[1])
+        grads.append(_grads(solve, lambda t, y, context=context: net(y) * context, y0, t, lambda o: (o[1:] ** 2).sum(),
+                            wrt)[1])
     _close(*grads)
 
 
@@ -259,7 +261,7 @@ def _scalar_loss(device):
 def test_second_derivatives_raise_instead_of_returning_zeros(how, device):
     loss = _scalar_loss(device)
     p = torch.eye(2, dtype=F64, device=device) * 0.5
-    with pytest.raises(RuntimeError, match="second derivative.*first-order only"):
+    with pytest.raises(RuntimeError, match=r"second derivative.*first-order only"):
         if how == "hvp":
             torch.autograd.functional.hvp(loss, p, torch.ones_like(p))
         elif how == "hessian":
@@ -398,10 +400,12 @@ def test_field_independent_of_y_gives_the_identity(kind, device):
     y0 = torch.tensor([1.0, 2.0], dtype=F64, device=device, requires_grad=True)
     t = torch.linspace(0, 1, 5, dtype=F64, device=device)
     wrt = (y0, w)
-    ours = _grads(odeint, fields[kind], y0, t, lambda o: (o[-1] * torch.arange(1, 3, device=device)).sum() + 0 * w.sum(),
-                  wrt)[1]
-    ref = _grads(torchdiffeq.odeint, fields[kind], y0, t,
-                 lambda o: (o[-1] * torch.arange(1, 3, device=device)).sum() + 0 * w.sum(), wrt)[1]
+
+    def loss(o):
+        return (o[-1] * torch.arange(1, 3, device=device)).sum() + 0 * w.sum()
+
+    ours = _grads(odeint, fields[kind], y0, t, loss, wrt)[1]
+    ref = _grads(torchdiffeq.odeint, fields[kind], y0, t, loss, wrt)[1]
     assert torch.equal(ours[0], torch.tensor([1.0, 2.0], dtype=F64, device=device))
     if kind == "zero":
         assert torch.equal(ours[1], ref[1])  # both zero
@@ -450,7 +454,8 @@ def _solve_kwargs(device):
 
 
 BAD_CALLS = {
-    "stats wrong type": (dict(options={"stats": {}}), TypeError, r"options\['stats'\] must be a mpnode.core.SolverStats"),
+    "stats wrong type": (dict(options={"stats": {}}), TypeError,
+                         r"options\['stats'\] must be a mpnode.core.SolverStats"),
     "func not callable": (dict(func=3), TypeError, "func must be callable as func"),
     "options not a mapping": (dict(options=[("step_size", 0.1)]), TypeError, "options must be a dict"),
     "y0 sparse": (dict(y0=torch.eye(2).to_sparse()), TypeError, r"dense tensor.*y0.to_dense\(\)"),
@@ -503,9 +508,9 @@ def test_step_size_beyond_the_step_limit_names_steps_and_bytes(device):
 
 
 def test_step_size_whose_grid_would_not_fit_in_memory(device, monkeypatch):
-    import mpnode.core.controllers as controllers
+    import mpnode.core.grids as grids
 
-    monkeypatch.setattr(controllers, "available_memory_bytes", lambda device: 2**20)  # 1 MiB left
+    monkeypatch.setattr(grids, "available_memory_bytes", lambda device: 2**20)  # 1 MiB left
     allocated = []
     monkeypatch.setattr(torch, "arange", lambda *a, **k: allocated.append(a))
     with pytest.raises(ValueError, match=r"makes 1,000,000 steps: .*8,000,008 bytes.*only 0.000977 GiB is available"):

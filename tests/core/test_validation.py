@@ -24,29 +24,38 @@ CASES = {
     "t not floating": (lambda f, y0, t: dict(t=torch.arange(5)), TypeError, "t must be a floating tensor"),
     "t float16": (lambda f, y0, t: dict(t=t.half()), TypeError, "float32 or float64"),
     "t bfloat16": (lambda f, y0, t: dict(t=t.bfloat16()), TypeError, "float32 or float64"),
-    "t not monotone": (lambda f, y0, t: dict(t=torch.tensor([0.0, 0.5, 0.3, 1.0])), ValueError, "strictly increasing or strictly decreasing"),
+    "t not monotone": (lambda f, y0, t: dict(t=torch.tensor([0.0, 0.5, 0.3, 1.0])),
+        ValueError, "strictly increasing or strictly decreasing"),
     "t repeated": (lambda f, y0, t: dict(t=torch.tensor([0.0, 0.5, 0.5, 1.0])), ValueError, "no repeats"),
-    "t on another device": (lambda f, y0, t: dict(t=torch.linspace(0, 1, 5, device="meta")), ValueError, "t.to\\(y0.device\\)"),
+    "t on another device": (lambda f, y0, t: dict(t=torch.linspace(0, 1, 5, device="meta")),
+        ValueError, "t.to\\(y0.device\\)"),
     "t empty": (lambda f, y0, t: dict(t=t[:0]), ValueError, "at least one time"),
     "t NaN": (lambda f, y0, t: dict(t=torch.tensor([0.0, float("nan"), 1.0])), ValueError, "inf or NaN"),
     "t not a tensor": (lambda f, y0, t: dict(t=[0.0, 1.0]), TypeError, "torch.tensor"),
-    "y0 integer": (lambda f, y0, t: dict(y0=torch.ones(3, 4, dtype=torch.long)), TypeError, "y0 must be a real floating tensor.*y0.float\\(\\)"),
+    "y0 integer": (lambda f, y0, t: dict(y0=torch.ones(3, 4, dtype=torch.long)),
+        TypeError, "y0 must be a real floating tensor.*y0.float\\(\\)"),
     "y0 complex": (lambda f, y0, t: dict(y0=torch.ones(3, 4, dtype=torch.complex64)), TypeError, "real and imaginary"),
     "y0 NaN": (lambda f, y0, t: dict(y0=torch.full((3, 4), float("nan"))), ValueError, "y0 contains inf or NaN"),
     "y0 mixed tuple": (lambda f, y0, t: dict(y0=(y0, y0.detach().double())), TypeError, "share one dtype"),
     "y0 list": (lambda f, y0, t: dict(y0=[y0]), TypeError, "tensor or a non-empty tuple"),
     "unknown method": (lambda f, y0, t: dict(method="dopri7"), ValueError, "unknown method 'dopri7'"),
-    "unknown option": (lambda f, y0, t: dict(options={"stepsize": 0.1}), ValueError, "unknown option\\(s\\) \\['stepsize'\\]"),
+    "unknown option": (lambda f, y0, t: dict(options={"stepsize": 0.1}),
+        ValueError, "unknown option\\(s\\) \\['stepsize'\\]"),
     "step_size zero": (lambda f, y0, t: dict(options={"step_size": 0.0}), ValueError, "must be positive"),
     "step_size negative": (lambda f, y0, t: dict(options={"step_size": -0.1}), ValueError, "direction comes from t"),
-    "step_size and grid": (lambda f, y0, t: dict(options={"step_size": 0.1, "grid_constructor": lambda f, y, t: t}), ValueError, "mutually exclusive"),
-    "bad grid end": (lambda f, y0, t: dict(options={"grid_constructor": lambda f, y, t: t[:-1]}), ValueError, "end at t\\[-1\\]"),
-    "bad checkpoint dtype": (lambda f, y0, t: dict(options={"checkpoint_dtype": torch.int8}), TypeError, "floating torch.dtype"),
+    "step_size and grid": (lambda f, y0, t: dict(options={"step_size": 0.1, "grid_constructor": lambda f, y, t: t}),
+        ValueError, "mutually exclusive"),
+    "bad grid end": (lambda f, y0, t: dict(options={"grid_constructor": lambda f, y, t: t[:-1]}),
+        ValueError, "end at t\\[-1\\]"),
+    "bad checkpoint dtype": (lambda f, y0, t: dict(options={"checkpoint_dtype": torch.int8}),
+        TypeError, "floating torch.dtype"),
     "bad scaler": (lambda f, y0, t: dict(scaler="yes"), TypeError, "scaler must be"),
-    "wrong output shape": (lambda f, y0, t: dict(func=lambda t, y: y[:, :2]), ValueError, "has shape \\(3, 2\\) but the state has shape \\(3, 4\\)"),
+    "wrong output shape": (lambda f, y0, t: dict(func=lambda t, y: y[:, :2]),
+        ValueError, "has shape \\(3, 2\\) but the state has shape \\(3, 4\\)"),
     "wrong output dtype": (lambda f, y0, t: dict(func=lambda t, y: (y > 0).long()), TypeError, "real floating tensor"),
     "output not a tensor": (lambda f, y0, t: dict(func=lambda t, y: y.tolist()), TypeError, "must return a tensor"),
-    "tuple output mismatch": (lambda f, y0, t: dict(y0=(y0, y0), func=lambda t, y: y[0]), TypeError, "tuple of 2 tensors"),
+    "tuple output mismatch": (lambda f, y0, t: dict(y0=(y0, y0), func=lambda t, y: y[0]),
+        TypeError, "tuple of 2 tensors"),
 }
 
 
@@ -62,7 +71,7 @@ def test_input_error(case, setup):
 
 
 def test_blow_up_in_forward_is_reported(setup):
-    f, y0, t = setup
+    _f, y0, t = setup
     with pytest.raises(FloatingPointError, match="became inf/NaN"):
         odeint(lambda t, y: torch.exp(torch.exp(10 * y.abs())), y0.detach(), t, method="rk4")
 

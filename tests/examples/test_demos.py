@@ -75,7 +75,8 @@ def test_modeleq_demo_smoke(precision, tmp_path, run_script, read_csv):
     assert len(rows) == 2 * 2 * 2 * 3  # precisions x methods x steps x solvers
     rk4 = {(r["precision"], r["steps"], r["solver"]): r for r in rows if r["method"] == "rk4"}
     for p, bound in (("bfloat16", 5e-3), ("float16", 1e-3)):
-        ours, cached, nocache = (float(rk4[(p, "256", s)]["err_dA"]) for s in ("mpnode", "torchdiffeq", "torchdiffeq-nocache"))
+        ours, cached, nocache = (float(rk4[(p, "256", s)]["err_dA"])
+                                 for s in ("mpnode", "torchdiffeq", "torchdiffeq-nocache"))
         assert ours < bound and cached > 5 * ours and nocache < bound  # without the cast cache it is accurate too
         held = {s: int(rk4[(p, "256", s)]["held_bytes"]) for s in ("mpnode", "torchdiffeq", "torchdiffeq-nocache")}
         assert held["mpnode"] < held["torchdiffeq"] < held["torchdiffeq-nocache"]  # ... at a price in memory

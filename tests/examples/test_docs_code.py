@@ -21,10 +21,10 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -143,7 +143,7 @@ def test_command_line_names_what_exists(command):
             help_text = _help(script)
             unknown = [f for f in flags if f not in help_text]
             assert not unknown, f"{script} does not take {unknown}"
-        if w == "--suite" and words[0] in ("mpnode-bench",) or (w == "--suite" and "mpnode.bench" in words):
+        if (w == "--suite" and words[0] in ("mpnode-bench",)) or (w == "--suite" and "mpnode.bench" in words):
             assert words[i + 1] in _suites(), f"no suite {words[i + 1]!r}"
         if w == "-s" and i > 0 and words[i - 1] == "nox":
             assert words[i + 1] in _nox_sessions(), f"no nox session {words[i + 1]!r}"

@@ -10,7 +10,8 @@ import pytest
 
 @pytest.fixture
 def smoke(run, read_csv):
-    """``smoke(script, out, *flags, as_command=False)``: run ``examples/<script> --smoke`` on the CPU; its summary row."""
+    """``smoke(script, out, *flags, as_command=False)``: run ``examples/<script> --smoke`` on the CPU; its summary
+    row."""
 
     def go(script: str, out: Path, *flags: str, as_command: bool = False) -> dict:
         run(f"examples/{script}", "--smoke", "--device", "cpu", "--out", str(out), *flags, as_command=as_command)

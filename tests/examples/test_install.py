@@ -9,13 +9,12 @@ are installed, and the README's quick start prints what the README shows, with m
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-
-import importlib.util
 
 import pytest
 import torch
@@ -79,7 +78,7 @@ def test_the_wheels_import_from_the_fresh_environment(fresh_env):
 
 
 def test_the_readme_quick_start_runs_with_mpnode_core_alone(fresh_env, tmp_path):
-    python, env, wheels = fresh_env
+    _python, _env, wheels = fresh_env
     core_only = tmp_path / "core-only"
     _run(sys.executable, "-m", "venv", "--without-pip", core_only)
     site = _run(core_only / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def test_lr_factor_decays_from_one_to_the_final_ratio(ode_mnist, schedule):
     f = ode_mnist.lr_factor(schedule, 0.01, 101)
     values = [f(k) for k in range(101)]
     assert values[0] == pytest.approx(1.0) and values[-1] == pytest.approx(0.01)
-    assert all(a > b for a, b in zip(values, values[1:]))  # strictly decreasing
+    assert all(a > b for a, b in itertools.pairwise(values))  # strictly decreasing
     midpoint = 0.505  # both schedules pass (1 + r) / 2 halfway
     assert values[50] == pytest.approx(midpoint)
     if schedule == "cosine":

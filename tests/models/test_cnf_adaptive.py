@@ -3,7 +3,8 @@
 The flow's field regenerates its weights from ``t`` at every stage (a hypernetwork), so each stage carries fresh
 rounding of those weights: its error estimate's noise reaches up to 1.8x the ``u |h| sum |b_err| |k|`` bound that the
 acceptance test uses (measured; 0.2-0.4x for a tanh MLP), and at tight tolerances mpnode then shrinks the step as
-torchdiffeq does rather than taking float32's steps (docs/solvers.md).  The accuracy target holds; the steps are at most torchdiffeq's.
+torchdiffeq does rather than taking float32's steps (docs/solvers.md).  The accuracy target holds; the steps are at
+most torchdiffeq's.
 """
 
 from __future__ import annotations

@@ -9,15 +9,7 @@ import pytest
 import torch
 
 from mpnode.core import SolverStats, odeint
-from mpnode.models.mnist import (
-    ConcatConv2d,
-    ODEBlock,
-    ODEFunc,
-    ODENet,
-    load_mnist,
-    mnist_loaders,
-    write_idx_mnist,
-)
+from mpnode.models.mnist import ConcatConv2d, ODEBlock, ODEFunc, ODENet, load_mnist, mnist_loaders, write_idx_mnist
 from mpnode.models.mnist_data import MEAN, STD, synthetic_digits
 
 

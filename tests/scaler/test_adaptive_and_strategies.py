@@ -27,7 +27,7 @@ def test_dopri5_under_float16_with_the_dynamic_scaler(precision, amp, device):
         unscaled = problem.solve(odeint, scaler=False, **kwargs)
 
     def rel(result, key):
-        return float(((result[key].double().cpu() - reference[key].cpu()).norm() / reference[key].norm()))
+        return float((result[key].double().cpu() - reference[key].cpu()).norm() / reference[key].norm())
 
     assert stats.steps >= 100
     assert max(rel(scaled, k) for k in ("dy0", "dcoef")) <= 1e-2
@@ -64,7 +64,8 @@ def test_the_scale_fits_the_gradient_of_an_output_inside_a_step(case, precision,
     def grad(dtype, autocast):
         weight = A.to(dtype).requires_grad_(True)
         with amp(precision) if autocast else torch.autocast(device.type, enabled=False):
-            out = odeint(lambda t, y: torch.nn.functional.linear(y, weight), y0.to(dtype), t.to(device, dtype), **kwargs)
+            out = odeint(lambda t, y: torch.nn.functional.linear(y, weight), y0.to(dtype), t.to(device, dtype),
+                         **kwargs)
             loss = 0.5 * out[read].float().pow(2).sum()
         return torch.autograd.grad(loss, weight)[0].double()
 

@@ -3,12 +3,13 @@ host synchronisations, unrecoverable overflow and the automatic choice."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import pytest
 import torch
 
-from mpnode.core import NonFiniteGradientError, SolverStats, odeint
+from mpnode.core import NoAdjointScaling, NonFiniteGradientError, SolverStats, odeint
 from mpnode.core.testing import DynamicRangeODE, count_host_syncs
 from mpnode.scaler import DynamicAdjointScaler, GradScalerPassthrough
 
@@ -97,7 +98,7 @@ def test_growth_does_not_oscillate(precision, amp, device):
     kinds = [e.kind for e in scaler.history]
     assert kinds.count("init") == 1
     # no grow immediately undone by a shrink or backoff (the signature of testing the unscaled adjoint)
-    assert not any(a == "grow" and b in ("shrink", "backoff") for a, b in zip(kinds, kinds[1:])), kinds
+    assert not any(a == "grow" and b in ("shrink", "backoff") for a, b in itertools.pairwise(kinds)), kinds
 
 
 @pytest.mark.parametrize("precision", ["float16"])
@@ -133,8 +134,8 @@ def test_unrecoverable_overflow_reports_the_step_and_touches_nothing(precision, 
     scaler = DynamicAdjointScaler(max_retries=3)
     untouched = scaler.state_dict()
     with amp(precision):
-        out = odeint(field, y0, torch.linspace(0, 1, 65, device=device), method="rk4", adjoint_params=tuple(net.parameters()),
-                     scaler=scaler)
+        out = odeint(field, y0, torch.linspace(0, 1, 65, device=device), method="rk4",
+                     adjoint_params=tuple(net.parameters()), scaler=scaler)
         loss = (out[-1].float() ** 2).sum()
     with pytest.raises(NonFiniteGradientError, match="step 32 of 64 after 3 halvings"):
         loss.backward()
@@ -152,7 +153,7 @@ def test_gradscaler_mode_skips_the_step_on_overflow(precision, amp, device):
     before = [p.detach().clone() for p in net.parameters()]
     with amp(precision):
         out = odeint(lambda t, y: net(y), y0, torch.linspace(0, 1, 9, device=device), method="rk4",
-                     adjoint_params=tuple(net.parameters()), scaler=GradScalerPassthrough())
+                     adjoint_params=tuple(net.parameters()), scaler=NoAdjointScaling())
         loss = (out[-1].float() ** 2).sum()
     grad_scaler.scale(loss).backward()
     assert not all(torch.isfinite(p.grad).all() for p in net.parameters())
@@ -160,6 +161,19 @@ def test_gradscaler_mode_skips_the_step_on_overflow(precision, amp, device):
     grad_scaler.update()
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # step skipped
     assert grad_scaler.get_scale() < 2.0**40
+
+
+def test_gradscaler_passthrough_is_a_deprecated_alias_of_no_scaling():
+    with pytest.warns(DeprecationWarning, match=r"GradScalerPassthrough is deprecated: pass "
+                                                r"scaler=mpnode.core.NoAdjointScaling\(\)"):
+        scaler = GradScalerPassthrough()
+    assert isinstance(scaler, NoAdjointScaling) and scaler.raise_on_nonfinite is False
+    grads = []
+    for policy in (scaler, NoAdjointScaling()):
+        y0 = torch.ones(2, requires_grad=True)
+        odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0]), method="rk4", scaler=policy)[-1].sum().backward()
+        grads.append(y0.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.allclose(grads[0], torch.full((2,), 0.375))  # one RK4 step
 
 
 @pytest.mark.parametrize("precision", ["float16"])

@@ -4,6 +4,7 @@ import os
 import socket
 
 import torch
+
 from mpnode.core import odeint
 
 with socket.socket() as s:

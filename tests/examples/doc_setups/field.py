@@ -1,5 +1,6 @@
 # docs/strategies.md: `f`, `y0` and `t` stand for any field, state and output times.
 import torch
+
 from mpnode.core.testing import MLPField
 
 torch.manual_seed(0)

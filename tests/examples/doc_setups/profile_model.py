@@ -1,5 +1,6 @@
 # docs/benchmarks.md: `model` and `x` stand for any training step's model and batch.
 import torch
+
 from mpnode.core import odeint
 from mpnode.core.testing import MLPField
 

@@ -1,5 +1,6 @@
 # docs/scaler.md: `model` (= `func`), `y0`, `t` and `loss_fn` stand for any float16 training step.
 import torch
+
 from mpnode.core import odeint
 from mpnode.core.testing import MLPField
 

@@ -19,15 +19,25 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import torch
 
 from . import hardware
 from .report import (
-    dial_targets, growth_with_steps, read_results_json, render_adaptive, render_dial, render_growth, render_speed,
-    render_table, speed_targets, write_results_csv, write_results_json,
+    dial_targets,
+    growth_with_steps,
+    read_results_json,
+    render_adaptive,
+    render_dial,
+    render_growth,
+    render_speed,
+    render_table,
+    speed_targets,
+    write_results_csv,
+    write_results_json,
 )
 from .runner import REFERENCE, BenchRow, run_cases
 from .suites import SUITES, get_suite
@@ -35,7 +45,8 @@ from .suites import SUITES, get_suite
 GPU_TARGET_PROBLEMS = ("conv", "otflow")
 DEFAULT_SUITE = "quick"
 PARTIAL_META = "meta.partial.json"
-"""Written next to ``results.partial.jsonl`` when a run starts (the machine, the skipped precisions), removed at its end."""
+"""Written next to ``results.partial.jsonl`` when a run starts (the machine, the skipped precisions), removed at its
+end."""
 
 
 def _progress(disable: bool) -> Callable[[int], Callable[[], None]]:
@@ -117,7 +128,7 @@ def headline(rows: Sequence[BenchRow]) -> str:
             parts = []
             if r.time_vs_torchdiffeq is not None:
                 parts.append(f"time {r.time_vs_torchdiffeq:.2f}x torchdiffeq direct")
-                if adj and adj.time_s:
+                if adj and adj.time_s and r.time_s is not None:
                     parts.append(f"{r.time_s / adj.time_s:.2f}x torchdiffeq adjoint")
             if r.time_vs_floor is not None:
                 parts.append(f"{r.time_vs_floor:.2f}x the floor (torchdiffeq direct + one graph-free forward)")
@@ -171,7 +182,10 @@ def cmd_run(args: argparse.Namespace) -> int:
               "`mpnode-bench list` shows the others", file=sys.stderr)
         args.suite = DEFAULT_SUITE
     suite = get_suite(args.suite)
-    device = torch.device(args.device or suite.device_type) if args.dry else _resolve_device(args.device, suite.device_type)
+    if args.dry:
+        device = torch.device(args.device or suite.device_type)
+    else:
+        device = _resolve_device(args.device, suite.device_type)
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -252,7 +266,7 @@ def _hardware_gate(suite, device: torch.device, args: argparse.Namespace
     print(f"mpnode-bench: {speed.describe()}", file=sys.stderr)
     if args.force_low_precision:
         return speed, {}
-    skip = {p: speed.row_note(p) for p in hardware.LOW_PRECISIONS if not speed.is_fast(p)}
+    skip = {p: note for p in hardware.LOW_PRECISIONS if (note := speed.row_note(p)) is not None}  # the slow ones
     for p in skip:
         print(f"mpnode-bench: {speed.skip_reason(p)}", file=sys.stderr)
     return speed, skip
@@ -272,7 +286,8 @@ def _machine_lines(meta: dict) -> str:
 
 
 def _emit(rows: list[BenchRow], meta: dict, out: Path, plots: bool) -> int:
-    title = f"mpnode-bench {meta.get('suite', '')} on {meta.get('gpu') or meta.get('device')} (torch {meta.get('torch')})"
+    where = meta.get("gpu") or meta.get("device")
+    title = f"mpnode-bench {meta.get('suite', '')} on {where} (torch {meta.get('torch')})"
     table = render_table(rows, title)
     fits = growth_with_steps(rows)
     device_type = str(meta.get("device", "cpu")).split(":")[0]
@@ -304,7 +319,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     path = Path(args.results)
     if path.suffix == ".jsonl":  # partial results of an interrupted run
         rows = [BenchRow.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-        meta = {"suite": rows[0].suite if rows else "", "device": rows[0].device if rows else ""}
+        meta: dict[str, Any] = {"suite": rows[0].suite if rows else "", "device": rows[0].device if rows else ""}
         if (path.parent / PARTIAL_META).exists():
             meta = json.loads((path.parent / PARTIAL_META).read_text())
         meta["partial"] = True

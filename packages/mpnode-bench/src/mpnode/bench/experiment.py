@@ -28,8 +28,9 @@ import functools
 import random
 import shutil
 import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -177,16 +178,18 @@ def add_solver_flags(parser: argparse.ArgumentParser) -> None:
     """``--precision`` (autocast dtype of the vector field), ``--odeint`` (mpnode or torchdiffeq), ``--device``."""
     parser.add_argument("--precision", choices=list(PRECISIONS), default="float32",
                         help="autocast dtype of the vector field")
-    parser.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
+    parser.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode",
+                        help="which solver runs the ODE")
     add_device_flag(parser)
 
 
-def add_method_flags(parser: argparse.ArgumentParser, steps: int | None, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+def add_method_flags(parser: argparse.ArgumentParser, steps: int | None, rtol: float = 1e-5,
+                     atol: float = 1e-7) -> None:
     """``--method``: a fixed-grid method (with ``--steps`` unless ``steps`` is ``None``: then the script's output
     times are the grid) or an adaptive one with ``--rtol``/``--atol``."""
     parser.add_argument("--method", default="rk4",
-                        help="fixed-grid (rk4, euler, midpoint, ...) or adaptive (dopri5, tsit5, bosh3, ...) "
-                             "with --rtol/--atol")
+                        help="fixed-grid (rk4, euler, midpoint, ...) or adaptive (dopri5, tsit5, "
+                             "bosh3, ...) with --rtol/--atol")
     if steps is not None:
         parser.add_argument("--steps", type=int, default=steps, help="steps of a fixed-grid method")
     parser.add_argument("--rtol", type=float, default=rtol, help="relative tolerance of an adaptive method")
@@ -242,13 +245,14 @@ class CSVLog:
             self._writer = csv.DictWriter(self._file, fieldnames=self.fieldnames or list(row))
             self._writer.writeheader()
         self._writer.writerow(row)
+        assert self._file is not None
         self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
 
-    def __enter__(self) -> "CSVLog":
+    def __enter__(self) -> CSVLog:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -124,7 +124,8 @@ def _cpu_name_and_flags() -> tuple[str, list[str]]:
 
 
 def _matmul_calls(dtype: torch.dtype, shape: tuple[int, int, int], device: torch.device, min_round_s: float):
-    """A warmed-up closure making ``calls`` matmuls of ``shape`` in ``dtype`` (enough for ``min_round_s``), and ``calls``."""
+    """A warmed-up closure making ``calls`` matmuls of ``shape`` in ``dtype`` (enough for ``min_round_s``), and
+    ``calls``."""
     m, k, n = shape
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)

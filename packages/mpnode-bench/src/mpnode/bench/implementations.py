@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -58,7 +58,7 @@ class Discretization:
     def adaptive(self) -> bool:
         return self.method in ADAPTIVE_METHODS
 
-    def with_method(self, method: str | None) -> "Discretization":
+    def with_method(self, method: str | None) -> Discretization:
         """The same stepping with another method of the same kind (``None``: unchanged)."""
         if method is None or method == self.method:
             return self
@@ -216,7 +216,7 @@ class Impl:
             count.accepted = found["accepted_steps"]
         elif disc.adaptive:  # torchdiffeq calls callback_accept_step on its func after each accepted step
             accepted = [0]
-            inst.func.callback_accept_step = lambda t0, y0, dt: accepted.__setitem__(0, accepted[0] + 1)
+            setattr(inst.func, "callback_accept_step", lambda t0, y0, dt: accepted.__setitem__(0, accepted[0] + 1))
             try:
                 yield
             finally:

@@ -19,7 +19,8 @@ A field that needs one scalar time for the whole batch cannot run here.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -75,7 +76,7 @@ def torchode_odeint(
     reason = torchode_unavailable()
     if reason is not None:
         raise ImportError(f"torchode_odeint: torchode is {reason}")
-    import torchode
+    torchode: Any = importlib.import_module("torchode")  # an optional peer: its call signatures are not checked here
 
     _check_inputs(y0, t, method, options or {})
     opts = dict(options or {})

@@ -16,8 +16,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .experiment import label_steps, pyplot, save_figure
 from .report import fmt_bytes, linear_fit
@@ -92,7 +92,7 @@ def _plot_ratios(plt, rows, axis, path: Path, title: str) -> Path:
         for impl, (xs, ys) in _series(rows, x_of, key).items():
             ax.plot(xs, ys, marker="o", label=impl)
         ax.set_xscale("log", base=2)
-        if key.startswith("held") or key.startswith("peak"):
+        if key.startswith(("held", "peak")):
             ax.set_yscale("log")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel(axis)

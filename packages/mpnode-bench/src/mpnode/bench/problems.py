@@ -29,8 +29,9 @@ is a function of the final state only.  The fields are the library's own:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ class Instance:
 
     func: nn.Module
     y0: State
-    loss: Callable[[State], torch.Tensor]
+    loss: Callable[[Any], torch.Tensor]  # takes the solution's final state, structured like y0
     time_column: bool = False
 
     def state_bytes(self) -> int:
@@ -91,8 +92,8 @@ def build_otflow(sizes: dict[str, int], device: torch.device) -> Instance:
     y0 = (x, zeros, zeros.clone(), zeros.clone())
 
     def loss(y: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        xT, l, L, R = y
-        nll = 0.5 * (xT**2).sum(-1) + 0.5 * d * math.log(2 * math.pi) - l
+        xT, log_det, L, R = y
+        nll = 0.5 * (xT**2).sum(-1) + 0.5 * d * math.log(2 * math.pi) - log_det
         return L.mean() + nll.mean() + 5.0 * R.mean()
 
     return Instance(func, y0, loss)
@@ -111,8 +112,8 @@ def build_cnf(sizes: dict[str, int], device: torch.device) -> Instance:
     y0 = (z, torch.zeros(sizes["batch"], device=device))
 
     def loss(y: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        zT, l = y  # the negative log-likelihood: log p(x) = log N(z_T) - l_T (the flow runs data -> noise)
-        return (l - standard_normal_log_prob(zT)).mean()
+        zT, log_det = y  # the negative log-likelihood: log p(x) = log N(z_T) - l_T (the flow runs data -> noise)
+        return (log_det - standard_normal_log_prob(zT)).mean()
 
     return Instance(func, y0, loss)
 
@@ -152,7 +153,8 @@ PROBLEMS: dict[str, Problem] = {
     p.name: p
     for p in (
         Problem("mlp", build_mlp, ("batch", "dim", "width"), "tanh MLP field, state (batch, dim)", ("gain",)),
-        Problem("otflow", build_otflow, ("batch", "d", "width"), "OT-Flow potential flow, x (batch, d), ResNet width m"),
+        Problem("otflow", build_otflow, ("batch", "d", "width"),
+                "OT-Flow potential flow, x (batch, d), ResNet width m"),
         Problem("conv", build_conv, ("batch", "channels", "size"), "ODE-Net conv block, state (batch, C, size, size)"),
         Problem("cnf", build_cnf, ("batch", "width"), "2-D CNF (hypernetwork field, exact trace), z (batch, 2)"),
         Problem("demo", build_demo, ("batch", "width"), "torchdiffeq's ode_demo field (tanh MLP of y**3), "

@@ -29,8 +29,8 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -98,14 +98,14 @@ class Timing:
         return q[2] - q[0]
 
 
-class _Stopwatch:
+class Stopwatch:
     """One timed interval: CUDA events on a GPU, ``perf_counter`` elsewhere."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.device = device
 
-    def __enter__(self) -> "_Stopwatch":
+    def __enter__(self) -> Stopwatch:
         if self.cuda:
             self._start = torch.cuda.Event(enable_timing=True)
             self._end = torch.cuda.Event(enable_timing=True)
@@ -149,7 +149,7 @@ def time_fn(
         if setup is not None:
             setup()
         synchronize(dev)
-        with _Stopwatch(dev) as sw:
+        with Stopwatch(dev) as sw:
             fn()
         samples.append(sw.elapsed_s)
     return Timing(tuple(samples))
@@ -244,7 +244,7 @@ def profile(
         held = stack.enter_context(held_memory(exclude))
         syncs = stack.enter_context(count_host_syncs()) if sync_count else None
         synchronize(dev)
-        sw = stack.enter_context(_Stopwatch(dev))
+        sw = stack.enter_context(Stopwatch(dev))
         yield rec
     # ExitStack closed the stopwatch first (LIFO), then the counter, hooks and the peak meter.
     rec.time_s = sw.elapsed_s

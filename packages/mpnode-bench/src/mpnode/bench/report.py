@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .experiment import format_table, write_csv
 from .runner import COLUMNS, STEP_AXES, BenchRow, ratio
@@ -154,8 +154,9 @@ def render_dial(rows: Sequence[BenchRow]) -> str:
 
 def render_adaptive(rows: Sequence[BenchRow]) -> str:
     """The table of the adaptive cases (empty string when there are none)."""
-    return _render_axis(rows, "adaptive", _ADAPTIVE_COLUMNS, "adaptive steps (grad err vs a float64 dopri5 solve at "
-                        "rtol 1e-10, atol 1e-12; nfe: field calls of forward + backward)", ("problem", "method", "impl"))
+    title = ("adaptive steps (grad err vs a float64 dopri5 solve at rtol 1e-10, atol 1e-12; nfe: field "
+             "calls of forward + backward)")
+    return _render_axis(rows, "adaptive", _ADAPTIVE_COLUMNS, title, ("problem", "method", "impl"))
 
 
 def dial_targets(rows: Sequence[BenchRow]) -> str:
@@ -230,13 +231,13 @@ def growth_with_steps(rows: Sequence[BenchRow]) -> list[dict]:
         if len(rs) < 2:
             continue
         entry = {"problem": problem, "sizes": sizes, "impl": impl, "steps": [r.steps for r in rs]}
-        timed = [r for r in rs if r.time_s is not None]
+        timed = [(r.steps, r.time_s) for r in rs if r.time_s is not None]
         if len(timed) >= 2:
-            f = linear_fit([r.steps for r in timed], [r.time_s for r in timed])
+            f = linear_fit([s for s, _ in timed], [v for _, v in timed])
             entry.update(time_slope_s=f.slope, time_intercept_s=f.intercept, time_r2=f.r2)
-        held = [r for r in rs if r.held_bytes is not None]
+        held = [(r.steps, r.held_bytes) for r in rs if r.held_bytes is not None]
         if len(held) >= 2:
-            f = linear_fit([r.steps for r in held], [r.held_bytes for r in held])
+            f = linear_fit([s for s, _ in held], [v for _, v in held])
             entry.update(held_slope_bytes=f.slope, held_intercept_bytes=f.intercept, held_r2=f.r2)
         out.append(entry)
     return out

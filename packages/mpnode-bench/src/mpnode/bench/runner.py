@@ -39,14 +39,15 @@ from __future__ import annotations
 import copy
 import math
 import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from .implementations import Discretization, Impl, StepCount
 from .problems import Instance, build
-from .profilers import Timing, _Stopwatch, count_host_syncs, held_memory, peak_memory, synchronize
+from .profilers import Stopwatch, Timing, count_host_syncs, held_memory, peak_memory, synchronize
 
 REFERENCE = "torchdiffeq/float32"
 MPNODE_F32 = "mpnode/float32"
@@ -129,7 +130,7 @@ class BenchRow:
     grad_reference: str | None = None
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BenchRow":
+    def from_dict(cls, data: Mapping[str, Any]) -> BenchRow:
         """A row from its :meth:`as_dict` form (e.g. read back from results.json); unknown keys are ignored."""
         return cls(**{k: v for k, v in data.items() if k in COLUMNS})
 
@@ -233,9 +234,10 @@ def _measure_once(impl: Impl, case: Case, inst: Instance, device: torch.device, 
         hook.remove()
     row.nfe, row.accepted_steps = calls[0], count.accepted
     if case.discretization.adaptive:
+        assert count.accepted is not None, "every solver reports its accepted steps"
         row.steps = count.accepted
     row.held_bytes = held.bytes if impl.held_measurable else None
-    row.peak_bytes = None if pk.peak_bytes is None else pk.peak_bytes - pk.start_bytes
+    row.peak_bytes = None if pk.peak_bytes is None or pk.start_bytes is None else pk.peak_bytes - pk.start_bytes
     row.syncs_forward, row.syncs_backward = fsync.count, bsync.count
     row.loss = float(loss.detach())
     return _grad_vector(inst.func)
@@ -364,7 +366,7 @@ def _timing_rounds(fns: dict[tuple[int, str], Callable], per_case: list[dict[str
             _zero_grad(inst.func)
             synchronize(device)
             try:
-                with _Stopwatch(device) as sw:
+                with Stopwatch(device) as sw:
                     fns[key]()
             except Exception as exc:
                 if key[1] != FLOOR:

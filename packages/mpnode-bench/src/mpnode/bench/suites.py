@@ -39,8 +39,8 @@ hardware check finds fast kernels for it (:attr:`Suite.gate_on_hardware`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .implementations import Impl, parse_impl
 from .runner import STEP_AXES, Case
@@ -193,7 +193,7 @@ _register(Suite(
 _register(Suite(
     "full", "cpu",
     (
-        Sweep("mlp", MLP_CORE, 64, CORE_IMPLS + (MPF16,)),
+        Sweep("mlp", MLP_CORE, 64, (*CORE_IMPLS, MPF16)),
         Sweep("mlp", MLP_CORE, 64, (MP32, MP32_CK16, TD32, TDA32), "steps", (16, 32, 64, 128, 256, 512, 1024)),
         Sweep("mlp", {"batch": 64, "dim": 32, "width": 64}, 32, (MPBF16, MPF16), "steps", (16, 64, 256)),
         Sweep("mlp", MLP_CORE, 32, (MP32, TD32, TDA32), "batch", (64, 256, 1024, 4096)),
@@ -224,7 +224,8 @@ _register(Suite(
         Sweep("otflow", {"batch": 256, "d": 63, "width": 1024}, 16, (MP32, MPBF16, MPF16, TD32), "steps", (8, 32)),
     ),
     repeats=5, time_low_precision=True,
-    describe="CUDA: all implementations timed at GPU sizes (targets: low precision >= 2x mpnode float32, memory <= 0.5x)",
+    describe="CUDA: all implementations timed at GPU sizes (targets: low precision >= 2x "
+             "mpnode float32, memory <= 0.5x)",
 ))
 
 _register(Suite(

@@ -16,27 +16,36 @@ the steps from last to first, with ``lam`` the adjoint of the state
 with ``D = lam_{n+1}.Phi_n + sum_j g_j.Psi_j`` (all elements summed) and ``g_j =
 dL/do_j``.  ``lam``, ``mu`` and every sum stay in high precision.  The pieces:
 
-* :func:`build_step_graph`: evaluate one step from its stored start state with autograd on (a
-  :class:`~mpnode.core.graphs.StepGraph`);
-* :func:`step_graph_vjp`: the VJP of a :class:`StepGraph`, as a :class:`StepVJP`;
-* :class:`StepSource`: where step graphs come from (rebuilt or kept: the adjoint strategies);
-* :class:`AdjointAccumulator`: ``lam``, ``mu``, parameter and time sums, with snapshot/restore;
-* :func:`run_adjoint`: the loop over blocks of steps that talks to the scaling policy.
+* [`build_step_graph`][mpnode.core.backward.build_step_graph]: evaluate one step from its stored start state with
+  autograd on (a [`StepGraph`][mpnode.core.contracts.StepGraph]);
+* [`step_graph_vjp`][mpnode.core.backward.step_graph_vjp]: the VJP of a step graph, as a
+  [`StepVJP`][mpnode.core.backward.StepVJP];
+* [`BackwardSteps`][mpnode.core.backward.BackwardSteps]: where step graphs come from: it asks the adjoint strategy
+  that kept the forward's steps, and offers it the means to rebuild them;
+* [`AdjointAccumulator`][mpnode.core.backward.AdjointAccumulator]: ``lam``, ``mu``, parameter and time sums, with
+  snapshot/restore;
+* [`run_adjoint`][mpnode.core.backward.run_adjoint]: the loop over blocks of steps that talks to the scaling policy.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .march import Problem, Trajectory
-from .graphs import StepGraph, evaluate_step
+from .contracts import Problem, StepGraph, Trajectory
+from .graphs import evaluate_step
+from .march import rerun
 from .parameters import KnownTensors
+from .replay import Replay
+from .rk import stage_time_table
 from .scaling import AdjointScaling, ScalingPass
-from .stepper import stage_time_table
+
+if TYPE_CHECKING:
+    from .adjoint import AdjointStrategy
 
 
 @dataclass
@@ -63,7 +72,7 @@ class BackwardPlan:
     known: list[torch.Tensor] | None
     t: torch.Tensor
     need_times: bool
-    stage_times: list[tuple[torch.Tensor, ...]] | None = field(default=None)
+    stage_times: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     retain_graph: bool = False
 
     def __post_init__(self) -> None:
@@ -71,9 +80,7 @@ class BackwardPlan:
         self.frontier = KnownTensors(self.known) if self.known is not None else None
         if traj.output_times is not None:  # decided by the forward pass (a solve until an event)
             self.t = traj.output_times
-        if self.stage_times is None and traj.n_steps == 0:  # an event at t0: no step was taken
-            self.stage_times = []
-        if self.stage_times is None:  # also used to replay steps when the times are traced
+        if traj.n_steps:  # (none: an event at t0); also used to re-run steps when the times are traced
             self.stage_times = stage_time_table(
                 self.problem.tableau, traj.grid, self.problem.policy.state_dtype, traj.perturbations
                 if len(traj.perturbations) > 1 else traj.perturbations[0],
@@ -105,7 +112,8 @@ class StepVJP:
 def build_step_graph(
     plan: BackwardPlan, n: int, y_stored: torch.Tensor, first_stored: torch.Tensor | None, with_end_slope: bool
 ) -> StepGraph:
-    """Evaluate step ``n`` of the trajectory from its stored start state (and inherited first stage), with autograd on."""
+    """Evaluate step ``n`` of the trajectory from its stored start state (and inherited first stage), with autograd
+    on."""
     traj = plan.trajectory
     nodes = (traj.grid[n], traj.grid[n + 1])
     times = None if plan.need_times else plan.stage_times[n]
@@ -135,6 +143,7 @@ def step_graph_vjp(
     out_times = []
     for j, x, g in out_grads:
         if plan.need_times:
+            assert graph.t0 is not None and graph.t1 is not None, "a graph built with traced times has its nodes"
             t_j = plan.t[j].detach().to(traj.grid.dtype).requires_grad_(True)
             out_times.append((j, t_j))
             x = (t_j - graph.t0) / (graph.t1 - graph.t0)
@@ -163,7 +172,8 @@ def step_graph_vjp(
         result.dt0, result.dt1 = grads[k], grads[k + 1]
         result.dout = [(j, g) for (j, _), g in zip(out_times, grads[k + 2:])]
         unscaled = [lam] + [g for _, _, g in out_grads]
-        result.dot = sum((s * o.detach()).sum() for s, o in zip(unscaled, outputs)).to(traj.grid.dtype)
+        dots = [(s * o.detach()).sum() for s, o in zip(unscaled, outputs)]
+        result.dot = sum(dots[1:], dots[0]).to(traj.grid.dtype)
     return result
 
 
@@ -194,7 +204,7 @@ class AdjointAccumulator:
         self.mu = None if vjp.dfirst is None else _axpy(torch.zeros_like(vjp.dfirst), coef, vjp.dfirst)
         pairs = [(s, g) for s, g in zip(self.sums, vjp.dparams) if g is not None]
         if pairs and isinstance(coef, float):
-            torch._foreach_add_([s for s, _ in pairs], [g for _, g in pairs], alpha=coef)
+            add_scaled_([s for s, _ in pairs], [g for _, g in pairs], coef)
         else:
             for s, g in pairs:
                 _axpy(s, coef, g, inplace=True)
@@ -226,9 +236,23 @@ def _scaled(coef: float | torch.Tensor, g: torch.Tensor | None, like: torch.Tens
     return g * (coef.to(g.dtype) if isinstance(coef, torch.Tensor) else coef)
 
 
+def add_scaled_(xs: list[torch.Tensor], gs: list[torch.Tensor], alpha: float) -> None:
+    """``xs[i] += alpha * gs[i]`` in place, as one fused call where torch offers it.
+
+    The one place mpnode calls torch's ``_foreach_add_`` (a private API that ``torch.optim`` uses; one kernel
+    launch per dtype and device instead of one per tensor); where it is missing, one ``add_`` per tensor.
+    """
+    foreach = getattr(torch, "_foreach_add_", None)
+    if foreach is None:
+        for x, g in zip(xs, gs):
+            x.add_(g, alpha=alpha)
+    else:
+        foreach(xs, gs, alpha=alpha)
+
+
 def _axpy(x: torch.Tensor, a: float | torch.Tensor, g: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``x + a * g`` in ``x``'s dtype; ``a`` a host float (fused) or a 0-dim device tensor."""
-    if isinstance(a, float):
+    if not isinstance(a, torch.Tensor):
         return x.add_(g, alpha=a) if inplace else torch.add(x, g.to(x.dtype), alpha=a)
     a = a.to(x.dtype)
     return x.add_(a * g) if inplace else x + a * g
@@ -246,14 +270,14 @@ class AdjointResult:
 
 def run_adjoint(
     plan: BackwardPlan,
-    source: "StepSource",
+    source: BackwardSteps,
     grad_outputs: torch.Tensor,
     scaling: AdjointScaling,
 ) -> AdjointResult:
     """Walk the steps from last to first in blocks, as the scaling policy accepts them.
 
     ``grad_outputs`` is ``dL/d outputs`` ``(T, D)``.  ``source`` gives each step's
-    graph.  Counters go to
+    graph and start state.  Counters go to
     ``plan.problem.counters``; callbacks ``*_adjoint`` are called per step.
     """
     prob, traj = plan.problem, plan.trajectory
@@ -281,11 +305,12 @@ def run_adjoint(
             name = "callback_accept_step_adjoint" if accepted else "callback_reject_step_adjoint"
             if cb.wants(name):
                 for m in range(n - 1, lo - 1, -1):
-                    cb.call(name, traj.grid[m], source.state(plan, m), traj.steps[m], traj.grid.dtype)
+                    cb.call(name, traj.grid[m], source.state(m), traj.steps[m], traj.grid.dtype)
             if accepted:
                 counters.backward_steps += n - lo
                 n = lo
-            else:
+            else:  # only a pass with blocks rejects one, so the snapshots were taken
+                assert snap is not None
                 acc.restore(snap)
                 scaling_pass.restore(scaling_snap)
                 counters.retries += n - lo
@@ -296,21 +321,22 @@ def run_adjoint(
     return AdjointResult(acc.lam, acc.sums, grid_grad, acc.out_time)
 
 
-def _adjoint_step(plan, source: "StepSource", m, acc: AdjointAccumulator, g, scaling: ScalingPass) -> None:
+def _adjoint_step(plan: BackwardPlan, source: BackwardSteps, m: int, acc: AdjointAccumulator, g: torch.Tensor,
+                  scaling: ScalingPass) -> None:
     traj, cb = plan.trajectory, plan.problem.callbacks
     if cb:
-        cb.call("callback_step_adjoint", traj.grid[m], source.state(plan, m).to(plan.problem.policy.state_dtype),
+        cb.call("callback_step_adjoint", traj.grid[m], source.state(m).to(plan.problem.policy.state_dtype),
                 traj.steps[m], traj.grid.dtype)
     inside = [(j, x, g[j]) for j, x in traj.placement.in_step.get(m, ())]
-    graph = source.graph(plan, m, with_end_slope=bool(inside) and plan.problem.output_rule.needs_end_slope)
+    graph = source.graph(m, with_end_slope=bool(inside) and plan.problem.output_rule.needs_end_slope)
     if plan.frontier is not None:
         _refuse_untracked(graph, plan.frontier)
-    inherits_next = m + 1 < traj.n_steps and source.first_is_input(m + 1)
     # the scale sees every seed of the VJP: an output interpolated in the step is seeded like the adjoint (the last
     # step of an adaptive solve starts from lam = 0 and its output's gradient alone)
     seeds = acc.lam if not inside else torch.stack([acc.lam, *(gj for _, _, gj in inside)])
     scale = scaling.scale(seeds)
-    vjp = step_graph_vjp(plan, m, graph, acc.lam, acc.mu if inherits_next else None, inside, scale,
+    # acc.mu is the adjoint of step m+1's first stage when that step inherited it from this one, else None
+    vjp = step_graph_vjp(plan, m, graph, acc.lam, acc.mu, inside, scale,
                          retain_graph=source.retain_graphs and (plan.retain_graph or scaling.block_size is not None))
     coef = traj.steps[m] if scale is None else scale.double().reciprocal() * traj.steps[m]  # h / S
     scaling.observe(m, seeds, scale, [x for x in (vjp.dy, *vjp.dparams, vjp.dfirst) if x is not None])
@@ -332,30 +358,57 @@ def _grid_gradient(acc: AdjointAccumulator, traj: Trajectory) -> torch.Tensor:
     return out
 
 
-class StepSource:
-    """Where the backward pass gets each step's graph: rebuilt from a checkpoint, or kept from the forward.
+class BackwardSteps:
+    """Where one backward pass gets each step's graph and start state: from the adjoint strategy that kept the
+    forward's steps (``strategy.step_graph`` / ``strategy.start_state``), which reads ``saved`` (what it kept) and
+    may use this object's helpers to rebuild a step.
 
     Attributes:
-        retain_graphs: the graphs are kept from the forward (VJPs must retain them
-            while a scaled block may still be redone).
+        strategy: the strategy that kept the steps.
+        saved: what it kept, as its reader returned it for this pass.
+        plan: the constants of the pass.
+        replay: the forward's random states, watched buffers and module modes.
+        retain_graphs: the graphs are kept from the forward (VJPs must retain them while a scaled block may still
+            be redone).
+        cache: the strategy's scratch space for this pass (e.g. a segment's recomputed states).
     """
 
-    retain_graphs: bool = False
+    def __init__(self, strategy: AdjointStrategy, saved: Any, plan: BackwardPlan, replay: Replay) -> None:
+        self.strategy, self.saved, self.plan, self.replay = strategy, saved, plan, replay
+        self.retain_graphs = strategy.retains_graphs
+        self.cache: dict[int, Any] = {}
 
-    def graph(self, plan: BackwardPlan, n: int, with_end_slope: bool) -> StepGraph:
-        raise NotImplementedError
+    @property
+    def trajectory(self) -> Trajectory:
+        return self.plan.trajectory
 
-    def state(self, plan: BackwardPlan, n: int) -> torch.Tensor:
+    def graph(self, n: int, with_end_slope: bool) -> StepGraph:
+        return self.strategy.step_graph(self.saved, self, n, with_end_slope)
+
+    def state(self, n: int) -> torch.Tensor:
         """Step ``n``'s start state as stored, or as recomputed from a stored one (for callbacks)."""
-        raise NotImplementedError
-
-    def first_is_input(self, n: int) -> bool:
-        """Whether step ``n``'s first stage is an input inherited from step ``n-1``."""
-        raise NotImplementedError
+        return self.strategy.start_state(self.saved, self, n)
 
     def session(self) -> contextlib.AbstractContextManager:
-        """A context around the whole backward pass (e.g. :meth:`mpnode.core.replay.Replay.session`)."""
-        return contextlib.nullcontext()
+        """The context around the whole pass ([`Replay.session`][mpnode.core.replay.Replay.session])."""
+        return self.replay.session()
+
+    # -- for strategies that rebuild steps -------------------------------------------------------------
+
+    def rebuild(self, n: int, y: torch.Tensor, first: torch.Tensor | None, with_end_slope: bool) -> StepGraph:
+        """Step ``n``'s graph evaluated again from its start state ``y`` and carried first stage ``first`` (as
+        stored, any dtype), with the forward's random state for the step."""
+        self.replay.before_step(n)
+        return build_step_graph(self.plan, n, y, first, with_end_slope)
+
+    def rerun(self, start: int, stop: int, y: torch.Tensor,
+              first: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The start states (and carried first stages) of steps ``start .. stop-1``, re-run without a graph from
+        step ``start``'s stored ones ([`rerun`][mpnode.core.march.rerun])."""
+        dtype = self.plan.problem.policy.state_dtype
+        with torch.no_grad():
+            return rerun(self.plan.problem, self.trajectory, self.plan.stage_times, start, stop, y.to(dtype),
+                         None if first is None else first.to(dtype), before_step=self.replay.before_step)
 
 
 def _refuse_untracked(graph: StepGraph, known: KnownTensors) -> None:

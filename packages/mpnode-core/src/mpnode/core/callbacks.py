@@ -26,7 +26,8 @@ a warning naming the valid ones, and so does ``callback_accept_step`` /
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -73,7 +74,8 @@ class Callbacks:
     def wants(self, name: str) -> bool:
         return name in self._found
 
-    def call(self, name: str, t0: torch.Tensor | float, y: torch.Tensor, dt: torch.Tensor | float, dtype: torch.dtype) -> None:
+    def call(self, name: str, t0: torch.Tensor | float, y: torch.Tensor, dt: torch.Tensor | float,
+             dtype: torch.dtype) -> None:
         """Call ``name`` if defined; host floats are turned into 0-dim tensors on the state's device."""
         hook = self._found.get(name)
         if hook is None:

@@ -1,4 +1,7 @@
-"""Storage for the states kept between forward and backward (one row per step).
+"""Storage for the states kept between forward and backward (one row per step), and what the checkpointing
+strategies keep with it: [`EveryStepCheckpoints`][mpnode.core.checkpoints.EveryStepCheckpoints] (one row per
+accepted step, the recompute strategy) and [`SparseCheckpoints`][mpnode.core.checkpoints.SparseCheckpoints] (every
+``k``-th, the segmented strategy).
 
 Rows in a dtype with a narrower exponent range than float32 (float16, float8) are
 stored *scaled by a power of two*: row ``n`` is kept as ``y_n * 2^-e_n`` with
@@ -14,9 +17,12 @@ row's largest element still underflow (float16's subnormal floor).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .contracts import Kept, SavedReader, StoreSetup
 
 #: Rows of the first chunk when the number of steps is not known in advance; chunks double up to ``MAX_CHUNK``.
 FIRST_CHUNK = 16
@@ -44,15 +50,21 @@ def row_scale(row: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _prescaled(row: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(row / 2^e, 2^e)`` in ``row``'s dtype for a narrow-range ``dtype``, else ``(row, None)``: what to cast and store."""
+    """``(row / 2^e, 2^e)`` in ``row``'s dtype for a narrow-range ``dtype``, else ``(row, None)``: what to cast and
+    store."""
     if not needs_row_scaling(dtype):
         return row, None
     scale = row_scale(row, dtype)
     return row / scale.to(row.dtype), scale
 
 
+#: A row as stored: the tensor in the storage dtype and, for narrow-range dtypes, its power-of-two scale.
+Encoded = tuple[torch.Tensor, torch.Tensor | None]
+
+
 def encode_row(row: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``row`` as stored in ``dtype``: ``(row / 2^e in dtype, 2^e)`` for a narrow-range dtype, else ``(row in dtype, None)``."""
+    """``row`` as stored in ``dtype``: ``(row / 2^e in dtype, 2^e)`` for a narrow-range dtype, else ``(row in dtype,
+    None)``."""
     scaled, scale = _prescaled(row, dtype)
     return scaled.to(dtype, copy=True), scale
 
@@ -64,7 +76,8 @@ def decode_row(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor
 
 @dataclass
 class StoredRows:
-    """The rows a :class:`CheckpointStore` kept: ``chunks`` ``(rows_i, width)`` and, when scaled, ``scales`` ``(rows_i,)`` float32."""
+    """The rows a [`CheckpointStore`][mpnode.core.checkpoints.CheckpointStore] kept: ``chunks`` ``(rows_i, width)``
+    and, when scaled, ``scales`` ``(rows_i,)`` float32."""
 
     chunks: list[torch.Tensor]
     scales: list[torch.Tensor] | None = None
@@ -74,7 +87,7 @@ class StoredRows:
         return [*self.chunks, *(self.scales or [])]
 
     @classmethod
-    def from_saved(cls, saved: tuple[torch.Tensor, ...] | list[torch.Tensor], n_chunks: int, scaled: bool) -> "StoredRows":
+    def from_saved(cls, saved: Sequence[torch.Tensor], n_chunks: int, scaled: bool) -> StoredRows:
         chunks = list(saved[:n_chunks])
         return cls(chunks, list(saved[n_chunks: 2 * n_chunks]) if scaled else None)
 
@@ -138,3 +151,116 @@ class CheckpointStore:
             if self.scaled:
                 self.scales[-1] = self.scales[-1][: self._used].clone()
         return StoredRows(self.chunks, self.scales if self.scaled else None)
+
+
+# -- what the checkpointing strategies keep ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointRows:
+    """Every accepted step's start state and the carried first stages, as the backward pass reads them."""
+
+    states: StoredRows
+    first_stages: StoredRows
+    first_row: dict[int, int]  # carried step -> its row in first_stages
+
+    def state(self, n: int) -> torch.Tensor:
+        return self.states.row(n)
+
+    def first_stage(self, n: int) -> torch.Tensor | None:
+        """Step ``n``'s carried first stage, ``None`` when the step evaluates its own."""
+        return self.first_stages.row(self.first_row[n]) if n in self.first_row else None
+
+
+class EveryStepCheckpoints(Kept):
+    """Keeps every accepted step's start state (and carried first stage) in the checkpoint dtype."""
+
+    def __init__(self, setup: StoreSetup) -> None:
+        self.states = CheckpointStore(setup.width, setup.dtype, setup.device, setup.rows)
+        self.first_stages = CheckpointStore(setup.width, setup.dtype, setup.device) if setup.carries else None
+        self.first_row: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        """Rows kept (states and carried first stages)."""
+        return len(self.states) + (len(self.first_stages) if self.first_stages is not None else 0)
+
+    def record(self, n: int, y: torch.Tensor, first_stage: torch.Tensor | None) -> None:
+        self.states.append(y)
+        if first_stage is not None:
+            assert self.first_stages is not None, "a carried first stage needs a store made with carries=True"
+            self.first_row[n] = len(self.first_stages)
+            self.first_stages.append(first_stage)
+
+    def rows(self) -> CheckpointRows:
+        """What was kept so far (the last chunks trimmed)."""
+        firsts = self.first_stages.finish() if self.first_stages is not None else StoredRows([])
+        return CheckpointRows(self.states.finish(), firsts, dict(self.first_row))
+
+    def finish(self) -> tuple[list[torch.Tensor], SavedReader]:
+        rows = self.rows()
+        n_states, states_scaled = len(rows.states.chunks), rows.states.scales is not None
+        n_firsts, firsts_scaled = len(rows.first_stages.chunks), rows.first_stages.scales is not None
+        first_row = rows.first_row
+
+        def read(saved: Sequence[torch.Tensor]) -> CheckpointRows:
+            states = StoredRows.from_saved(saved, n_states, states_scaled)
+            firsts = StoredRows.from_saved(saved[len(states.tensors()):], n_firsts, firsts_scaled)
+            return CheckpointRows(states, firsts, first_row)
+
+        return [*rows.states.tensors(), *rows.first_stages.tensors()], read
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """The start states (and carried first stages) of steps ``0, k, 2k, ...``, as the backward pass reads them."""
+
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
+
+    def segment(self, n: int, n_steps: int) -> tuple[int, int]:
+        """``(start, stop)``: the kept step at or before ``n`` and the next kept one (or ``n_steps``)."""
+        start = max(m for m in self.kept if m <= n)
+        later = [m for m in self.kept if m > start]
+        return start, min(later) if later else n_steps
+
+
+class SparseCheckpoints(Kept):
+    """Keeps the start state (and carried first stage) of steps ``0, k, 2k, ...``, at most ``budget`` of them;
+    ``k`` doubles (dropping every other checkpoint) when the count of an adaptive march would exceed it."""
+
+    def __init__(self, setup: StoreSetup, budget: int) -> None:
+        self.dtype = setup.dtype
+        self.budget = budget
+        self.every = max(1, -(-setup.rows // budget)) if setup.rows else 1
+        self.kept: dict[int, tuple[Encoded, Encoded | None]] = {}  # step -> its state and carried first stage
+
+    def record(self, n: int, y: torch.Tensor, first_stage: torch.Tensor | None) -> None:
+        if n % self.every:
+            return
+        first = None if first_stage is None else encode_row(first_stage, self.dtype)
+        self.kept[n] = (encode_row(y, self.dtype), first)
+        while len(self.kept) > self.budget:  # adaptive steps: thin to every other checkpoint
+            self.every *= 2
+            self.kept = {m: v for m, v in self.kept.items() if m % self.every == 0}
+
+    def finish(self) -> tuple[list[torch.Tensor], SavedReader]:
+        """Per kept step its encoded row (and its scale for narrow-range dtypes), then the same for a carried
+        first stage."""
+        index = sorted(self.kept)
+        has_first = [self.kept[m][1] is not None for m in index]
+        out: list[torch.Tensor] = []
+        for m in index:
+            state, first = self.kept[m]
+            for stored, scale in [state] + ([first] if first is not None else []):
+                out += [stored] if scale is None else [stored, scale]
+        scaled = len(out) > len(index) + sum(has_first)
+
+        def read(saved: Sequence[torch.Tensor]) -> SparseRows:
+            items = iter(saved)
+
+            def row() -> torch.Tensor:
+                stored = next(items)
+                return decode_row(stored, next(items) if scaled else None)
+
+            return SparseRows({m: (row(), row() if first else None) for m, first in zip(index, has_first)})
+
+        return out, read

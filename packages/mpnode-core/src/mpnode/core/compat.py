@@ -14,7 +14,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -76,7 +77,11 @@ def odeint_adjoint(
     Returns:
         As :func:`odeint`.
     """
-    if adjoint_params is None and not isinstance(func, torch.nn.Module):
+    if adjoint_params is not None:
+        params = tuple(adjoint_params)
+    elif isinstance(func, torch.nn.Module):
+        params = tuple(func.parameters())
+    else:
         raise ValueError(
             "odeint_adjoint: func is not an nn.Module, so its parameters cannot be found; pass the tensors to "
             "differentiate as adjoint_params=(...), or adjoint_params=() if there are none (as torchdiffeq requires)"
@@ -87,7 +92,6 @@ def odeint_adjoint(
     _warn_ignored_adjoint_arguments(
         rtol, atol, method, options, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
     )
-    params = tuple(func.parameters()) if adjoint_params is None else tuple(adjoint_params)
     return odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
                   adjoint_params=params, **mpnode_kwargs)
 
@@ -173,10 +177,10 @@ def odeint_event(
     start = t0.reshape(1)
     t = torch.cat([start, start.detach() + (-1.0 if reverse_time else 1.0)])
     event_t, solution = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
-    is_tuple = not isinstance(solution, torch.Tensor)
-    last = tuple(s[-1] for s in solution) if is_tuple else solution[-1]
-    policy = PrecisionPolicy.capture(y0[0] if is_tuple else y0)
-    event_t, last = attach_event_gradient(func, event_fn, start, y0, event_t, last, policy)
-    if is_tuple:
-        return event_t, tuple(torch.cat([s[:-1], e.unsqueeze(0)]) for s, e in zip(solution, last))
-    return event_t, torch.cat([solution[:-1], last.unsqueeze(0)])
+    policy = PrecisionPolicy.capture(y0 if isinstance(y0, torch.Tensor) else y0[0])
+    if isinstance(solution, torch.Tensor):
+        event_t, last = attach_event_gradient(func, event_fn, start, y0, event_t, solution[-1], policy)
+        assert isinstance(last, torch.Tensor)
+        return event_t, torch.cat([solution[:-1], last.unsqueeze(0)])
+    event_t, last = attach_event_gradient(func, event_fn, start, y0, event_t, tuple(s[-1] for s in solution), policy)
+    return event_t, tuple(torch.cat([s[:-1], e.unsqueeze(0)]) for s, e in zip(solution, last))

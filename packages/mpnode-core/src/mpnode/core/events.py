@@ -9,13 +9,14 @@ grids, which need ``step_size``).  The solve returns ``(event_t, [y0, y(event_t)
 
 The pieces:
 
-* :class:`EventFunction`: ``event_fn`` combined into one scalar ``g`` that is
+* [`EventFunction`][mpnode.core.events.EventFunction]: ``event_fn`` combined into one scalar ``g`` that is
   positive before the event: ``g = min(event_fn(t, y) * sign(event_fn(t0, y0)))``
   over its elements (torchdiffeq's rule for vector-valued event functions);
-* :class:`EventLocator`: the hooks the adaptive march calls (:meth:`~EventLocator.begin`,
-  :meth:`~EventLocator.after_step`) and the root finder;
-* :class:`FixedStepsUntilEvent`: fixed steps of ``step_size`` from ``t0`` until the event;
-* :func:`attach_event_gradient`: the implicit-function-theorem link from the
+* [`EventLocator`][mpnode.core.events.EventLocator]: the hooks both marches call (``begin``, ``after_step``,
+  ``output_times``; ``not_found`` for the adaptive march's bound) and the root finder;
+* [`until_event`][mpnode.core.events.until_event]: the march of a solve until an event (fixed grids become
+  [`FixedStepsUntilEvent`][mpnode.core.march.FixedStepsUntilEvent]);
+* [`attach_event_gradient`][mpnode.core.events.attach_event_gradient]: the implicit-function-theorem link from the
   event time to ``y0``, ``t0`` and the parameters, used by ``odeint_event``.
 
 Precision: ``event_fn`` and the root finding always run in the state's dtype with
@@ -28,19 +29,17 @@ root-finding iteration (about ten per event).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from .controllers import StepSizeGrid
-from .graphs import attach_end_slope
-from .march import (
-    AdaptiveStepping, FixedGridStepping, Problem, Recorder, Stepping, Trajectory, _Attempt, _end_slope, _evaluate, _interp_output,
-)
 from .outputs import OutputPlacement
 from .precision import PrecisionPolicy
 from .state import FlatState, FlatVectorField, State
-from .stepper import stage_time_table
+
+if TYPE_CHECKING:
+    from .march import March
 
 #: Iterations of the root finder before it gives up (it needs about ten).
 MAX_ROOT_ITERATIONS = 200
@@ -83,22 +82,26 @@ class EventFunction:
         with torch.no_grad():
             self.signs = torch.sign(self.raw(t0, y0.detach()))
 
+    def _signs(self) -> torch.Tensor:
+        assert self.signs is not None, "calibrate() runs first"
+        return self.signs
+
     def holds_at_start(self) -> bool:
-        """Whether an element of ``event_fn(t0, y0)`` is zero: the event holds before any step (after :meth:`calibrate`)."""
-        return bool((self.signs == 0).any())
+        """Whether an element of ``event_fn(t0, y0)`` is zero: the event holds before any step (after ``calibrate``)."""
+        return bool((self._signs() == 0).any())
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.raw(t, y)
-        if out.shape != self.signs.shape:
+        out, signs = self.raw(t, y), self._signs()
+        if out.shape != signs.shape:
             try:
-                torch.broadcast_shapes(out.shape, self.signs.shape)
+                torch.broadcast_shapes(out.shape, signs.shape)
             except RuntimeError:
                 raise ValueError(
-                    f"event_fn returned shape {tuple(out.shape)} at t = {float(t):.6g} but {tuple(self.signs.shape)} at "
+                    f"event_fn returned shape {tuple(out.shape)} at t = {float(t):.6g} but {tuple(signs.shape)} at "
                     "t0; its elements are multiplied by their signs at t0, so later values must broadcast with the "
                     "first (as in torchdiffeq); return the same shape at every call"
                 ) from None
-        return (out * self.signs).min()
+        return (out * signs).min()
 
 
 class EventLocator:
@@ -120,10 +123,12 @@ class EventLocator:
         with torch.no_grad():
             v = float(self.g(torch.tensor(t, dtype=self.g.layout.dtype, device=y.device), y))
         if math.isnan(v):
-            raise FloatingPointError(f"odeint: event_fn returned NaN at t = {t:.17g}; check the event function and the state")
+            raise FloatingPointError(f"odeint: event_fn returned NaN at t = {t:.17g}; check the "
+                                     "event function and the state")
         return v
 
-    def begin(self, outputs: list[float], direction: int, y0: torch.Tensor, rows: list, placement: OutputPlacement):
+    def begin(self, outputs: list[float], direction: int, y0: torch.Tensor, rows: list,
+              placement: OutputPlacement) -> tuple[list[float], int]:
         """Calibrate ``g`` at ``(t0, y0)``; returns the outputs ``[t0, event]`` and the next output index.
 
         When the event holds at ``t0`` already (an element of ``event_fn`` is 0)
@@ -213,110 +218,20 @@ class EventLocator:
         return torch.tensor(self.time, dtype=t.dtype, device=t.device)
 
 
-class FixedStepsUntilEvent(Stepping):
-    """Steps of ``step_size`` from ``t0`` until the event (torchdiffeq's fixed-grid event search).
+def until_event(march: March, event_fn: Callable, layout: FlatState, policy: PrecisionPolicy,
+                t_host: torch.Tensor) -> tuple[March, EventLocator]:
+    """The march and event locator of ``odeint(..., event_fn=...)``; checks ``t`` and the grid option.
 
-    The nodes ``t0, t0 +- h, ...`` are formed one by one in ``t``'s dtype; the
-    outputs are read off the grid's interpolant (``interp``) and stage times are
-    perturbed as ``perturb`` says, as on any fixed grid.  At most
-    :attr:`MAX_STEPS` steps (torchdiffeq's limit) are taken.
-    """
-
-    MAX_STEPS = MAX_EVENT_STEPS
-
-    def __init__(self, grid_stepping: FixedGridStepping) -> None:
-        if not isinstance(grid_stepping.rule, StepSizeGrid):
-            raise ValueError(
-                "odeint: with event_fn, fixed-grid methods need options['step_size'] (the grid cannot be built before "
-                "the event time is known, as in torchdiffeq); pass step_size, or use an adaptive method such as 'dopri5'"
-            )
-        self.grid_stepping = grid_stepping
-        self.step_size = grid_stepping.rule.step_size
-        self.output_rule = grid_stepping.output_rule
-
-    def march(self, problem: Problem, y0, t, t_host, grid, grid_host, recorder: Recorder):
-        tab, cb, event = problem.tableau, problem.callbacks, problem.event
-        direction = 1 if bool(t_host[1] > t_host[0]) else -1
-        rule = self.grid_stepping.perturbation(direction)
-        rows: list[torch.Tensor | None] = [y0, None]
-        placement = OutputPlacement()
-        placement.add_node(0, 0)
-        _, j = event.begin([float(t_host[0]), float(t_host[1])], direction, y0, rows, placement)
-        nodes, steps, y = [float(t_host[0])], [], y0
-        while j < 2:
-            n = len(steps)
-            if n == self.MAX_STEPS:
-                raise RuntimeError(
-                    f"odeint: no event within {self.MAX_STEPS} steps of size {self.step_size:g} from t = {nodes[0]:.6g}; "
-                    "use a larger step_size, or check that event_fn changes sign along the solution"
-                )
-            pair = torch.tensor([nodes[-1], nodes[-1] + direction * self.step_size], dtype=t.dtype)
-            t0, t1 = pair.tolist()
-            h = t1 - t0
-            pair = pair.to(t.device)
-            if cb:
-                cb.call("callback_step", pair[0], y, pair[1] - pair[0], t.dtype)
-            recorder.record(n, y, None)
-            times = stage_time_table(tab, pair, problem.policy.state_dtype, rule)[0]
-            step = _evaluate(problem, recorder, y, None, h, (pair[0], pair[1]), rule, times)
-            if step.graph is not None:
-                recorder.keep(n, step.graph)
-            interp = _StepInterpolant(problem, recorder, y, h, step, pair[1])
-            if event.after_step(n, t0, t1, step.y1, interp, rows, placement):
-                j = 2
-            nodes.append(t1)
-            steps.append(h)
-            y = step.y1
-        grid = torch.tensor(nodes, dtype=t.dtype, device=t.device)
-        trajectory = Trajectory(nodes, steps, grid, [rule], [rule.first] * len(steps), placement,
-                                output_times=event.output_times(t))
-        return torch.stack(rows), trajectory
-
-
-class _StepInterpolant:
-    """``x -> y_n + h Psi(x)`` of one fixed step; the end slope of the cubic rule is evaluated once, when first needed.
-
-    It is only called in the step where the event lies.  When the step's graph is
-    kept (direct strategy), the end slope is evaluated into that graph, so the
-    backward pass differentiates the output the forward returned.
-    """
-
-    def __init__(self, problem: Problem, recorder: Recorder, y: torch.Tensor, h: float, step: _Attempt,
-                 t1: torch.Tensor) -> None:
-        self.problem, self.recorder, self.y, self.h, self.step, self.t1 = problem, recorder, y, h, step, t1
-        self.slope = None
-
-    def __call__(self, x: float) -> torch.Tensor:
-        if self.problem.output_rule.needs_end_slope and self.slope is None:
-            self.slope = self._end_slope()
-        return _interp_output(self.problem, self.y, self.h, self.step.stages, self.step.phi, x, self.slope)
-
-    def _end_slope(self) -> torch.Tensor:
-        graph = self.step.graph
-        if graph is None:
-            return _end_slope(self.problem, self.t1, self.step.y1)
-        with torch.enable_grad(), self.recorder.graph_context():
-            attach_end_slope(self.problem, graph, self.t1)
-        return graph.end_slope.detach()
-
-
-def until_event(stepping: Stepping, event_fn: Callable, layout: FlatState, policy: PrecisionPolicy,
-                t_host: torch.Tensor) -> tuple[Stepping, EventLocator]:
-    """The stepping and event locator of ``odeint(..., event_fn=...)``; checks ``t`` and the grid option.
-
-    Adaptive steps get a bound like fixed grids': at most :data:`MAX_EVENT_STEPS`
-    attempts unless ``options['max_num_steps']`` was given.
+    A fixed grid becomes fixed steps of ``step_size`` until the event, at most
+    ``MAX_EVENT_STEPS`` of them; adaptive steps get the same bound on attempts
+    unless ``options['max_num_steps']`` was given.
     """
     if t_host.numel() != 2:
         raise ValueError(
             f"odeint: with event_fn, t must hold two times [t0, t1] (t0 starts the solve, t1 only gives the direction "
             f"of time, as in torchdiffeq), got {t_host.numel()}; or call odeint_event(func, y0, t0, event_fn=...)"
         )
-    if isinstance(stepping, FixedGridStepping):
-        stepping = FixedStepsUntilEvent(stepping)
-    elif isinstance(stepping, AdaptiveStepping) and stepping.options.max_num_steps is None:
-        stepping.options.max_num_steps = MAX_EVENT_STEPS
-    return stepping, EventLocator(EventFunction(event_fn, layout, policy))
+    return march.until_event(MAX_EVENT_STEPS), EventLocator(EventFunction(event_fn, layout, policy))
 
 
 def attach_event_gradient(func: Callable, event_fn: Callable, t0: torch.Tensor, y0: State, event_t: torch.Tensor,
@@ -355,7 +270,8 @@ def attach_event_gradient(func: Callable, event_fn: Callable, t0: torch.Tensor, 
     with torch.enable_grad():
         t_leaf, y_leaf = t_e.clone().requires_grad_(True), y_e.detach().clone().requires_grad_(True)
         value = g(t_leaf, y_leaf)
-        g_t, g_y = torch.autograd.grad(value, (t_leaf, y_leaf), allow_unused=True) if value.requires_grad else (None, None)
+        g_t, g_y = (torch.autograd.grad(value, (t_leaf, y_leaf), allow_unused=True) if value.requires_grad
+                    else (None, None))
     slope = (g_y * f_e).sum() if g_y is not None else torch.zeros((), dtype=layout.dtype, device=layout.device)
     if g_t is not None:
         slope = slope + g_t

@@ -2,7 +2,7 @@
 
 :func:`tracked_forward` runs the graph-free march of a solve whose backward pass
 will recompute steps, and returns everything such a backward needs besides the
-strategy's own storage (its :class:`~mpnode.core.march.Recorder`):
+strategy's own storage (its [`Recorder`][mpnode.core.contracts.Recorder]):
 
 * the **gradient targets**: the solve's targets plus (without ``adjoint_params``) the
   grad-requiring tensors the first evaluation of ``func`` turned out to use
@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .contracts import ForwardingRecorder, Problem, Recorder, SolveInputs, Trajectory
 from .guards import VersionRecord, check_solution
-from .march import AdaptiveStepping, ForwardingRecorder, Problem, Recorder, Stepping, Trajectory
+from .march import AdaptiveMarch, March
 from .parameters import CapturedTensorProbe
 from .replay import RandomStates, Replay, StepRandomness, cuda_devices, module_buffers, module_modes
 
@@ -61,20 +62,19 @@ class TrackedForward:
         return any(x is not None and x.requires_grad for x in self.params)
 
 
-def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Recorder,
+def tracked_forward(problem: Problem, march: March, inputs: SolveInputs, recorder: Recorder,
                     replay_rng: bool) -> tuple[torch.Tensor, TrackedForward]:
     """March without a graph, recording through ``recorder``; returns the ``(T, D)`` outputs
     (no graph) and the :class:`TrackedForward`; see the module docstring.
 
-    ``inputs`` is the strategy's :class:`~mpnode.core.strategies.SolveInputs`.  With
-    ``replay_rng`` the generator states are tracked (per step on fixed grids); a
+    With ``replay_rng`` the generator states are tracked (per step on fixed grids); a
     stochastic field on an adaptive grid is refused (its draws cannot be replayed
     per step: rejected attempts and first-same-as-last stages consume them) as soon
     as it draws: after the first evaluation, then at every accepted step, so a
     field whose noise collapses the step size is refused at once, not after the
     march.
     """
-    adaptive = isinstance(stepping, AdaptiveStepping)
+    adaptive = isinstance(march, AdaptiveMarch)
     randomness = None
     if replay_rng:
         randomness = StepRandomness(RandomStates(cuda_devices([inputs.y0, *inputs.params, *inputs.constants])))
@@ -88,9 +88,7 @@ def tracked_forward(problem: Problem, stepping: Stepping, inputs, recorder: Reco
     nfe0 = problem.field.nfe
     try:
         with torch.no_grad(), problem.policy.autocast():
-            outputs, trajectory = stepping.march(
-                problem, inputs.y0.detach().clone(), inputs.t, inputs.t_host, inputs.grid, inputs.grid_host, recorder
-            )
+            outputs, trajectory = march.march(problem, inputs, inputs.y0.detach().clone(), recorder)
     finally:
         problem.field.next_call_hook = None
     check_solution(outputs, problem.policy)
@@ -122,7 +120,7 @@ ADAPTIVE_RANDOMNESS_REFUSED = (
 
 def _refuse_draws(randomness: StepRandomness) -> None:
     """Raise :data:`ADAPTIVE_RANDOMNESS_REFUSED` if a generator moved since the solve started (one state read)."""
-    if not RandomStates.same(randomness.generators.capture(), randomness.initial):
+    if not RandomStates.same(randomness.generators.capture(), randomness.initial_state()):
         raise RuntimeError(ADAPTIVE_RANDOMNESS_REFUSED)
 
 
@@ -137,7 +135,7 @@ def _checked_call(probe, check):
     return call
 
 
-class _RefuseRandomness(ForwardingRecorder):
+class _RefuseRandomness(ForwardingRecorder[Recorder]):
     """Adaptive steps: passes each accepted step on to ``inner`` after checking that no random number was drawn."""
 
     def __init__(self, inner: Recorder, randomness: StepRandomness) -> None:
@@ -148,7 +146,7 @@ class _RefuseRandomness(ForwardingRecorder):
         self.inner.record(n, y, first_stage)
 
 
-class _RandomnessRecorder(ForwardingRecorder):
+class _RandomnessRecorder(ForwardingRecorder[Recorder]):
     """Passes each step on to ``inner`` after logging the generator state the step starts from.
 
     Logged at ``record``, which a fixed grid calls before evaluating the step.

@@ -1,62 +1,23 @@
 """One step evaluated with autograd on, from leaf inputs: what every adjoint strategy differentiates.
 
 The recompute and segmented strategies build it in backward from a stored start
-state; the direct strategy builds it during the forward pass and keeps it.
+state; the direct strategy builds it during the forward pass and keeps it.  The
+result is a [`StepGraph`][mpnode.core.contracts.StepGraph].
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from .stepper import (
-    StagePerturbation, Stages, first_stage_time, rk_stages, traced_stage_times, weighted_sum, with_traced_step,
-)
+from .contracts import Problem, StepGraph
+from .rk import StagePerturbation, first_stage_time, rk_stages, traced_stage_times, weighted_sum, with_traced_step
 
 
 @dataclass
-class StepGraph:
-    """One step built with autograd on, from leaf inputs, ready for VJPs.
-
-    Attributes:
-        y: the start state, a leaf ``(D,)`` in the state dtype.
-        first: the first stage as an input leaf ``(D,)`` (inherited from the previous
-            step), or ``None`` when the step evaluates it.
-        t0, t1: the step's nodes as leaves (0-dim, grid dtype) when times are traced.
-        h: the step size (host float).
-        h_traced: ``t1 - t0`` of the traced nodes (0-dim tensor), or ``None``.
-        stages: the stages (with their graph).
-        phi: ``sum_i b_i k_i`` (with its graph).
-        end_slope: ``f(tau_{n+1}, y_{n+1})`` when the output rule needs it, else ``None``.
-    """
-
-    y: torch.Tensor
-    first: torch.Tensor | None
-    t0: torch.Tensor | None
-    t1: torch.Tensor | None
-    h: float
-    h_traced: torch.Tensor | None
-    stages: Stages
-    phi: torch.Tensor
-    end_slope: torch.Tensor | None = None
-
-    def leaves(self) -> list[torch.Tensor]:
-        return [x for x in (self.y, self.first, self.t0, self.t1) if x is not None]
-
-    def end_state(self) -> torch.Tensor:
-        """``y_{n+1}`` with its graph (the last stage's input for first-same-as-last methods)."""
-        if self._fsal:
-            return self.stages.last_input
-        y1 = torch.add(self.y, self.phi, alpha=self.h)  # step_end's arithmetic
-        return y1 if self.h_traced is None else with_traced_step(y1, self.h_traced, self.phi)
-
-    _fsal: bool = False
-
-
-@dataclass
-class FirstStage:
+class FirstStageGraph:
     """A step's first stage evaluated with autograd on before the step itself (the adaptive march needs it to size
     the step): the step's graph starts from these leaves instead of evaluating the stage a second time.
 
@@ -71,21 +32,21 @@ class FirstStage:
     k: torch.Tensor
 
 
-def evaluate_first_stage(problem, y: torch.Tensor, t0: torch.Tensor, perturbation: StagePerturbation,
-                         need_times: bool) -> FirstStage:
+def evaluate_first_stage(problem: Problem, y: torch.Tensor, t0: torch.Tensor, perturbation: StagePerturbation,
+                         need_times: bool) -> FirstStageGraph:
     """Evaluate the first stage of a step from node ``t0`` (0-dim, grid dtype) and ``y`` with autograd on, from leaves.
 
     Call inside ``torch.enable_grad()`` and the solve's autocast; hand the result to
-    :func:`evaluate_step` as ``start`` (for every attempt of the step).
+    [`evaluate_step`][mpnode.core.graphs.evaluate_step] as ``start`` (for every attempt of the step).
     """
     y = y.detach().to(problem.policy.state_dtype).requires_grad_(True)
     node = t0.detach().requires_grad_(True) if need_times else t0.detach()
     k = problem.field(first_stage_time(node, problem.policy.state_dtype, perturbation), y)
-    return FirstStage(y, node if need_times else None, k)
+    return FirstStageGraph(y, node if need_times else None, k)
 
 
 def evaluate_step(
-    problem,
+    problem: Problem,
     y: torch.Tensor,
     first: torch.Tensor | None,
     h: float,
@@ -94,7 +55,7 @@ def evaluate_step(
     stage_times: Sequence[torch.Tensor] | None,
     need_times: bool,
     with_end_slope: bool,
-    start: FirstStage | None = None,
+    start: FirstStageGraph | None = None,
 ) -> StepGraph:
     """Evaluate one step from ``y`` (and an inherited ``first`` stage) with autograd on, as leaves.
 
@@ -102,9 +63,8 @@ def evaluate_step(
     step's ``(tau_n, tau_{n+1})`` (0-dim, grid dtype); ``stage_times`` the step's row
     of the stage-time table, ignored when ``need_times`` (the times are then traced
     from leaf copies of ``nodes``).  ``start``: the step's first stage already
-    evaluated from ``y`` (:func:`evaluate_first_stage`; ``first`` is then ``None``),
-    whose leaves the graph shares.  ``problem`` is the solve's
-    :class:`~mpnode.core.march.Problem`.
+    evaluated from ``y`` ([`evaluate_first_stage`][mpnode.core.graphs.evaluate_first_stage]; ``first`` is then
+    ``None``), whose leaves the graph shares.
     """
     tab, state_dtype = problem.tableau, problem.policy.state_dtype
     y = y.detach().to(state_dtype).requires_grad_(True) if start is None else start.y
@@ -112,22 +72,36 @@ def evaluate_step(
     t0 = t1 = h_traced = None
     if need_times:
         t0 = nodes[0].detach().requires_grad_(True) if start is None else start.t0
+        assert t0 is not None, "a first stage evaluated for traced times has its node"
         t1 = nodes[1].detach().requires_grad_(True)
         h_traced = t1 - t0
         stage_times = traced_stage_times(tab, t0, t1, state_dtype, perturbation)
+    assert stage_times is not None, "stage_times are given unless the times are traced"
     k1 = first if start is None else start.k
     stages = rk_stages(tab, problem.field, y, h, stage_times, first_stage=k1, h_traced=h_traced)
     phi = weighted_sum(tab.b, stages.ks)
-    graph = StepGraph(y, first, t0, t1, h, h_traced, stages, phi, _fsal=tab.is_fsal)
+    graph = StepGraph(y, first, t0, t1, h, h_traced, stages, phi, fsal=tab.is_fsal)
     if with_end_slope:
         attach_end_slope(problem, graph, nodes[1])
     return graph
 
 
-def attach_end_slope(problem, graph: StepGraph, t1: torch.Tensor) -> None:
-    """Set ``graph.end_slope = f(tau_{n+1}, y_{n+1})`` with its graph (call with autograd on, under the solve's autocast).
+def end_state(graph: StepGraph) -> torch.Tensor:
+    """``y_{n+1}`` with its graph (the last stage's input for first-same-as-last methods).
+
+    The arithmetic of [`step_end`][mpnode.core.rk.step_end], plus the traced step's zero-valued term.
+    """
+    if graph.fsal:
+        return graph.stages.last_input
+    y1 = torch.add(graph.y, graph.phi, alpha=graph.h)
+    return y1 if graph.h_traced is None else with_traced_step(y1, graph.h_traced, graph.phi)
+
+
+def attach_end_slope(problem: Problem, graph: StepGraph, t1: torch.Tensor) -> None:
+    """Set ``graph.end_slope = f(tau_{n+1}, y_{n+1})`` with its graph (call with autograd on, under the solve's
+    autocast).
 
     ``t1`` is the step's end node (0-dim, grid dtype); the graph's traced ``t1`` is used instead when it has one.
     """
     t_end = graph.t1 if graph.t1 is not None else t1.detach()
-    graph.end_slope = problem.field(t_end.to(problem.policy.state_dtype), graph.end_state())
+    graph.end_slope = problem.field(t_end.to(problem.policy.state_dtype), end_state(graph))

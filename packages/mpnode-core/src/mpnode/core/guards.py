@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -43,8 +43,8 @@ class VersionRecord:
         for x, version in self.entries:
             if x._version != version:
                 raise RuntimeError(
-                    f"odeint: a tensor the backward pass recomputes with (shape {tuple(x.shape)}, {x.dtype}; a parameter, "
-                    f"a buffer, a tensor func captured, or t) was "
+                    f"odeint: a tensor the backward pass recomputes with (shape {tuple(x.shape)}, {x.dtype}; a "
+                    f"parameter, a buffer, a tensor func captured, or t) was "
                     f"modified in place after the forward pass (version {x._version}, expected {version}), e.g. by "
                     "optimizer.step() or an in-place op such as mul_() under torch.no_grad(); the gradient would "
                     "belong to the new values. Call backward() before changing it, or change a copy "
@@ -115,7 +115,8 @@ def check_solution(out: torch.Tensor, policy: PrecisionPolicy) -> None:
     if bool(torch.isfinite(out[-1].detach()).all()):
         return
     hint = (
-        "Under float16 autocast the vector field may overflow: try torch.bfloat16, a smaller step, or scaling the inputs."
+        "Under float16 autocast the vector field may overflow: try torch.bfloat16, a smaller "
+        "step, or scaling the inputs."
         if policy.autocast_dtype == torch.float16
         else "Check the vector field for blow-up and try a smaller step size."
     )

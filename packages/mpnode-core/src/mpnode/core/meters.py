@@ -12,6 +12,9 @@ saved output returned as itself would tie the autograd node to itself through
 the hook, a reference cycle the garbage collector cannot see, so the graph would
 never be freed), and it records storages by ``(device, data_ptr)`` only.
 
+[`available_memory_bytes`][mpnode.core.meters.available_memory_bytes] tells what a new allocation can use (a
+fixed grid too large for it is refused before it is built).
+
 Two facts come from private torch APIs; each is asked in one function here
 (:func:`outer_saved_tensors_hooks`, :func:`in_backward_pass`), which
 ``tests/core/test_meters.py`` checks on the installed torch.
@@ -19,15 +22,17 @@ Two facts come from private torch APIs; each is asked in one function here
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any
 
 import torch
 
-__all__ = ["HeldMemory", "held_memory", "outer_saved_tensors_hooks", "in_backward_pass"]
+__all__ = ["HeldMemory", "held_memory", "outer_saved_tensors_hooks", "in_backward_pass", "available_memory_bytes"]
 
 StorageKey = tuple[str, int]  # (device, data_ptr) of an untyped storage
-Hooks = tuple[Callable[[torch.Tensor], object], Callable[[object], torch.Tensor]]
+Hooks = tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]
 
 
 def outer_saved_tensors_hooks() -> Hooks | None:
@@ -36,7 +41,7 @@ def outer_saved_tensors_hooks() -> Hooks | None:
     Hooks do not nest, so a meter passes every tensor on to these (private API;
     where it is missing the meter cannot chain and returns ``None``).
     """
-    query = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    query = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
     return None if query is None else query(False)
 
 
@@ -68,6 +73,7 @@ class HeldMemory:
     recompute_storages: dict[StorageKey, tuple[int, torch.dtype]] = field(default_factory=dict)
     excluded: set[StorageKey] = field(default_factory=set)
     chain: bool = False
+    _hooks: torch.autograd.graph.saved_tensors_hooks | None = field(default=None, init=False, repr=False)
 
     @property
     def bytes(self) -> int:
@@ -86,14 +92,15 @@ class HeldMemory:
             out[dt] = out.get(dt, 0) + n
         return out
 
-    def __enter__(self) -> "HeldMemory":
+    def __enter__(self) -> HeldMemory:
         outer = outer_saved_tensors_hooks() if self.chain else None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(*_hooks(self, outer))
         self._hooks.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         hooks, self._hooks = self._hooks, None  # no meter <-> hooks reference cycle outlives the region
+        assert hooks is not None, "exit follows enter"
         hooks.__exit__(*exc)
 
     def count(self, x: torch.Tensor) -> None:
@@ -115,7 +122,7 @@ class HeldMemory:
 def _hooks(meter: HeldMemory, outer: Hooks | None) -> Hooks:
     """The meter's pack/unpack pair: count, then hand on to ``outer`` (or keep a detached alias)."""
 
-    def pack(x: torch.Tensor) -> object:
+    def pack(x: torch.Tensor) -> Any:
         meter.count(x)
         return x.detach() if outer is None else outer[0](x)
 
@@ -135,3 +142,24 @@ def held_memory(exclude: Iterable[torch.Tensor] = (), chain: bool = False) -> He
     bypassed: hooks do not nest).
     """
     return HeldMemory(excluded={(str(t.device), t.untyped_storage().data_ptr()) for t in exclude}, chain=chain)
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on ``device`` can use: free CUDA memory plus PyTorch's reusable cache on a GPU,
+    ``MemAvailable`` of ``/proc/meminfo`` on a Linux host, else the physical memory; ``None`` if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -2,42 +2,29 @@
 
 from __future__ import annotations
 
-import math
-import warnings
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
 from .callbacks import Callbacks
-from .controllers import (
-    ConstructedGrid,
-    IntegralController,
-    OutputTimesGrid,
-    StepSizeController,
-    StepSizeGrid,
-    Tolerance,
-)
+from .contracts import Problem, SolveInputs
 from .events import until_event
-from .march import AdaptiveOptions, AdaptiveStepping, FixedGridStepping, Problem, Stepping
-from .methods import get_tableau
-from .outputs import OUTPUT_RULES
 from .guards import refuse_function_transforms
+from .march import AdaptiveMarch, FixedGridMarch, March
+from .options import GridOptionIgnoredWarning, SolveOptions
+from .outputs import OUTPUT_RULES
 from .parameters import gradient_targets, reachable_grad_tensors, reachable_modules, restricted_parameters
 from .precision import PrecisionPolicy
 from .scaling import AdjointScaling
 from .state import FlatState, FlatVectorField, State
 from .stats import SolverStats
-from .strategies import AdjointStrategy, RecomputeAdjoint, SolveInputs
+from .strategies import AdjointStrategy, RecomputeAdjoint
 from .tableau import ButcherTableau
-from .validation import (
-    ADAPTIVE_OPTIONS,
-    FIXED_GRID_OPTIONS,
-    check_func,
-    check_options,
-    check_t,
-    check_y0,
-    refuse_options,
-)
+from .tolerance import Tolerance
+from .validation import check_func, check_t, check_y0
+
+__all__ = ["odeint", "GridOptionIgnoredWarning", "DEFAULT_RTOL", "DEFAULT_ATOL"]
 
 #: torchdiffeq's default tolerances.
 DEFAULT_RTOL, DEFAULT_ATOL = 1e-7, 1e-9
@@ -131,160 +118,56 @@ def odeint(
     check_y0(y0)
     layout = FlatState(y0)
     t_host = check_t(t, layout.device)
-    opts = check_options(options)
-    stats = _check_stats(opts.get("stats"))
-    tableau = get_tableau(method if method is not None else _default_method(opts))
+    opts = SolveOptions.parse(options, method, stacklevel=2)
     policy = PrecisionPolicy.capture(y0 if isinstance(y0, torch.Tensor) else y0[0])
-    stepping = _stepping(tableau, opts, rtol, atol, layout, policy)
+    march = _march(opts, rtol, atol, layout)
     if event_fn is None and t.shape[0] == 1:  # torchdiffeq's rule: the initial state, copied
         return layout.unflatten(layout.flatten(y0).clone().unsqueeze(0), (1,), dtype=layout.user_dtype)
     event = None
     if event_fn is not None:
-        stepping, event = until_event(stepping, event_fn, layout, policy, t_host)
+        march, event = until_event(march, event_fn, layout, policy, t_host)
         t = torch.cat([t[:1], t[1:].detach()])  # t[1] only gives the direction: no gradient reaches it
-    strategy = _strategy(adjoint, scaler, opts.get("checkpoint_dtype"))
+    strategy = _strategy(adjoint, scaler, opts.checkpoint_dtype)
     callbacks = Callbacks(func, layout)
-    callbacks.check_supported(isinstance(stepping, AdaptiveStepping), tableau.name)
-    problem = Problem(FlatVectorField(func, layout), tableau, policy, stepping.output_rule, callbacks, event=event)
+    callbacks.check_supported(opts.adaptive is not None, opts.tableau.name)
+    problem = Problem(FlatVectorField(func, layout), opts.tableau, policy, march.output_rule, callbacks, event=event)
+    out = strategy.solve(problem, march, _inputs(func, y0, t, t_host, march, layout, adjoint_params, opts.stats))
+    if isinstance(march, AdaptiveMarch):
+        march.warn_if_noise_accepted(stacklevel=2)
+    solution = layout.unflatten(out, (t.shape[0],), dtype=layout.user_dtype)
+    return solution if event is None else (event.event_time(t), solution)
+
+
+def _march(opts: SolveOptions, rtol: Any, atol: Any, layout: FlatState) -> March:
+    """The fixed-grid march of a method without an error estimate, else the adaptive one."""
+    if opts.fixed is not None:
+        return FixedGridMarch(opts.fixed.grid, OUTPUT_RULES[opts.fixed.interp](), opts.fixed.perturb)
+    assert opts.adaptive is not None
+    tolerance = Tolerance(DEFAULT_RTOL if rtol is None else rtol, DEFAULT_ATOL if atol is None else atol, layout,
+                          opts.adaptive.norm)
+    return AdaptiveMarch(opts.tableau, tolerance, opts.adaptive)
+
+
+def _inputs(func: Callable, y0: State, t: torch.Tensor, t_host: torch.Tensor, march: March, layout: FlatState,
+            adjoint_params: Iterable[torch.Tensor] | None, stats: SolverStats | None) -> SolveInputs:
+    """The differentiable inputs: the flat ``y0``, the grid built from ``t`` (fixed grids), the gradient targets,
+    and whether anything may need a gradient."""
     y0_flat = layout.flatten(y0)
     targets = gradient_targets(func, adjoint_params)
     grid = grid_host = None
-    if isinstance(stepping, FixedGridStepping):
-        grid, grid_host = stepping.rule.build(func, y0, t, t_host)
+    if isinstance(march, FixedGridMarch):
+        grid, grid_host = march.rule.build(func, y0, t, t_host)
     discover = torch.is_grad_enabled() and adjoint_params is None  # func may capture tensors that need gradients
     constants = restricted_parameters(func, targets) if adjoint_params is not None else []
     needs_grad = torch.is_grad_enabled() and (discover or any(
         x is not None and x.requires_grad for x in (t, grid, y0_flat, *targets)
     ) or bool(reachable_grad_tensors(func, constants)))  # an unlisted tensor func may read: backward refuses it
-    inputs = SolveInputs(
-        t, t_host, grid, grid_host, y0_flat, targets, needs_grad, stats, discover=discover,
-        constants=constants, modules=reachable_modules(func),
-    )
-    out = strategy.solve(problem, stepping, inputs)
-    if isinstance(stepping, AdaptiveStepping):
-        stepping.warn_if_noise_accepted(stacklevel=2)
-    solution = layout.unflatten(out, (t.shape[0],), dtype=layout.user_dtype)
-    return solution if event is None else (event.event_time(t), solution)
+    return SolveInputs(t, t_host, grid, grid_host, y0_flat, targets, needs_grad, stats, discover=discover,
+                       constants=constants, modules=reachable_modules(func))
 
 
-def _default_method(opts: Mapping[str, Any]) -> str:
-    grid_given = opts.get("step_size") is not None or opts.get("grid_constructor") is not None
-    return "rk4" if grid_given else "dopri5"
-
-
-def _check_stats(stats: Any) -> SolverStats | None:
-    if stats is not None and not isinstance(stats, SolverStats):
-        raise TypeError(f"options['stats'] must be a mpnode.core.SolverStats, got {type(stats).__name__}")
-    return stats
-
-
-class GridOptionIgnoredWarning(UserWarning):
-    """An adaptive method got ``step_size``/``grid_constructor``; it chooses its own steps and ignores them."""
-
-
-def _stepping(tableau: ButcherTableau, opts: dict, rtol, atol, layout: FlatState, policy: PrecisionPolicy) -> Stepping:
-    """Fixed grid when the method has no error estimate; adaptive otherwise (grid options then warn and are ignored)."""
-    grid_options = sorted(k for k in ("step_size", "grid_constructor") if opts.get(k) is not None)
-    if grid_options and tableau.is_adaptive:
-        warnings.warn(
-            f"odeint: method {tableau.name!r} is adaptive and chooses its own steps, so options {grid_options} are "
-            "ignored (as torchdiffeq ignores them). Remove them to silence this warning; to solve on that grid pass "
-            f"a fixed-grid method such as method='rk4', or method=get_tableau({tableau.name!r}).fixed_grid() "
-            "(mpnode.core.get_tableau) for this method's steps.",
-            GridOptionIgnoredWarning, stacklevel=3,
-        )
-        opts = {k: v for k, v in opts.items() if k not in grid_options}
-    grid_given = bool(grid_options) and not tableau.is_adaptive
-    if not tableau.is_adaptive:
-        refuse_options(opts, ADAPTIVE_OPTIONS, f"apply to adaptive methods only, but this solve uses a fixed grid "
-                       f"(method {tableau.name!r}{' with a grid option' if grid_given else ''}); remove them")
-        return _fixed_grid_stepping(opts)
-    refuse_options(opts, FIXED_GRID_OPTIONS, f"apply to fixed grids only, but method {tableau.name!r} is adaptive; "
-                   "remove them, or use a fixed-grid method such as method='rk4'")
-    tolerance = Tolerance(
-        DEFAULT_RTOL if rtol is None else rtol, DEFAULT_ATOL if atol is None else atol, layout, opts.get("norm")
-    )
-    return AdaptiveStepping(tableau, tolerance, _controller(opts), _adaptive_options(opts))
-
-
-def _fixed_grid_stepping(opts: dict) -> FixedGridStepping:
-    if opts.get("step_size") is not None:
-        rule = StepSizeGrid(opts["step_size"])
-    elif opts.get("grid_constructor") is not None:
-        rule = ConstructedGrid(opts["grid_constructor"])
-    else:
-        rule = OutputTimesGrid()
-    interp = opts.get("interp", "linear")
-    if interp not in OUTPUT_RULES:
-        raise ValueError(f"options['interp'] must be one of {sorted(OUTPUT_RULES)}, got {interp!r}")
-    perturb = opts.get("perturb", False)
-    if not isinstance(perturb, bool):
-        raise TypeError(f"options['perturb'] must be True or False, got {perturb!r}")
-    return FixedGridStepping(rule, OUTPUT_RULES[interp](), perturb)
-
-
-def _controller(opts: dict) -> StepSizeController:
-    factors = {k: opts[k] for k in ("safety", "ifactor", "dfactor") if opts.get(k) is not None}
-    controller = opts.get("controller")
-    if controller is None:
-        return IntegralController(**factors)
-    if not isinstance(controller, StepSizeController):
-        raise TypeError(
-            f"options['controller'] must be a mpnode.core.StepSizeController such as PIController(), got {controller!r}"
-        )
-    if factors:
-        raise ValueError(f"options {sorted(factors)} configure the default controller; pass them to {controller!r} instead")
-    return controller
-
-
-def _adaptive_options(opts: dict) -> AdaptiveOptions:
-    out = AdaptiveOptions()
-    if opts.get("first_step") is not None:
-        out.first_step = _positive_time("first_step", opts["first_step"])
-    if opts.get("min_step") is not None:
-        out.min_step = _positive_time("min_step", opts["min_step"], allow_zero=True)
-    if opts.get("max_step") is not None:
-        out.max_step = _positive_time("max_step", opts["max_step"], allow_inf=True)
-    if out.min_step > out.max_step:
-        raise ValueError(f"options['min_step'] = {out.min_step} exceeds options['max_step'] = {out.max_step}")
-    if opts.get("max_num_steps") is not None:
-        n = opts["max_num_steps"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"options['max_num_steps'] must be a positive int, got {n!r}")
-        out.max_num_steps = n
-    out.step_t = _times("step_t", opts.get("step_t"))
-    out.jump_t = _times("jump_t", opts.get("jump_t"))
-    if set(out.step_t) & set(out.jump_t):
-        raise ValueError("options 'step_t' and 'jump_t' must not share any time; a jump already ends a step there")
-    return out
-
-
-def _positive_time(name: str, value: Any, allow_zero: bool = False, allow_inf: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"options[{name!r}] must be a number, got {value!r}") from None
-    if isinstance(value, bool) or math.isnan(v) or v < 0 or (v == 0 and not allow_zero) or (math.isinf(v) and not allow_inf):
-        raise ValueError(f"options[{name!r}] must be {'non-negative' if allow_zero else 'positive'}"
-                         f"{'' if allow_inf else ' and finite'}, got {value!r} (step sizes are magnitudes)")
-    return v
-
-
-def _times(name: str, value: Any) -> tuple[float, ...]:
-    if value is None:
-        return ()
-    try:
-        values = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(-1)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"options[{name!r}] must be a list or 1-D tensor of times (numbers), got {value!r}") from None
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"options[{name!r}] contains inf or NaN")
-    if values.unique().numel() != values.numel():
-        raise ValueError(f"options[{name!r}] has repeated times; pass each time once")
-    return tuple(values.tolist())
-
-
-def _strategy(adjoint: AdjointStrategy | None, scaler: AdjointScaling | bool | None, checkpoint_dtype) -> AdjointStrategy:
+def _strategy(adjoint: AdjointStrategy | None, scaler: AdjointScaling | bool | None,
+              checkpoint_dtype: Any) -> AdjointStrategy:
     if adjoint is None:
         return RecomputeAdjoint(checkpoint_dtype=checkpoint_dtype, scaling=scaler)
     if not isinstance(adjoint, AdjointStrategy):
@@ -292,6 +175,7 @@ def _strategy(adjoint: AdjointStrategy | None, scaler: AdjointScaling | bool | N
     if scaler is not None or checkpoint_dtype is not None:
         raise ValueError(
             "scaler= and options['checkpoint_dtype'] are shorthands for the default adjoint strategy; with adjoint= "
-            f"pass them to the strategy instead, e.g. RecomputeAdjoint(checkpoint_dtype=..., scaling=...) (got {adjoint!r})"
+            "pass them to the strategy instead, e.g. RecomputeAdjoint(checkpoint_dtype=..., "
+            f"scaling=...) (got {adjoint!r})"
         )
     return adjoint

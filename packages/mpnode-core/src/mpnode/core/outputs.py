@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .stepper import Stages, weighted_sum
+from .rk import Stages, weighted_sum
 from .tableau import ButcherTableau
 
 
@@ -62,6 +62,7 @@ class CubicHermite(OutputRule):
         h01 = x * x * (3 - 2 * x)
         h10 = x * (1 - x) * (1 - x)
         h11 = x * x * (x - 1)
+        assert end_slope is not None, "the march evaluates the end slope this rule needs"
         return phi * h01 + stages.ks[0] * h10 + end_slope * h11
 
 

@@ -21,7 +21,8 @@ import functools
 import itertools
 import threading
 import types
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
@@ -91,7 +92,8 @@ def reachable_modules(func: Callable) -> list[torch.nn.Module]:
     return list(found.values())
 
 
-def reachable_grad_tensors(func: Callable, exclude: Sequence[torch.Tensor] = (), limit: int = 10_000) -> list[torch.Tensor]:
+def reachable_grad_tensors(func: Callable, exclude: Sequence[torch.Tensor] = (),
+                           limit: int = 10_000) -> list[torch.Tensor]:
     """Grad-requiring tensors ``func`` may read, found without running it, minus ``exclude``.
 
     Looked for (a wider net than :func:`reachable_modules`, since it only decides
@@ -254,7 +256,14 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(x)
 
 
-_LEAF_NODE = type(torch.zeros(1, requires_grad=True).mul(1).grad_fn.next_functions[0][0])  # AccumulateGrad
+def _leaf_node_type() -> type:
+    """The type of the autograd node that accumulates into a leaf (``AccumulateGrad``)."""
+    grad_fn = torch.zeros(1, requires_grad=True).mul(1).grad_fn
+    assert grad_fn is not None
+    return type(grad_fn.next_functions[0][0])
+
+
+_LEAF_NODE = _leaf_node_type()
 
 
 class KnownTensors:
@@ -278,7 +287,7 @@ class KnownTensors:
         stop = self.stop
         found: dict[int, torch.Tensor] = {}
         seen: set = set()
-        stack = [(r.grad_fn, r.output_nr) for r in roots if r.grad_fn is not None]
+        stack: list[tuple[Any, int]] = [(r.grad_fn, r.output_nr) for r in roots if r.grad_fn is not None]
         while stack:
             edge = stack.pop()
             node = edge[0]
@@ -286,7 +295,7 @@ class KnownTensors:
                 continue
             seen.add(node)
             if type(node) is _LEAF_NODE:
-                leaf = node.variable
+                leaf = node.variable  # an AccumulateGrad node holds its leaf
                 if id(leaf) not in ids:
                     found[id(leaf)] = leaf
                 continue

@@ -44,7 +44,7 @@ class PrecisionPolicy:
     state_dtype: torch.dtype
 
     @classmethod
-    def capture(cls, y0: torch.Tensor) -> "PrecisionPolicy":
+    def capture(cls, y0: torch.Tensor) -> PrecisionPolicy:
         """Read the autocast state of ``y0``'s device type at the call site."""
         device_type = y0.device.type
         enabled = torch.is_autocast_enabled(device_type)

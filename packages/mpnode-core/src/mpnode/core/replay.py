@@ -32,7 +32,7 @@ its backward in :meth:`Replay.session` and calls :meth:`Replay.before_step`.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -91,17 +91,23 @@ class StepRandomness:
     def start(self) -> None:
         self.initial = self.generators.capture()
 
+    def initial_state(self) -> RngState:
+        """The generator state the solve started from (between ``start`` and a ``finish`` that found no draw)."""
+        assert self.initial is not None, "start() runs before the march"
+        return self.initial
+
     def at_step(self, n: int) -> None:
         state = self.generators.capture()
         if self.first_changed is None:
-            if RandomStates.same(state, self.initial):
+            if RandomStates.same(state, self.initial_state()):
                 return
             self.first_changed = n
         self.states.append(state)
 
     def finish(self) -> bool:
         """Whether the field consumed randomness during the forward (compares the final state)."""
-        self.consumed = self.first_changed is not None or not RandomStates.same(self.generators.capture(), self.initial)
+        self.consumed = self.first_changed is not None or not RandomStates.same(self.generators.capture(),
+                                                                                self.initial_state())
         if not self.consumed:
             self.initial = None
         return self.consumed
@@ -109,7 +115,7 @@ class StepRandomness:
     def state(self, n: int) -> RngState:
         """The generator state step ``n`` started from."""
         if self.first_changed is None or n < self.first_changed:
-            return self.initial
+            return self.initial_state()
         return self.states[n - self.first_changed]
 
 
@@ -146,7 +152,8 @@ class Replay:
         """Around a whole backward pass: the forward's module modes are set; the caller's generator states, buffers
         and module modes are restored at exit."""
         saved = [(b, b.detach().clone()) for b in self.buffers]
-        outer = self.randomness.generators.capture() if self.randomness is not None else None
+        generators = self.randomness.generators if self.randomness is not None else None
+        outer = generators.capture() if generators is not None else None
         callers = [(m, m.training) for m, _ in self.modes]
         try:
             for m, training in self.modes:
@@ -155,8 +162,8 @@ class Replay:
         finally:
             for m, training in callers:
                 m.training = training
-            if outer is not None:
-                self.randomness.generators.restore(outer)
+            if generators is not None and outer is not None:
+                generators.restore(outer)
             for b, value in saved:
                 b.data.copy_(value)  # .data: the forward's values again, so the version counter is left alone
 

@@ -17,8 +17,8 @@ backward pass that raises leaves the policy as it was.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Sequence
 
 import torch
 
@@ -98,8 +98,8 @@ class NonFiniteGradientError(FloatingPointError):
 
 #: What NoAdjointScaling(raise_on_nonfinite=True) tells the user when no scaler was found.
 INSTALL_SCALER_ADVICE = (
-    "no adjoint scaler was used. Install mpnode-scaler (pip install ./packages/mpnode-scaler from the torchmpnode "
-    "checkout) and pass "
+    "no adjoint scaler was used. Install mpnode-scaler (pip install ./packages/mpnode-scaler from the "
+    "torchmpnode checkout) and pass "
     "scaler=mpnode.scaler.DynamicAdjointScaler(), or autocast to torch.bfloat16."
 )
 
@@ -126,7 +126,8 @@ class NoAdjointScaling(AdjointScaling):
 
 
 class _UnscaledPass(ScalingPass):
-    """Scale 1; with ``raise_on_nonfinite`` one finiteness check of the results (and of the incoming gradients) at the end."""
+    """Scale 1; with ``raise_on_nonfinite`` one finiteness check of the results (and of the incoming gradients) at
+    the end."""
 
     def __init__(self, policy: NoAdjointScaling, lam: torch.Tensor) -> None:
         self.policy = policy

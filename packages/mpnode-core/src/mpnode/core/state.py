@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .precision import LOW_PRECISION_Y0_DTYPES
 
-State = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+State = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 class FlatState:
@@ -26,7 +26,7 @@ class FlatState:
 
     def __init__(self, y0: State) -> None:
         self.is_tuple = not isinstance(y0, torch.Tensor)
-        parts = tuple(y0) if self.is_tuple else (y0,)
+        parts = (y0,) if isinstance(y0, torch.Tensor) else tuple(y0)
         self.shapes = tuple(p.shape for p in parts)
         self.sizes = tuple(p.numel() for p in parts)
         self.numel = sum(self.sizes)
@@ -36,7 +36,7 @@ class FlatState:
 
     def flatten(self, y: State) -> torch.Tensor:
         """User state -> 1-D vector in ``dtype`` (a view when the state is a single tensor in ``dtype``)."""
-        if not self.is_tuple:
+        if isinstance(y, torch.Tensor):  # (a state has its layout's structure)
             return y.reshape(-1).to(self.dtype)
         return torch.cat([p.reshape(-1).to(self.dtype) for p in y])
 
@@ -46,7 +46,7 @@ class FlatState:
             flat = flat.to(dtype)
         if not self.is_tuple:
             return flat.reshape((*lead, *self.shapes[0]))  # a tuple: works for 0-dim states too
-        parts = torch.split(flat, self.sizes, dim=-1)
+        parts = torch.split(flat, list(self.sizes), dim=-1)
         return tuple(p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes))
 
 
@@ -120,7 +120,8 @@ class FlatVectorField:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{where} must be a tensor, got {type(p).__name__}")
             if p.shape != shape:
-                raise ValueError(f"{where} has shape {tuple(p.shape)} but the state has shape {tuple(shape)}; dy/dt must match y")
+                raise ValueError(f"{where} has shape {tuple(p.shape)} but the state has shape "
+                                 f"{tuple(shape)}; dy/dt must match y")
             if not p.dtype.is_floating_point:
                 raise TypeError(f"{where} has dtype {p.dtype}; the vector field must return a real floating tensor")
         return parts

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-COUNTERS = ("steps", "rejected_steps", "noise_accepted_steps", "nfe_forward", "nfe_backward", "backward_steps", "retries", "host_syncs")
+COUNTERS = (
+    "steps", "rejected_steps", "noise_accepted_steps", "nfe_forward", "nfe_backward", "backward_steps", "retries",
+    "host_syncs",
+)
 
 
 @dataclass
@@ -53,7 +56,7 @@ class SolverStats:
         self.last_grid = None
         self.last_adjoint = None
 
-    def add(self, other: "SolverStats") -> None:
+    def add(self, other: SolverStats) -> None:
         """Add ``other``'s counters to this one and take its ``last_*`` values (when set)."""
         for name in COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))

@@ -3,7 +3,7 @@
 A method is fully described by its coefficients: the matrix ``a``, the weights
 ``b``, the nodes ``c`` and its order; an adaptive method adds error weights
 ``b_err = b - b_hat`` of an embedded pair and, for output between steps, the
-weights of a dense output.  The one generic engine in :mod:`mpnode.core.stepper`
+weights of a dense output.  The one generic engine in [`mpnode.core.rk`][mpnode.core.rk]
 runs any of them; the named methods live in :mod:`mpnode.core.methods`.
 
 Construction validates everything it can: structure (explicit, consistent
@@ -15,17 +15,18 @@ tableau can be passed as ``method=`` safely.
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
-from typing import TYPE_CHECKING, Sequence, Union
+from functools import cache
+from typing import TYPE_CHECKING, Any, overload
 
 if TYPE_CHECKING:  # the tableau is plain data; dense_weights also accepts a tensor x
     import torch
 
-Number = Union[int, float, str, Fraction]
+Number = int | float | str | Fraction
 Tree = tuple  # a rooted tree: the sorted tuple of its children's trees
 
 _STRUCTURE_TOL = 1e-12
@@ -36,12 +37,14 @@ ORDER_TOL = 1e-9
 def _as_float(x: Number, name: str, where: str) -> float:
     """One coefficient as a float; strings are exact fractions such as ``"1/3"``."""
     if isinstance(x, bool):
-        raise TypeError(f"ButcherTableau {name!r}: {where} is a bool ({x}); coefficients are numbers such as 0.5 or '1/2'")
+        raise TypeError(f"ButcherTableau {name!r}: {where} is a bool ({x}); coefficients are "
+                        "numbers such as 0.5 or '1/2'")
     try:
         value = float(Fraction(x)) if isinstance(x, str) else float(x)
     except (TypeError, ValueError, ZeroDivisionError):
         raise ValueError(
-            f"ButcherTableau {name!r}: {where} = {x!r} is not a number; write coefficients as numbers or fraction strings like '1/3'"
+            f"ButcherTableau {name!r}: {where} = {x!r} is not a number; write coefficients as numbers or "
+            "fraction strings like '1/3'"
         ) from None
     if not math.isfinite(value):
         raise ValueError(f"ButcherTableau {name!r}: {where} = {value} is not finite")
@@ -57,12 +60,12 @@ def _as_order(value: object, name: str, what: str) -> int:
 # -- rooted trees and the order conditions -------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tree_size(tree: Tree) -> int:
     return 1 + sum(_tree_size(child) for child in tree)
 
 
-@lru_cache(maxsize=None)
+@cache
 def rooted_trees(n: int) -> tuple[Tree, ...]:
     """All rooted trees with ``n`` nodes (1, 1, 2, 4, 9, 20, 48, 115, ... of them)."""
     if n == 1:
@@ -89,7 +92,7 @@ def _forests(total: int, largest: tuple | None):
                 yield (tree, *rest)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _density(tree: Tree) -> int:
     """Butcher's gamma: the tree's size times its children's densities."""
     return _tree_size(tree) * math.prod(_density(child) for child in tree)
@@ -255,23 +258,27 @@ class ButcherTableau:
         rows = _lower_triangular(name, a, s)
         bt = _weights(name, "b", b, s)
         if abs(sum(bt) - 1.0) > _STRUCTURE_TOL:
-            raise ValueError(f"ButcherTableau {name!r}: the weights b sum to {sum(bt)!r}, not 1 (the method would be inconsistent)")
+            raise ValueError(f"ButcherTableau {name!r}: the weights b sum to {sum(bt)!r}, not 1 (the "
+                             "method would be inconsistent)")
         ct = _nodes(name, a, rows, c, s)
         order = _as_order(order, name, "order")
         err = _error_weights(name, b, b_hat, b_err, s)
         if (err is None) != (embedded_order is None):
             raise ValueError(
-                f"ButcherTableau {name!r}: pass embedded_order together with b_hat or b_err (an embedded pair needs both)"
+                f"ButcherTableau {name!r}: pass embedded_order together with b_hat or b_err (an "
+                "embedded pair needs both)"
             )
         if embedded_order is not None:
             embedded_order = _as_order(embedded_order, name, "embedded_order")
         dense_rows = _dense_weights(name, bt, c_mid, dense, s)
         if dense_rows is None and dense_order is not None:
-            raise ValueError(f"ButcherTableau {name!r}: dense_order is given but there is no dense output (c_mid or dense)")
+            raise ValueError(f"ButcherTableau {name!r}: dense_order is given but there is no "
+                             "dense output (c_mid or dense)")
         if dense_rows is not None:
             dense_order = 1 if dense_order is None else _as_order(dense_order, name, "dense_order")
         if not isinstance(reuse_last_stage, bool):
-            raise TypeError(f"ButcherTableau {name!r}: reuse_last_stage must be True or False, got {reuse_last_stage!r}")
+            raise TypeError(
+                f"ButcherTableau {name!r}: reuse_last_stage must be True or False, got {reuse_last_stage!r}")
         for field, value in (
             ("name", name), ("a", rows), ("b", bt), ("c", ct), ("order", order), ("b_err", err),
             ("embedded_order", embedded_order), ("dense", dense_rows), ("reuse_last_stage", reuse_last_stage),
@@ -287,10 +294,11 @@ class ButcherTableau:
             return
         if c_mid is not None and abs(sum(c_mid) - 0.5) > _STRUCTURE_TOL:
             raise ValueError(
-                f"ButcherTableau {self.name!r}: c_mid sums to {sum(c_mid)!r}, not 1/2: y0 + h sum c_mid_i k_i must be the "
-                "solution at the midpoint t0 + h/2 (order 1 there), and every interpolated output would be off; check "
-                "c_mid (it holds the weights of the stages for the midpoint, not for the step end)"
+                f"ButcherTableau {self.name!r}: c_mid sums to {sum(c_mid)!r}, not 1/2: y0 + h sum c_mid_i k_i must be "
+                f"the solution at the midpoint t0 + h/2 (order 1 there), and every interpolated output would be off; "
+                f"check c_mid (it holds the weights of the stages for the midpoint, not for the step end)"
             )
+        assert self.dense_order is not None, "construction sets the order of a dense output"
         defect = dense_order_defect(self.a, self.dense, self.dense_order)
         if defect > ORDER_TOL:
             source = "c_mid" if c_mid is not None else "dense"
@@ -309,11 +317,13 @@ class ButcherTableau:
             )
         if self.b_err is not None:
             b_hat = [bi - ei for bi, ei in zip(self.b, self.b_err)]
+            assert self.embedded_order is not None, "construction sets the order of an embedded pair"
             defect = order_defect(self.a, b_hat, self.embedded_order)
             if defect > ORDER_TOL:
                 raise ValueError(
                     f"ButcherTableau {self.name!r}: the embedded weights b - b_err do not satisfy the order-"
-                    f"{self.embedded_order} conditions (largest defect {defect:.3g}); check b_err/b_hat or embedded_order"
+                    f"{self.embedded_order} conditions (largest defect {defect:.3g}); check "
+                    "b_err/b_hat or embedded_order"
                 )
 
     @property
@@ -336,7 +346,7 @@ class ButcherTableau:
         """The first stage of a step is inherited from the previous step and is not ``f(t0, y0)``."""
         return self.reuse_last_stage and not self.is_fsal
 
-    def fixed_grid(self) -> "ButcherTableau":
+    def fixed_grid(self) -> ButcherTableau:
         """This method without its error estimate: a fixed-grid method, on which ``step_size`` and
         ``grid_constructor`` act (an adaptive method ignores them, as torchdiffeq does).
 
@@ -347,14 +357,28 @@ class ButcherTableau:
             return self
         return dataclasses.replace(self, name=f"{self.name}-fixed", b_err=None, embedded_order=None)
 
-    def dense_weights(self, x: float | torch.Tensor) -> tuple[float | torch.Tensor, ...]:
+    @overload
+    def dense_weights(self, x: float) -> tuple[float, ...]: ...
+
+    @overload
+    def dense_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def dense_weights(self, x: float | torch.Tensor) -> tuple[float, ...] | tuple[torch.Tensor, ...]:
         """``w_i(x)`` of the dense output at ``x in [0, 1]``: ``y(t0 + x h) = y0 + h sum_i w_i(x) k_i``.
 
         ``x`` a host float (floats returned) or a 0-dim tensor (0-dim tensors, differentiable in ``x``).
         """
         if self.dense is None:
             raise ValueError(f"method {self.name!r} has no dense output")
-        return tuple(sum(coef * x ** (m + 1) for m, coef in enumerate(row)) for row in self.dense)
+        return tuple(_power_series(row, x) for row in self.dense)
+
+
+def _power_series(coefs: Sequence[float], x: Any) -> Any:
+    """``sum_m coefs[m] x^(m+1)`` for a host float or a 0-dim tensor ``x`` (the same type comes back)."""
+    total: Any = 0
+    for m, coef in enumerate(coefs):
+        total = total + coef * x ** (m + 1)
+    return total
 
 
 def _lower_triangular(name: str, a: Sequence[Sequence[Number]], s: int) -> tuple[tuple[float, ...], ...]:
@@ -407,13 +431,15 @@ def _error_weights(name: str, b: Sequence[Number], b_hat, b_err, s: int) -> tupl
     if b_hat is not None:
         _weights(name, "b_hat", b_hat, s)
         return tuple(
-            float(_exact(bi, name, f"b[{i}]") - _exact(hi, name, f"b_hat[{i}]")) for i, (bi, hi) in enumerate(zip(b, b_hat))
+            float(_exact(bi, name, f"b[{i}]") - _exact(hi, name, f"b_hat[{i}]"))
+            for i, (bi, hi) in enumerate(zip(b, b_hat))
         )
     if b_err is None:
         return None
     err = _weights(name, "b_err", b_err, s)
     if abs(sum(err)) > _STRUCTURE_TOL:
-        raise ValueError(f"ButcherTableau {name!r}: the error weights b_err sum to {sum(err)!r}, not 0 (b_hat must sum to 1)")
+        raise ValueError(f"ButcherTableau {name!r}: the error weights b_err sum to {sum(err)!r}, "
+                         "not 0 (b_hat must sum to 1)")
     return err
 
 
@@ -426,7 +452,8 @@ def _dense_weights(name: str, b: tuple[float, ...], c_mid, dense, s: int):
         return None
     if len(dense) != s:
         raise ValueError(f"ButcherTableau {name!r}: dense has {len(dense)} rows but the method has {s} stages")
-    rows = tuple(tuple(_as_float(x, name, f"dense[{i}][{m}]") for m, x in enumerate(row)) for i, row in enumerate(dense))
+    rows = tuple(tuple(_as_float(x, name, f"dense[{i}][{m}]") for m, x in enumerate(row))
+                 for i, row in enumerate(dense))
     at_one = [sum(row) for row in rows]
     if any(abs(w - bi) > 1e-9 for w, bi in zip(at_one, b)):
         raise ValueError(f"ButcherTableau {name!r}: the dense output at x = 1 must equal the step (w_i(1) = b_i)")

@@ -22,8 +22,9 @@ See ``docs/tests.md`` for how the test suite uses them.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -76,7 +77,7 @@ class LinearODE:
     T: float = 1.0
 
     @classmethod
-    def random(cls, dim: int = 8, batch: int = 4, T: float = 1.0, seed: int = 0) -> "LinearODE":
+    def random(cls, dim: int = 8, batch: int = 4, T: float = 1.0, seed: int = 0) -> LinearODE:
         """A damped rotation-like system: skew-symmetric part plus ``-0.5 I`` and a small random part."""
         g = torch.Generator().manual_seed(seed)
         M = torch.randn(dim, dim, generator=g, dtype=torch.float64)
@@ -88,7 +89,7 @@ class LinearODE:
 
     @classmethod
     def decaying(cls, dim: int = 8, batch: int = 4, rate: float = 3.0, T: float = 3.0, seed: int = 0,
-                 scales: tuple[float, ...] | None = None) -> "LinearODE":
+                 scales: tuple[float, ...] | None = None) -> LinearODE:
         """A decaying system: ``A = -rate I`` plus a skew-symmetric part and a small random part, so its eigenvalues
         lie around ``-rate`` and ``y(T)`` is about ``exp(-rate T)`` times ``y0``.
 
@@ -226,11 +227,12 @@ class MLPField(torch.nn.Module):
         if hidden_layers < 1:
             raise ValueError(f"MLPField needs hidden_layers >= 1, got {hidden_layers}")
         sizes = [dim + 1] + [width] * hidden_layers
-        self.hidden = torch.nn.ModuleList(torch.nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+        hidden = [torch.nn.Linear(i, o) for i, o in itertools.pairwise(sizes)]
+        self.hidden = torch.nn.ModuleList(hidden)
         self.out = torch.nn.Linear(width, dim)
         if gain != 1.0:  # larger weights: a more nonlinear field that needs more (adaptive) steps
             with torch.no_grad():
-                for layer in (*self.hidden, self.out):
+                for layer in (*hidden, self.out):
                     layer.weight.mul_(gain)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,28 +1,20 @@
-"""Checks of user input, each raising an error that names the fix."""
+"""Checks of user input, each raising an error that names the fix: the solve's arguments, and the one number
+checker every option, controller and strategy setting goes through
+([`check_number`][mpnode.core.validation.check_number]).
+
+``odeint``'s options are parsed with these into validated objects in [`mpnode.core.options`][mpnode.core.options];
+a user tableau checks itself ([`ButcherTableau`][mpnode.core.tableau.ButcherTableau]).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any
 
 import torch
 
 from .precision import LOW_PRECISION_Y0_DTYPES, STATE_DTYPES
 from .state import State
-
-FIXED_GRID_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb")
-ADAPTIVE_OPTIONS = (
-    "first_step", "max_num_steps", "min_step", "max_step", "safety", "ifactor", "dfactor", "norm", "step_t", "jump_t",
-    "controller",
-)
-COMMON_OPTIONS = ("checkpoint_dtype", "stats")
-KNOWN_OPTIONS = FIXED_GRID_OPTIONS + ADAPTIVE_OPTIONS + COMMON_OPTIONS
-#: torchdiffeq options mpnode refuses, with the reason (see docs/migration.md).
-REFUSED_OPTIONS = {
-    "dtype": "mpnode keeps the times of adaptive solves in float64 always (torchdiffeq's default); remove it",
-    "max_iters": "it configures torchdiffeq's implicit Adams method, which mpnode does not provide",
-    "max_order": "it configures torchdiffeq's Adams methods, which mpnode does not provide",
-    "solver": "it configures torchdiffeq's scipy_solver, which mpnode does not provide",
-}
 
 
 def check_y0(y0: State) -> None:
@@ -46,7 +38,8 @@ def check_y0(y0: State) -> None:
                 + (" (split a complex state into its real and imaginary parts)" if p.dtype.is_complex else "")
             )
     if len(dtypes) > 1:
-        raise TypeError(f"all tensors of a tuple y0 must share one dtype, got {sorted(map(str, dtypes))}; cast them to one")
+        raise TypeError("all tensors of a tuple y0 must share one dtype, got "
+                        f"{sorted(map(str, dtypes))}; cast them to one")
     devices = {p.device for p in parts}
     if len(devices) > 1:
         raise ValueError(f"all tensors of a tuple y0 must be on one device, got {sorted(map(str, devices))}")
@@ -64,7 +57,8 @@ def check_t(t: Any, device: torch.device) -> torch.Tensor:
         raise TypeError(f"t must be a floating tensor, got {t.dtype}; use t.float()")
     if t.dtype not in STATE_DTYPES:
         raise TypeError(
-            f"t has dtype {t.dtype}; times must be float32 or float64 (low-precision time grids lose the step sizes): use t.float()"
+            f"t has dtype {t.dtype}; times must be float32 or float64 (low-precision time grids lose the "
+            "step sizes): use t.float()"
         )
     if t.device != device:
         raise ValueError(f"t is on {t.device} but y0 is on {device}; move it with t.to(y0.device)")
@@ -80,37 +74,14 @@ def check_t(t: Any, device: torch.device) -> torch.Tensor:
 def check_strictly_monotone(name: str, t: torch.Tensor) -> None:
     d = t[1:] - t[:-1]
     if not (bool((d > 0).all()) or bool((d < 0).all())):
-        raise ValueError(f"{name} must be strictly increasing or strictly decreasing (no repeats); sort it and drop duplicates")
+        raise ValueError(f"{name} must be strictly increasing or strictly decreasing (no repeats); "
+                         "sort it and drop duplicates")
 
 
 def check_func(func: Any) -> None:
     if not callable(func):
-        raise TypeError(f"func must be callable as func(t, y) -> dy/dt (a function or an nn.Module), got {type(func).__name__}")
-
-
-def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The options as a dict; unknown keys raise, naming the known ones."""
-    if options is None:
-        return {}
-    if not isinstance(options, Mapping):
-        raise TypeError(f"options must be a dict such as {{'step_size': 0.1}}, got {type(options).__name__}")
-    opts = dict(options)
-    refused = sorted(set(opts) & set(REFUSED_OPTIONS))
-    if refused:
-        raise ValueError(f"option {refused[0]!r} (torchdiffeq) is not supported: {REFUSED_OPTIONS[refused[0]]}")
-    unknown = sorted(set(opts) - set(KNOWN_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; odeint accepts {list(KNOWN_OPTIONS)}")
-    if opts.get("step_size") is not None and opts.get("grid_constructor") is not None:
-        raise ValueError("options 'step_size' and 'grid_constructor' are mutually exclusive; pass one of them")
-    return opts
-
-
-def refuse_options(opts: Mapping[str, Any], names: tuple[str, ...], why: str) -> None:
-    """Raise if any of ``names`` is set (not ``None``) in ``opts``; ``why`` says what the solve is and the fix."""
-    given = sorted(n for n in names if opts.get(n) is not None)
-    if given:
-        raise ValueError(f"option(s) {given} {why}")
+        raise TypeError(f"func must be callable as func(t, y) -> dy/dt (a function or an nn.Module), got "
+                        f"{type(func).__name__}")
 
 
 def check_grid(grid: Any, t: torch.Tensor, t_host: torch.Tensor) -> torch.Tensor:
@@ -118,7 +89,8 @@ def check_grid(grid: Any, t: torch.Tensor, t_host: torch.Tensor) -> torch.Tensor
     if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() < 2:
         raise ValueError("grid_constructor must return a 1-D tensor of at least two times")
     if grid.dtype != t.dtype or grid.device != t.device:
-        raise ValueError(f"grid_constructor returned {grid.dtype} on {grid.device}; it must match t ({t.dtype} on {t.device})")
+        raise ValueError(f"grid_constructor returned {grid.dtype} on {grid.device}; it must match t "
+                         f"({t.dtype} on {t.device})")
     host = grid.detach().cpu()
     if not (bool(host[0] == t_host[0]) and bool(host[-1] == t_host[-1])):
         raise ValueError("the grid must start at t[0] and end at t[-1] exactly")
@@ -126,3 +98,38 @@ def check_grid(grid: Any, t: torch.Tensor, t_host: torch.Tensor) -> torch.Tensor
     if bool((host[1] - host[0]) * (t_host[1] - t_host[0]) < 0):
         raise ValueError("the grid must run in the same direction as t")
     return host
+
+
+def check_number(name: str, value: Any, *, positive: bool = True, finite: bool = True, at_most: float | None = None,
+                 integer: bool = False, hint: str = "") -> Any:
+    """``value`` checked and returned as a float (an int with ``integer``); the errors name ``name`` and the range.
+
+    ``positive``: ``> 0``, else ``>= 0``; ``finite``: inf is refused; ``at_most``: an upper bound; ``integer``: an
+    ``int`` (not a bool) is required; ``hint`` is appended to the messages.  A value that is not a number raises
+    ``TypeError`` (``ValueError`` for a count), one out of range ``ValueError``, e.g. ``"options['first_step'] must
+    be positive and finite, got -1.0"``.
+    """
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
+            raise ValueError(f"{name} must be an int >= {1 if positive else 0}, got {value!r}{hint}")
+        return value
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}{hint}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number, got {value!r}{hint}") from None
+    if math.isnan(number) or number < 0 or (positive and number == 0) or (finite and math.isinf(number)) or (
+        at_most is not None and number > at_most
+    ):
+        bounds = ("positive" if positive else "non-negative") + (" and finite" if finite else "") + (
+            f" and at most {at_most}" if at_most is not None else "")
+        raise ValueError(f"{name} must be {bounds}, got {value!r}{hint}")
+    return number
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``; else ``TypeError`` naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value

@@ -17,7 +17,7 @@ state's dtype (float32), like the stage sums of the solver.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -77,8 +77,9 @@ class CNF(nn.Module):
     def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         z, _ = state
         outer_grad = torch.is_grad_enabled()  # backward recomputation: the divergence must be differentiable
-        if self.divergence == "exact" and hasattr(self.field, "forward_with_divergence"):
-            dz, div = self.field.forward_with_divergence(t, z)  # analytic: no autograd pass needed
+        analytic = getattr(self.field, "forward_with_divergence", None)
+        if self.divergence == "exact" and analytic is not None:
+            dz, div = analytic(t, z)  # analytic: no autograd pass needed
             return dz, -div.to(z.dtype)
         with torch.enable_grad():
             zi = z if z.requires_grad else z.detach().requires_grad_(True)
@@ -102,8 +103,8 @@ class CNF(nn.Module):
         if self.divergence == "hutchinson":
             self.resample_noise(x)
         l0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        z, l = odeint(self, (x, l0), t, **kwargs)
-        return standard_normal_log_prob(z[-1]) - l[-1]
+        z, log_det = odeint(self, (x, l0), t, **kwargs)
+        return standard_normal_log_prob(z[-1]) - log_det[-1]
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ torchvision, the ``mnist`` extra) and are re-exported here.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -194,4 +195,6 @@ class ODENet(nn.Module):
     @property
     def nfe(self) -> int:
         """Calls of the ODE function so far (reset with ``model.block.func.nfe = 0``)."""
-        return self.block.func.nfe
+        func = self.block.func
+        assert isinstance(func, ODEFunc)
+        return func.nfe

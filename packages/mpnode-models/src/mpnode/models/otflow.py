@@ -23,8 +23,10 @@ summed in the state's dtype (float32) even when autocast lowers the matmuls.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+import operator
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -64,7 +66,14 @@ class OTPotential(nn.Module):
         quad = 0.5 * ((s @ self.A.T) ** 2).sum(-1)
         return (u * self.w.to(u.dtype)).sum(-1) + quad + self.c(s).squeeze(-1)
 
-    def grad_and_trace(self, s: torch.Tensor, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weight(self, i: int) -> torch.Tensor:
+        """The weight of the ``i``-th residual layer."""
+        layer = self.layers[i]
+        assert isinstance(layer, nn.Linear)
+        return layer.weight
+
+    def grad_and_trace(self, s: torch.Tensor,
+                       out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``grad_s Phi`` (``(B, d+1)``) and ``tr(Hess_x Phi)`` (``(B,)``), in ``out_dtype`` (default ``s``'s)."""
         out_dtype = out_dtype or s.dtype
         d, h = self.dim, self.h
@@ -78,11 +87,10 @@ class OTPotential(nn.Module):
         tanhs = [torch.tanh(a) for a in acts]
         # backward sweep: z_i = d(w^T u_{M-1}) / d u_i
         z = self.w.to(us[-1].dtype).expand_as(us[-1])
-        zs = [None] * len(acts)
-        zs[-1] = z
+        zs = [z]  # filled from the last layer back: zs[i] for i = len(acts) - 1 .. 0
         for i in range(len(self.layers), 0, -1):
-            z = z + h * (tanhs[i] * z) @ self.layers[i - 1].weight.to(z.dtype)
-            zs[i - 1] = z
+            z = z + h * (tanhs[i] * z) @ self._weight(i - 1).to(z.dtype)
+            zs.insert(0, z)
         grad = ((tanhs[0] * zs[0]) @ K0.to(z.dtype)).to(out_dtype)
         AtA = self.A.T.to(out_dtype) @ self.A.to(out_dtype)
         grad = grad + s.to(out_dtype) @ AtA + self.c.weight.to(out_dtype)
@@ -90,8 +98,8 @@ class OTPotential(nn.Module):
         K0x = K0[:, :d]
         trace = ((1 - tanhs[0].to(out_dtype) ** 2) * zs[0].to(out_dtype)) @ (K0x.to(out_dtype) ** 2).sum(-1)
         J = tanhs[0].unsqueeze(-1) * K0x.to(tanhs[0].dtype)  # (B, m, d)
-        for i, layer in enumerate(self.layers, start=1):
-            KJ = torch.matmul(layer.weight.to(J.dtype), J)  # (B, m, d)
+        for i in range(1, len(self.layers) + 1):
+            KJ = torch.matmul(self._weight(i - 1).to(J.dtype), J)  # (B, m, d)
             weight = h * (1 - tanhs[i].to(out_dtype) ** 2) * zs[i].to(out_dtype)
             trace = trace + (weight * (KJ.to(out_dtype) ** 2).sum(-1)).sum(-1)
             J = J + h * tanhs[i].unsqueeze(-1) * KJ
@@ -145,8 +153,10 @@ def otflow_loss(
     """
     zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     t = torch.linspace(0.0, T, n_steps + 1, device=x.device, dtype=x.dtype)
-    z, l, L, R = (v[-1] for v in odeint(OTFlowDynamics(potential), (x, zeros, zeros, zeros), t, method=method, **kwargs))
-    C = -(standard_normal_log_prob(z) + l)
+    z, log_det, L, R = (
+        v[-1] for v in odeint(OTFlowDynamics(potential), (x, zeros, zeros, zeros), t, method=method, **kwargs)
+    )
+    C = -(standard_normal_log_prob(z) + log_det)
     a0, a1, a2 = alphas
     loss = a0 * L.mean() + a1 * C.mean() + a2 * R.mean()
     return loss, {"L": float(L.mean().detach()), "C": float(C.mean().detach()), "R": float(R.mean().detach()),
@@ -155,7 +165,8 @@ def otflow_loss(
 
 def generate(potential: OTPotential, z: torch.Tensor, odeint: Callable, n_steps: int = 8, T: float = 1.0,
              method: str = "rk4", **kwargs):
-    """Samples: integrate ``z ~ N(0, I)`` (``(B, d)``) from ``T`` back to 0 (as in :func:`otflow_loss`); returns ``(B, d)``."""
+    """Samples: integrate ``z ~ N(0, I)`` (``(B, d)``) from ``T`` back to 0 (as in :func:`otflow_loss`); returns
+    ``(B, d)``."""
     t = torch.linspace(T, 0.0, n_steps + 1, device=z.device, dtype=z.dtype)
     return odeint(OTFlowVelocity(potential), z, t, method=method, **kwargs)[-1]
 
@@ -165,7 +176,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] = (0.1, 
     x, y = x.double(), y.double()
     xy = torch.cat([x, y])
     d2 = torch.cdist(xy, xy) ** 2
-    k = sum(torch.exp(-d2 / (2 * b**2)) for b in bandwidths)
+    k = functools.reduce(operator.add, [torch.exp(-d2 / (2 * b**2)) for b in bandwidths])
     n = x.shape[0]
     return float(k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean())
 

@@ -8,14 +8,15 @@ roughly unit scale, centred at the origin.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 Sampler = Callable[..., torch.Tensor]
 
 
-def eight_gaussians(n: int, generator: torch.Generator | None = None, radius: float = 2.0, std: float = 0.2) -> torch.Tensor:
+def eight_gaussians(n: int, generator: torch.Generator | None = None, radius: float = 2.0,
+                    std: float = 0.2) -> torch.Tensor:
     """A mixture of 8 isotropic Gaussians (std ``std``) evenly spaced on a circle of ``radius``."""
     k = torch.randint(0, 8, (n,), generator=generator)
     angle = k.float() * (2 * math.pi / 8)

@@ -2,8 +2,8 @@
 
 * :class:`DynamicAdjointScaler`: power-of-two dynamic scaling with block-wise
   optimistic execution (about one host synchronisation per ``block_size`` steps).
-* :class:`GradScalerPassthrough`: no scaling; overflow comes back as non-finite
-  gradients so ``torch.amp.GradScaler`` skips the optimizer step.
+* ``GradScalerPassthrough``: deprecated alias of ``mpnode.core.NoAdjointScaling()`` (no scaling; overflow comes
+  back as non-finite gradients so ``torch.amp.GradScaler`` skips the optimizer step).
 * :func:`default_scaler`: what ``odeint(..., scaler=None)`` uses under float16 autocast.
 """
 

@@ -38,8 +38,9 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -202,13 +203,13 @@ class DynamicAdjointScaler(AdjointScaling):
         self._last_scale = learned["last_scale"]
 
     # -- one backward pass ------------------------------------------------------------
-    def begin(self, lam: torch.Tensor, n_steps: int) -> "_DynamicPass":
+    def begin(self, lam: torch.Tensor, n_steps: int) -> _DynamicPass:
         """Start a backward pass: its scale, trace and backoffs live in the returned pass object."""
         with self._lock:
             target = self.target
         return _DynamicPass(self, lam.device, n_steps, target)
 
-    def _commit(self, done: "_DynamicPass", trace: list[float]) -> None:
+    def _commit(self, done: _DynamicPass, trace: list[float]) -> None:
         """Learn from a completed pass (under the lock, so concurrent passes commit one at a time).
 
         The pass's backoffs halve the learned target as it is *now* (another pass may
@@ -314,7 +315,7 @@ class DynamicAdjointScaler(AdjointScaling):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        vars(self).update(state)
         self._lock = threading.Lock()
 
 
@@ -371,7 +372,8 @@ class _DynamicPass(ScalingPass):
         self.started = start
         return self.scale_t
 
-    def observe(self, step: int, lam: torch.Tensor, scale: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+    def observe(self, step: int, lam: torch.Tensor, scale: torch.Tensor | None, grads: Sequence[torch.Tensor]) -> None:
+        assert scale is not None, "this pass always scales"
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.ones_like(self.bad)
         # code 2*step + 1 when the adjoint entering the step is itself inf/NaN (no scale can fix that)
         code = 2 * step + (~torch.isfinite(self.amax)).to(self.first_bad.dtype)
@@ -385,7 +387,7 @@ class _DynamicPass(ScalingPass):
         return (self.scale_t.clone(), self.ready.clone(), self.clean.clone())
 
     def restore(self, snap: object) -> None:
-        scale, ready, clean = snap
+        scale, ready, clean = cast(tuple[torch.Tensor, torch.Tensor, torch.Tensor], snap)
         self.scale_t = scale / 2  # redo the block with half the scale it started with
         self.ready, self.clean = ready, torch.zeros_like(clean)
         self.bad = torch.zeros_like(self.bad)
@@ -458,7 +460,8 @@ def _parse_state(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
            "history_dropped", "last_scale")
     _check_keys(where + "state", state, top)
     if _require_int("version", state["version"], 1, where + "state: ") != STATE_VERSION:
-        raise ValueError(f"{where}state['version'] is {state['version']}; this mpnode-scaler reads version {STATE_VERSION}")
+        raise ValueError(f"{where}state['version'] is {state['version']}; this mpnode-scaler "
+                         f"reads version {STATE_VERSION}")
     _check_keys(where + "state['settings']", state["settings"], tuple(SETTING_DEFAULTS))
     settings = _validated_settings(state["settings"], where + "state['settings']: ")
     _check_keys(where + "state['counters']", state["counters"], COUNTER_NAMES)
@@ -507,6 +510,8 @@ def _parse_last_scale(value: Any, where: str) -> float | None:
     """``state['last_scale']``: ``None`` or a positive finite float."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+        math.isfinite(value) and float(value) > 0
+    ):
         raise ValueError(f"{where}state['last_scale'] must be None or a positive finite float, got {value!r}")
     return float(value)

@@ -1,21 +1,25 @@
-"""The GradScaler mode: no adjoint scaling, overflow returned as inf/NaN gradients."""
+"""Deprecated: ``GradScalerPassthrough`` is ``mpnode.core.NoAdjointScaling()`` under another name."""
 
 from __future__ import annotations
+
+import warnings
 
 from mpnode.core import NoAdjointScaling
 
 
 class GradScalerPassthrough(NoAdjointScaling):
-    """Use with ``torch.amp.GradScaler``: the loss scale is the only scale.
+    """Deprecated alias of ``mpnode.core.NoAdjointScaling()``; constructing it warns (``DeprecationWarning``).
 
-    The backward recurrence runs unscaled and returns non-finite gradients when
-    float16 overflows; ``GradScaler.step`` then skips the optimizer step and
-    ``GradScaler.update`` lowers its scale.  Choose this when you already train
-    with a GradScaler and overflow is rare; choose :class:`DynamicAdjointScaler`
-    when the adjoint's magnitude varies along the trajectory (long horizons,
-    stiff or decaying dynamics), where one global loss scale cannot keep every
-    step inside float16's range.
+    Both run the backward recurrence unscaled and return non-finite gradients when
+    float16 overflows, so ``torch.amp.GradScaler`` skips the optimizer step and lowers
+    its scale: pass ``scaler=mpnode.core.NoAdjointScaling()`` instead.
     """
 
     def __init__(self) -> None:
+        warnings.warn(
+            "mpnode.scaler.GradScalerPassthrough is deprecated: pass scaler=mpnode.core.NoAdjointScaling(), the same "
+            "policy (no adjoint scaling; an overflow comes back as inf/NaN gradients for torch.amp.GradScaler)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         super().__init__(raise_on_nonfinite=False)

@@ -6,7 +6,7 @@ every weighted sum of stages are formed in ``y``'s dtype (``f`` returns its
 evaluation already cast to it); only ``f`` runs in whatever precision autocast
 selects.
 
-Stage inputs are always formed by one arithmetic path, :func:`_stage_input`:
+Stage inputs are always formed by one arithmetic path (``_stage_input``):
 ``h`` is a host float and each term is one fused ``add`` with ``alpha = h a_ij``.
 When gradients w.r.t. the times are needed, ``h`` is also given as a 0-dim tensor
 ``h_traced`` (``t1 - t0`` of leaf nodes) and a term ``(h_traced - h_traced.detach())
@@ -15,25 +15,23 @@ a step whose times are traced (``t`` requires grad, the direct strategy's kept
 graphs) computes bitwise the values of the graph-free march and chooses the same
 steps.
 
-Stage times come precomputed (:func:`stage_time_table` for a whole grid, or
-:func:`traced_stage_times` for one differentiable step), with optional
+Stage times come precomputed ([`stage_time_table`][mpnode.core.rk.stage_time_table] for a whole grid, or
+[`traced_stage_times`][mpnode.core.rk.traced_stage_times] for one differentiable step), with optional
 perturbation to the neighbouring float (torchdiffeq's ``perturb``): a field that
 jumps at a grid time is evaluated on the side of the step it belongs to.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
+from .contracts import Nudge
 from .tableau import ButcherTableau
 
 VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-#: Perturbation of a stage time: none, the next float towards the step's end, the previous float towards its start.
-NONE, NEXT, PREV = 0, 1, -1
 
 
 @dataclass(frozen=True)
@@ -41,24 +39,24 @@ class StagePerturbation:
     """Which stage times are nudged to the neighbouring float (in the state dtype).
 
     Attributes:
-        first: perturbation of the first stage (``c = 0``): ``NEXT`` keeps it after ``t0``.
-        end: perturbation of the stages at ``c = 1`` (except the first): ``PREV`` keeps them before ``t1``.
-        direction: +1 for increasing time, -1 for decreasing (``NEXT`` moves with it).
+        first: perturbation of the first stage (``c = 0``): ``Nudge.NEXT`` keeps it after ``t0``.
+        end: perturbation of the stages at ``c = 1`` (except the first): ``Nudge.PREV`` keeps them before ``t1``.
+        direction: +1 for increasing time, -1 for decreasing (``Nudge.NEXT`` moves with it).
     """
 
-    first: int = NONE
-    end: int = NONE
+    first: Nudge = Nudge.NONE
+    end: Nudge = Nudge.NONE
     direction: int = 1
 
-    def for_stage(self, i: int, c_i: float) -> int:
+    def for_stage(self, i: int, c_i: float) -> Nudge:
         if i == 0:
             return self.first
-        return self.end if c_i == 1.0 else NONE
+        return self.end if c_i == 1.0 else Nudge.NONE
 
 
-def _nudge(t: torch.Tensor, how: int, direction: int) -> torch.Tensor:
+def _nudge(t: torch.Tensor, how: Nudge, direction: int) -> torch.Tensor:
     """``t`` moved to the neighbouring float (``how * direction`` gives the way); gradient passes straight through."""
-    if how == NONE:
+    if how == Nudge.NONE:
         return t
     target = torch.full_like(t, float("inf") * how * direction)
     moved = torch.nextafter(t.detach(), target)
@@ -71,7 +69,8 @@ def stage_time_table(
     dtype: torch.dtype,
     perturbation: StagePerturbation | Sequence[StagePerturbation] = StagePerturbation(),
 ) -> list[tuple[torch.Tensor, ...]]:
-    """Stage times ``tau_n + c_i h_n`` of every step of ``grid`` in ``dtype``: one tuple of ``s`` 0-dim tensors per step.
+    """Stage times ``tau_n + c_i h_n`` of every step of ``grid`` in ``dtype``: one tuple of ``s`` 0-dim tensors per
+    step.
 
     Computed in ``grid``'s dtype, then cast (``c_i = 1`` uses ``tau_{n+1}``
     itself), then perturbed; ``perturbation`` is one rule for all steps or one per
@@ -87,7 +86,7 @@ def stage_time_table(
         rows = slice(None) if len(rules) == 1 else torch.tensor([n for n, r in enumerate(rules) if r == rule])
         for i, c in enumerate(tableau.c):
             how = rule.for_stage(i, c)
-            if how != NONE:
+            if how != Nudge.NONE:
                 table[rows, i] = _nudge(table[rows, i], how, rule.direction)
     return [row.unbind() for row in table]
 
@@ -161,7 +160,8 @@ def _stage_input(y: torch.Tensor, terms: list[tuple[float, torch.Tensor]], h: fl
 
 
 def with_traced_step(value: torch.Tensor, h_traced: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``value + (h_traced - h_traced.detach()) * direction``: ``value`` exactly, with gradient ``direction`` w.r.t. ``h_traced``.
+    """``value + (h_traced - h_traced.detach()) * direction``: ``value`` exactly, with gradient ``direction``
+    w.r.t. ``h_traced``.
 
     ``value`` was computed with the host float of ``h_traced`` (one arithmetic path
     for every strategy); this attaches the dependence on the traced step.

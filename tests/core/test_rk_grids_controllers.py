@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from mpnode.core import IntegralController, PIController, TABLEAUX
-from mpnode.core.controllers import ConstructedGrid, OutputTimesGrid, StepSizeGrid, Tolerance, initial_step
+from mpnode.core import TABLEAUX, IntegralController, PIController
+from mpnode.core.contracts import Nudge
+from mpnode.core.grids import ConstructedGrid, OutputTimesGrid, StepSizeGrid
+from mpnode.core.rk import StagePerturbation, rk_stages, stage_time_table, traced_stage_times
 from mpnode.core.state import FlatState
-from mpnode.core.stepper import NEXT, PREV, StagePerturbation, rk_stages, stage_time_table, traced_stage_times
+from mpnode.core.tolerance import Tolerance, initial_step
 
 F64 = torch.float64
 
@@ -63,25 +65,27 @@ def test_perturbation_moves_stage_times_to_the_neighbouring_float():
     tab = TABLEAUX["rk4"]
     grid = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float32)
     plain = stage_time_table(tab, grid, torch.float32)
-    nudged = stage_time_table(tab, grid, torch.float32, StagePerturbation(first=NEXT, end=PREV, direction=1))
+    nudged = stage_time_table(tab, grid, torch.float32,
+                              StagePerturbation(first=Nudge.NEXT, end=Nudge.PREV, direction=1))
     for row_p, row_n in zip(plain, nudged):
         assert row_n[0] == torch.nextafter(row_p[0], torch.tensor(math.inf))
         assert row_n[3] == torch.nextafter(row_p[3], torch.tensor(-math.inf))
         assert row_n[1] == row_p[1] and row_n[2] == row_p[2]
-    backwards = stage_time_table(tab, grid.flip(0), torch.float32, StagePerturbation(first=NEXT, end=PREV, direction=-1))
-    assert backwards[0][0] < 1.0 and backwards[0][3] > 0.5  # NEXT follows the direction of time
+    backwards = stage_time_table(tab, grid.flip(0), torch.float32,
+                                 StagePerturbation(first=Nudge.NEXT, end=Nudge.PREV, direction=-1))
+    assert backwards[0][0] < 1.0 and backwards[0][3] > 0.5  # Nudge.NEXT follows the direction of time
 
 
 def test_output_times_grid_is_t_itself():
     t = torch.linspace(0, 1, 5)
-    grid, host = OutputTimesGrid().build(None, None, t, t)
+    grid, _host = OutputTimesGrid().build(None, None, t, t)
     assert grid is t
 
 
 @pytest.mark.parametrize("t_end", [1.0, -1.0])
 def test_step_size_grid_follows_torchdiffeqs_rule(t_end):
     t = torch.tensor([0.0, 0.3, t_end], dtype=F64)
-    grid, host = StepSizeGrid(0.3).build(None, torch.zeros(2, dtype=F64), t, t)
+    grid, _host = StepSizeGrid(0.3).build(None, torch.zeros(2, dtype=F64), t, t)
     n = math.ceil(1.0 / 0.3 + 1)
     assert grid.shape[0] == n and float(grid[-1]) == t_end
     assert torch.allclose(grid[:-1], torch.arange(n - 1, dtype=F64) * 0.3 * math.copysign(1, t_end))
@@ -109,24 +113,29 @@ def test_constructed_grid_is_checked():
 
 def test_integral_controller_is_torchdiffeqs_rule():
     c = IntegralController()
-    assert c.propose(0.1, 0.0, True, 5, None) == pytest.approx(1.0)  # r = 0: ifactor
-    assert c.propose(0.1, 0.5, True, 5, None) == pytest.approx(0.1 * min(10, 0.9 / 0.5 ** 0.2))
-    assert c.propose(0.1, 0.99, True, 5, None) == pytest.approx(0.1)  # accepted: never shrinks
-    assert c.propose(0.1, 4.0, False, 5, None) == pytest.approx(0.1 * 0.9 / 4.0 ** 0.2)
-    assert c.propose(0.1, 1e9, False, 5, None) == pytest.approx(0.02)  # dfactor bounds the shrink
+    assert c.adapt(0.1, 0.0, True, 5, None)[0] == pytest.approx(1.0)  # r = 0: ifactor
+    assert c.adapt(0.1, 0.5, True, 5, None)[0] == pytest.approx(0.1 * min(10, 0.9 / 0.5 ** 0.2))
+    assert c.adapt(0.1, 0.99, True, 5, None)[0] == pytest.approx(0.1)  # accepted: never shrinks
+    assert c.adapt(0.1, 4.0, False, 5, None)[0] == pytest.approx(0.1 * 0.9 / 4.0 ** 0.2)
+    assert c.adapt(0.1, 1e9, False, 5, None)[0] == pytest.approx(0.02)  # dfactor bounds the shrink
 
 
 def test_pi_controller_uses_the_previous_ratio():
     c = PIController(beta1=0.7, beta2=0.4)
-    first = c.propose(0.1, 0.5, True, 5, None)
-    with_memory = c.propose(0.1, 0.5, True, 5, 0.25)
+    assert c.init() is None  # no accepted ratio yet
+    first, state = c.adapt(0.1, 0.5, True, 5, c.init())
+    with_memory = c.adapt(0.1, 0.5, True, 5, 0.25)[0]
     assert first == pytest.approx(0.1 * 0.9 * 0.5 ** (-0.14))
     assert with_memory == pytest.approx(first * 0.25 ** 0.08)  # a smaller past error damps the growth
-    assert c.propose(0.1, 100.0, False, 5, 0.5) == pytest.approx(0.1 * max(0.2, 0.9 * 100.0 ** -0.2))
+    assert state == 0.5  # an accepted ratio is remembered ...
+    rejected, kept = c.adapt(0.1, 100.0, False, 5, 0.5)
+    assert rejected == pytest.approx(0.1 * max(0.2, 0.9 * 100.0 ** -0.2))
+    assert kept == 0.5  # ... a rejected one is not
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(safety=1.5), "safety"), (dict(ifactor=0.5), "ifactor"), (dict(dfactor=0.0), "dfactor"), (dict(safety="x"), "safety"),
+    (dict(safety=1.5), "safety"), (dict(ifactor=0.5), "ifactor"), (dict(dfactor=0.0), "dfactor"),
+    (dict(safety="x"), "safety"),
 ])
 def test_controllers_validate_their_settings(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
@@ -143,7 +152,8 @@ def test_tolerance_ratio_is_torchdiffeqs_rms_of_scaled_error():
     assert float(tol.error_ratio(err, y0, y1)) == pytest.approx(float((err / scale).pow(2).mean().sqrt()))
     noise = torch.tensor([1e-4, 0.0, 3e-4, 1e-9], dtype=F64)
     both = tol.noisy_error_ratios(err, y0, y1, noise).tolist()
-    assert both == pytest.approx([float((err / scale).pow(2).mean().sqrt()), float((noise / scale).pow(2).mean().sqrt())])
+    rms = [float((x / scale).pow(2).mean().sqrt()) for x in (err, noise)]
+    assert both == pytest.approx(rms)
 
 
 def test_tolerance_accepts_per_element_and_per_part_values_and_refuses_bad_ones():
