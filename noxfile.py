@@ -227,8 +227,9 @@ for _suite in TEST_SUITES:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Build the documentation into site/ (mkdocs --strict: a broken link or reference fails); check the README
-    (length, links to every page) and that each measured figure matches its results file (tools/check_docs.py)."""
+    """Build the documentation into site/ (mkdocs --strict: a broken link or cross-reference fails); check the README
+    (length, links to every page), that each measured figure matches its results file (tools/check_docs.py) and
+    that no Sphinx role is left in the docstrings (tools/convert_roles.py --check)."""
     python = docs_python(session)
     probe = session.run(python, "-c", "import importlib.util as u; print(bool(u.find_spec('mkdocstrings')))",
                         silent=True, external=True)
@@ -237,6 +238,8 @@ def docs(session: nox.Session) -> None:
     session.run(python, "-m", "mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *session.posargs,
                 external=True)
     session.run(python, str(ROOT / "tools" / "check_docs.py"), external=True)
+    # A Sphinx role renders raw; `python tools/convert_roles.py` rewrites new ones as cross-references.
+    session.run(python, str(ROOT / "tools" / "convert_roles.py"), "--check", external=True)
 
 
 @nox.session

@@ -3,16 +3,21 @@
 
 One home for what every experiment script needs:
 
-* command-line flags: :func:`script_parser` (``--out``, ``--seed``, ``--smoke``
-  with its alias ``--quick``), :func:`add_device_flag`, :func:`add_solver_flags`
-  (``--precision``, ``--odeint``, ``--device``), :func:`add_method_flags` (``--method``, ``--steps``,
-  ``--rtol``, ``--atol``) with :func:`tolerance_kwargs`, :func:`add_number_flags` and :func:`setup`;
-* precision and solver by name: :data:`PRECISIONS`, :func:`autocast`,
-  :data:`SOLVERS`, :func:`solver`, :func:`make_grad_scaler`;
-* output: :class:`CSVLog` / :func:`write_csv`, :func:`format_table` /
-  :func:`print_table` (rich when installed, aligned plain text otherwise),
-  :func:`progress` (a tqdm bar when installed, counts on stderr otherwise),
-  :func:`pyplot` / :func:`save_figure` (matplotlib on its Agg backend), :func:`label_steps`.
+* command-line flags: [`script_parser`][mpnode.bench.experiment.script_parser] (``--out``, ``--seed``, ``--smoke`` with
+  its alias ``--quick``), [`add_device_flag`][mpnode.bench.experiment.add_device_flag],
+  [`add_solver_flags`][mpnode.bench.experiment.add_solver_flags] (``--precision``, ``--odeint``, ``--device``),
+  [`add_method_flags`][mpnode.bench.experiment.add_method_flags] (``--method``, ``--steps``, ``--rtol``, ``--atol``)
+  with [`tolerance_kwargs`][mpnode.bench.experiment.tolerance_kwargs],
+  [`add_number_flags`][mpnode.bench.experiment.add_number_flags] and [`setup`][mpnode.bench.experiment.setup];
+* precision and solver by name: [`PRECISIONS`][mpnode.bench.experiment.PRECISIONS],
+  [`autocast`][mpnode.bench.experiment.autocast], [`SOLVERS`][mpnode.bench.experiment.SOLVERS],
+  [`solver`][mpnode.bench.experiment.solver], [`make_grad_scaler`][mpnode.bench.experiment.make_grad_scaler];
+* output: [`CSVLog`][mpnode.bench.experiment.CSVLog] / [`write_csv`][mpnode.bench.experiment.write_csv],
+  [`format_table`][mpnode.bench.experiment.format_table] / [`print_table`][mpnode.bench.experiment.print_table] (rich
+  when installed, aligned plain text otherwise), [`progress`][mpnode.bench.experiment.progress] (a tqdm bar when
+  installed, counts on stderr otherwise), [`pyplot`][mpnode.bench.experiment.pyplot] /
+  [`save_figure`][mpnode.bench.experiment.save_figure] (matplotlib on its Agg backend),
+  [`label_steps`][mpnode.bench.experiment.label_steps].
 
 The training examples (``ode_demo.py``, ``cnf8g.py``, ...) do not use this module: each
 shows its own loop with torch and mpnode only.  matplotlib, rich and tqdm are imported
@@ -73,11 +78,11 @@ MPNODE_STRATEGIES: dict[str, str] = {
 """mpnode solver name -> the ``mpnode.core`` adjoint strategy class it runs with."""
 
 SOLVERS = (*MPNODE_STRATEGIES, "torchdiffeq", "torchdiffeq-nocache", "torchdiffeq-adjoint", "torchode")
-"""Solver names :func:`solver` knows; all share torchdiffeq's ``odeint`` calling convention.
+"""Solver names [`solver`][mpnode.bench.experiment.solver] knows; all share torchdiffeq's ``odeint`` calling convention.
 
-``torchdiffeq-nocache`` is ``torchdiffeq.odeint`` meant to run under
-``autocast(..., cache=False)``: the solver is the same, the cast cache is the caller's.
-``torchode`` is :func:`mpnode.bench.peers.torchode_odeint` (states ``(batch, features)``).
+``torchdiffeq-nocache`` is ``torchdiffeq.odeint`` meant to run under ``autocast(..., cache=False)``: the solver is the
+same, the cast cache is the caller's. ``torchode`` is
+[`mpnode.bench.peers.torchode_odeint`][mpnode.bench.peers.torchode_odeint] (states ``(batch, features)``).
 """
 
 
@@ -116,10 +121,10 @@ def solver_unavailable(name: str) -> str | None:
 
 
 def solver(name: str, **strategy_options: Any) -> Callable[..., Any]:
-    """The ``odeint``-like function of a solver name (see :data:`SOLVERS`).
+    """The ``odeint``-like function of a solver name (see [`SOLVERS`][mpnode.bench.experiment.SOLVERS]).
 
     mpnode names run ``mpnode.core.odeint`` with the adjoint strategy of
-    :data:`MPNODE_STRATEGIES`, built with ``strategy_options`` (e.g.
+    [`MPNODE_STRATEGIES`][mpnode.bench.experiment.MPNODE_STRATEGIES], built with ``strategy_options`` (e.g.
     ``checkpoint_dtype=torch.bfloat16``, ``budget_bytes=2**24`` for ``mpnode-auto``);
     plain ``"mpnode"`` without options is ``odeint`` itself.  The other names take no options.
     """
@@ -272,7 +277,7 @@ def write_csv(path: Path, rows: Iterable[Mapping[str, Any]], fieldnames: Sequenc
 def format_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int = 120,
                  left: Iterable[str] = ()) -> str:
     """Rows of strings as a table: rich's box table ``width`` characters wide when installed, else aligned
-    plain text that wraps to the terminal's width (see :func:`plain_table`).
+    plain text that wraps to the terminal's width (see [`plain_table`][mpnode.bench.experiment.plain_table]).
 
     Columns named in ``left`` are left-aligned, the others right-aligned (rich only).
     """
@@ -318,7 +323,7 @@ def plain_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], **kwargs: Any) -> None:
-    """Print :func:`format_table`."""
+    """Print [`format_table`][mpnode.bench.experiment.format_table]."""
     print(format_table(title, header, rows, **kwargs))
 
 

@@ -6,8 +6,8 @@ bfloat16 and float16 (converting to float32 inside its kernels), only slower tha
 float32: on an AVX-512 CPU without ``avx512_bf16`` a bfloat16 matmul takes about 4x
 the float32 time and a float16 one about 80x.  Timing such rows says nothing about
 mixed precision, so the ``speed`` suite measures the machine first
-(:func:`measure`) and times a precision only where it is fast
-(:meth:`LowPrecisionSpeed.skip_reason`).
+([`measure`][mpnode.bench.hardware.measure]) and times a precision only where it is fast
+([`LowPrecisionSpeed.skip_reason`][mpnode.bench.hardware.LowPrecisionSpeed.skip_reason]).
 
 The measure is one matmul per dtype, 1 thread on a CPU (the suite's setting):
 ``(256, 512) @ (512, 512)`` on a CPU, ``(4096, 4096) @ (4096, 4096)`` on a GPU,
@@ -43,7 +43,7 @@ class LowPrecisionSpeed:
         name: the CPU model or GPU name.
         capability: ``torch.backends.cpu.get_cpu_capability()`` on a CPU (``"AVX512"``,
             ``"AVX2"``, ...), the CUDA compute capability (``"sm_90"``) on a GPU.
-        cpu_flags: the :data:`CPU_FLAGS` the CPU reports (CPU only; empty where unknown).
+        cpu_flags: the [`CPU_FLAGS`][mpnode.bench.hardware.CPU_FLAGS] the CPU reports (CPU only; empty where unknown).
         matmul_shape: ``(m, k, n)`` of the measured matmul.
         matmul_s: median seconds of one matmul per dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``).
         threads: torch intra-op threads during the measure.
@@ -63,7 +63,8 @@ class LowPrecisionSpeed:
         return None if not low or not high else high / low
 
     def is_fast(self, precision: str) -> bool:
-        """float32 is always "fast"; a low precision when its matmul speed-up is at least :data:`FAST_SPEEDUP`."""
+        """float32 is always "fast"; a low precision when its matmul speed-up is at least
+        [`FAST_SPEEDUP`][mpnode.bench.hardware.FAST_SPEEDUP]."""
         if precision == "float32":
             return True
         s = self.speedup(precision)
@@ -80,7 +81,8 @@ class LowPrecisionSpeed:
                 f"(fast means >= {FAST_SPEEDUP}x); --force-low-precision times it anyway")
 
     def row_note(self, precision: str) -> str | None:
-        """The short form of :meth:`skip_reason`, for each skipped row (``None`` when the precision is timed)."""
+        """The short form of [`skip_reason`][mpnode.bench.hardware.LowPrecisionSpeed.skip_reason], for each skipped row
+        (``None`` when the precision is timed)."""
         if self.is_fast(precision):
             return None
         s = self.speedup(precision)
@@ -105,7 +107,8 @@ class LowPrecisionSpeed:
 
 
 def _cpu_name_and_flags() -> tuple[str, list[str]]:
-    """The CPU model name and its :data:`CPU_FLAGS` from ``/proc/cpuinfo`` (Linux), else the platform's name."""
+    """The CPU model name and its [`CPU_FLAGS`][mpnode.bench.hardware.CPU_FLAGS] from ``/proc/cpuinfo`` (Linux), else
+    the platform's name."""
     import platform
 
     try:

@@ -1,9 +1,9 @@
 """The solvers being compared: mpnode with each adjoint strategy and precision, torchdiffeq, torchode.
 
-An :class:`Impl` turns a problem :class:`~mpnode.bench.problems.Instance` and a
-:class:`Discretization` into one forward+backward call: ``y_T`` from ``t = 0`` to
-``1`` (fixed RK4 (3/8 rule) steps, or an adaptive method at ``rtol``/``atol``),
-``loss(y_T)``, ``loss.backward()``, all inside ``torch.autocast`` for a low precision.
+An [`Impl`][mpnode.bench.implementations.Impl] turns a problem [`Instance`][mpnode.bench.problems.Instance] and a
+[`Discretization`][mpnode.bench.implementations.Discretization] into one forward+backward call: ``y_T`` from ``t = 0``
+to ``1`` (fixed RK4 (3/8 rule) steps, or an adaptive method at ``rtol``/``atol``), ``loss(y_T)``, ``loss.backward()``,
+all inside ``torch.autocast`` for a low precision.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class Impl:
     """One solver configuration.
 
     Attributes:
-        solver: a name of :data:`~mpnode.bench.experiment.SOLVERS`: ``"mpnode"``
+        solver: a name of [`SOLVERS`][mpnode.bench.experiment.SOLVERS]: ``"mpnode"``
             (recompute adjoint), ``"mpnode-direct"``, ``"mpnode-segmented"`` (default
             ``sqrt(N)`` checkpoints), ``"mpnode-auto"`` (needs ``budget``),
             ``"torchdiffeq"`` (direct backprop through the steps), ``"torchdiffeq-nocache"``
@@ -282,7 +282,8 @@ def _parse_size(text: str) -> int:
 
 def parse_impl(text: str) -> Impl:
     """``"mpnode/bfloat16"``, ``"torchdiffeq-adjoint/float32"``, ``"mpnode/float32+ckpt-bfloat16"``,
-    ``"mpnode-auto/float32+budget-8MiB"``, ``"torchode/float32+tsit5"``: the inverse of :attr:`Impl.label`."""
+    ``"mpnode-auto/float32+budget-8MiB"``, ``"torchode/float32+tsit5"``: the inverse of
+    [`Impl.label`][mpnode.bench.implementations.Impl.label]."""
     solver, _, rest = text.partition("/")
     precision, *extras = (rest or "float32").split("+")
     fields: dict = {}

@@ -1,6 +1,6 @@
 """Peer solvers behind torchdiffeq's calling convention, for side-by-side benchmarks.
 
-:func:`torchode_odeint` runs torchode (Lienen & Günnemann, "torchode: A Parallel ODE
+[`torchode_odeint`][mpnode.bench.peers.torchode_odeint] runs torchode (Lienen & Günnemann, "torchode: A Parallel ODE
 Solver for PyTorch", 2022; ``pip install torchode``, an optional dependency:
 ``pip install "./packages/mpnode-bench[peers]"``) like ``torchdiffeq.odeint(func, y0, t, ...)``:
 
@@ -27,10 +27,10 @@ import torch
 __all__ = ["TORCHODE_METHODS", "torchode_unavailable", "torchode_odeint"]
 
 TORCHODE_METHODS = ("dopri5", "tsit5")
-"""The methods :func:`torchode_odeint` runs (torchode's ``Dopri5`` and ``Tsit5``)."""
+"""The methods [`torchode_odeint`][mpnode.bench.peers.torchode_odeint] runs (torchode's ``Dopri5`` and ``Tsit5``)."""
 
 TORCHODE_OPTIONS = ("step_size", "max_num_steps", "stats")
-"""Keys :func:`torchode_odeint` accepts in ``options``."""
+"""Keys [`torchode_odeint`][mpnode.bench.peers.torchode_odeint] accepts in ``options``."""
 
 DEFAULT_RTOL, DEFAULT_ATOL = 1e-7, 1e-9  # torchdiffeq's, so a call reads the same for both
 

@@ -1,4 +1,5 @@
-"""Figures from benchmark rows (matplotlib through :func:`mpnode.bench.experiment.pyplot`; skipped when absent).
+"""Figures from benchmark rows (matplotlib through [`mpnode.bench.experiment.pyplot`][mpnode.bench.experiment.pyplot];
+skipped when absent).
 
 * ``ratios_<problem>_<axis>.png`` for each size sweep: time and held memory
   relative to torchdiffeq float32 (and, where timed, speed-up and CUDA peak

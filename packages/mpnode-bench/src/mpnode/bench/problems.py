@@ -1,27 +1,27 @@
 """The benchmark problems: a vector field, an initial state and a scalar loss, at a given size.
 
-Every problem builds an :class:`Instance` from a dict of sizes; the solver
+Every problem builds an [`Instance`][mpnode.bench.problems.Instance] from a dict of sizes; the solver
 integrates ``t in [0, 1]`` (fixed RK4 steps or an adaptive method) and the loss
 is a function of the final state only.  The fields are the library's own:
 
-* ``mlp``: :class:`mpnode.core.testing.MLPField` with two tanh hidden layers
+* ``mlp``: [`mpnode.core.testing.MLPField`][mpnode.core.testing.MLPField] with two tanh hidden layers
   of ``width``, time appended to the input; ``y`` of shape ``(batch, dim)``.
   Optional size ``gain`` (default 1): the output layer (weight and bias) is
   multiplied by it, so the field is ``gain`` times the default one (about the
   default field over ``t in [0, gain]``): adaptive solvers then take tens of
   steps instead of three.  The field accepts a ``(batch, 1)`` time column.
-* ``otflow``: OT-Flow (Onken et al. 2021), :class:`mpnode.models.otflow.OTFlowDynamics`
-  of an :class:`~mpnode.models.otflow.OTPotential` with a two-layer ResNet of
+* ``otflow``: OT-Flow (Onken et al. 2021), [`mpnode.models.otflow.OTFlowDynamics`][mpnode.models.otflow.OTFlowDynamics]
+  of an [`OTPotential`][mpnode.models.otflow.OTPotential] with a two-layer ResNet of
   width ``width`` on the state ``(x, l, L, R)``, ``x`` of shape ``(batch, d)``;
   gradient and exact Hessian trace of the potential in one pass.
 * ``conv``: the ODE-Net block (two time-concatenated 3x3 convolutions with
-  GroupNorm, :class:`mpnode.models.mnist.ODEFunc`) on ``(batch, channels, size, size)``.
+  GroupNorm, [`mpnode.models.mnist.ODEFunc`][mpnode.models.mnist.ODEFunc]) on ``(batch, channels, size, size)``.
 * ``cnf``: a 2-D continuous normalising flow with exact trace,
-  :class:`mpnode.models.cnf.CNF` around the FFJORD hypernetwork field
-  :class:`~mpnode.models.cnf.HyperNetField` of width ``width``; state
+  [`mpnode.models.cnf.CNF`][mpnode.models.cnf.CNF] around the FFJORD hypernetwork field
+  [`HyperNetField`][mpnode.models.cnf.HyperNetField] of width ``width``; state
   ``(z, l)``, ``z`` of shape ``(batch, 2)``, ``l`` of shape ``(batch,)``.
 * ``demo``: the field of torchdiffeq's ``ode_demo.py`` (a spiral): a tanh MLP
-  ``2 -> width -> 2`` applied to ``y**3`` (:class:`CubicMLPField`), ``y`` of shape
+  ``2 -> width -> 2`` applied to ``y**3`` ([`CubicMLPField`][mpnode.bench.problems.CubicMLPField]), ``y`` of shape
   ``(batch, 2)`` around ``(2, 0)``.  So small that Python and dispatch overhead,
   not arithmetic, set its time: the overhead-bound case.
 """

@@ -1,6 +1,6 @@
 """Profilers usable from any training script: time, memory held for backward, peak memory, host syncs.
 
-Four pieces, each usable alone, and :func:`profile` combining them::
+Four pieces, each usable alone, and [`profile`][mpnode.bench.profilers.profile] combining them::
 
     from mpnode.bench import profile
     with profile("cuda") as rec:
@@ -8,19 +8,19 @@ Four pieces, each usable alone, and :func:`profile` combining them::
         loss.backward()
     print(rec.time_s, rec.peak_bytes, rec.held_bytes, rec.host_syncs)
 
-* :func:`time_fn`: warm-up, then ``repeats`` timed calls; CUDA events on a GPU,
-  ``time.perf_counter`` elsewhere; returns a :class:`Timing` (median, min, max,
+* [`time_fn`][mpnode.bench.profilers.time_fn]: warm-up, then ``repeats`` timed calls; CUDA events on a GPU,
+  ``time.perf_counter`` elsewhere; returns a [`Timing`][mpnode.bench.profilers.Timing] (median, min, max,
   interquartile spread, every sample).
-* :func:`held_memory`: bytes of the distinct storages packed for backward
+* [`held_memory`][mpnode.core.meters.held_memory]: bytes of the distinct storages packed for backward
   through ``torch.autograd.graph.saved_tensors_hooks`` (this includes
   ``ctx.save_for_backward``, hence mpnode's checkpoints), i.e. the memory a
   forward pass keeps alive for its backward pass;
-* :func:`count_host_syncs`: calls of ``aten._local_scalar_dense`` (every
+* [`count_host_syncs`][mpnode.core.testing.count_host_syncs]: calls of ``aten._local_scalar_dense`` (every
   ``.item()``, ``bool(tensor)``, ``float(tensor)``) seen by a ``TorchDispatchMode``.
-* :func:`peak_memory`: CUDA ``max_memory_allocated`` over a region (reset at entry).
+* [`peak_memory`][mpnode.bench.profilers.peak_memory]: CUDA ``max_memory_allocated`` over a region (reset at entry).
 
-The held-memory meter lives in :mod:`mpnode.core.meters` (``AutoAdjoint`` uses it)
-and the host-sync meter in :mod:`mpnode.core.testing` (so core's tests can use them
+The held-memory meter lives in [`mpnode.core.meters`][mpnode.core.meters] (``AutoAdjoint`` uses it)
+and the host-sync meter in [`mpnode.core.testing`][mpnode.core.testing] (so core's tests can use them
 with torch alone); both are re-exported here.
 """
 
@@ -195,7 +195,7 @@ def peak_memory(device: torch.device | str) -> Iterator[PeakMemory]:
 
 @dataclass
 class ProfileRecord:
-    """What :func:`profile` measured; filled in when the ``with`` block exits.
+    """What [`profile`][mpnode.bench.profilers.profile] measured; filled in when the ``with`` block exits.
 
     Attributes:
         time_s: wall time of the region in seconds (device-synchronised on CUDA).
@@ -204,7 +204,7 @@ class ProfileRecord:
         held_bytes: bytes of distinct storages packed for backward outside backward passes.
         recompute_bytes: bytes of distinct storages packed inside backward passes.
         host_syncs: ``aten._local_scalar_dense`` calls, or ``None`` when ``sync_count=False``.
-        held: the full :class:`HeldMemory` (per-storage detail).
+        held: the full [`HeldMemory`][mpnode.core.meters.HeldMemory] (per-storage detail).
     """
 
     time_s: float | None = None
@@ -234,7 +234,7 @@ def profile(
     ``with profile(dev) as rec: loss = model(x); loss.backward()`` then read
     ``rec.time_s``, ``rec.peak_bytes``, ``rec.held_bytes``, ``rec.host_syncs``.
     ``sync_count=True`` routes every op through a Python dispatch mode, which
-    slows the region: use ``sync_count=False`` (or :func:`time_fn`) for timings.
+    slows the region: use ``sync_count=False`` (or [`time_fn`][mpnode.bench.profilers.time_fn]) for timings.
     ``exclude``: tensors (e.g. parameters) whose storages ``held_bytes`` ignores.
     """
     dev = _as_device(device)

@@ -1,8 +1,8 @@
 """Results out: CSV and JSON files, a printed table, linear growth fits.
 
-Every function takes the :class:`~mpnode.bench.runner.BenchRow` records of
-:mod:`mpnode.bench.runner`.  The table uses rich when it is installed and
-plain text otherwise (:func:`mpnode.bench.experiment.format_table`).
+Every function takes the [`BenchRow`][mpnode.bench.runner.BenchRow] records of
+[`mpnode.bench.runner`][mpnode.bench.runner].  The table uses rich when it is installed and
+plain text otherwise ([`mpnode.bench.experiment.format_table`][mpnode.bench.experiment.format_table]).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .runner import COLUMNS, STEP_AXES, BenchRow, ratio
 
 
 def write_results_csv(rows: Sequence[BenchRow], path: Path) -> None:
-    """One line per row, the columns of :data:`~mpnode.bench.runner.COLUMNS` (``None`` as an empty cell)."""
+    """One line per row, the columns of [`COLUMNS`][mpnode.bench.runner.COLUMNS] (``None`` as an empty cell)."""
     write_csv(path, (r.as_dict() for r in rows), COLUMNS)
 
 
@@ -28,7 +28,7 @@ def write_results_json(rows: Sequence[BenchRow], meta: dict, path: Path) -> None
 
 
 def read_results_json(path: Path) -> tuple[dict, list[BenchRow]]:
-    """``(meta, rows)`` of a ``results.json`` written by :func:`write_results_json`."""
+    """``(meta, rows)`` of a ``results.json`` written by `write_results_json`."""
     data = json.loads(Path(path).read_text())
     return data["meta"], [BenchRow.from_dict(r) for r in data["rows"]]
 

@@ -4,9 +4,9 @@ For each case (problem, sizes, stepping) the runner builds the problem once
 (same weights and data for every implementation), then per implementation:
 
 1. one measured forward+backward: bytes held for backward
-   (:func:`~mpnode.bench.profilers.held_memory` over the forward, parameters
+   ([`held_memory`][mpnode.bench.profilers.held_memory] over the forward, parameters
    excluded), host syncs of forward and of backward
-   (:func:`~mpnode.bench.profilers.count_host_syncs`), CUDA peak memory, the
+   ([`count_host_syncs`][mpnode.bench.profilers.count_host_syncs]), CUDA peak memory, the
    loss, the accepted steps, the vector-field evaluations of forward and backward
    (a forward hook on the field module) and the parameter gradient (compared with
    the reference);
@@ -24,14 +24,14 @@ Gradient reference: fixed grids: torchdiffeq float32 on the same grid (else
 mpnode float32), or, for a case with ``reference="float64"``, a float64 mpnode
 solve on the same grid (what each row's roundoff is measured against); adaptive
 cases: a float64 mpnode ``dopri5`` solve at ``rtol=1e-10, atol=1e-12``
-(:data:`ADAPTIVE_REFERENCE`), i.e. the ODE's gradient to about 1e-9, since every
+([`ADAPTIVE_REFERENCE`][mpnode.bench.runner.ADAPTIVE_REFERENCE]), i.e. the ODE's gradient to about 1e-9, since every
 adaptive solver takes its own steps.
 
 A case may name a skip reason per implementation (``Case.skip``, e.g. a low
 precision without fast kernels on this machine): that row is not run and carries
 the reason as its ``error``.
 
-Each implementation of a case gives one :class:`BenchRow`; ratios are filled in per case.
+Each implementation of a case gives one [`BenchRow`][mpnode.bench.runner.BenchRow]; ratios are filled in per case.
 """
 
 from __future__ import annotations
@@ -73,11 +73,11 @@ class BenchRow:
         held_bytes: bytes saved for backward by the forward (parameters excluded).
         peak_bytes: CUDA peak allocated above the start of the call (``None`` off CUDA).
         syncs_forward, syncs_backward: host synchronisations of forward and of backward.
-        loss: the loss value; grad_rel_err: relative error of the parameter gradient
-            against the case's reference (fixed grids: :data:`REFERENCE`, or mpnode
-            float32 when that failed or is absent, or float64 on the same grid when the
-            case asks for it; adaptive: :data:`ADAPTIVE_REFERENCE`); grad_reference: which.
-        time_vs_torchdiffeq, held_vs_torchdiffeq: ratios to :data:`REFERENCE` of the same case.
+        loss: the loss value; grad_rel_err: relative error of the parameter gradient against the case's reference (fixed
+            grids: `REFERENCE`, or mpnode float32 when that failed or is absent, or float64 on the same grid when the
+            case asks for it; adaptive: [`ADAPTIVE_REFERENCE`][mpnode.bench.runner.ADAPTIVE_REFERENCE]); grad_reference:
+            which.
+        time_vs_torchdiffeq, held_vs_torchdiffeq: ratios to `REFERENCE` of the same case.
         speedup_vs_mpnode_f32, peak_vs_mpnode_f32: mpnode float32's time over this one's,
             this one's CUDA peak over mpnode float32's.
         error: why the implementation failed or could not run (``None`` when it ran).
@@ -131,7 +131,7 @@ class BenchRow:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BenchRow:
-        """A row from its :meth:`as_dict` form (e.g. read back from results.json); unknown keys are ignored."""
+        """A row from its `as_dict` form (e.g. read back from results.json); unknown keys are ignored."""
         return cls(**{k: v for k, v in data.items() if k in COLUMNS})
 
     def as_dict(self) -> dict[str, Any]:
@@ -139,7 +139,7 @@ class BenchRow:
 
 
 COLUMNS = tuple(f.name for f in fields(BenchRow))
-"""The fields of :class:`BenchRow`, in CSV column order."""
+"""The fields of [`BenchRow`][mpnode.bench.runner.BenchRow], in CSV column order."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class Case:
     ``skip``: per implementation, ``None`` or why it is not run here.  ``reference``:
     ``"torchdiffeq"`` (fixed grids: torchdiffeq float32 on the same grid) or
     ``"float64"`` (mpnode in float64 on the same grid); adaptive cases always use
-    :data:`ADAPTIVE_REFERENCE`.
+    [`ADAPTIVE_REFERENCE`][mpnode.bench.runner.ADAPTIVE_REFERENCE].
     """
 
     problem: str
@@ -340,7 +340,7 @@ def graph_free_forward(inst: Instance, disc: Discretization, device: torch.devic
 def _float64_gradient(inst: Instance, device: torch.device,
                       disc: Discretization = ADAPTIVE_REFERENCE) -> torch.Tensor:
     """The parameter gradient of a float64 copy of ``inst`` solved by mpnode with ``disc``
-    (default :data:`ADAPTIVE_REFERENCE`), outside any autocast."""
+    (default [`ADAPTIVE_REFERENCE`][mpnode.bench.runner.ADAPTIVE_REFERENCE]), outside any autocast."""
     from mpnode.core import odeint
 
     func = copy.deepcopy(inst.func).double()

@@ -25,16 +25,16 @@
   (float32; bfloat16 with and without the cast cache) and mpnode's three
   strategies in float32/bfloat16/float16, each row with its held memory and its
   gradient error against float64 on the same grid.  The machine is measured first
-  (:mod:`mpnode.bench.hardware`): a low precision without fast kernels here is
+  ([`mpnode.bench.hardware`][mpnode.bench.hardware]): a low precision without fast kernels here is
   skipped, with the reason (``--force-low-precision`` times it anyway).
   ``--smoke`` runs it at tiny sizes (the tests).
 * ``smoke``: tiny sizes, for the test suite.
 
 On a CPU, low-precision implementations are measured for memory, host syncs
 and accuracy but not timed (CPU autocast is 20-100x slower than float32 and
-says nothing about GPU speed); see :attr:`Suite.time_low_precision`.  The
+says nothing about GPU speed); see `Suite.time_low_precision`.  The
 ``speed`` suites are the exception: they time a low precision wherever the
-hardware check finds fast kernels for it (:attr:`Suite.gate_on_hardware`).
+hardware check finds fast kernels for it (`Suite.gate_on_hardware`).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Sweep:
     ``axis="base"`` gives a single case at ``base`` and ``steps``; with an adaptive
     ``method`` (and ``rtol``/``atol``, ``steps=0``) its axis is ``"adaptive"``.
     ``axis="speed"`` is a single case of the ``speed`` suites (adaptive or not).
-    ``reference``: the gradient reference of its cases (see :class:`~mpnode.bench.runner.Case`).
+    ``reference``: the gradient reference of its cases (see [`Case`][mpnode.bench.runner.Case]).
     """
 
     problem: str
@@ -110,7 +110,7 @@ class Suite:
     Attributes:
         time_low_precision: time the low-precision rows (else memory/syncs/accuracy only).
         gate_on_hardware: measure the machine first and skip the rows of a low precision
-            without fast kernels (:mod:`mpnode.bench.hardware`; the CLI does it).
+            without fast kernels ([`mpnode.bench.hardware`][mpnode.bench.hardware]; the CLI does it).
         smoke: the same sweeps at tiny sizes (``--smoke``), or empty when the suite has none.
     """
 

@@ -1,13 +1,17 @@
 """mpnode.core: mixed-precision ODE solves with a recompute-based discrete adjoint.
 
-Public API: :func:`odeint`, and torchdiffeq's :func:`odeint_adjoint` and
-:func:`odeint_event`; methods as data (:class:`ButcherTableau`,
-:data:`TABLEAUX`, :func:`get_tableau`); step-size control
-(:class:`IntegralController`, :class:`PIController`); adjoint strategies
-(:class:`AdjointStrategy`, :class:`RecomputeAdjoint`, :class:`DirectAdjoint`,
-:class:`SegmentedAdjoint`, :class:`AutoAdjoint`); :class:`SolverStats`;
-:class:`PrecisionPolicy`; and the scaling interface :class:`AdjointScaling` /
-:class:`NoAdjointScaling`.
+Public API: [`odeint`][mpnode.core.odeint.odeint], and torchdiffeq's
+[`odeint_adjoint`][mpnode.core.compat.odeint_adjoint] and [`odeint_event`][mpnode.core.compat.odeint_event]; methods as
+data ([`ButcherTableau`][mpnode.core.tableau.ButcherTableau], [`TABLEAUX`][mpnode.core.methods.TABLEAUX],
+[`get_tableau`][mpnode.core.methods.get_tableau]); step-size control
+([`IntegralController`][mpnode.core.controllers.IntegralController],
+[`PIController`][mpnode.core.controllers.PIController]); adjoint strategies
+([`AdjointStrategy`][mpnode.core.adjoint.AdjointStrategy],
+[`RecomputeAdjoint`][mpnode.core.strategies.RecomputeAdjoint], [`DirectAdjoint`][mpnode.core.strategies.DirectAdjoint],
+[`SegmentedAdjoint`][mpnode.core.strategies.SegmentedAdjoint], [`AutoAdjoint`][mpnode.core.strategies.AutoAdjoint]);
+[`SolverStats`][mpnode.core.stats.SolverStats]; [`PrecisionPolicy`][mpnode.core.precision.PrecisionPolicy]; and the
+scaling interface [`AdjointScaling`][mpnode.core.scaling.AdjointScaling] /
+[`NoAdjointScaling`][mpnode.core.scaling.NoAdjointScaling].
 """
 
 from .compat import AdjointArgumentsIgnoredWarning, odeint_adjoint, odeint_event

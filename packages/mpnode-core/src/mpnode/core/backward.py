@@ -1,7 +1,7 @@
 """The discrete adjoint by recomputation: per-step VJP, the accumulator, the block driver.
 
 Each step is ``y_{n+1} = y_n + h_n Phi_n`` with ``Phi_n = sum_i b_i k_i`` and each
-output inside it ``o_j = y_n + h_n Psi_j`` (see :mod:`mpnode.core.outputs`).  Walking
+output inside it ``o_j = y_n + h_n Psi_j`` (see [`mpnode.core.outputs`][mpnode.core.outputs]).  Walking
 the steps from last to first, with ``lam`` the adjoint of the state
 (docs/backward.md derives it)::
 

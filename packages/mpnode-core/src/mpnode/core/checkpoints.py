@@ -70,7 +70,7 @@ def encode_row(row: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
 
 
 def decode_row(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """The row an :func:`encode_row` result stands for (float32 when it was scaled)."""
+    """The row an [`encode_row`][mpnode.core.checkpoints.encode_row] result stands for (float32 when it was scaled)."""
     return stored if scale is None else stored.float() * scale
 
 
@@ -83,7 +83,7 @@ class StoredRows:
     scales: list[torch.Tensor] | None = None
 
     def tensors(self) -> list[torch.Tensor]:
-        """Everything to pass to ``ctx.save_for_backward`` (rebuild with :meth:`from_saved`)."""
+        """Everything to pass to ``ctx.save_for_backward`` (rebuild with `from_saved`)."""
         return [*self.chunks, *(self.scales or [])]
 
     @classmethod
@@ -106,11 +106,10 @@ class StoredRows:
 class CheckpointStore:
     """Rows of ``width`` values in ``dtype``, stored in chunks so it can grow without copying.
 
-    With ``rows`` known (a fixed grid) there is one chunk of exactly that many
-    rows.  Otherwise (adaptive steps) chunks of 16, 32, ... up to 1024 rows are
-    added as needed and :meth:`finish` trims the last one, so at most one chunk
-    (at most half the data, or 1024 rows) is ever copied.  Rows in float16/float8
-    are scaled by a power of two each (see the module docstring): 4 more bytes per row.
+    With ``rows`` known (a fixed grid) there is one chunk of exactly that many rows.  Otherwise (adaptive steps) chunks
+    of 16, 32, ... up to 1024 rows are added as needed and [`finish`][mpnode.core.checkpoints.CheckpointStore.finish]
+    trims the last one, so at most one chunk (at most half the data, or 1024 rows) is ever copied.  Rows in
+    float16/float8 are scaled by a power of two each (see the module docstring): 4 more bytes per row.
     """
 
     def __init__(self, width: int, dtype: torch.dtype, device: torch.device, rows: int | None = None) -> None:

@@ -1,14 +1,15 @@
 """torchdiffeq's other entry points: ``odeint_adjoint`` and ``odeint_event``.
 
-* :func:`odeint_adjoint` takes torchdiffeq's arguments and runs :func:`odeint`:
+* [`odeint_adjoint`][mpnode.core.compat.odeint_adjoint] takes torchdiffeq's arguments and runs
+  [`odeint`][mpnode.core.odeint.odeint]:
   mpnode's backward pass is already an adjoint method (a discrete one, with one
   checkpoint per step), so the two give the same numbers.  The adjoint tolerances,
   method and options of torchdiffeq's continuous adjoint have no role in a
   discrete adjoint (backward walks exactly the forward's steps); they are accepted
   and, when they differ from the forward's, a warning says so once per call site.
-* :func:`odeint_event` solves until an event and makes the event time
+* [`odeint_event`][mpnode.core.compat.odeint_event] solves until an event and makes the event time
   differentiable (implicit function theorem, see
-  :func:`mpnode.core.events.attach_event_gradient`).
+  [`mpnode.core.events.attach_event_gradient`][mpnode.core.events.attach_event_gradient]).
 """
 
 from __future__ import annotations
@@ -46,22 +47,22 @@ def odeint_adjoint(
     adjoint_params: Iterable[torch.Tensor] | None = None,
     **mpnode_kwargs: Any,
 ) -> State | tuple[torch.Tensor, State]:
-    """``torchdiffeq.odeint_adjoint`` with mpnode's discrete adjoint; results equal :func:`odeint`'s.
+    """``torchdiffeq.odeint_adjoint`` with mpnode's discrete adjoint; results equal
+    [`odeint`][mpnode.core.odeint.odeint]'s.
 
     Args:
-        func: as :func:`odeint`.
-        y0: as :func:`odeint`.
-        t: as :func:`odeint`.
-        rtol: as :func:`odeint` (torchdiffeq's default 1e-7).
-        atol: as :func:`odeint` (torchdiffeq's default 1e-9).
-        method: as :func:`odeint`.
-        options: as :func:`odeint`.
-        event_fn: as :func:`odeint`.
-        adjoint_rtol: accepted for torchdiffeq compatibility and unused: backward
-            differentiates the forward's own steps, so there is no second solve to
-            configure.  An :class:`AdjointArgumentsIgnoredWarning` is issued when
-            one of the four adjoint arguments is given and differs from its forward
-            counterpart.
+        func: as [`odeint`][mpnode.core.odeint.odeint].
+        y0: as [`odeint`][mpnode.core.odeint.odeint].
+        t: as [`odeint`][mpnode.core.odeint.odeint].
+        rtol: as [`odeint`][mpnode.core.odeint.odeint] (torchdiffeq's default 1e-7).
+        atol: as [`odeint`][mpnode.core.odeint.odeint] (torchdiffeq's default 1e-9).
+        method: as [`odeint`][mpnode.core.odeint.odeint].
+        options: as [`odeint`][mpnode.core.odeint.odeint].
+        event_fn: as [`odeint`][mpnode.core.odeint.odeint].
+        adjoint_rtol: accepted for torchdiffeq compatibility and unused: backward differentiates the forward's own
+            steps, so there is no second solve to configure.  An
+            [`AdjointArgumentsIgnoredWarning`][mpnode.core.compat.AdjointArgumentsIgnoredWarning] is issued when one of
+            the four adjoint arguments is given and differs from its forward counterpart.
         adjoint_atol: likewise.
         adjoint_method: likewise.
         adjoint_options: likewise; compared with ``options`` leaving out ``norm``
@@ -72,10 +73,10 @@ def odeint_adjoint(
             default ``func.parameters()``, which needs ``func`` to be an
             ``nn.Module``; pass ``adjoint_params=()`` for a function without
             parameters.  Tensors with ``requires_grad=False`` are skipped.
-        **mpnode_kwargs: ``scaler=`` and ``adjoint=`` of :func:`odeint`.
+        **mpnode_kwargs: ``scaler=`` and ``adjoint=`` of [`odeint`][mpnode.core.odeint.odeint].
 
     Returns:
-        As :func:`odeint`.
+        As [`odeint`][mpnode.core.odeint.odeint].
     """
     if adjoint_params is not None:
         params = tuple(adjoint_params)
@@ -158,12 +159,13 @@ def odeint_event(
     function and the root finding in the state's dtype.
 
     Args:
-        func: the vector field, as :func:`odeint`.
+        func: the vector field, as [`odeint`][mpnode.core.odeint.odeint].
         y0: initial state (tensor or tuple), float32/float64.
         t0: the start time, a 0-dim (or one-element) float32/float64 tensor.
         event_fn: ``event_fn(t, y) -> tensor``; ``t`` a 0-dim tensor in the state's dtype.
         reverse_time: integrate towards decreasing time.
-        odeint_interface: :func:`odeint` (default) or :func:`odeint_adjoint`.
+        odeint_interface: [`odeint`][mpnode.core.odeint.odeint] (default) or
+            [`odeint_adjoint`][mpnode.core.compat.odeint_adjoint].
         **kwargs: passed on (``rtol``, ``atol``, ``method``, ``options``, ...); fixed-grid
             methods need ``options={"step_size": ...}``.
 

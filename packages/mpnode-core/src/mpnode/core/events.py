@@ -52,12 +52,11 @@ MAX_EVENT_STEPS = 20000
 class EventFunction:
     """``event_fn(t, y)`` as one scalar ``g(t, y)`` that is positive until the event.
 
-    ``event_fn`` may return a tensor of any shape; each element is multiplied by
-    its sign at ``(t0, y0)`` (:meth:`calibrate`) and ``g`` is the minimum, so the
-    event is the first time any element changes sign.  A later value of another
-    shape is multiplied by those signs with broadcasting (torchdiffeq's rule), so
-    e.g. a one-element value may become a vector.  Evaluated with autocast off, in
-    the state's dtype: ``g`` is a 0-dim tensor in that dtype.
+    ``event_fn`` may return a tensor of any shape; each element is multiplied by its sign at ``(t0, y0)``
+    ([`calibrate`][mpnode.core.events.EventFunction.calibrate]) and ``g`` is the minimum, so the event is the first time
+    any element changes sign.  A later value of another shape is multiplied by those signs with broadcasting
+    (torchdiffeq's rule), so e.g. a one-element value may become a vector.  Evaluated with autocast off, in the state's
+    dtype: ``g`` is a 0-dim tensor in that dtype.
     """
 
     def __init__(self, event_fn: Callable, layout: FlatState, policy: PrecisionPolicy) -> None:

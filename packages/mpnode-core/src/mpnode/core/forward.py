@@ -1,17 +1,17 @@
 """The forward pass of a strategy that differentiates it later: march, discover, guard.
 
-:func:`tracked_forward` runs the graph-free march of a solve whose backward pass
+[`tracked_forward`][mpnode.core.forward.tracked_forward] runs the graph-free march of a solve whose backward pass
 will recompute steps, and returns everything such a backward needs besides the
 strategy's own storage (its [`Recorder`][mpnode.core.contracts.Recorder]):
 
-* the **gradient targets**: the solve's targets plus (without ``adjoint_params``) the
-  grad-requiring tensors the first evaluation of ``func`` turned out to use
-  (:class:`CapturedTensorProbe`: a closure's ``c``, a module's context attribute),
-  found on that evaluation itself, so discovery costs no extra evaluation;
-* a :class:`~mpnode.core.replay.Replay`: per-step random states (fixed grids), the
+* the **gradient targets**: the solve's targets plus (without ``adjoint_params``) the grad-requiring tensors the first
+  evaluation of ``func`` turned out to use ([`CapturedTensorProbe`][mpnode.core.parameters.CapturedTensorProbe]: a
+  closure's ``c``, a module's context attribute), found on that evaluation itself, so discovery costs no extra
+  evaluation;
+* a [`Replay`][mpnode.core.replay.Replay]: per-step random states (fixed grids), the
   buffers of the modules the solve can see, restored after the backward pass, and
   those modules' ``training`` flags, set as in the forward for the backward pass;
-* a :class:`~mpnode.core.guards.VersionRecord` of everything the recomputation reads:
+* a [`VersionRecord`][mpnode.core.guards.VersionRecord] of everything the recomputation reads:
   the targets, the constants, the times and the tensors without gradient that the
   first evaluation read (frozen parameters, buffers, captured constants) and the
   forward did not itself modify.
@@ -21,7 +21,7 @@ The march starts from a copy of ``y0``, so a field that writes into its input
 
 The march runs outside the strategy's autograd Function, so the discovered tensors
 can become the Function's inputs; the Function then only saves what was recorded.
-The solution is checked (:func:`~mpnode.core.guards.check_solution`) before the
+The solution is checked ([`check_solution`][mpnode.core.guards.check_solution]) before the
 caller commits the solve's counters.
 """
 
@@ -40,7 +40,7 @@ from .replay import RandomStates, Replay, StepRandomness, cuda_devices, module_b
 
 @dataclass
 class TrackedForward:
-    """What :func:`tracked_forward` returns.
+    """What [`tracked_forward`][mpnode.core.forward.tracked_forward] returns.
 
     Attributes:
         trajectory: the accepted steps.
@@ -65,7 +65,7 @@ class TrackedForward:
 def tracked_forward(problem: Problem, march: March, inputs: SolveInputs, recorder: Recorder,
                     replay_rng: bool) -> tuple[torch.Tensor, TrackedForward]:
     """March without a graph, recording through ``recorder``; returns the ``(T, D)`` outputs
-    (no graph) and the :class:`TrackedForward`; see the module docstring.
+    (no graph) and the [`TrackedForward`][mpnode.core.forward.TrackedForward]; see the module docstring.
 
     With ``replay_rng`` the generator states are tracked (per step on fixed grids); a
     stochastic field on an adaptive grid is refused (its draws cannot be replayed
@@ -119,7 +119,7 @@ ADAPTIVE_RANDOMNESS_REFUSED = (
 
 
 def _refuse_draws(randomness: StepRandomness) -> None:
-    """Raise :data:`ADAPTIVE_RANDOMNESS_REFUSED` if a generator moved since the solve started (one state read)."""
+    """Raise `ADAPTIVE_RANDOMNESS_REFUSED` if a generator moved since the solve started (one state read)."""
     if not RandomStates.same(randomness.generators.capture(), randomness.initial_state()):
         raise RuntimeError(ADAPTIVE_RANDOMNESS_REFUSED)
 

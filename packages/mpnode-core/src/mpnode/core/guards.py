@@ -1,19 +1,21 @@
 """Checks that turn silent wrong gradients into errors (see docs/guarantees.md).
 
-* :class:`VersionRecord`: the backward pass recomputes with the *current* values of
+* [`VersionRecord`][mpnode.core.guards.VersionRecord]: the backward pass recomputes with the *current* values of
   the parameters, the captured tensors and the tensors without gradient that ``func``
   reads (frozen parameters, buffers, constants), so one modified in place between
   forward and backward would silently change the gradient; their ``_version``
   counters are recorded after the forward and compared when backward starts
   (autograd's own check for saved tensors, applied to what the recomputation reads).
-* :func:`first_order_only`: the recompute backward is not itself differentiable;
+* [`first_order_only`][mpnode.core.guards.first_order_only]: the recompute backward is not itself differentiable;
   a second derivative (``create_graph=True``, ``hvp``, ``hessian``) raises instead
   of returning zeros.
-* :func:`refuse_function_transforms`: ``torch.func`` transforms (``vmap``, ``grad``,
+* [`refuse_function_transforms`][mpnode.core.guards.refuse_function_transforms]: ``torch.func`` transforms (``vmap``,
+  ``grad``,
   ``jacrev``, ...) cannot trace a solve that chooses its steps on the host.
-* :func:`refuse_batched_gradients`: a batch of output gradients pushed through one
+* [`refuse_batched_gradients`][mpnode.core.guards.refuse_batched_gradients]: a batch of output gradients pushed through
+  one
   backward pass (``jacobian(..., vectorize=True)``, ``is_grads_batched=True``).
-* :func:`check_solution`: the forward's one end-of-solve host check (finite
+* [`check_solution`][mpnode.core.guards.check_solution]: the forward's one end-of-solve host check (finite
   solution), made by each strategy before it commits the solve's counters.
 """
 

@@ -1,11 +1,10 @@
 """Meters of what a solve keeps for its backward pass: the bytes autograd saves.
 
-:class:`HeldMemory` / :func:`held_memory` count the distinct storages packed through
-``torch.autograd.graph.saved_tensors_hooks`` (``ctx.save_for_backward`` included,
-hence mpnode's checkpoints).  :class:`~mpnode.core.strategies.AutoAdjoint` meters its
-kept graphs with it during the forward pass; tests, demos and ``mpnode.bench`` use
-it to measure what a solve holds (re-exported by :mod:`mpnode.core.testing` and
-:mod:`mpnode.bench.profilers`).
+[`HeldMemory`][mpnode.core.meters.HeldMemory] / [`held_memory`][mpnode.core.meters.held_memory] count the distinct
+storages packed through ``torch.autograd.graph.saved_tensors_hooks`` (``ctx.save_for_backward`` included, hence mpnode's
+checkpoints).  [`AutoAdjoint`][mpnode.core.strategies.AutoAdjoint] meters its kept graphs with it during the forward
+pass; tests, demos and ``mpnode.bench`` use it to measure what a solve holds (re-exported by
+[`mpnode.core.testing`][mpnode.core.testing] and [`mpnode.bench.profilers`][mpnode.bench.profilers]).
 
 A meter holds no tensor: its pack hook returns a detached alias of the tensor (a
 saved output returned as itself would tie the autograd node to itself through
@@ -16,8 +15,9 @@ never be freed), and it records storages by ``(device, data_ptr)`` only.
 fixed grid too large for it is refused before it is built).
 
 Two facts come from private torch APIs; each is asked in one function here
-(:func:`outer_saved_tensors_hooks`, :func:`in_backward_pass`), which
-``tests/core/test_meters.py`` checks on the installed torch.
+([`outer_saved_tensors_hooks`][mpnode.core.meters.outer_saved_tensors_hooks],
+[`in_backward_pass`][mpnode.core.meters.in_backward_pass]), which ``tests/core/test_meters.py`` checks on the installed
+torch.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class HeldMemory:
             packed outside a backward pass (what the forward keeps for backward).
         recompute_storages: the same for packs made *inside* a backward pass (for
             instance a recompute-based adjoint rebuilding one step); these are
-            transient and not counted in :attr:`bytes`.
+            transient and not counted in [`bytes`][mpnode.core.meters.HeldMemory.bytes].
         excluded: keys of storages not to count (e.g. the parameters).
         chain: pass every tensor on to the hooks active when the meter is entered.
     """
@@ -86,7 +86,7 @@ class HeldMemory:
         return sum(n for n, _ in self.recompute_storages.values())
 
     def bytes_by_dtype(self) -> dict[torch.dtype, int]:
-        """:attr:`bytes` split by the dtype of the tensor that packed each storage."""
+        """[`bytes`][mpnode.core.meters.HeldMemory.bytes] split by the dtype of the tensor that packed each storage."""
         out: dict[torch.dtype, int] = {}
         for n, dt in self.storages.values():
             out[dt] = out.get(dt, 0) + n
@@ -104,7 +104,7 @@ class HeldMemory:
         hooks.__exit__(*exc)
 
     def count(self, x: torch.Tensor) -> None:
-        """Record ``x``'s storage (as :attr:`storages`, or :attr:`recompute_storages` inside a backward pass)."""
+        """Record ``x``'s storage (as `storages`, or `recompute_storages` inside a backward pass)."""
         if not isinstance(x, torch.Tensor) or x.layout != torch.strided:
             return
         try:
@@ -134,7 +134,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 def held_memory(exclude: Iterable[torch.Tensor] = (), chain: bool = False) -> HeldMemory:
-    """A :class:`HeldMemory` meter for ``with held_memory(exclude=model.parameters()) as m:``.
+    """A [`HeldMemory`][mpnode.core.meters.HeldMemory] meter for ``with held_memory(exclude=model.parameters()) as m:``.
 
     ``exclude``: tensors whose storages are not counted (pass the parameters to
     leave out the weights every solver shares).  ``chain``: pass every tensor on to

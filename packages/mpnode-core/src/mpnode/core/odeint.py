@@ -66,7 +66,7 @@ def odeint(
             (``training``) they had in the forward, module buffers are left as the
             forward left them, and a tensor ``func`` read that is modified in place
             before backward makes it raise (docs/guarantees.md).  It may define torchdiffeq's callbacks
-            ``callback_step`` etc. (see :mod:`mpnode.core.callbacks`).
+            ``callback_step`` etc. (see [`mpnode.core.callbacks`][mpnode.core.callbacks]).
         y0: float32/float64 tensor of any shape, or a tuple of such tensors of one
             dtype.  A float16/bfloat16 ``y0`` (the output of a layer under autocast)
             is solved in float32: states, stage sums, the error estimate and the
@@ -87,8 +87,8 @@ def odeint(
             (``"linear"``/``"cubic"``), ``perturb``; adaptive methods:
             ``first_step``, ``max_num_steps``, ``min_step``, ``max_step``,
             ``safety``, ``ifactor``, ``dfactor``, ``norm``, ``step_t``, ``jump_t``,
-            ``controller`` (a :class:`StepSizeController`); both:
-            ``checkpoint_dtype`` and ``stats`` (a :class:`SolverStats` updated in
+            ``controller`` (a [`StepSizeController`][mpnode.core.controllers.StepSizeController]); both:
+            ``checkpoint_dtype`` and ``stats`` (a [`SolverStats`][mpnode.core.stats.SolverStats] updated in
             place).  Unknown keys, and options of the other kind of stepping, raise.
         adjoint_params: the tensors to differentiate, instead of discovering them.
             Parameters of the modules odeint can see (``func`` itself, a bound
@@ -104,8 +104,8 @@ def odeint(
         event_fn: ``event_fn(t, y) -> tensor``: solve until an element of it changes
             sign (torchdiffeq's terminal event); ``t`` must then be ``[t0, t1]`` with
             ``t1`` giving only the direction of time, and fixed-grid methods need
-            ``step_size``.  See :mod:`mpnode.core.events`; for a differentiable event
-            time use :func:`mpnode.core.odeint_event`.
+            ``step_size``.  See [`mpnode.core.events`][mpnode.core.events]; for a differentiable event
+            time use [`mpnode.core.odeint_event`][mpnode.core.odeint_event].
 
     Returns:
         ``(len(t), *y0.shape)`` tensor in ``y0``'s dtype, or a tuple of such

@@ -8,13 +8,13 @@ output times are those of what the forward returned.
 
 Rules (torchdiffeq's meanings):
 
-* :class:`LinearInterpolation` (fixed grids, ``interp="linear"``): outputs on a
+* `LinearInterpolation` (fixed grids, ``interp="linear"``): outputs on a
   node are that node's state; others ``y_n + x (y_{n+1} - y_n)``, i.e. ``Psi = x Phi``;
-* :class:`CubicHermite` (fixed grids, ``interp="cubic"``): every output in
+* [`CubicHermite`][mpnode.core.outputs.CubicHermite] (fixed grids, ``interp="cubic"``): every output in
   ``(tau_n, tau_{n+1}]`` is the cubic Hermite polynomial through ``y_n``,
   ``y_{n+1}``, ``f_n = k_1`` and ``f(tau_{n+1}, y_{n+1})`` (one extra evaluation
   per step that holds outputs);
-* :class:`DenseOutput` (adaptive methods): ``Psi = sum_i w_i(x) k_i`` with the
+* [`DenseOutput`][mpnode.core.outputs.DenseOutput] (adaptive methods): ``Psi = sum_i w_i(x) k_i`` with the
   tableau's dense-output weights.
 """
 
@@ -107,7 +107,7 @@ def place_on_grid(grid_host: torch.Tensor, t_host: torch.Tensor, rule: OutputRul
     """Place every ``t[j]`` on a fixed grid (host copies of both, in ``t``'s dtype).
 
     ``t[0]`` is the initial state.  An output is placed in the first step whose
-    end reaches it; with :class:`LinearInterpolation` an output equal to a node is
+    end reaches it; with `LinearInterpolation` an output equal to a node is
     that node.  ``x_j`` is computed in the grid's dtype as torchdiffeq does.
     """
     g, ts = grid_host.tolist(), t_host.tolist()

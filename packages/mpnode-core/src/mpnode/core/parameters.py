@@ -1,17 +1,20 @@
 """Which tensors receive gradients from a solve, and the tensors ``func`` uses without saying so.
 
-* :func:`gradient_targets`: ``adjoint_params``, or the parameters of an ``nn.Module`` func;
-* :func:`reachable_modules` / :func:`restricted_parameters`: modules odeint can see from
+* [`gradient_targets`][mpnode.core.parameters.gradient_targets]: ``adjoint_params``, or the parameters of an
+  ``nn.Module`` func;
+* [`reachable_modules`][mpnode.core.parameters.reachable_modules] /
+  [`restricted_parameters`][mpnode.core.parameters.restricted_parameters]: modules odeint can see from
   ``func`` and, with ``adjoint_params``, their parameters left out of it (constants);
-* :func:`reachable_grad_tensors`: grad-requiring tensors ``func`` may read at some
+* [`reachable_grad_tensors`][mpnode.core.parameters.reachable_grad_tensors]: grad-requiring tensors ``func`` may read at
+  some
   evaluation, found without running it (so a solve whose output would otherwise have
   no graph keeps one, and backward's per-step check can refuse a tensor first used
   late in the solve);
-* :class:`CapturedTensorProbe`: run one evaluation of ``func`` and collect the
+* [`CapturedTensorProbe`][mpnode.core.parameters.CapturedTensorProbe]: run one evaluation of ``func`` and collect the
   tensors it uses that it did not create and was not given: grad-requiring ones
   (closure-captured tensors, a module's context attribute, ...) and the others with
   their version counters (frozen parameters, buffers, captured constants);
-* :class:`KnownTensors`: the grad-requiring leaves a recomputed step's graph
+* [`KnownTensors`][mpnode.core.parameters.KnownTensors]: the grad-requiring leaves a recomputed step's graph
   reaches that the solve does not differentiate (checked at every step).
 """
 
@@ -96,7 +99,7 @@ def reachable_grad_tensors(func: Callable, exclude: Sequence[torch.Tensor] = (),
                            limit: int = 10_000) -> list[torch.Tensor]:
     """Grad-requiring tensors ``func`` may read, found without running it, minus ``exclude``.
 
-    Looked for (a wider net than :func:`reachable_modules`, since it only decides
+    Looked for (a wider net than [`reachable_modules`][mpnode.core.parameters.reachable_modules], since it only decides
     whether the output keeps a graph): ``func`` itself, a bound method's function and
     object, a ``functools.partial``'s function and arguments, a function's closure
     cells, defaults and the globals its code names, the attributes of other objects
@@ -269,12 +272,11 @@ _LEAF_NODE = _leaf_node_type()
 class KnownTensors:
     """The tensors a solve differentiates or treats as constants, prepared once for many graph walks.
 
-    :meth:`untracked` walks the graph edges from each root's ``grad_fn`` back to
-    the leaves, stopping at the known tensors (a leaf's accumulator, or a
-    non-leaf's own output edge).  A non-empty result means ``func`` uses a tensor
-    whose gradient would be lost.  Cost: one Python visit per graph node, about
-    14 us for the four evaluations of an RK4 step of a 3-layer MLP
-    (``benchmarks/trust_overhead.py`` measures it in a whole backward pass).
+    [`untracked`][mpnode.core.parameters.KnownTensors.untracked] walks the graph edges from each root's ``grad_fn`` back
+    to the leaves, stopping at the known tensors (a leaf's accumulator, or a non-leaf's own output edge).  A non-empty
+    result means ``func`` uses a tensor whose gradient would be lost.  Cost: one Python visit per graph node, about 14
+    us for the four evaluations of an RK4 step of a 3-layer MLP (``benchmarks/trust_overhead.py`` measures it in a whole
+    backward pass).
     """
 
     def __init__(self, known: Sequence[torch.Tensor]) -> None:

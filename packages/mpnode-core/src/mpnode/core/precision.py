@@ -13,7 +13,7 @@ times, step sizes                                          ``t``'s dtype (fixed 
 
 What autocast does to a field is read from the field's output, not from whether
 autocast is on: autocast never lowers float64, nor the ops it keeps in float32
-(:func:`field_roundoff`).
+([`field_roundoff`][mpnode.core.precision.field_roundoff]).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class PrecisionPolicy:
 
     @property
     def default_checkpoint_dtype(self) -> torch.dtype:
-        """Checkpoints' dtype unless the strategy sets one: :attr:`lowered_dtype`, else the state's dtype."""
+        """Checkpoints' dtype unless the strategy sets one:
+        [`lowered_dtype`][mpnode.core.precision.PrecisionPolicy.lowered_dtype], else the state's dtype."""
         return self.lowered_dtype or self.state_dtype
 
     def autocast(self) -> torch.autocast:

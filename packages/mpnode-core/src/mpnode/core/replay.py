@@ -5,28 +5,28 @@ forward pass without care (see docs/guarantees.md):
 
 * **random numbers** (dropout, ``torch.randn_like`` inside ``func``): the
   recomputation would draw fresh ones, and the gradient would belong to another
-  trajectory.  :class:`StepRandomness` captures the random-number generators' states
+  trajectory.  [`StepRandomness`][mpnode.core.replay.StepRandomness] captures the random-number generators' states
   (the CPU generator and the generator of every CUDA device, once CUDA is in use)
   at the start of every step of the forward, *only once the field has
   consumed randomness* (until then each step starts from the solve's initial
-  state, which is all that is kept), and :class:`Replay` sets them again before
+  state, which is all that is kept), and [`Replay`][mpnode.core.replay.Replay] sets them again before
   each recomputed step, like ``torch.utils.checkpoint`` does;
-* **module buffers** (BatchNorm's running statistics and ``num_batches_tracked``):
-  the recomputation would update them a second time.  :class:`Replay` copies the
-  buffers of every module the solve can see (see :func:`mpnode.core.parameters.reachable_modules`
-  and the modules the first evaluation called) when backward starts, and writes them
-  back when it ends, without bumping their version counters (the values are the
-  forward's again).  (Version counters cannot tell: ``batch_norm`` updates its
-  running statistics without bumping them.)
+* **module buffers** (BatchNorm's running statistics and ``num_batches_tracked``): the recomputation would update them a
+  second time.  [`Replay`][mpnode.core.replay.Replay] copies the buffers of every module the solve can see (see
+  [`mpnode.core.parameters.reachable_modules`][mpnode.core.parameters.reachable_modules] and the modules the first
+  evaluation called) when backward starts, and writes them back when it ends, without bumping their version counters
+  (the values are the forward's again).  (Version counters cannot tell: ``batch_norm`` updates its running statistics
+  without bumping them.)
 * **module modes** (``model.eval()`` / ``.train()`` between forward and backward):
   the recomputation would evaluate another function (BatchNorm on running
-  statistics instead of batch statistics, dropout off).  :class:`Replay` records
+  statistics instead of batch statistics, dropout off).  [`Replay`][mpnode.core.replay.Replay] records
   the ``training`` flag of every seen module and submodule after the forward, sets
   those flags for the backward pass and gives the caller's flags back when it ends
   (also when it raises).
 
-Both are generic over adjoint strategies: a strategy that recomputes steps wraps
-its backward in :meth:`Replay.session` and calls :meth:`Replay.before_step`.
+Both are generic over adjoint strategies: a strategy that recomputes steps wraps its backward in
+[`Replay.session`][mpnode.core.replay.Replay.session] and calls
+[`Replay.before_step`][mpnode.core.replay.Replay.before_step].
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class RandomStates:
 class StepRandomness:
     """The generator state at the start of every forward step, stored only after the field consumed randomness.
 
-    Call :meth:`start` before the march, :meth:`at_step` when step ``n`` starts
-    (before its evaluations) and :meth:`finish` after it.  Steps before the first
+    Call `start` before the march, `at_step` when step ``n`` starts
+    (before its evaluations) and [`finish`][mpnode.core.replay.StepRandomness.finish] after it.  Steps before the first
     consumption share the initial state; from the first step that starts from a
     different state on, one state per step is stored (CPU: 5056 bytes, CUDA: 16
     bytes per device).

@@ -1,17 +1,17 @@
 """The adjoint-scaling interface of the backward recurrence.
 
-The backward pass (:mod:`mpnode.core.backward`) seeds each step's
+The backward pass ([`mpnode.core.backward`][mpnode.core.backward]) seeds each step's
 vector-Jacobian product with ``S * lambda`` and unscales the result by
 ``h / S`` in high precision.  A scaling policy chooses ``S`` and may reject
 a block of steps (after which the loop restores its snapshot and redoes
 the block).  ``mpnode.scaler.DynamicAdjointScaler`` implements it for
-float16; :class:`NoAdjointScaling` is the policy used otherwise.
+float16; [`NoAdjointScaling`][mpnode.core.scaling.NoAdjointScaling] is the policy used otherwise.
 
-A policy object is shared by every solve it is passed to (and may be shared by
-threads); everything that belongs to one backward pass lives in the
-:class:`ScalingPass` that :meth:`AdjointScaling.begin` returns, and the policy
-learns from a pass only when the pass completes (:meth:`ScalingPass.end`).  A
-backward pass that raises leaves the policy as it was.
+A policy object is shared by every solve it is passed to (and may be shared by threads); everything that belongs to one
+backward pass lives in the [`ScalingPass`][mpnode.core.scaling.ScalingPass] that
+[`AdjointScaling.begin`][mpnode.core.scaling.AdjointScaling.begin] returns, and the policy learns from a pass only when
+the pass completes ([`ScalingPass.end`][mpnode.core.scaling.ScalingPass.end]).  A backward pass that raises leaves the
+policy as it was.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class ScalingPass(abc.ABC):
 
 
 class AdjointScaling(abc.ABC):
-    """A scaling policy: starts one :class:`ScalingPass` per backward pass.
+    """A scaling policy: starts one [`ScalingPass`][mpnode.core.scaling.ScalingPass] per backward pass.
 
     Attributes:
         host_syncs: host synchronisations made by this policy's completed passes.
@@ -109,7 +109,7 @@ class NoAdjointScaling(AdjointScaling):
 
     Args:
         raise_on_nonfinite: check the gradients once at the end of backward (one
-            host synchronisation) and raise :class:`NonFiniteGradientError`.
+            host synchronisation) and raise [`NonFiniteGradientError`][mpnode.core.scaling.NonFiniteGradientError].
             With ``False`` non-finite gradients are returned as they are, which is
             what ``torch.amp.GradScaler`` needs to skip the optimizer step.
         advice: what the error says to do about an overflow (default: install

@@ -69,7 +69,7 @@ class FlatVectorField:
     Every call is counted in ``nfe``; ``out_dtype`` is the least precise dtype
     among the outputs of the latest call (before the cast), ``None`` before the
     first: the precision the field actually ran in.  A ``func`` that modifies
-    ``y`` in place raises (:data:`IN_PLACE_INPUT`): the solver reuses ``y`` for
+    ``y`` in place raises (`IN_PLACE_INPUT`): the solver reuses ``y`` for
     the step's other stages and the next state.
     """
 

@@ -4,7 +4,7 @@ A method is fully described by its coefficients: the matrix ``a``, the weights
 ``b``, the nodes ``c`` and its order; an adaptive method adds error weights
 ``b_err = b - b_hat`` of an embedded pair and, for output between steps, the
 weights of a dense output.  The one generic engine in [`mpnode.core.rk`][mpnode.core.rk]
-runs any of them; the named methods live in :mod:`mpnode.core.methods`.
+runs any of them; the named methods live in [`mpnode.core.methods`][mpnode.core.methods].
 
 Construction validates everything it can: structure (explicit, consistent
 ``c``), finiteness, and the classical order conditions of the method, of its
@@ -205,10 +205,9 @@ class ButcherTableau:
         b_err: error weights ``b - b_hat`` of the embedded method, or ``None`` for a
             fixed-grid method; the local error estimate is ``h sum b_err_i k_i``.
         embedded_order: the classical order of ``b_hat`` (checked likewise).
-        dense: dense-output weights, ``s`` rows of the coefficients of
-            ``x, x^2, ...`` so that ``y(t0 + x h) = y0 + h sum_i w_i(x) k_i``;
-            ``None`` when the method has none.  Given directly, or built from
-            ``c_mid`` (the weights of ``y(t0 + h/2)``, see :func:`dense_from_midpoint`).
+        dense: dense-output weights, ``s`` rows of the coefficients of ``x, x^2, ...`` so that ``y(t0 + x h) = y0 + h
+            sum_i w_i(x) k_i``; ``None`` when the method has none.  Given directly, or built from ``c_mid`` (the weights
+            of ``y(t0 + h/2)``, see [`dense_from_midpoint`][mpnode.core.tableau.dense_from_midpoint]).
         dense_order: the order of the dense output (checked against its order
             conditions at every ``x``; at least 1, i.e. ``sum_i w_i(x) = x``, which
             for ``c_mid`` means ``sum c_mid = 1/2``), or ``None`` without one.

@@ -2,19 +2,21 @@
 
 Reference problems with exact float64 answers, to measure a solver's error:
 
-* :class:`LinearODE`: ``y' = A y`` with the matrix exponential as ground truth
+* [`LinearODE`][mpnode.core.testing.LinearODE]: ``y' = A y`` with the matrix exponential as ground truth
   for ``y(T)``, ``dL/dy0`` and ``dL/dA``;
-* :class:`DynamicRangeODE`: a scalar decay whose solution and adjoint span
+* [`DynamicRangeODE`][mpnode.core.testing.DynamicRangeODE]: a scalar decay whose solution and adjoint span
   float16's range, with analytic gradients (the problem adjoint scaling solves).
 
-A standard vector field, :class:`MLPField` (a tanh MLP on ``(y, t)``).
+A standard vector field, [`MLPField`][mpnode.core.testing.MLPField] (a tanh MLP on ``(y, t)``).
 
 Meters for what a solve costs besides time:
 
-* :class:`HeldMemory` / :func:`held_memory`: bytes of the distinct storages
+* [`HeldMemory`][mpnode.core.meters.HeldMemory] / [`held_memory`][mpnode.core.meters.held_memory]: bytes of the distinct
+  storages
   autograd saves for backward (``saved_tensors_hooks``; defined in
-  :mod:`mpnode.core.meters`, which ``AutoAdjoint`` uses, and re-exported here);
-* :class:`SyncCount` / :func:`count_host_syncs`: device-to-host scalar reads
+  [`mpnode.core.meters`][mpnode.core.meters], which ``AutoAdjoint`` uses, and re-exported here);
+* [`SyncCount`][mpnode.core.testing.SyncCount] / [`count_host_syncs`][mpnode.core.testing.count_host_syncs]:
+  device-to-host scalar reads
   (``aten._local_scalar_dense``: ``.item()``, ``bool(t)``, ``float(t)``).
 
 See ``docs/tests.md`` for how the test suite uses them.
@@ -132,7 +134,8 @@ class LinearODE:
         return {"yT": yT.detach(), "dy0": gy0, "dA": gA}
 
     def errors(self, result: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Relative Frobenius errors of a :meth:`solve` result against :meth:`exact`."""
+        """Relative Frobenius errors of a [`solve`][mpnode.core.testing.LinearODE.solve] result against
+        [`exact`][mpnode.core.testing.LinearODE.exact]."""
         ref = self.exact()
         return {k: float((result[k].double().cpu() - ref[k]).norm() / ref[k].norm()) for k in ref}
 
@@ -266,5 +269,6 @@ class SyncCount(TorchDispatchMode):
 
 
 def count_host_syncs() -> SyncCount:
-    """A :class:`SyncCount` for ``with count_host_syncs() as c:`` (``.item()``/``bool(tensor)`` reads)."""
+    """A [`SyncCount`][mpnode.core.testing.SyncCount] for ``with count_host_syncs() as c:``
+    (``.item()``/``bool(tensor)`` reads)."""
     return SyncCount()

@@ -38,8 +38,9 @@ class Tolerance:
     structure; the default is the RMS norm (the max of the parts' RMS norms for a
     tuple state, as torchdiffeq does).
 
-    With stages evaluated in a lower precision than the state, :meth:`noisy_error_ratios`
-    also weighs the estimate against its rounding noise (:class:`RoundoffNoise`).
+    With stages evaluated in a lower precision than the state,
+    [`noisy_error_ratios`][mpnode.core.tolerance.Tolerance.noisy_error_ratios] also weighs the estimate against its
+    rounding noise ([`RoundoffNoise`][mpnode.core.tolerance.RoundoffNoise]).
     """
 
     def __init__(self, rtol: Any, atol: Any, layout: FlatState, norm: Callable | None = None) -> None:
@@ -100,8 +101,8 @@ class Tolerance:
         """``[norm(err / tol), norm(noise / tol)]`` as one ``(2,)`` tensor (one host read for both).
 
         ``noise`` is the per-element size of the rounding noise in ``err``
-        (:meth:`RoundoffNoise.size`): the second entry is the ratio an estimate made
-        of rounding alone would reach, in the same weighted norm as the first.
+        ([`RoundoffNoise.size`][mpnode.core.tolerance.RoundoffNoise.size]): the second entry is the ratio an estimate
+        made of rounding alone would reach, in the same weighted norm as the first.
         """
         scale = self.scale(y0, y1)
         return torch.stack([self.apply_norm(err / scale), self.apply_norm(noise / scale)])
@@ -116,12 +117,12 @@ class RoundoffNoise:
     errors do not cancel in ``e = h sum_i b_err_i k_i`` the way the stages' smooth
     part does (the weights ``b_err`` sum to zero).  The estimate therefore carries
     noise bounded by about ``N = u |h| sum_i |b_err_i| |k_i|`` per element
-    (:meth:`size`): it scales with the step and the stages, not with the solution,
+    ([`size`][mpnode.core.tolerance.RoundoffNoise.size]): it scales with the step and the stages, not with the solution,
     so a tolerance below it cannot be met by shrinking the step.
 
-    :meth:`judge` turns the two tolerance-weighted norms ``plain = norm(e / tol)``
-    and ``floor = norm(N / tol)`` into the ratio that decides the step and feeds the
-    controller (accept when ``<= 1``)::
+    [`judge`][mpnode.core.tolerance.RoundoffNoise.judge] turns the two tolerance-weighted norms ``plain = norm(e /
+    tol)`` and ``floor = norm(N / tol)`` into the ratio that decides the step and feeds the controller (accept when ``<=
+    1``)::
 
         truncation = sqrt(max(plain^2 - (EXPECTED * floor)^2, 0))   # the estimate less its expected noise
         ratio      = truncation / max(1, floor)                      # against tol, or the noise where larger

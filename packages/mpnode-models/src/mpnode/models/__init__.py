@@ -2,10 +2,12 @@
 
 Submodules (import the one you need; none is imported eagerly):
 
-* :mod:`mpnode.models.cnf`: continuous normalizing flows (exact / Hutchinson divergence, hypernetwork field);
-* :mod:`mpnode.models.otflow`: OT-Flow potential, dynamics, loss, MMD, sample generation;
-* :mod:`mpnode.models.mnist`: the ODE-Net blocks for MNIST and the data helpers (torchvision: ``mnist`` extra);
-* :mod:`mpnode.models.toy_data`: 8 Gaussians, checkerboard, two spirals, circles;
+* [`mpnode.models.cnf`][mpnode.models.cnf]: continuous normalizing flows (exact / Hutchinson divergence, hypernetwork
+  field);
+* [`mpnode.models.otflow`][mpnode.models.otflow]: OT-Flow potential, dynamics, loss, MMD, sample generation;
+* [`mpnode.models.mnist`][mpnode.models.mnist]: the ODE-Net blocks for MNIST and the data helpers (torchvision:
+  ``mnist`` extra);
+* [`mpnode.models.toy_data`][mpnode.models.toy_data]: 8 Gaussians, checkerboard, two spirals, circles;
 """
 
 __version__ = "0.1.0"

@@ -2,13 +2,13 @@
 
 A CNF transports samples ``x`` to ``z = z(T)`` through ``dz/dt = f(t, z)`` and
 tracks the log-density along the path, ``d log p / dt = -tr(df/dz)``.
-:class:`CNF` turns a vector field into these ``(z, l)`` dynamics, with ``l`` the
+[`CNF`][mpnode.models.cnf.CNF] turns a vector field into these ``(z, l)`` dynamics, with ``l`` the
 accumulated ``-∫ tr(df/dz) dt``:
 
 * exact divergence: the field's own ``forward_with_divergence(t, z)`` when it has
-  one (e.g. :class:`HyperNetField`), else one autograd pass per dimension;
+  one (e.g. [`HyperNetField`][mpnode.models.cnf.HyperNetField]), else one autograd pass per dimension;
 * Hutchinson's estimator ``eps^T (df/dz) eps`` with Gaussian or Rademacher ``eps``
-  drawn once per solve (:meth:`CNF.resample_noise`) and held fixed along it.
+  drawn once per solve ([`CNF.resample_noise`][mpnode.models.cnf.CNF.resample_noise]) and held fixed along it.
 
 Under autocast the field runs in low precision; the divergence is summed in the
 state's dtype (float32), like the stage sums of the solver.

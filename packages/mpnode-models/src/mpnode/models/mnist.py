@@ -2,16 +2,16 @@
 
 Shapes for a ``(B, 1, 28, 28)`` input and ``width = 64``:
 
-* :func:`downsampling_stem`: ``(B, 1, 28, 28) -> (B, 64, 6, 6)`` (3x3 conv, then two
+* [`downsampling_stem`][mpnode.models.mnist.downsampling_stem]: ``(B, 1, 28, 28) -> (B, 64, 6, 6)`` (3x3 conv, then two
   4x4 stride-2 convs, GroupNorm + ReLU in between);
-* :class:`ODEBlock`: ``(B, 64, 6, 6) -> (B, 64, 6, 6)``, the solution at ``T`` of
+* [`ODEBlock`][mpnode.models.mnist.ODEBlock]: ``(B, 64, 6, 6) -> (B, 64, 6, 6)``, the solution at ``T`` of
   ``dh/dt = ODEFunc(t, h)`` solved by ``mpnode.core.odeint`` (or any solver with
   torchdiffeq's calling convention);
-* :func:`classifier_head`: ``(B, 64, 6, 6) -> (B, 10)`` logits (GroupNorm, ReLU,
+* [`classifier_head`][mpnode.models.mnist.classifier_head]: ``(B, 64, 6, 6) -> (B, 10)`` logits (GroupNorm, ReLU,
   global average pooling, linear).
 
 With the defaults the network has 208,266 parameters (the paper's "0.22 M").
-The MNIST data helpers live in :mod:`mpnode.models.mnist_data` (they need
+The MNIST data helpers live in [`mpnode.models.mnist_data`][mpnode.models.mnist_data] (they need
 torchvision, the ``mnist`` extra) and are re-exported here.
 """
 
@@ -66,7 +66,7 @@ class ODEFunc(nn.Module):
     """The vector field ``f(t, h)`` of the ODE block: norm-ReLU-conv twice, then a norm.
 
     ``forward(t, h)`` maps ``(B, C, H, W)`` to ``(B, C, H, W)``; both
-    convolutions are :class:`ConcatConv2d` (3x3, padding 1).  ``nfe`` counts
+    convolutions are [`ConcatConv2d`][mpnode.models.mnist.ConcatConv2d] (3x3, padding 1).  ``nfe`` counts
     calls (forward evaluations and, with mpnode, the recomputations of backward).
     """
 
@@ -165,9 +165,9 @@ def classifier_head(width: int = 64, n_classes: int = 10) -> nn.Sequential:
 
 
 class ODENet(nn.Module):
-    """Stem, :class:`ODEBlock` and head: ``(B, 1, 28, 28)`` images to ``(B, 10)`` logits.
+    """Stem, [`ODEBlock`][mpnode.models.mnist.ODEBlock] and head: ``(B, 1, 28, 28)`` images to ``(B, 10)`` logits.
 
-    The keyword arguments after ``width`` go to :class:`ODEBlock`.  Run it inside
+    The keyword arguments after ``width`` go to [`ODEBlock`][mpnode.models.mnist.ODEBlock].  Run it inside
     ``torch.autocast`` for low precision: the stem and head run in the autocast
     dtype, the ODE state stays float32 (mpnode) and the logits are in whatever
     dtype the head's linear layer produced (cast them to float32 for the loss).

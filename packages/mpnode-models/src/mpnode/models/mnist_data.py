@@ -76,7 +76,8 @@ def mnist_loaders(
     test_subset: int | None = None,
     seed: int = 0,
 ) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training loader (seeded) and ordered test loader over :func:`load_mnist` sets."""
+    """Shuffled training loader (seeded) and ordered test loader over
+    [`load_mnist`][mpnode.models.mnist_data.load_mnist] sets."""
     train = load_mnist(root, True, train_subset, seed)
     test = load_mnist(root, False, test_subset, seed + 1)
     g = torch.Generator().manual_seed(seed)
@@ -109,7 +110,8 @@ def synthetic_digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def write_idx_mnist(root: str | Path, n_train: int = 64, n_test: int = 32, seed: int = 0) -> Path:
-    """Write :func:`synthetic_digits` as ``<root>/MNIST/raw/*-ubyte`` (torchvision's layout); returns ``root``."""
+    """Write [`synthetic_digits`][mpnode.models.mnist_data.synthetic_digits] as ``<root>/MNIST/raw/*-ubyte``
+    (torchvision's layout); returns ``root``."""
     raw = Path(root) / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):

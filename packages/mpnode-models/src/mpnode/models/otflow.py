@@ -4,10 +4,10 @@ The velocity is ``v = -grad_x Phi(x, t)`` for the potential
 
     Phi(s) = w^T N(s) + 1/2 s^T (A^T A) s + c^T s + c0,    s = (x, t) in R^{d+1},
 
-with ``N`` a ResNet ``u_0 = sigma(K_0 s + b_0)``, ``u_i = u_{i-1} + h sigma(K_i u_{i-1} + b_i)``
-(``sigma = log cosh``, so ``sigma' = tanh``, ``sigma'' = 1 - tanh^2``) and ``A`` of rank
-``min(10, d+1)``.  :meth:`OTPotential.grad_and_trace` returns ``grad_s Phi`` and
-``tr(Hess_x Phi)`` in one forward/backward sweep without autograd:
+with ``N`` a ResNet ``u_0 = sigma(K_0 s + b_0)``, ``u_i = u_{i-1} + h sigma(K_i u_{i-1} + b_i)`` (``sigma = log cosh``,
+so ``sigma' = tanh``, ``sigma'' = 1 - tanh^2``) and ``A`` of rank ``min(10, d+1)``.
+[`OTPotential.grad_and_trace`][mpnode.models.otflow.OTPotential.grad_and_trace] returns ``grad_s Phi`` and ``tr(Hess_x
+Phi)`` in one forward/backward sweep without autograd:
 
 * backward sweep: ``z_{M-1} = w``, ``z_{i-1} = z_i + h K_i^T (tanh(a_i) * z_i)``,
   ``grad_s(w^T N) = K_0^T (tanh(a_0) * z_0)``;
@@ -165,8 +165,8 @@ def otflow_loss(
 
 def generate(potential: OTPotential, z: torch.Tensor, odeint: Callable, n_steps: int = 8, T: float = 1.0,
              method: str = "rk4", **kwargs):
-    """Samples: integrate ``z ~ N(0, I)`` (``(B, d)``) from ``T`` back to 0 (as in :func:`otflow_loss`); returns
-    ``(B, d)``."""
+    """Samples: integrate ``z ~ N(0, I)`` (``(B, d)``) from ``T`` back to 0 (as in
+    [`otflow_loss`][mpnode.models.otflow.otflow_loss]); returns ``(B, d)``."""
     t = torch.linspace(T, 0.0, n_steps + 1, device=z.device, dtype=z.dtype)
     return odeint(OTFlowVelocity(potential), z, t, method=method, **kwargs)[-1]
 

@@ -57,14 +57,15 @@ DATASETS: dict[str, Sampler] = {
 
 
 def sample(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` samples of the toy set ``name`` (one of :data:`DATASETS`)."""
+    """``n`` samples of the toy set ``name`` (one of `DATASETS`)."""
     if name not in DATASETS:
         raise ValueError(f"unknown toy data set {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name](n, generator=generator)
 
 
 def eight_gaussians_log_density(x: torch.Tensor, radius: float = 2.0, std: float = 0.2) -> torch.Tensor:
-    """Exact log-density of :func:`eight_gaussians` at ``x`` (``(n, 2)`` -> ``(n,)``)."""
+    """Exact log-density of [`eight_gaussians`][mpnode.models.toy_data.eight_gaussians] at ``x`` (``(n, 2)`` ->
+    ``(n,)``)."""
     angle = torch.arange(8, dtype=x.dtype, device=x.device) * (2 * math.pi / 8)
     centres = radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
     d2 = ((x[:, None, :] - centres[None]) ** 2).sum(-1)

@@ -26,11 +26,11 @@ of ``block_size`` steps (optimistic execution) and the scale history once at the
 end of backward, so an N-step backward synchronises about ``N / block_size + 1``
 times.
 
-State for resuming training: :meth:`DynamicAdjointScaler.state_dict` returns plain
-Python numbers, strings, lists and dicts (``torch.save`` it with the model and
-optimizer; ``torch.load(..., weights_only=True)`` reads it back), and
-:meth:`DynamicAdjointScaler.load_state_dict` validates and restores it, settings
-included, like ``torch.amp.GradScaler``.
+State for resuming training: [`DynamicAdjointScaler.state_dict`][mpnode.scaler.dynamic.DynamicAdjointScaler.state_dict]
+returns plain Python numbers, strings, lists and dicts (``torch.save`` it with the model and optimizer;
+``torch.load(..., weights_only=True)`` reads it back), and
+[`DynamicAdjointScaler.load_state_dict`][mpnode.scaler.dynamic.DynamicAdjointScaler.load_state_dict] validates and
+restores it, settings included, like ``torch.amp.GradScaler``.
 """
 
 from __future__ import annotations
@@ -138,20 +138,20 @@ class DynamicAdjointScaler(AdjointScaling):
     Integer arguments must be ints (``1.5``, ``True`` or ``"3"`` raise TypeError).
 
     What it keeps (keep one instance across training iterations; save it with
-    :meth:`state_dict`):
+    [`state_dict`][mpnode.scaler.dynamic.DynamicAdjointScaler.state_dict]):
 
     * ``target``: the learned target (float), ``initial_target``: the setting;
-    * ``history``: a list of the last ``history_size`` :class:`ScaleEvent`, oldest
+    * ``history``: a list of the last ``history_size`` [`ScaleEvent`][mpnode.scaler.dynamic.ScaleEvent], oldest
       first; ``history_dropped``: how many older events were dropped from it;
     * ``counters``: ``backward`` (passes completed), ``blocks``, ``backoffs``, ``grows``,
       ``shrinks``, ``recoveries``; ``host_syncs``;
     * ``clean_passes``: completed passes without a backoff since the target was
       last lowered or raised (counted only while it is below ``initial_target``).
 
-    Thread-safe: each backward pass keeps its scale, trace and backoffs in its own
-    pass object (:meth:`begin`); the learned state above changes only when a pass
-    completes, under a lock, so one scaler may serve several threads (e.g. one
-    per device).  A backward pass that raises changes nothing here.
+    Thread-safe: each backward pass keeps its scale, trace and backoffs in its own pass object
+    ([`begin`][mpnode.scaler.dynamic.DynamicAdjointScaler.begin]); the learned state above changes only when a pass
+    completes, under a lock, so one scaler may serve several threads (e.g. one per device).  A backward pass that raises
+    changes nothing here.
     """
 
     def __init__(
@@ -297,8 +297,8 @@ class DynamicAdjointScaler(AdjointScaling):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`, settings included (they overwrite this instance's,
-        as ``torch.amp.GradScaler.load_state_dict`` does).
+        """Restore a [`state_dict`][mpnode.scaler.dynamic.DynamicAdjointScaler.state_dict], settings included (they
+        overwrite this instance's, as ``torch.amp.GradScaler.load_state_dict`` does).
 
         Everything is validated before anything changes: a missing or unexpected
         key or an out-of-range value raises ``ValueError``, a wrong type ``TypeError``,
@@ -320,7 +320,8 @@ class DynamicAdjointScaler(AdjointScaling):
 
 
 class _DynamicPass(ScalingPass):
-    """The per-pass state of one backward pass of a :class:`DynamicAdjointScaler`.
+    """The per-pass state of one backward pass of a
+    [`DynamicAdjointScaler`][mpnode.scaler.dynamic.DynamicAdjointScaler].
 
     Device tensors (0-dim unless stated): ``scale`` (float32), ``ready`` (initialised
     from a non-zero adjoint), ``clean`` (consecutive steps below ``target / 2``),
@@ -490,7 +491,7 @@ def _parse_state(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _parse_event(event: Any, index: int, where: str) -> ScaleEvent:
-    """One ``state['history']`` entry as a :class:`ScaleEvent`."""
+    """One ``state['history']`` entry as a [`ScaleEvent`][mpnode.scaler.dynamic.ScaleEvent]."""
     at = f"{where}state['history'][{index}]"
     _check_keys(at, event, ("kind", "backward", "step", "scale"))
     if event["kind"] not in EVENT_KINDS:
