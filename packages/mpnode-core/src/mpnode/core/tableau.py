@@ -17,43 +17,67 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, SupportsFloat, overload
 
-if TYPE_CHECKING:  # the tableau is plain data; dense_weights also accepts a tensor x
-    import torch
+import torch
 
-Number = int | float | str | Fraction
+Number = int | float | str | Fraction | SupportsFloat  # a numpy scalar or a one-element tensor too
 Tree = tuple  # a rooted tree: the sorted tuple of its children's trees
 
 _STRUCTURE_TOL = 1e-12
 #: Largest allowed defect of an order condition ``b . Phi(tree) - 1/gamma(tree)``.
 ORDER_TOL = 1e-9
+#: Highest order a tableau may declare (for ``order``, ``embedded_order`` and ``dense_order``): construction checks
+#: every order condition up to it, 7,000 rooted trees at 12 (4,766 of order 12 alone), about 2.6x more per order.
+MAX_ORDER = 12
 
 
-def _as_float(x: Number, name: str, where: str) -> float:
-    """One coefficient as a float; strings are exact fractions such as ``"1/3"``."""
+def _exact(x: Number, name: str, where: str) -> Fraction:
+    """One coefficient as an exact fraction: strings such as ``"1/3"`` and integers exactly, any other real scalar
+    (a float, a numpy scalar, a one-element tensor) as the exact value of its float."""
     if isinstance(x, bool):
         raise TypeError(f"ButcherTableau {name!r}: {where} is a bool ({x}); coefficients are "
                         "numbers such as 0.5 or '1/2'")
     try:
-        value = float(Fraction(x)) if isinstance(x, str) else float(x)
-    except (TypeError, ValueError, ZeroDivisionError):
+        if isinstance(x, (str, numbers.Rational)):
+            return Fraction(x)
+        value = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError):
         raise ValueError(
-            f"ButcherTableau {name!r}: {where} = {x!r} is not a number; write coefficients as numbers or "
-            "fraction strings like '1/3'"
+            f"ButcherTableau {name!r}: {where} = {x!r} is not a number; write coefficients as numbers, fraction "
+            "strings like '1/3' or one-element tensors"
         ) from None
     if not math.isfinite(value):
         raise ValueError(f"ButcherTableau {name!r}: {where} = {value} is not finite")
-    return value
+    return Fraction(value)
 
 
-def _as_order(value: object, name: str, what: str) -> int:
+def _as_float(x: Number, name: str, where: str) -> float:
+    """One coefficient as a float (see ``_exact``), rounded once."""
+    return float(_exact(x, name, where))
+
+
+def _as_order(value: object, name: str, what: str, stages: int) -> int:
+    """A declared order, refused before any order condition is evaluated when no ``stages``-stage explicit method
+    can have it (order ``<= s``: each stage adds one degree in ``h``) or it is above ``MAX_ORDER``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"ButcherTableau {name!r}: {what} must be a positive integer, got {value!r}")
+    if value > stages:
+        raise ValueError(
+            f"ButcherTableau {name!r}: {what} = {value} is out of reach of {stages} stage(s): an explicit "
+            f"Runge-Kutta method with s stages has order at most s; declare the order the method has"
+        )
+    if value > MAX_ORDER:
+        raise ValueError(
+            f"ButcherTableau {name!r}: {what} = {value} is above {MAX_ORDER}, the highest order whose conditions "
+            f"are checked on construction (their number grows exponentially with the order); declare "
+            f"{what}={MAX_ORDER} or less"
+        )
     return value
 
 
@@ -98,42 +122,53 @@ def _density(tree: Tree) -> int:
     return _tree_size(tree) * math.prod(_density(child) for child in tree)
 
 
-def _elementary_weights(a: Sequence[Sequence[float]]):
-    """``tree -> [Phi_i(tree)]``: the stages' elementary weights (``Phi_i(leaf) = 1``,
-    ``Phi_i([t_1..t_m]) = prod_k sum_j a_ij Phi_j(t_k)``), memoised per tree."""
-    s = len(a)
-    cache: dict[Tree, list[float]] = {}
+def _elementary_weights(a: Sequence[Sequence[float]]) -> Callable[[Tree], torch.Tensor]:
+    """``tree -> Phi(tree)``, the stages' elementary weights as an ``(s,)`` float64 tensor (``Phi_i(leaf) = 1``,
+    ``Phi_i([t_1..t_m]) = prod_k (A Phi(t_k))_i``), memoised per tree, with ``A Phi`` memoised per child: a tree
+    costs one product per child and each distinct child one ``s x s`` product, so many stages stay cheap."""
+    matrix = torch.tensor(a, dtype=torch.float64).reshape(len(a), len(a))
+    phis: dict[Tree, torch.Tensor] = {}
+    applied: dict[Tree, torch.Tensor] = {}
 
-    def stage_weights(tree: Tree) -> list[float]:
-        if tree not in cache:
-            phi = [1.0] * s
+    def stage_weights(tree: Tree) -> torch.Tensor:
+        if tree not in phis:
+            phi = torch.ones(len(a), dtype=torch.float64)
             for child in tree:
-                inner = stage_weights(child)
-                phi = [p * sum(a[i][j] * inner[j] for j in range(s)) for i, p in enumerate(phi)]
-            cache[tree] = phi
-        return cache[tree]
+                if child not in applied:
+                    applied[child] = matrix @ stage_weights(child)
+                phi = phi * applied[child]
+            phis[tree] = phi
+        return phis[tree]
 
     return stage_weights
 
 
-def order_defect(a: Sequence[Sequence[float]], weights: Sequence[float], order: int) -> float:
-    """Largest ``|sum_i w_i Phi_i(tree) - 1/gamma(tree)|`` over rooted trees with at most ``order`` nodes.
+def order_defects(a: Sequence[Sequence[float]], weights: Sequence[float], order: int) -> Iterator[tuple[int, float]]:
+    """``(n, largest |sum_i w_i Phi_i(tree) - 1/gamma(tree)| over the trees with n nodes)`` for ``n = 1 .. order``,
+    lowest first and computed lazily, so a caller stopping at the first failed order skips the higher, costlier ones.
 
-    ``Phi_i`` are the elementary weights of the stages.  Zero (up to roundoff)
+    ``Phi_i`` are the elementary weights of the stages.  All zero (up to roundoff)
     exactly when the weights give a method of that classical order.
     """
     stage_weights = _elementary_weights(a)
-    worst = 0.0
+    w = torch.tensor(weights, dtype=torch.float64)
     for n in range(1, order + 1):
-        for tree in rooted_trees(n):
-            value = sum(w * p for w, p in zip(weights, stage_weights(tree)))
-            worst = max(worst, abs(value - 1.0 / _density(tree)))
-    return worst
+        trees = rooted_trees(n)
+        phi = torch.stack([stage_weights(tree) for tree in trees])  # (trees, s)
+        target = torch.tensor([1.0 / _density(tree) for tree in trees], dtype=torch.float64)
+        yield n, float((phi @ w - target).abs().max())
 
 
-def dense_order_defect(a: Sequence[Sequence[float]], dense: Sequence[Sequence[float]], order: int) -> float:
-    """Largest defect of the dense output's order conditions ``sum_i w_i(x) Phi_i(tree) = x^|tree| / gamma(tree)``
-    for every ``x`` and every rooted tree with at most ``order`` nodes.
+def order_defect(a: Sequence[Sequence[float]], weights: Sequence[float], order: int) -> float:
+    """Largest order-condition defect over rooted trees with at most ``order`` nodes
+    ([`order_defects`][mpnode.core.tableau.order_defects])."""
+    return max(defect for _, defect in order_defects(a, weights, order))
+
+
+def dense_order_defects(a: Sequence[Sequence[float]], dense: Sequence[Sequence[float]],
+                        order: int) -> Iterator[tuple[int, float]]:
+    """``(n, largest defect over the trees with n nodes)`` of the dense output's order conditions ``sum_i w_i(x)
+    Phi_i(tree) = x^|tree| / gamma(tree)`` for every ``x``, for ``n = 1 .. order``, lowest first and lazily.
 
     ``dense`` holds the ``s`` rows of the coefficients of ``x, x^2, ...``; both sides
     are polynomials in ``x``, compared coefficient by coefficient, so a zero defect
@@ -142,14 +177,25 @@ def dense_order_defect(a: Sequence[Sequence[float]], dense: Sequence[Sequence[fl
     """
     stage_weights = _elementary_weights(a)
     degree = max(len(row) for row in dense)
-    worst = 0.0
     for n in range(1, order + 1):
-        for tree in rooted_trees(n):
-            phi = stage_weights(tree)
-            for m in range(max(degree, n)):  # the coefficient of x^(m+1)
-                value = sum(row[m] * p for row, p in zip(dense, phi) if m < len(row))
-                worst = max(worst, abs(value - (1.0 / _density(tree) if m + 1 == n else 0.0)))
-    return worst
+        width = max(degree, n)  # the coefficients of x, x^2, ..., x^width
+        w = torch.tensor([list(row) + [0.0] * (width - len(row)) for row in dense], dtype=torch.float64)
+        trees = rooted_trees(n)
+        phi = torch.stack([stage_weights(tree) for tree in trees])  # (trees, s)
+        target = torch.zeros(len(trees), width, dtype=torch.float64)
+        target[:, n - 1] = torch.tensor([1.0 / _density(tree) for tree in trees], dtype=torch.float64)
+        yield n, float((phi @ w - target).abs().max())
+
+
+def dense_order_defect(a: Sequence[Sequence[float]], dense: Sequence[Sequence[float]], order: int) -> float:
+    """Largest defect of the dense output's order conditions for trees with at most ``order`` nodes
+    ([`dense_order_defects`][mpnode.core.tableau.dense_order_defects])."""
+    return max(defect for _, defect in dense_order_defects(a, dense, order))
+
+
+def _first_failure(defects: Iterator[tuple[int, float]]) -> tuple[int, float] | None:
+    """The lowest order whose conditions fail, with its defect (``None`` when all hold); stops there."""
+    return next(((n, defect) for n, defect in defects if defect > ORDER_TOL), None)
 
 
 # -- dense output --------------------------------------------------------------------------------
@@ -260,21 +306,14 @@ class ButcherTableau:
             raise ValueError(f"ButcherTableau {name!r}: the weights b sum to {sum(bt)!r}, not 1 (the "
                              "method would be inconsistent)")
         ct = _nodes(name, a, rows, c, s)
-        order = _as_order(order, name, "order")
-        err = _error_weights(name, b, b_hat, b_err, s)
-        if (err is None) != (embedded_order is None):
-            raise ValueError(
-                f"ButcherTableau {name!r}: pass embedded_order together with b_hat or b_err (an "
-                "embedded pair needs both)"
-            )
-        if embedded_order is not None:
-            embedded_order = _as_order(embedded_order, name, "embedded_order")
+        order = _as_order(order, name, "order", s)
         dense_rows = _dense_weights(name, bt, c_mid, dense, s)
         if dense_rows is None and dense_order is not None:
             raise ValueError(f"ButcherTableau {name!r}: dense_order is given but there is no "
                              "dense output (c_mid or dense)")
         if dense_rows is not None:
-            dense_order = 1 if dense_order is None else _as_order(dense_order, name, "dense_order")
+            dense_order = 1 if dense_order is None else _as_order(dense_order, name, "dense_order", s)
+        err, embedded_order = _embedded_pair(name, b, b_hat, b_err, embedded_order, s, dense_rows is not None)
         if not isinstance(reuse_last_stage, bool):
             raise TypeError(
                 f"ButcherTableau {name!r}: reuse_last_stage must be True or False, got {reuse_last_stage!r}")
@@ -298,31 +337,33 @@ class ButcherTableau:
                 f"check c_mid (it holds the weights of the stages for the midpoint, not for the step end)"
             )
         assert self.dense_order is not None, "construction sets the order of a dense output"
-        defect = dense_order_defect(self.a, self.dense, self.dense_order)
-        if defect > ORDER_TOL:
+        failed = _first_failure(dense_order_defects(self.a, self.dense, self.dense_order))
+        if failed is not None:
             source = "c_mid" if c_mid is not None else "dense"
             raise ValueError(
                 f"ButcherTableau {self.name!r}: the dense output (from {source}) does not satisfy the order-"
-                f"{self.dense_order} conditions (largest defect {defect:.3g}), so interpolated outputs would be off; "
-                f"check {source}, or declare the dense_order the interpolant has"
+                f"{self.dense_order} conditions (those of order {failed[0]} fail, largest defect {failed[1]:.3g}), so "
+                f"interpolated outputs would be off; check {source}, or declare the dense_order the interpolant has"
             )
 
     def _check_orders(self) -> None:
-        defect = order_defect(self.a, self.b, self.order)
-        if defect > ORDER_TOL:
+        """The order conditions of ``b`` and of the embedded weights, lowest order first, stopping at a failure."""
+        failed = _first_failure(order_defects(self.a, self.b, self.order))
+        if failed is not None:
             raise ValueError(
-                f"ButcherTableau {self.name!r}: b does not satisfy the order-{self.order} conditions "
-                f"(largest defect {defect:.3g}); check the coefficients or declare the order the method has"
+                f"ButcherTableau {self.name!r}: b does not satisfy the order-{self.order} conditions (those of order "
+                f"{failed[0]} fail, largest defect {failed[1]:.3g}); check the coefficients or declare the order "
+                "the method has"
             )
         if self.b_err is not None:
             b_hat = [bi - ei for bi, ei in zip(self.b, self.b_err)]
             assert self.embedded_order is not None, "construction sets the order of an embedded pair"
-            defect = order_defect(self.a, b_hat, self.embedded_order)
-            if defect > ORDER_TOL:
+            failed = _first_failure(order_defects(self.a, b_hat, self.embedded_order))
+            if failed is not None:
                 raise ValueError(
                     f"ButcherTableau {self.name!r}: the embedded weights b - b_err do not satisfy the order-"
-                    f"{self.embedded_order} conditions (largest defect {defect:.3g}); check "
-                    "b_err/b_hat or embedded_order"
+                    f"{self.embedded_order} conditions (those of order {failed[0]} fail, largest defect "
+                    f"{failed[1]:.3g}); check b_err/b_hat or embedded_order"
                 )
 
     @property
@@ -406,7 +447,8 @@ def _weights(name: str, label: str, values: Sequence[Number], s: int) -> tuple[f
 
 
 def _nodes(name: str, a: Sequence[Sequence[Number]], rows, c: Sequence[Number] | None, s: int) -> tuple[float, ...]:
-    sums = tuple(float(sum((Fraction(x) for x in raw), Fraction(0))) for raw in a)  # exact row sums, rounded once
+    sums = tuple(float(sum((_exact(x, name, f"a[{i}][{j}]") for j, x in enumerate(raw)), Fraction(0)))
+                 for i, raw in enumerate(a))  # exact row sums, rounded once
     if c is None:
         return sums
     if len(c) != s:
@@ -416,11 +458,6 @@ def _nodes(name: str, a: Sequence[Sequence[Number]], rows, c: Sequence[Number] |
         if abs(ci - si) > _STRUCTURE_TOL:
             raise ValueError(f"ButcherTableau {name!r}: c[{i}] = {ci} differs from the row sum of a[{i}] = {si}")
     return ct
-
-
-def _exact(x: Number, name: str, where: str) -> Fraction:
-    _as_float(x, name, where)  # validates
-    return Fraction(x)
 
 
 def _error_weights(name: str, b: Sequence[Number], b_hat, b_err, s: int) -> tuple[float, ...] | None:
@@ -440,6 +477,38 @@ def _error_weights(name: str, b: Sequence[Number], b_hat, b_err, s: int) -> tupl
         raise ValueError(f"ButcherTableau {name!r}: the error weights b_err sum to {sum(err)!r}, "
                          "not 0 (b_hat must sum to 1)")
     return err
+
+
+def _embedded_pair(name: str, b: Sequence[Number], b_hat, b_err, embedded_order: object, s: int,
+                   has_dense: bool) -> tuple[tuple[float, ...] | None, int | None]:
+    """The error weights ``b - b_hat`` and the embedded order, or ``(None, None)`` for a fixed-grid method.
+
+    An embedded pair needs both, an error estimate that is not identically zero, and a dense output (adaptive steps
+    read the outputs between their ends off it).
+    """
+    err = _error_weights(name, b, b_hat, b_err, s)
+    if (err is None) != (embedded_order is None):
+        raise ValueError(
+            f"ButcherTableau {name!r}: pass embedded_order together with b_hat or b_err (an "
+            "embedded pair needs both)"
+        )
+    if err is None:
+        return None, None
+    if max(abs(e) for e in err) <= _STRUCTURE_TOL:
+        raise ValueError(
+            f"ButcherTableau {name!r}: the error weights b - b_hat are all zero (b_hat equals b), so the error "
+            "estimate would be zero on every step and adaptive stepping would accept every step whatever "
+            "rtol/atol; give the weights of an embedded method of another order as b_hat (e.g. order p - 1), "
+            "or drop b_hat/b_err and embedded_order for a fixed-grid method"
+        )
+    if not has_dense:
+        raise ValueError(
+            f"ButcherTableau {name!r}: an adaptive method (b_hat/b_err with embedded_order) needs a dense output, "
+            "which reads the outputs between the steps it chooses: pass c_mid= (the stage weights of y(t0 + h/2)) "
+            "or dense= (polynomial weights per stage); or drop b_hat/b_err and embedded_order for a fixed-grid "
+            "method"
+        )
+    return err, _as_order(embedded_order, name, "embedded_order", s)
 
 
 def _dense_weights(name: str, b: tuple[float, ...], c_mid, dense, s: int):
