@@ -90,3 +90,38 @@ def test_a_controller_without_adapt_is_refused_when_made():
 
     with pytest.raises(TypeError, match="adapt"):
         Incomplete()
+
+
+class _Returns(StepSizeController):
+    """Test-only: a controller whose ``adapt`` returns ``out(h)``, breaking its contract."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+
+    def adapt(self, h, ratio, accepted, order, state):
+        return self.out(h)
+
+
+@pytest.mark.parametrize("out, error, match", [
+    (lambda h: (math.inf, None), ValueError, r"_Returns.adapt returned the next step size inf .*positive and finite"),
+    (lambda h: (math.nan, None), ValueError, r"_Returns.adapt returned the next step size nan"),
+    (lambda h: (-h, None), ValueError, r"_Returns.adapt returned the next step size -0\.\d+.*magnitude"),
+    (lambda h: (0.0, None), ValueError, r"_Returns.adapt returned the next step size 0.0"),
+    (lambda h: h / 2, TypeError, r"_Returns.adapt must return \(next step size, state\), a 2-tuple, got float"),
+    (lambda h: (h / 2, None, 0), TypeError, r"2-tuple, got a tuple of 3"),
+    (lambda h: (torch.tensor(h / 2), None), TypeError, r"next step size as a host float.*got Tensor"),
+    (lambda h: ("0.1", None), TypeError, r"host float.*got str"),
+], ids=["inf", "nan", "negative", "zero", "bare-float", "3-tuple", "tensor", "str"])
+def test_a_controller_breaking_its_contract_is_named(out, error, match):
+    """main: inf/NaN/-h surfaced as 'the step size underflowed ... stiff', a bare float or a 3-tuple as Python's
+    unpacking errors; the error now names the controller class and what adapt must return."""
+    with pytest.raises(error, match=match):
+        odeint(lambda t, y: -y, torch.ones(3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+               options={"controller": _Returns(out)})
+
+
+def test_a_controller_may_return_numpy_floats():
+    np = pytest.importorskip("numpy")
+    y = odeint(lambda t, y: -y, torch.ones(3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), rtol=1e-6, atol=1e-8,
+               options={"controller": _Returns(lambda h: (np.float32(min(2 * h, 0.05)), None))})
+    assert torch.allclose(y[-1], torch.full((3,), math.exp(-1.0), dtype=F64), rtol=1e-5)

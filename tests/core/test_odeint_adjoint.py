@@ -133,6 +133,41 @@ def test_tensors_left_out_of_adjoint_params_are_constants_like_torchdiffeq(solve
         assert float((a - b).norm() / b.norm()) <= 1e-12
 
 
+@pytest.mark.torchdiffeq_row("adjoint-params")
+@pytest.mark.parametrize("solve", [odeint, odeint_adjoint])
+def test_a_single_tensor_as_adjoint_params_is_refused(solve):
+    """adjoint_params=w (not (w,)): main's odeint_adjoint iterated w into its rows, which func never reads, and
+    gave w a silent zero gradient (as torchdiffeq does); both entry points refuse it, naming (tensor,)."""
+    w = torch.tensor([0.5, -0.2, 0.9], dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(2, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"got a tensor; pass \(tensor,\)"):
+        solve(lambda t, y: torch.tanh(y) * w, y0, t, method="rk4", adjoint_params=w)
+
+
+@pytest.mark.torchdiffeq_row("adjoint-params")
+@pytest.mark.parametrize("solve", [odeint, odeint_adjoint])
+@pytest.mark.parametrize("adjoint", [None, DirectAdjoint(), SegmentedAdjoint()])
+def test_a_listed_non_leaf_tensor_func_never_reads_is_refused(solve, adjoint):
+    """adjoint_params=(w * 1,) while func reads w: the copy's gradient is zero and w got a silent zero (main, and
+    torchdiffeq); backward refuses it, naming the fix.  A non-leaf tensor func does read passes its gradient on."""
+    raw = torch.tensor([0.1, -0.3, 0.2], dtype=torch.float64, requires_grad=True)
+    w = raw.exp()  # a non-leaf tensor func reads
+    y0 = torch.ones(2, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    kw = dict(method="rk4", options={"step_size": 0.25}, **({} if adjoint is None else {"adjoint": adjoint}))
+    out = solve(lambda t, y: torch.tanh(y) * w, y0, t, adjoint_params=(w * 1,), **kw)
+    with pytest.raises(ValueError, match=r"computed from other tensors \(non-leaf.*never reads them.*adjoint_params"):
+        out.square().sum().backward()
+    assert raw.grad is None
+    (ours,) = torch.autograd.grad(solve(lambda t, y: torch.tanh(y) * w, y0, t, adjoint_params=(w,), **kw)
+                                  .square().sum(), [raw])
+    w_again = raw.exp()  # the graph of w was freed by the backward pass above
+    (ref,) = torch.autograd.grad(torchdiffeq.odeint(lambda t, y: torch.tanh(y) * w_again, y0, t, method="rk4",
+                                                    options={"step_size": 0.25}).square().sum(), [raw])
+    assert float((ours - ref).norm() / ref.norm()) <= 1e-12
+
+
 def _call_with(**adjoint_kw):
     """The solution and its gradients w.r.t. y0 and the parameters."""
     torch.manual_seed(0)

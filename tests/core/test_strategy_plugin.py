@@ -106,3 +106,47 @@ def test_a_strategy_missing_keep_is_refused_when_made():
 
     with pytest.raises(TypeError, match="keep"):
         Incomplete()
+
+
+class _ForgetsFirstStage(HostCheckpointAdjoint):
+    """Drops the carried first stage (main: a silently wrong gradient, 1.6e-3 relative on adaptive_heun)."""
+
+    def step_graph(self, saved, steps: BackwardSteps, n: int, with_end_slope: bool) -> StepGraph:
+        return steps.rebuild(n, saved[0][n].to(steps.trajectory.grid.device), None, with_end_slope)
+
+
+class _InventsFirstStage(HostCheckpointAdjoint):
+    """Passes a first stage for steps that evaluate their own (would replace f(t_n, y_n) by another tensor)."""
+
+    def step_graph(self, saved, steps: BackwardSteps, n: int, with_end_slope: bool) -> StepGraph:
+        y = saved[0][n].to(steps.trajectory.grid.device)
+        return steps.rebuild(n, y, torch.zeros_like(y), with_end_slope)
+
+
+class _IgnoresEndSlope(HostCheckpointAdjoint):
+    def step_graph(self, saved, steps: BackwardSteps, n: int, with_end_slope: bool) -> StepGraph:
+        return super().step_graph(saved, steps, n, False)
+
+
+class _ReturnsATensor(HostCheckpointAdjoint):
+    def step_graph(self, saved, steps: BackwardSteps, n: int, with_end_slope: bool) -> StepGraph:
+        return saved[0][n]
+
+
+@pytest.mark.parametrize("strategy, case, error, match", [
+    (_ForgetsFirstStage, "fehlberg2-carried-first-stage", ValueError,
+     r"_ForgetsFirstStage: steps.rebuild\(n=\d+, ...\) got first=None, but this step's first stage was carried.*"
+     r"saved.first_stage\(n\)"),
+    (_InventsFirstStage, "dopri5", ValueError, r"got first=a tensor, but this step evaluates its own.*first=None"),
+    (_IgnoresEndSlope, "rk4-step_size-cubic", TypeError,
+     r"_IgnoresEndSlope.step_graph\(saved, steps, n=\d+, with_end_slope=True\) returned a graph without the end "
+     r"slope.*steps.rebuild\(n, y, first, with_end_slope\)"),
+    (_ReturnsATensor, "dopri5", TypeError, r"_ReturnsATensor.step_graph returned Tensor for step \d+; it must return "
+     r"a StepGraph"),
+], ids=["first-none-for-carried", "first-for-evaluated", "ignores-with_end_slope", "returns-a-tensor"])
+def test_a_strategy_breaking_the_step_graph_contract_is_refused(strategy, case, error, match, device):
+    """What a user strategy can get wrong in ``step_graph`` raises naming the fix, before any gradient is written
+    (main: a silently wrong gradient for a dropped carried first stage, a bare AssertionError under cubic outputs,
+    a TypeError under ``python -O``)."""
+    with pytest.raises(error, match=match):
+        _gradients(strategy(), case, device)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .contracts import Problem, StepGraph, Trajectory
+from .contracts import FirstStageMode, Problem, StepGraph, Trajectory
 from .graphs import evaluate_step
 from .march import rerun
 from .parameters import KnownTensors
@@ -194,6 +194,7 @@ class AdjointAccumulator:
         self.sums = [torch.zeros_like(p) for p in params]
         self.time_terms: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.out_time: dict[int, torch.Tensor] = {}
+        self.read = [False] * len(params)  # whether some step's graph reached each parameter
 
     def add_step(self, m: int, vjp: StepVJP, coef: float | torch.Tensor, direct: torch.Tensor | None) -> None:
         """Apply step ``m``'s VJP: ``lam += direct + coef * dy``, sums, carried stage, time terms."""
@@ -202,6 +203,7 @@ class AdjointAccumulator:
             lam = _axpy(lam, coef, vjp.dy)
         self.lam = lam
         self.mu = None if vjp.dfirst is None else _axpy(torch.zeros_like(vjp.dfirst), coef, vjp.dfirst)
+        self.read = [r or g is not None for r, g in zip(self.read, vjp.dparams)]
         pairs = [(s, g) for s, g in zip(self.sums, vjp.dparams) if g is not None]
         if pairs and isinstance(coef, float):
             add_scaled_([s for s, _ in pairs], [g for _, g in pairs], coef)
@@ -314,6 +316,8 @@ def run_adjoint(
                 acc.restore(snap)
                 scaling_pass.restore(scaling_snap)
                 counters.retries += n - lo
+    if plan.known is None and n_steps:
+        _refuse_unread_non_leaves(plan.params, acc.read)
     grid_grad = _grid_gradient(acc, traj) if plan.need_times else None
     scaling_pass.end([acc.lam, *acc.sums] + ([grid_grad] if grid_grad is not None else []))
     counters.nfe_backward += f.nfe - nfe0
@@ -346,6 +350,20 @@ def _adjoint_step(plan: BackwardPlan, source: BackwardSteps, m: int, acc: Adjoin
     acc.add_step(m, vjp, coef, direct)
     for j in traj.placement.at_node.get(m, ()):
         acc.add_node_output(g[j])
+
+
+def _refuse_unread_non_leaves(params: Sequence[torch.Tensor], read: Sequence[bool]) -> None:
+    """Raise if a listed ``adjoint_params`` tensor computed from others (a non-leaf) was read by no step: its
+    gradient is zero, and the tensors it was computed from, which it exists to pass gradients on to, get none."""
+    unread = [p for p, r in zip(params, read) if not r and not p.is_leaf]
+    if unread:
+        shapes = ", ".join(str(tuple(p.shape)) for p in unread)
+        raise ValueError(
+            f"odeint: {len(unread)} tensor(s) in adjoint_params (shapes {shapes}) are computed from other tensors "
+            "(non-leaf, e.g. w * 1 or w.to(...)) and func never reads them, so they would get a zero gradient and "
+            "nothing would reach the tensors they come from. List the tensors func reads (adjoint_params=(w,), not "
+            "a copy of w), or have func read the listed tensor. No gradient was written."
+        )
 
 
 def _grid_gradient(acc: AdjointAccumulator, traj: Trajectory) -> torch.Tensor:
@@ -383,7 +401,17 @@ class BackwardSteps:
         return self.plan.trajectory
 
     def graph(self, n: int, with_end_slope: bool) -> StepGraph:
-        return self.strategy.step_graph(self.saved, self, n, with_end_slope)
+        graph = self.strategy.step_graph(self.saved, self, n, with_end_slope)
+        if not isinstance(graph, StepGraph):
+            raise TypeError(f"{type(self.strategy).__name__}.step_graph returned {type(graph).__name__} for step {n}; "
+                            "it must return a StepGraph, e.g. steps.rebuild(n, y, first, with_end_slope)")
+        if with_end_slope and graph.end_slope is None:
+            raise TypeError(
+                f"{type(self.strategy).__name__}.step_graph(saved, steps, n={n}, with_end_slope=True) returned a graph "
+                "without the end slope f(t_n+1, y_n+1) that the cubic outputs need; pass with_end_slope on: "
+                "steps.rebuild(n, y, first, with_end_slope)"
+            )
+        return graph
 
     def state(self, n: int) -> torch.Tensor:
         """Step ``n``'s start state as stored, or as recomputed from a stored one (for callbacks)."""
@@ -397,7 +425,24 @@ class BackwardSteps:
 
     def rebuild(self, n: int, y: torch.Tensor, first: torch.Tensor | None, with_end_slope: bool) -> StepGraph:
         """Step ``n``'s graph evaluated again from its start state ``y`` and carried first stage ``first`` (as
-        stored, any dtype), with the forward's random state for the step."""
+        stored, any dtype), with the forward's random state for the step.
+
+        ``first`` is the step's carried first stage exactly when the forward carried one
+        ([`FirstStageMode.CARRIED`][mpnode.core.contracts.FirstStageMode]: what ``saved.first_stage(n)`` of the
+        built-in checkpoints returns), else ``None``; a mismatch raises ``ValueError``.
+        """
+        carried = self.trajectory.first_stage[n] is FirstStageMode.CARRIED
+        if carried != (first is not None):
+            raise ValueError(
+                f"{type(self.strategy).__name__}: steps.rebuild(n={n}, ...) got first="
+                + ("None, but this step's first stage was carried from the previous step (methods that reuse their "
+                   "last stage without being first-same-as-last: adaptive_heun, fehlberg2, reuse_last_stage "
+                   "tableaux); keep it with the state and pass it, e.g. saved.first_stage(n) of the built-in "
+                   "checkpoints, which keep it" if carried else
+                   "a tensor, but this step evaluates its own first stage; pass first=None (saved.first_stage(n) "
+                   "of the built-in checkpoints is None there)")
+                + " (docs/strategies.md, 'Your own strategy')"
+            )
         self.replay.before_step(n)
         return build_step_graph(self.plan, n, y, first, with_end_slope)
 

@@ -72,14 +72,18 @@ def odeint_adjoint(
         adjoint_params: the tensors that receive gradients (torchdiffeq's meaning):
             default ``func.parameters()``, which needs ``func`` to be an
             ``nn.Module``; pass ``adjoint_params=()`` for a function without
-            parameters.  Tensors with ``requires_grad=False`` are skipped.
+            parameters.  A tuple or list (a single tensor is refused: pass ``(w,)``).
+            Tensors with ``requires_grad=False`` are skipped; every other tensor
+            ``func`` reads is a constant.  A listed tensor ``func`` never reads gets a
+            zero gradient, except that a non-leaf one (``w * 1``: gradients would
+            only pass through it to ``w``) is refused in backward, naming the fix.
         **mpnode_kwargs: ``scaler=`` and ``adjoint=`` of [`odeint`][mpnode.core.odeint.odeint].
 
     Returns:
         As [`odeint`][mpnode.core.odeint.odeint].
     """
     if adjoint_params is not None:
-        params = tuple(adjoint_params)
+        params = adjoint_params  # odeint checks it (a bare tensor is refused there, not iterated into its rows)
     elif isinstance(func, torch.nn.Module):
         params = tuple(func.parameters())
     else:

@@ -18,6 +18,8 @@ ratio is at most 1 (always at ``min_step``, never above ``max_step``).
 from __future__ import annotations
 
 import abc
+import math
+import numbers
 from typing import Any
 
 from .validation import check_number
@@ -47,6 +49,36 @@ class StepSizeController(abc.ABC):
             state: what [`init`][mpnode.core.controllers.StepSizeController.init] or the previous ``adapt``
                 returned.
         """
+
+
+#: Below this attempt size a next step size of exactly 0 is a float underflow of ``h * factor``, not a contract
+#: violation: the march then reports the step-size underflow.
+_UNDERFLOW = 1e-300
+
+
+def next_step(controller: StepSizeController, h: float, ratio: float, accepted: bool, order: int,
+              state: Any) -> tuple[float, Any]:
+    """``controller.adapt(...)``, its result checked against the contract: ``(a positive finite number, state)``.
+
+    A host-side check of what the controller returned (no device read); a violation raises ``TypeError`` or
+    ``ValueError`` naming the controller class, rather than surfacing later as a step-size underflow or an
+    unpacking error.
+    """
+    out = controller.adapt(h, ratio, accepted, order, state)
+    name = f"{type(controller).__name__}.adapt"
+    if not isinstance(out, tuple) or len(out) != 2:
+        got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+        raise TypeError(f"{name} must return (next step size, state), a 2-tuple, got {got} ({out!r}); return "
+                        "(h_next, state), with state None for a controller without memory")
+    h_next = out[0]
+    if isinstance(h_next, bool) or not isinstance(h_next, numbers.Real):
+        raise TypeError(f"{name} must return the next step size as a host float (float(...)), got "
+                        f"{type(h_next).__name__} ({h_next!r})")
+    if not (0.0 < h_next < math.inf) and not (h_next == 0.0 and h < _UNDERFLOW):
+        raise ValueError(f"{name} returned the next step size {h_next!r} after an attempt of size {h!r} (error "
+                         f"ratio {ratio!r}); it must be positive and finite (a magnitude: the march applies the "
+                         "direction of t)")
+    return float(h_next), out[1]
 
 
 class IntegralController(StepSizeController):

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .contracts import FirstStageMode, Nudge, Problem, Recorder, SolveInputs, Trajectory
-from .controllers import StepSizeController
+from .controllers import StepSizeController, next_step
 from .grids import GridRule, StepSizeGrid
 from .options import AdaptiveOptions
 from .outputs import DenseOutput, OutputPlacement, OutputRule, place_on_grid
@@ -364,7 +364,7 @@ class _AdaptiveRun:
             self._accept(step, t1, hn, rule, on_step, on_jump, noise_only)
         else:
             self._reject(hn, ratio)
-        self.h, self.control = march.controller.adapt(size, ratio, accept, march.tableau.order, self.control)
+        self.h, self.control = next_step(march.controller, size, ratio, accept, march.tableau.order, self.control)
 
     def _evaluate(self, y: torch.Tensor, t0: float, t1: float, h: float, rule: StagePerturbation) -> Step:
         """Take the attempted step; a kept graph contains a fresh first stage (it depends on ``y``): the one
