@@ -133,7 +133,7 @@ def test_tensors_left_out_of_adjoint_params_are_constants_like_torchdiffeq(solve
         assert float((a - b).norm() / b.norm()) <= 1e-12
 
 
-@pytest.mark.torchdiffeq_row("adjoint-params")
+@pytest.mark.torchdiffeq_row("adjoint-params-mistakes")
 @pytest.mark.parametrize("solve", [odeint, odeint_adjoint])
 def test_a_single_tensor_as_adjoint_params_is_refused(solve):
     """adjoint_params=w (not (w,)): main's odeint_adjoint iterated w into its rows, which func never reads, and
@@ -145,7 +145,7 @@ def test_a_single_tensor_as_adjoint_params_is_refused(solve):
         solve(lambda t, y: torch.tanh(y) * w, y0, t, method="rk4", adjoint_params=w)
 
 
-@pytest.mark.torchdiffeq_row("adjoint-params")
+@pytest.mark.torchdiffeq_row("adjoint-params-mistakes")
 @pytest.mark.parametrize("solve", [odeint, odeint_adjoint])
 @pytest.mark.parametrize("adjoint", [None, DirectAdjoint(), SegmentedAdjoint()])
 def test_a_listed_non_leaf_tensor_func_never_reads_is_refused(solve, adjoint):

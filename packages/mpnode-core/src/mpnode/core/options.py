@@ -230,9 +230,13 @@ def _times(name: str, value: Any) -> tuple[float, ...]:
     if value is None:
         return ()
     try:
-        values = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(-1)
+        values = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"options[{name!r}] must be a list or 1-D tensor of times (numbers), got {value!r}") from None
+    if values.dim() > 1:
+        raise ValueError(f"options[{name!r}] must be a list or 1-D tensor of times, got shape {tuple(values.shape)}; "
+                         f"pass {name}.flatten() (or a list of the times)")
+    values = values.reshape(-1)  # a single time may be a number
     if not bool(torch.isfinite(values).all()):
         raise ValueError(f"options[{name!r}] contains inf or NaN")
     if values.unique().numel() != values.numel():

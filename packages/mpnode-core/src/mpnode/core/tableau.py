@@ -46,7 +46,7 @@ def _exact(x: Number, name: str, where: str) -> Fraction:
     try:
         if isinstance(x, (str, numbers.Rational)):
             return Fraction(x)
-        value = float(x)  # type: ignore[arg-type]
+        value = float(x)
     except (TypeError, ValueError, ZeroDivisionError, RuntimeError):
         raise ValueError(
             f"ButcherTableau {name!r}: {where} = {x!r} is not a number; write coefficients as numbers, fraction "

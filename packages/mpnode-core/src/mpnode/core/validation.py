@@ -105,7 +105,8 @@ def check_number(name: str, value: Any, *, positive: bool = True, finite: bool =
     """``value`` checked and returned as a float (an int with ``integer``); the errors name ``name`` and the range.
 
     ``positive``: ``> 0``, else ``>= 0``; ``finite``: inf is refused; ``at_most``: an upper bound; ``integer``: an
-    ``int`` (not a bool) is required; ``hint`` is appended to the messages.  A value that is not a number raises
+    ``int`` (not a bool) is required; ``hint`` is appended to the messages.  A value that is not a number (a bool or
+    a string such as ``"0.1"`` included) raises
     ``TypeError`` (``ValueError`` for a count), one out of range ``ValueError``, e.g. ``"options['first_step'] must
     be positive and finite, got -1.0"``.
     """
@@ -115,6 +116,9 @@ def check_number(name: str, value: Any, *, positive: bool = True, finite: bool =
         return value
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {value!r}{hint}")
+    if isinstance(value, (str, bytes)):  # float() would parse it; torchdiffeq refuses strings too
+        raise TypeError(f"{name} must be a number, got the string {value!r}{hint}; pass the number itself, e.g. "
+                        f"float({value!r})")
     try:
         number = float(value)
     except (TypeError, ValueError, RuntimeError):
