@@ -344,25 +344,13 @@ def test_nonfinite_loss_gradient_is_named_as_such(mlp_field, device):
 # -- 7. side effects of the recomputation -----------------------------------------------------------------
 
 
-class _Normed(torch.nn.Module):
-    def __init__(self, device):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = torch.nn.Linear(3, 3)
-        self.bn = torch.nn.BatchNorm1d(3)
-        self.to(device, F64)
-
-    def forward(self, t, y):
-        return torch.tanh(self.bn(self.lin(y)))
-
-
 def _buffers(module):
     return [b.clone() for b in module.buffers()]
 
 
 @pytest.mark.parametrize("reach", ["module", "global"])
-def test_batchnorm_buffers_are_left_as_the_forward_left_them(reach, device):
-    field = _Normed(device)
+def test_batchnorm_buffers_are_left_as_the_forward_left_them(reach, device, normed_field):
+    field = normed_field()
     holder = {"field": field}  # a closure over a dict: the module is reachable only by running func
 
     def through_dict(t, y):
