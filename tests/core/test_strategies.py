@@ -163,6 +163,7 @@ def test_direct_strategy_error_stays_flat_in_the_step_count(precision, amp, devi
     assert errors[2048]["dA"] <= bound and errors[2048]["dA"] <= 1.5 * errors[32]["dA"], errors
 
 
+@pytest.mark.filterwarnings("ignore::mpnode.core.MixedPrecisionToleranceWarning")  # steps within the field's noise
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("method", ["rk4", "fehlberg2", "dopri5", "bosh3", "tsit5", "dopri8"])
 def test_direct_strategy_under_autocast_gives_the_recompute_gradients(method, precision, amp, device):
