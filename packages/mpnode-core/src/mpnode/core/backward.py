@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .contracts import Problem, StepGraph, Trajectory
+from .contracts import FirstStageMode, Problem, StepGraph, Trajectory
 from .graphs import evaluate_step
 from .march import rerun
 from .parameters import KnownTensors
@@ -397,9 +397,19 @@ class BackwardSteps:
 
     def rebuild(self, n: int, y: torch.Tensor, first: torch.Tensor | None, with_end_slope: bool) -> StepGraph:
         """Step ``n``'s graph evaluated again from its start state ``y`` and carried first stage ``first`` (as
-        stored, any dtype), with the forward's random state for the step."""
+        stored, any dtype), with the forward's random state for the step and the tensors the forward read checked
+        ([`Replay.recomputing`][mpnode.core.replay.Replay.recomputing]).
+
+        A first stage the forward reused from the previous step (first-same-as-last methods) is evaluated again
+        without a graph and enters as an input, as in a kept graph: its gradient reaches the previous step's last
+        stage (``mu``), so every strategy takes the same vector-Jacobian products."""
         self.replay.before_step(n)
-        return build_step_graph(self.plan, n, y, first, with_end_slope)
+        problem = self.plan.problem
+        with self.replay.recomputing(problem.field, n):
+            if first is None and self.trajectory.first_stage[n] is FirstStageMode.REUSED:
+                with torch.no_grad():
+                    first = problem.field(self.plan.stage_times[n][0], y.to(problem.policy.state_dtype))
+            return build_step_graph(self.plan, n, y, first, with_end_slope)
 
     def rerun(self, start: int, stop: int, y: torch.Tensor,
               first: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -427,5 +437,7 @@ def _refuse_untracked(graph: StepGraph, known: KnownTensors) -> None:
             "odeint(..., adjoint_params=(...)) (include the module's parameters), or detach those that do not "
             "(tensor.detach(), or parameter.requires_grad_(False)). Without adjoint_params odeint differentiates the "
             "tensors func uses at its first evaluation, so a tensor first used later in the solve must be listed. "
+            "(If it replaced a tensor the forward pass read, e.g. an attribute or global set to the next batch's "
+            "encoding before this backward, call backward() before replacing it, or use adjoint=DirectAdjoint().) "
             "No gradient was written."
         )
