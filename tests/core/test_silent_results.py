@@ -24,6 +24,7 @@ from mpnode.core import (
     SolverStats,
     odeint,
 )
+from mpnode.core.testing import assert_relatively_close as _close
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
@@ -38,14 +39,6 @@ STRATEGIES = {
 }
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def _close(ours, ref, tol: float = TOL) -> None:
-    for a, b in zip(ours, ref, strict=True):
-        assert a is not None and b is not None
-        assert _rel(a, b) < tol, (_rel(a, b), a, b)
 
 
 # -- 1. module modes changed between forward and backward ---------------------------------------------------------

@@ -10,21 +10,14 @@ import pytest
 import torch
 
 from mpnode.core import AutoAdjoint, DirectAdjoint, RecomputeAdjoint, SegmentedAdjoint, SolverStats, odeint
+from mpnode.core.testing import assert_relatively_close as _close
+from mpnode.core.testing import relative_error as _rel
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
 F64 = torch.float64
-TOL = 1e-8
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def _close(ours, ref, tol: float = TOL) -> None:
-    for a, b in zip(ours, ref, strict=True):
-        assert a is not None and b is not None
-        assert _rel(a, b) < tol, (_rel(a, b), a, b)
 
 
 def _grads(solve, field, y0, t, loss, wrt, **kwargs):
