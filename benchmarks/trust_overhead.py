@@ -19,6 +19,9 @@ Each guard is measured two ways, forward and backward separately, in one process
 * rng tracking: per-step generator bookkeeping for a deterministic field (``replay_rng``);
 * rng replay: the same with a dropout field (states stored and replayed per step);
 * buffer restore: copying a BatchNorm field's buffers around backward;
+* replaced-tensor check: the tensors the first evaluation read, held with the module attributes bound to them
+  (forward), the attributes compared before the first recomputed step and step 0's first evaluation recomputed
+  through the probe (backward);
 * scaled float16 checkpoints: the per-row power-of-two scale (``checkpoint_dtype=torch.float16``);
 * all guards: everything above that applies to the plain MLP at once (end to end only).
 """
@@ -91,6 +94,7 @@ NO_VERSION_CHECK = (guards_module.VersionRecord, "check", lambda self: None)
 NO_BUFFER_RESTORE = (forward_module, "module_buffers", lambda modules: [])
 NO_PROBE = (parameters_module.CapturedTensorProbe, "__call__", lambda self, func, t, y: func(t, y))
 UNSCALED_CHECKPOINTS = (checkpoints_module, "needs_row_scaling", lambda dtype: False)
+NO_READS_CHECK = (forward_module, "FirstReads", lambda tensors, modules: None)
 
 
 def variants(fields: dict[str, torch.nn.Module]) -> dict[str, tuple]:
@@ -105,11 +109,12 @@ def variants(fields: dict[str, torch.nn.Module]) -> dict[str, tuple]:
                                          ()),
         "rng replay (dropout)": (fields["noisy"], {}, (), {"adjoint": RecomputeAdjoint(replay_rng=False)}, ()),
         "buffer restore (batchnorm)": (fields["normed"], {}, (), {}, (NO_BUFFER_RESTORE,)),
+        "replaced-tensor check": (mlp, {}, (), {}, (NO_READS_CHECK,)),
         "scaled float16 checkpoints": (mlp, {**explicit, "options": {"checkpoint_dtype": torch.float16}}, (),
                                        {**explicit, "options": {"checkpoint_dtype": torch.float16}},
                                        (UNSCALED_CHECKPOINTS,)),
         "all guards (mlp)": (mlp, {}, (), {**explicit, "adjoint": RecomputeAdjoint(replay_rng=False)},
-                             (NO_UNTRACKED_CHECK, NO_VERSION_CHECK, NO_BUFFER_RESTORE, NO_PROBE)),
+                             (NO_UNTRACKED_CHECK, NO_VERSION_CHECK, NO_BUFFER_RESTORE, NO_PROBE, NO_READS_CHECK)),
     }
 
 
@@ -128,6 +133,7 @@ GUARD_FUNCTIONS = {
     "rng replay (dropout)": [(replay_module.StepRandomness, n) for n in ("start", "at_step", "finish")]
     + [(replay_module.Replay, "before_step")],
     "buffer restore (batchnorm)": [(replay_module.Replay, "session")],
+    "replaced-tensor check": [(guards_module.FirstReads, n) for n in ("__init__", "check_bindings", "_compare")],
     "scaled float16 checkpoints": [(checkpoints_module, "row_scale"),
                                    (checkpoints_module.StoredRows, "row")],
 }

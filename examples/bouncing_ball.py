@@ -18,7 +18,7 @@ Writes ``<out>/log.csv`` (iteration, loss, e, error of e, seconds) and
 ``<out>/bouncing_ball.png`` (true and learned heights with their bounce times;
 ``e`` and the loss during training).
 
-Needs torch, mpnode-core and matplotlib (torchdiffeq for ``--odeint torchdiffeq``).
+Needs torch, mpnode-core, mpnode-models (its flags) and matplotlib (torchdiffeq for ``--odeint torchdiffeq``).
 
     python examples/bouncing_ball.py --precision bfloat16
     python examples/bouncing_ball.py --smoke
@@ -27,18 +27,17 @@ Needs torch, mpnode-core and matplotlib (torchdiffeq for ``--odeint torchdiffeq`
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import time
-from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 
 import mpnode.core
-
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from mpnode.models.cli import (
+    PRECISIONS, add_number_flags, add_solver_flags, script_parser, setup, solver, write_csv,
+)
 
 GRAVITY = 9.81
 TRUE_RESTITUTION = 0.8
@@ -120,49 +119,25 @@ def _flight_loss(predicted: torch.Tensor, observed: torch.Tensor) -> torch.Tenso
     return ((flights - target) / target).square().mean()
 
 
-def event_solver_for(name: str):
-    """``mpnode.core.odeint_event``, or torchdiffeq's (same call) for the comparison."""
-    if name == "mpnode":
-        return mpnode.core.odeint_event
-    try:
-        import torchdiffeq
-    except ImportError as err:
-        raise SystemExit("--odeint torchdiffeq needs torchdiffeq: pip install torchdiffeq") from err
-    return torchdiffeq.odeint_event
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bouncing_ball.py", description=__doc__.splitlines()[0])
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float32",
-                   help="autocast dtype of the drag network")
-    p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode",
-                   help="whose odeint_event finds the bounces")
+    p = script_parser("bouncing_ball", __doc__.splitlines()[0])  # --seed: of the fixed drag network
+    add_solver_flags(p, what="the drag network", device=False)  # --odeint: whose odeint_event finds the bounces
     p.add_argument("--method", choices=["dopri5", "rk4"], default="dopri5")
     p.add_argument("--step-size", type=float, default=0.01, help="step of rk4")
-    p.add_argument("--niters", type=int, default=150)
-    p.add_argument("--bounces", type=int, default=5)
     p.add_argument("--height", type=float, default=3.0, help="drop height x0")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--print-freq", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0, help="seed of the fixed drag network")
-    p.add_argument("--out", type=Path, default=Path("outputs/bouncing_ball"), help="folder for log.csv and the figure")
-    p.add_argument("--smoke", "--quick", action="store_true",
-                   help="tiny sizes and counts, for the tests (--quick is an alias)")
+    add_number_flags(p, niters=150, bounces=5, lr=0.1, print_freq=25)
     args = p.parse_args(argv)
     if args.smoke:
         args.niters, args.bounces, args.print_freq = 3, 2, 1
-    if args.niters < 1:
-        p.error("--niters must be >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)  # a scalar ODE: it runs on the CPU
-    torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
+    setup(args)
     # only the drag network runs in the autocast dtype; the state, events and root finding stay float32
     autocast = torch.autocast("cpu", dtype=PRECISIONS[args.precision], enabled=args.precision != "float32")
-    event_solver = event_solver_for(args.odeint)
+    event_solver = solver(args.odeint, "odeint_event")
     solve_kw = {"method": args.method, "rtol": 1e-6, "atol": 1e-8}
     if args.method == "rk4":
         solve_kw["options"] = {"step_size": args.step_size}
@@ -170,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     truth = Ball(TRUE_RESTITUTION, seed=args.seed, dtype=torch.float64)
     with torch.no_grad():
         observed, true_flights = bounce_times(truth, truth.restitution, args.height, args.bounces,
-                                              {"rtol": 1e-10, "atol": 1e-12}, event_solver_for("mpnode"))
+                                              {"rtol": 1e-10, "atol": 1e-12}, mpnode.core.odeint_event)
     observed = observed.float()
     print(f"observed bounce times: {[round(float(t), 4) for t in observed]}")
 
@@ -205,13 +180,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"final: e = {final['restitution']:.4f} (true {TRUE_RESTITUTION}), loss {final['loss']:.3e}; "
           f"wrote {args.out / 'log.csv'} and {args.out / 'bouncing_ball.png'}")
     return final
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _plot(args, history, observed, predicted, true_flights, flights, truth, model, solve_kw) -> None:

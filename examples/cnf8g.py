@@ -10,7 +10,8 @@ Writes ``<out>/cnf8g.csv`` (one row per iteration: loss, time, held bytes), ``<o
 (test NLL on held-out samples, exact NLL of the density, median time per iteration, held bytes)
 and ``<out>/cnf8g_density.png`` (true vs learned density).
 
-Needs torch, mpnode-core, mpnode-models and matplotlib (torchdiffeq for ``--odeint torchdiffeq``).
+Needs torch, mpnode-core, mpnode-models (the model, the data and the flags) and matplotlib (torchdiffeq for
+``--odeint torchdiffeq``).
 
     python examples/cnf8g.py --precision bfloat16 --odeint mpnode --iters 300
     python examples/cnf8g.py --method dopri5 --rtol 1e-4 --atol 1e-6      # adaptive steps
@@ -19,7 +20,6 @@ Needs torch, mpnode-core, mpnode-models and matplotlib (torchdiffeq for ``--odei
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -29,57 +29,30 @@ from matplotlib.figure import Figure
 
 import mpnode.core
 from mpnode.core.meters import held_memory
+from mpnode.models.cli import (
+    PRECISIONS, add_method_flags, add_number_flags, add_solver_flags, script_parser, setup, solver,
+    write_csv,
+)
 from mpnode.models.cnf import CNF, HyperNetField
 from mpnode.models.toy_data import eight_gaussians_log_density, sample
 
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def get_odeint(name: str):
-    """``mpnode.core.odeint``, or torchdiffeq's (same call) for the comparison."""
-    if name == "mpnode":
-        return mpnode.core.odeint
-    try:
-        import torchdiffeq
-    except ImportError as err:
-        raise SystemExit("--odeint torchdiffeq needs torchdiffeq: pip install torchdiffeq") from err
-    return torchdiffeq.odeint
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="cnf8g.py", description=__doc__.splitlines()[0])
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float32",
-                   help="autocast dtype of the vector field")
-    p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
-    p.add_argument("--method", default="rk4", help="fixed-grid (rk4, euler, ...) with --steps, "
-                                                   "or adaptive (dopri5, ...)")
-    p.add_argument("--steps", type=int, default=8, help="steps of a fixed-grid method on [0, 1]")
-    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of an adaptive method")
-    p.add_argument("--atol", type=float, default=1e-7, help="absolute tolerance of an adaptive method")
+    p = script_parser("cnf8g", __doc__.splitlines()[0])
+    add_solver_flags(p)
+    add_method_flags(p, steps=8)  # a fixed grid of --steps on [0, 1], or adaptive steps
     p.add_argument("--divergence", choices=["exact", "hutchinson"], default="exact")
-    p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--batch", type=int, default=256)
     p.add_argument("--width", type=int, default=32, help="width of the hypernetwork field")
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("outputs/cnf8g"), help="folder for the CSV files and the figure")
-    p.add_argument("--smoke", "--quick", action="store_true",
-                   help="tiny sizes and counts, for the tests (--quick is an alias)")
+    add_number_flags(p, iters=300, batch=256, lr=1e-2)
     args = p.parse_args(argv)
     if args.smoke:
         args.iters, args.batch, args.width, args.steps = 3, 32, 8, 2
-    if args.iters < 1:
-        p.error("--iters must be >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
-    odeint = get_odeint(args.odeint)
+    device = setup(args)
+    odeint = solver(args.odeint)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "float32")
     grad_scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
     t = torch.tensor([0.0, 1.0], device=device)
@@ -120,13 +93,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     plot(cnf, odeint, solve_kw, t, device, args.out / "cnf8g_density.png")
     return summary
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot(cnf: CNF, odeint, solve_kw: dict, t: torch.Tensor, device: torch.device, path: Path) -> None:

@@ -25,7 +25,6 @@ Needs torch, mpnode-core, mpnode-models, mpnode-scaler (for ``--precision float1
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 from pathlib import Path
@@ -37,11 +36,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import mpnode.core
+from mpnode.models.cli import (
+    PRECISIONS, add_device_flag, add_number_flags, add_solver_flags, script_parser, setup, solver, write_csv,
+)
 from mpnode.models.toy_data import circles
-
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class Field(nn.Module):
     """``f(t, y) = W2 tanh(W1 y + b1) + b2`` on states ``(B, dim)``."""
@@ -101,17 +99,6 @@ def mean_over_ranks(value: float, world_size: int, device: torch.device) -> floa
     return float(total) / world_size
 
 
-def get_odeint(name: str):
-    """``mpnode.core.odeint``, or torchdiffeq's (same call) for the comparison."""
-    if name == "mpnode":
-        return mpnode.core.odeint
-    try:
-        import torchdiffeq
-    except ImportError as err:
-        raise SystemExit("--odeint torchdiffeq needs torchdiffeq: pip install torchdiffeq") from err
-    return torchdiffeq.odeint
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TensorDataset, autocast, device) -> tuple[float, float]:
     """Test loss and accuracy of ``model`` (the plain module, no collectives) on ``data``."""
@@ -124,15 +111,14 @@ def evaluate(model: nn.Module, data: TensorDataset, autocast, device) -> tuple[f
 
 def train(args) -> float:
     rank, world_size, device = init_distributed(args.device)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    args.out.mkdir(parents=True, exist_ok=True)
+    setup(args)  # the same seed, so the same initial weights, on every rank (DDP also broadcasts rank 0's)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "float32")
     scaler = None
     if args.precision == "float16" and args.odeint == "mpnode":
         from mpnode.scaler import DynamicAdjointScaler
 
         scaler = DynamicAdjointScaler()  # per process: its decisions are this rank's own
-    model = ODEClassifier(get_odeint(args.odeint), args.dim, args.width, args.step_size, scaler).to(device)
+    model = ODEClassifier(solver(args.odeint), args.dim, args.width, args.step_size, scaler).to(device)
     ddp = DistributedDataParallel(model) if world_size > 1 else model
     train_set, test_set = circles_dataset(args.n_train, args.seed), circles_dataset(args.n_test, args.seed + 1)
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
@@ -175,13 +161,6 @@ def train(args) -> float:
     return train_loss
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 @torch.no_grad()
 def plot(model: nn.Module, test_set: TensorDataset, rows: list[dict], autocast, device, path: Path) -> None:
     """Left: predicted ring over [-3, 3]^2 with the test points; right: losses and test accuracy per epoch."""
@@ -214,30 +193,16 @@ def plot(model: nn.Module, test_set: TensorDataset, rows: list[dict], autocast, 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ddp_train.py", description=__doc__.splitlines()[0])
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="autocast dtype of the model")
-    p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
-    p.add_argument("--epochs", type=int, default=10)
+    p = script_parser("ddp_train", __doc__.splitlines()[0])
+    add_solver_flags(p, what="the model", device=False)
+    add_device_flag(p, help="cuda: one GPU per rank (cuda:LOCAL_RANK), over NCCL; cpu: gloo")
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
-    p.add_argument("--n-train", type=int, default=4096)
-    p.add_argument("--n-test", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--dim", type=int, default=4, help="ODE state size (>2: room to separate the rings)")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--step-size", type=float, default=0.25)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda: one GPU per rank (cuda:LOCAL_RANK), over NCCL; cpu: gloo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("outputs/ddp_train"),
-                   help="folder for ddp_train.csv and ddp_train.png (written by rank 0)")
-    p.add_argument("--smoke", "--quick", action="store_true",
-                   help="tiny sizes and counts, for the tests (--quick is an alias)")
+    add_number_flags(p, epochs=10, n_train=4096, n_test=1024, width=32, step_size=0.25, lr=1e-2)
     args = p.parse_args(argv)
     if args.smoke:
         args.epochs, args.max_steps, args.n_train, args.n_test, args.batch_size = 2, 3, 512, 128, 32
-    if args.epochs < 1:
-        p.error("--epochs must be >= 1")
     return args
 
 

@@ -28,7 +28,6 @@ a tiny synthetic set in that layout and trains on it (torchvision still reads it
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import time
 from collections.abc import Callable
@@ -38,23 +37,11 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-import mpnode.core
 from mpnode.core.meters import held_memory
+from mpnode.models.cli import PRECISIONS, add_solver_flags, script_parser, setup, solver, write_csv
 from mpnode.models.mnist import ODENet, mnist_loaders, write_idx_mnist
 
 REPO = Path(__file__).resolve().parents[1]
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def get_odeint(name: str):
-    """``mpnode.core.odeint``, or torchdiffeq's (same call) for the comparison."""
-    if name == "mpnode":
-        return mpnode.core.odeint
-    try:
-        import torchdiffeq
-    except ImportError as err:
-        raise SystemExit("--odeint torchdiffeq needs torchdiffeq: pip install torchdiffeq") from err
-    return torchdiffeq.odeint
 
 
 def elapsed(start: float, device: torch.device) -> float:
@@ -219,17 +206,9 @@ def write_final(rows: list[dict], path: Path) -> None:
           f"min {min(accs):.4f}, max {max(accs):.4f}")
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ode_mnist.py", description=__doc__.splitlines()[0])
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="autocast dtype of the model")
-    p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
+    p = script_parser("ode_mnist", __doc__.splitlines()[0])
+    add_solver_flags(p, what="the model")
     p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data",
                    help="folder containing MNIST/raw/*-ubyte (default ../shared/data)")
     p.add_argument("--epochs", type=int, default=2)
@@ -253,12 +232,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=64, help="channels of the ODE state")
     p.add_argument("--print-freq", type=int, default=50, help="print the running loss every this many batches")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("outputs/ode_mnist"),
-                   help="folder for the CSV files and the figure")
-    p.add_argument("--smoke", "--quick", action="store_true",
-                   help="tiny sizes and counts on a generated data set, for the tests (--quick is an alias)")
     args = p.parse_args(argv)
     if args.smoke:
         args.epochs, args.batch_size, args.width, args.steps = 1, 8, 8, 1
@@ -271,15 +244,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
+    device = setup(args)
     # the stem, the ODE function and the head run in the autocast dtype; with mpnode the ODE state stays float32
     autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "float32")
     grad_scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
     train_loader, test_loader = mnist_loaders(args.data_root, args.batch_size, args.test_batch_size,
                                               args.train_subset, args.test_subset, seed=args.seed)
-    model = ODENet(width=args.width, n_steps=args.steps, method=args.method, odeint=get_odeint(args.odeint)).to(device)
+    model = ODENet(width=args.width, n_steps=args.steps, method=args.method, odeint=solver(args.odeint)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     total_steps = args.epochs * len(train_loader)

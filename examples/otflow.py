@@ -11,7 +11,8 @@ Writes ``<out>/otflow.csv`` (per iteration: loss, L, C, R, NLL, time, held bytes
 iteration, held bytes) and ``<out>/otflow_samples.png`` (data vs generated samples, first two
 coordinates).
 
-Needs torch, mpnode-core, mpnode-models and matplotlib (torchdiffeq for ``--odeint torchdiffeq``).
+Needs torch, mpnode-core, mpnode-models (the model, the data and the flags) and matplotlib (torchdiffeq for
+``--odeint torchdiffeq``).
 
     python examples/otflow.py --data 8gaussians --precision bfloat16 --odeint mpnode
     python examples/otflow.py --data gmm --dim 8
@@ -21,7 +22,6 @@ Needs torch, mpnode-core, mpnode-models and matplotlib (torchdiffeq for ``--odei
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -31,22 +31,12 @@ from matplotlib.figure import Figure
 
 import mpnode.core
 from mpnode.core.meters import held_memory
+from mpnode.models.cli import (
+    PRECISIONS, add_method_flags, add_number_flags, add_solver_flags, script_parser, setup, solver,
+    write_csv,
+)
 from mpnode.models.otflow import OTPotential, gaussian_mixture, generate, mmd, otflow_loss
 from mpnode.models.toy_data import DATASETS, sample
-
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def get_odeint(name: str):
-    """``mpnode.core.odeint``, or torchdiffeq's (same call) for the comparison."""
-    if name == "mpnode":
-        return mpnode.core.odeint
-    try:
-        import torchdiffeq
-    except ImportError as err:
-        raise SystemExit("--odeint torchdiffeq needs torchdiffeq: pip install torchdiffeq") from err
-    return torchdiffeq.odeint
-
 
 def draw(args: argparse.Namespace, n: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` samples ``(n, d)`` of the training density (``--data``)."""
@@ -56,43 +46,24 @@ def draw(args: argparse.Namespace, n: int, gen: torch.Generator) -> torch.Tensor
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="otflow.py", description=__doc__.splitlines()[0])
+    p = script_parser("otflow", __doc__.splitlines()[0])
     p.add_argument("--data", choices=[*sorted(DATASETS), "gmm"], default="8gaussians")
     p.add_argument("--dim", type=int, default=8, help="dimension of the Gaussian mixture (--data gmm)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float32",
-                   help="autocast dtype of the vector field")
-    p.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode", help="which solver runs the ODE")
-    p.add_argument("--method", default="rk4", help="fixed-grid (rk4, euler, ...) with --steps, "
-                                                   "or adaptive (dopri5, ...)")
-    p.add_argument("--steps", type=int, default=8, help="steps of a fixed-grid method on [0, 1]")
-    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of an adaptive method")
-    p.add_argument("--atol", type=float, default=1e-7, help="absolute tolerance of an adaptive method")
+    add_solver_flags(p)
+    add_method_flags(p, steps=8)  # a fixed grid of --steps on [0, 1], or adaptive steps
     p.add_argument("--alphas", type=float, nargs=3, default=[1.0, 100.0, 5.0], metavar=("A_L", "A_C", "A_R"),
                    help="weights of the transport cost L, the NLL C and the HJB penalty R")
-    p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("outputs/otflow"), help="folder for the CSV files and the figure")
-    p.add_argument("--smoke", "--quick", action="store_true",
-                   help="tiny sizes and counts, for the tests (--quick is an alias)")
+    add_number_flags(p, iters=300, batch=256, width=32, layers=2, lr=2e-2)
     args = p.parse_args(argv)
     if args.smoke:
         args.iters, args.batch, args.width, args.steps = 3, 32, 8, 2
-    if args.iters < 1:
-        p.error("--iters must be >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
-    odeint = get_odeint(args.odeint)
+    device = setup(args)
+    odeint = solver(args.odeint)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "float32")
     grad_scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
     # the output times: a fixed method steps on them (n_steps + 1 points on [0, 1]); an adaptive one
@@ -139,13 +110,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     plot(test.cpu(), generated.cpu(), args.out / "otflow_samples.png")
     return summary
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot(data: torch.Tensor, generated: torch.Tensor, path: Path) -> None:

@@ -198,16 +198,9 @@ def test_rejected_backward_blocks_call_the_reject_callback():
 
 
 @pytest.mark.torchdiffeq_row("callbacks-unknown-name")
-def test_unknown_callback_name_warns_with_the_valid_names():
-    class Misspelled(torch.nn.Module):
-        def forward(self, t, y):
-            return -y
-
-        def callback_steps(self, t0, y0, dt):
-            pass
-
+def test_unknown_callback_name_warns_with_the_valid_names(decay_with_method):
     with pytest.warns(UserWarning, match=r"'callback_steps'.*callback_step.*callback_reject_step_adjoint"):
-        odeint(Misspelled(), torch.ones(2), torch.tensor([0.0, 1.0]), method="rk4")
+        odeint(decay_with_method("callback_steps"), torch.ones(2), torch.tensor([0.0, 1.0]), method="rk4")
 
 
 def test_callbacks_on_a_plain_function_attribute():

@@ -66,20 +66,25 @@ def _ball_inputs():
     return y0, t0
 
 
+def _matches_torchdiffeq(make, **kw):
+    """Run ``_event_and_grads`` with mpnode's and torchdiffeq's ``odeint_event`` on fresh ``make() -> (func, y0,
+    t0)`` (the parameters: ``func``'s); assert every result agrees to ``TOL``; return mpnode's."""
+    results = []
+    for solver in (odeint_event, torchdiffeq.odeint_event):
+        func, y0, t0 = make()
+        results.append(_event_and_grads(solver, func, y0, t0, list(func.parameters()), **kw))
+    for a, b in zip(*results):
+        assert _rel(a, b) <= TOL
+    return results[0]
+
+
 @pytest.mark.torchdiffeq_row("odeint_event")
 @pytest.mark.torchdiffeq_row("event-gradients")
 @pytest.mark.torchdiffeq_row("event-fixed-grid")
 @pytest.mark.parametrize("name", list(METHODS))
 def test_bouncing_ball_matches_torchdiffeq(name):
     method, options = METHODS[name]
-    results = []
-    for solver in (odeint_event, torchdiffeq.odeint_event):
-        func = Ball()
-        y0, t0 = _ball_inputs()
-        results.append(_event_and_grads(solver, func, y0, t0, list(func.parameters()), event_fn=ground,
-                                        method=method, options=options, **ROOT))
-    for a, b in zip(*results):
-        assert _rel(a, b) <= TOL
+    _matches_torchdiffeq(lambda: (Ball(), *_ball_inputs()), event_fn=ground, method=method, options=options, **ROOT)
 
 
 @pytest.mark.torchdiffeq_row("odeint_event")
@@ -116,16 +121,13 @@ def test_odeint_event_fn_matches_torchdiffeq(name, decreasing):
 @pytest.mark.parametrize("name", ["dopri5", "rk4-linear"])
 def test_reverse_time_matches_torchdiffeq(name):
     method, options = METHODS[name]
-    results = []
-    for solver in (odeint_event, torchdiffeq.odeint_event):
-        func = Ball()
+
+    def make():
         y0 = torch.tensor([1.0, -0.5], dtype=torch.float64, requires_grad=True)
-        t0 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-        results.append(_event_and_grads(solver, func, y0, t0, list(func.parameters()), event_fn=ground,
-                                        reverse_time=True, method=method, options=options, **ROOT))
-    assert float(results[0][0]) < 0.1
-    for a, b in zip(*results):
-        assert _rel(a, b) <= TOL
+        return Ball(), y0, torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+
+    ours = _matches_torchdiffeq(make, event_fn=ground, reverse_time=True, method=method, options=options, **ROOT)
+    assert float(ours[0]) < 0.1
 
 
 class Spiral(torch.nn.Module):
@@ -170,14 +172,11 @@ def test_learned_threshold_in_the_state_matches_torchdiffeq(name, reverse_time):
         x, th = state
         return x[1] - th
 
-    results = []
-    for solver in (odeint_event, torchdiffeq.odeint_event):
-        func = Spiral()
+    def make():
         x0, th, t0 = _spiral_inputs()
-        results.append(_event_and_grads(solver, func, (x0, th), t0, list(func.parameters()), event_fn=crossing,
-                                        reverse_time=reverse_time, method=method, options=options, **ROOT))
-    for a, b in zip(*results):
-        assert _rel(a, b) <= TOL
+        return Spiral(), (x0, th), t0
+
+    _matches_torchdiffeq(make, event_fn=crossing, reverse_time=reverse_time, method=method, options=options, **ROOT)
 
 
 @pytest.mark.torchdiffeq_row("event-fn-parameters")
@@ -214,14 +213,8 @@ def test_vector_event_function_stops_at_the_first_component_to_cross():
     def walls(t, y):
         return torch.stack([y[..., 0] + 0.2, 1.01 - y[..., 0]])
 
-    results = []
-    for solver in (odeint_event, torchdiffeq.odeint_event):
-        func = Ball()
-        y0, t0 = _ball_inputs()
-        results.append(_event_and_grads(solver, func, y0, t0, list(func.parameters()), event_fn=walls, **ROOT))
-    assert float(results[0][1][-1, 0]) == pytest.approx(1.01, abs=1e-9)  # the height at the event
-    for a, b in zip(*results):
-        assert _rel(a, b) <= TOL
+    ours = _matches_torchdiffeq(lambda: (Ball(), *_ball_inputs()), event_fn=walls, **ROOT)
+    assert float(ours[1][-1, 0]) == pytest.approx(1.01, abs=1e-9)  # the height at the event
 
 
 @pytest.mark.torchdiffeq_row("event-fn")

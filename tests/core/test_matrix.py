@@ -485,12 +485,16 @@ def bound_method(spec: Spec) -> Case:
     return case
 
 
-def events_t0_grad(spec: Spec) -> Case:
-    """An event solve differentiated w.r.t. ``t[0]`` too (the event time itself is a constant of ``odeint``)."""
-    case = events(spec)
+def _differentiate_t(case: Case) -> Case:
+    """``case`` differentiated w.r.t. its times ``t`` too."""
     case.t.requires_grad_(True)
     case.inputs.append(case.t)
     return case
+
+
+def events_t0_grad(spec: Spec) -> Case:
+    """An event solve differentiated w.r.t. ``t[0]`` too (the event time itself is a constant of ``odeint``)."""
+    return _differentiate_t(events(spec))
 
 
 def per_element_tolerance(spec: Spec) -> Case:
@@ -508,10 +512,7 @@ def scaler(spec: Spec) -> Case:
 
 
 def t_requires_grad(spec: Spec) -> Case:
-    case = base_case(spec)
-    case.t.requires_grad_(True)
-    case.inputs.append(case.t)
-    return case
+    return _differentiate_t(base_case(spec))
 
 
 def reverse_time(spec: Spec) -> Case:

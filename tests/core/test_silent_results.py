@@ -24,6 +24,7 @@ from mpnode.core import (
     SolverStats,
     odeint,
 )
+from mpnode.core.testing import assert_relatively_close as _close
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
@@ -38,33 +39,9 @@ STRATEGIES = {
 }
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def _close(ours, ref, tol: float = TOL) -> None:
-    for a, b in zip(ours, ref, strict=True):
-        assert a is not None and b is not None
-        assert _rel(a, b) < tol, (_rel(a, b), a, b)
 
 
 # -- 1. module modes changed between forward and backward ---------------------------------------------------------
-
-
-class _NormedDropout(torch.nn.Module):
-    """BatchNorm and dropout: both compute another function in eval mode."""
-
-    def __init__(self, device):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = torch.nn.Linear(3, 3)
-        self.bn = torch.nn.BatchNorm1d(3)
-        self.drop = torch.nn.Dropout(0.2)
-        self.out = torch.nn.Linear(3, 3)
-        self.to(device, F64)
-
-    def forward(self, t, y):
-        return self.out(self.drop(torch.tanh(self.bn(self.lin(y)))))
 
 
 def _modes(module):
@@ -82,13 +59,13 @@ def _grads_after_switch(solve, field, forward_mode, y0, t, **kwargs):
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("forward_mode", ["train", "eval"])
-def test_module_modes_switched_before_backward_are_replayed(forward_mode, strategy, device):
+def test_module_modes_switched_before_backward_are_replayed(forward_mode, strategy, device, normed_field):
     """``model.eval()`` (or ``.train()``) between forward and backward: the gradient is the forward's function's.
 
     A fresh BatchNorm in eval mode is the identity; in train mode it normalises by the batch: the two differ by
     O(1), as do dropout on and off (main: dL/dW off by 0.1-1 under every recomputing strategy).
     """
-    field = _NormedDropout(device)
+    field = normed_field(dropout=True)
     start = copy.deepcopy(field.state_dict())
     y0 = torch.randn(6, 3, dtype=F64, device=device, requires_grad=True)
     t = torch.linspace(0, 1, 5, dtype=F64, device=device)
@@ -102,8 +79,8 @@ def test_module_modes_switched_before_backward_are_replayed(forward_mode, strate
         assert torch.allclose(after[name], value, rtol=1e-12, atol=1e-15), name
 
 
-def test_module_modes_are_given_back_when_backward_raises(device):
-    field = _NormedDropout(device)
+def test_module_modes_are_given_back_when_backward_raises(device, normed_field):
+    field = normed_field(dropout=True)
     state = {"fail": False}
 
     def func(t, y):
@@ -278,27 +255,15 @@ def test_solve_of_data_only_keeps_no_graph(device):
 # -- 5. evaluation counts of the strategies that keep graphs on adaptive steps ---------------------------------------
 
 
-class _CountedNorm(torch.nn.Module):
-    def __init__(self, device):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = torch.nn.Linear(3, 3)
-        self.bn = torch.nn.BatchNorm1d(3)
-        self.to(device, F64)
-
-    def forward(self, t, y):
-        return torch.tanh(self.bn(self.lin(y))) * torch.cos(2 * t)
-
-
 @pytest.mark.parametrize("strategy", ["direct", "auto-keeping-graphs", "recompute"])
 @pytest.mark.parametrize("options", [None, {"jump_t": [0.45]}, {"first_step": 1.0}],
                          ids=["default", "jump_t", "rejected-first-attempt"])
-def test_adaptive_steps_evaluate_the_field_as_often_as_torchdiffeq(options, strategy, device):
+def test_adaptive_steps_evaluate_the_field_as_often_as_torchdiffeq(options, strategy, device, normed_field):
     """Main evaluated the first stage of the first step (and after each rejected first attempt and each jump) twice
     under DirectAdjoint and AutoAdjoint: BatchNorm statistics were updated once more than torchdiffeq's."""
     adjoint = {"direct": DirectAdjoint(), "auto-keeping-graphs": AutoAdjoint(budget_bytes=2**30),
                "recompute": RecomputeAdjoint()}[strategy]
-    field = _CountedNorm(device)
+    field = normed_field(time_factor=True)
     start = copy.deepcopy(field.state_dict())
     y0 = torch.randn(5, 3, dtype=F64, device=device, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=F64, device=device)

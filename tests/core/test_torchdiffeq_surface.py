@@ -416,19 +416,12 @@ def test_under_bfloat16_autocast_gradients_stay_accurate_where_torchdiffeqs_drif
 
 
 @pytest.mark.torchdiffeq_row("callbacks-unsupported")
-def test_both_warn_about_accept_and_reject_callbacks_on_fixed_grids():
-    class WithAccept(torch.nn.Module):
-        def forward(self, t, y):
-            return -y
-
-        def callback_accept_step(self, t0, y0, dt):
-            pass
-
+def test_both_warn_about_accept_and_reject_callbacks_on_fixed_grids(decay_with_method):
     y0, t = torch.ones(3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
     with pytest.warns(UserWarning, match="does not support callbacks.*callback_accept_step"):
-        torchdiffeq.odeint(WithAccept(), y0, t, method="rk4")
+        torchdiffeq.odeint(decay_with_method("callback_accept_step"), y0, t, method="rk4")
     with pytest.warns(UserWarning, match="callback_accept_step.*never called for method 'rk4'"):
-        odeint(WithAccept(), y0, t, method="rk4")
+        odeint(decay_with_method("callback_accept_step"), y0, t, method="rk4")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        odeint(WithAccept(), y0, t, method="dopri5")
+        odeint(decay_with_method("callback_accept_step"), y0, t, method="dopri5")

@@ -9,22 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpnode.core import RecomputeAdjoint, SolverStats, odeint
+from mpnode.core import AutoAdjoint, DirectAdjoint, RecomputeAdjoint, SegmentedAdjoint, SolverStats, odeint
+from mpnode.core.testing import assert_relatively_close as _close
+from mpnode.core.testing import relative_error as _rel
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
 F64 = torch.float64
-TOL = 1e-8
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def _close(ours, ref, tol: float = TOL) -> None:
-    for a, b in zip(ours, ref, strict=True):
-        assert a is not None and b is not None
-        assert _rel(a, b) < tol, (_rel(a, b), a, b)
 
 
 def _grads(solve, field, y0, t, loss, wrt, **kwargs):
@@ -344,25 +337,13 @@ def test_nonfinite_loss_gradient_is_named_as_such(mlp_field, device):
 # -- 7. side effects of the recomputation -----------------------------------------------------------------
 
 
-class _Normed(torch.nn.Module):
-    def __init__(self, device):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = torch.nn.Linear(3, 3)
-        self.bn = torch.nn.BatchNorm1d(3)
-        self.to(device, F64)
-
-    def forward(self, t, y):
-        return torch.tanh(self.bn(self.lin(y)))
-
-
 def _buffers(module):
     return [b.clone() for b in module.buffers()]
 
 
 @pytest.mark.parametrize("reach", ["module", "global"])
-def test_batchnorm_buffers_are_left_as_the_forward_left_them(reach, device):
-    field = _Normed(device)
+def test_batchnorm_buffers_are_left_as_the_forward_left_them(reach, device, normed_field):
+    field = normed_field()
     holder = {"field": field}  # a closure over a dict: the module is reachable only by running func
 
     def through_dict(t, y):
@@ -544,3 +525,219 @@ def test_adjoint_params_restricts_a_modules_parameters(form, device):
     assert net[0].bias.grad is None and net[2].weight.grad is None  # constants of this solve
     ref = torch.autograd.grad(torchdiffeq.odeint(func, y0, t, method="rk4")[-1].pow(2).sum(), (y0, *listed))
     _close(ours, ref)
+
+
+# -- 13. a tensor replaced between forward and backward -----------------------------------------------------------
+
+RECOMPUTING = {
+    "recompute": RecomputeAdjoint,
+    "segmented": lambda: SegmentedAdjoint(checkpoints=2),
+    "auto-falling-back": lambda: AutoAdjoint(budget_bytes=1),
+}
+
+
+class _Conditioned(torch.nn.Module):
+    """A conditional field reading its context from an attribute set before each solve."""
+
+    def __init__(self, device):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(6, 3).to(device, F64)
+        self.context = None
+
+    def forward(self, t, y):
+        return torch.tanh(self.lin(torch.cat([y, self.context.expand_as(y)], -1)))
+
+
+def _two_contexts(device, grad):
+    torch.manual_seed(1)
+    encoder = torch.nn.Linear(3, 3).to(device, F64)
+    x1, x2 = torch.randn(1, 3, dtype=F64, device=device), 3 * torch.randn(1, 3, dtype=F64, device=device)
+    return encoder, ((encoder(x1), encoder(x2)) if grad else (x1, x2))
+
+
+def _loss_of_two_solves(solve, set_context, field, contexts, device, **kwargs):
+    """Two solves of one field in one loss, its context replaced between them (before the backward pass)."""
+    y0 = torch.randn(4, 3, dtype=F64, device=device, generator=torch.Generator(device).manual_seed(2))
+    t = torch.linspace(0, 1, 3, dtype=F64, device=device)
+    loss = 0
+    for context in contexts:
+        set_context(context)
+        loss = loss + solve(field, y0, t, method="rk4", options={"step_size": 0.1}, **kwargs)[-1].pow(2).sum()
+    return loss
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["constant-context", "encoded-context"])
+@pytest.mark.parametrize("strategy", list(RECOMPUTING))
+def test_context_attribute_replaced_before_backward_is_refused(strategy, grad, device):
+    """The recomputation would read the second context for the first solve: dL/dW was off by 1.05 (relative),
+    silently (with an encoded context: a ValueError that named adjoint_params)."""
+    field = _Conditioned(device)
+    encoder, contexts = _two_contexts(device, grad)
+    loss = _loss_of_two_solves(odeint, lambda c: setattr(field, "context", c), field, contexts, device,
+                               adjoint=RECOMPUTING[strategy]())
+    with pytest.raises(RuntimeError, match=r"_Conditioned\.context .*replaced by another tensor.*functools\.partial"
+                                           r".*DirectAdjoint\(\).*No gradient was written"):
+        loss.backward()
+    assert all(p.grad is None for p in (*field.parameters(), *encoder.parameters()))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["constant-context", "encoded-context"])
+def test_context_attribute_replaced_before_backward_is_right_with_direct_adjoint(grad, device):
+    field = _Conditioned(device)
+    encoder, contexts = _two_contexts(device, grad)
+    wrt = (*field.parameters(), *(encoder.parameters() if grad else ()))
+    grads = []
+    for solve, kwargs in ((odeint, {"adjoint": DirectAdjoint()}), (torchdiffeq.odeint, {})):
+        loss = _loss_of_two_solves(solve, lambda c: setattr(field, "context", c), field, contexts, device, **kwargs)
+        grads.append(torch.autograd.grad(loss, wrt, retain_graph=True))  # the encoder's graph serves both
+    _close(*grads)
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["discovered", "adjoint_params"])
+@pytest.mark.parametrize("strategy", list(RECOMPUTING))
+def test_captured_variable_rebound_before_backward_is_refused(strategy, listed, device):
+    """A closure variable rebound between two solves: no attribute to watch; the recomputation of the first
+    evaluation reads another tensor."""
+    lin = _Conditioned(device).lin
+    _, (x1, x2) = _two_contexts(device, grad=False)
+    context = None
+
+    def field(t, y):
+        return torch.tanh(lin(torch.cat([y, context.expand_as(y)], -1)))
+
+    def set_context(c):
+        nonlocal context
+        context = c
+
+    kwargs = {"adjoint_params": tuple(lin.parameters())} if listed else {}
+    loss = _loss_of_two_solves(odeint, set_context, field, (x1, x2), device, adjoint=RECOMPUTING[strategy](),
+                               **kwargs)
+    with pytest.raises(RuntimeError, match=r"read other tensors.*shapes \(1, 3\).*DirectAdjoint\(\).*No gradient"):
+        loss.backward()
+    assert all(p.grad is None for p in lin.parameters())
+
+
+@pytest.mark.parametrize("strategy", list(RECOMPUTING))
+def test_fields_reading_other_tensors_by_design_are_not_refused(strategy, device):
+    """Not a replacement: a piecewise field reads another tensor late in the solve, a tensor made afresh per call
+    (``torch.from_numpy``), an attribute replaced by an equal copy before backward."""
+    lin = _Conditioned(device).lin
+    early, late = (torch.randn(1, 3, dtype=F64, device=device) for _ in range(2))
+    array = torch.randn(3, dtype=F64).numpy()
+    holder = _Conditioned(device)
+    holder.context = torch.randn(1, 3, dtype=F64, device=device)
+
+    def field(t, y):
+        shift = torch.from_numpy(array).to(y.device) + holder.context
+        return torch.tanh(lin(torch.cat([y, (early if t < 0.5 else late).expand_as(y)], -1))) + shift
+
+    y0 = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=F64, device=device)
+    grads = []
+    for solve, kwargs in ((odeint, {"adjoint": RECOMPUTING[strategy]()}), (torchdiffeq.odeint, {})):
+        out = solve(field, y0, t, method="rk4", options={"step_size": 0.1}, **kwargs)
+        holder.context = holder.context.clone()
+        grads.append(torch.autograd.grad(out[-1].pow(2).sum(), (y0, *lin.parameters())))
+    _close(*grads)
+
+
+# -- 14. random numbers from the caller's own generator ------------------------------------------------------------
+
+
+def _generator_field(device):
+    lin = _mlp(device)
+    generator = torch.Generator(device)
+
+    def field(t, y):
+        noise = torch.randn(y.shape, dtype=y.dtype, device=y.device, generator=generator)
+        return torch.tanh(lin(y)) * (1 + 0.5 * noise)
+
+    return field, lin, generator
+
+
+@pytest.mark.torchdiffeq_row("random-fields")
+@pytest.mark.parametrize("strategy", list(RECOMPUTING))
+def test_draws_from_a_user_generator_are_replayed(strategy, device):
+    """``generator=`` in func: the recomputation drew other numbers (dL/dW 4-7% off) and backward advanced the
+    caller's generator."""
+    field, lin, generator = _generator_field(device)
+    y0 = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=F64, device=device)
+    grads, outs = [], []
+    for solve, kwargs in ((odeint, {"adjoint": RECOMPUTING[strategy]()}), (torchdiffeq.odeint, {})):
+        generator.manual_seed(42)
+        out = solve(field, y0, t, method="rk4", options={"step_size": 0.1}, **kwargs)
+        after_forward, global_state = generator.get_state(), torch.get_rng_state()
+        grads.append(torch.autograd.grad(out[-1].pow(2).sum(), (y0, *lin.parameters())))
+        assert torch.equal(generator.get_state(), after_forward)  # backward consumed none of the caller's draws
+        assert torch.equal(torch.get_rng_state(), global_state)
+        outs.append(out)
+    assert torch.allclose(*outs, rtol=1e-12, atol=1e-12)  # the same draws in the forward
+    _close(*grads)
+
+
+@pytest.mark.parametrize("strategy", list(RECOMPUTING))
+def test_draws_from_a_user_generator_on_adaptive_steps_are_refused(strategy, device):
+    field, _, generator = _generator_field(device)
+    generator.manual_seed(0)
+    y0 = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"random numbers.*adjoint=DirectAdjoint\(\)"):
+        odeint(field, y0, torch.tensor([0.0, 1.0], dtype=F64, device=device), rtol=1e-3, atol=1e-3,
+               adjoint=RECOMPUTING[strategy]())
+
+
+# -- 15. autocast's weight-cast cache -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", [*RECOMPUTING, "direct"])
+def test_weight_changed_in_place_after_a_cached_cast_is_solved_with_its_new_value(strategy, device):
+    """In one autocast region: the net is called (its weight's bfloat16 copy is cached), the weight is changed in
+    place, then solved. The forward used the stale copy and the recompute backward the new weight: the gradient
+    matched neither (0.24-0.43 off). Now every strategy solves with the new weight, as a fresh region does."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4).to(device)
+    y0 = torch.randn(8, 4, device=device)
+    t = torch.tensor([0.0, 1.0], device=device)
+    make = RECOMPUTING.get(strategy, DirectAdjoint)
+
+    def solve_and_grad(warm_up):
+        with torch.no_grad():
+            lin.weight.copy_(torch.linspace(-1, 1, 16, device=device).reshape(4, 4))
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            if warm_up:
+                lin(y0).sum().backward()  # caches the bfloat16 copy of the weight
+                with torch.no_grad():
+                    lin.weight.mul_(2)
+            else:
+                with torch.no_grad():
+                    lin.weight.mul_(2)
+            out = odeint(lambda t, y: torch.tanh(lin(y)), y0, t, method="rk4", options={"step_size": 0.1},
+                         adjoint=make())
+            loss = out[-1].float().pow(2).sum()
+        return out, torch.autograd.grad(loss, lin.weight)[0]
+
+    (out, grad), (out_ref, grad_ref) = solve_and_grad(True), solve_and_grad(False)
+    assert torch.equal(out, out_ref) and torch.equal(grad, grad_ref)
+
+
+@pytest.mark.parametrize("strategy", list(RECOMPUTING))
+def test_a_cache_rebuilt_for_a_new_batch_size_is_not_refused(strategy, device):
+    """The first evaluation asks the previous solve's cache for its shape only, then replaces it: not a tensor the
+    recomputation must read again."""
+
+    class Lazy(_Conditioned):
+        def forward(self, t, y):
+            if self.context is None or self.context.shape != y.shape:
+                self.context = torch.ones_like(y)
+            return super().forward(t, y)
+
+    field = Lazy(device)
+    t = torch.linspace(0, 1, 3, dtype=F64, device=device)
+    for batch in (4, 5):
+        y0 = torch.randn(batch, 3, dtype=F64, device=device, requires_grad=True)
+        grads = []
+        for solve, kwargs in ((odeint, {"adjoint": RECOMPUTING[strategy]()}), (torchdiffeq.odeint, {})):
+            out = solve(field, y0, t, method="rk4", options={"step_size": 0.1}, **kwargs)
+            grads.append(torch.autograd.grad(out[-1].pow(2).sum(), (y0, *field.parameters())))
+        _close(*grads)

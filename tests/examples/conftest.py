@@ -60,27 +60,13 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-@pytest.fixture
-def run_script():
-    return _run_script
+def _as_fixture(function, scope: str = "function"):
+    """A fixture, named like ``function`` without its leading underscore, that hands the test ``function``."""
+    return pytest.fixture(scope=scope, name=function.__name__.lstrip("_"))(lambda: function)
 
 
-@pytest.fixture(scope="session")
-def load_script():
-    return _load_script
-
-
-@pytest.fixture
-def run_in_process():
-    return _run_in_process
-
-
-@pytest.fixture
-def run():
-    """``run(script, *args, as_command=...)``: see :func:`_run`."""
-    return _run
-
-
-@pytest.fixture(scope="session")
-def read_csv():
-    return _read_csv
+run_script = _as_fixture(_run_script)
+load_script = _as_fixture(_load_script, scope="session")
+run_in_process = _as_fixture(_run_in_process)
+run = _as_fixture(_run)  # run(script, *args, as_command=...)
+read_csv = _as_fixture(_read_csv, scope="session")

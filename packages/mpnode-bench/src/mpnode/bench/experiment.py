@@ -3,24 +3,25 @@
 
 One home for what every experiment script needs:
 
-* command-line flags: [`script_parser`][mpnode.bench.experiment.script_parser] (``--out``, ``--seed``, ``--smoke`` with
-  its alias ``--quick``), [`add_device_flag`][mpnode.bench.experiment.add_device_flag],
-  [`add_solver_flags`][mpnode.bench.experiment.add_solver_flags] (``--precision``, ``--odeint``, ``--device``),
-  [`add_method_flags`][mpnode.bench.experiment.add_method_flags] (``--method``, ``--steps``, ``--rtol``, ``--atol``)
+* command-line flags, from their home [`mpnode.models.cli`][mpnode.models.cli] (the training examples use
+  it too): [`script_parser`][mpnode.models.cli.script_parser] (``--out``, ``--seed``, ``--smoke`` with its alias
+  ``--quick``), [`add_device_flag`][mpnode.models.cli.add_device_flag],
+  [`add_solver_flags`][mpnode.models.cli.add_solver_flags] (``--precision``, ``--odeint``, ``--device``),
+  [`add_method_flags`][mpnode.models.cli.add_method_flags] (``--method``, ``--steps``, ``--rtol``, ``--atol``)
   with [`tolerance_kwargs`][mpnode.bench.experiment.tolerance_kwargs],
-  [`add_number_flags`][mpnode.bench.experiment.add_number_flags] and [`setup`][mpnode.bench.experiment.setup];
+  [`add_number_flags`][mpnode.models.cli.add_number_flags] and [`setup`][mpnode.models.cli.setup];
 * precision and solver by name: [`PRECISIONS`][mpnode.bench.experiment.PRECISIONS],
   [`autocast`][mpnode.bench.experiment.autocast], [`SOLVERS`][mpnode.bench.experiment.SOLVERS],
   [`solver`][mpnode.bench.experiment.solver], [`make_grad_scaler`][mpnode.bench.experiment.make_grad_scaler];
-* output: [`CSVLog`][mpnode.bench.experiment.CSVLog] / [`write_csv`][mpnode.bench.experiment.write_csv],
+* output: [`CSVLog`][mpnode.bench.experiment.CSVLog] / [`write_csv`][mpnode.models.cli.write_csv],
   [`format_table`][mpnode.bench.experiment.format_table] / [`print_table`][mpnode.bench.experiment.print_table] (rich
   when installed, aligned plain text otherwise), [`progress`][mpnode.bench.experiment.progress] (a tqdm bar when
   installed, counts on stderr otherwise), [`pyplot`][mpnode.bench.experiment.pyplot] /
   [`save_figure`][mpnode.bench.experiment.save_figure] (matplotlib on its Agg backend),
   [`label_steps`][mpnode.bench.experiment.label_steps].
 
-The training examples (``ode_demo.py``, ``cnf8g.py``, ...) do not use this module: each
-shows its own loop with torch and mpnode only.  matplotlib, rich and tqdm are imported
+The training examples (``ode_demo.py``, ``cnf8g.py``, ...) do not use this module: each shows its own loop
+with torch and mpnode only (their flags come from ``mpnode.models.cli``).  matplotlib, rich and tqdm are imported
 only by the functions that use them.
 """
 
@@ -30,14 +31,24 @@ import argparse
 import contextlib
 import csv
 import functools
-import random
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from mpnode.models import cli
+from mpnode.models.cli import (
+    add_device_flag,
+    add_method_flags,
+    add_number_flags,
+    add_solver_flags,
+    script_parser,
+    setup,
+    write_csv,
+)
 
 __all__ = [
     "PRECISIONS",
@@ -66,8 +77,10 @@ __all__ = [
     "label_steps",
 ]
 
-PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""Precision name -> autocast dtype (``None``: float32, no autocast)."""
+PRECISIONS: dict[str, torch.dtype | None] = {
+    name: None if dtype == torch.float32 else dtype for name, dtype in cli.PRECISIONS.items()}
+"""Precision name (those of [`mpnode.models.cli.PRECISIONS`][mpnode.models.cli.PRECISIONS]) -> autocast dtype
+(``None``: float32, no autocast)."""
 
 MPNODE_STRATEGIES: dict[str, str] = {
     "mpnode": "RecomputeAdjoint",
@@ -161,46 +174,6 @@ def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScal
 # ------------------------------------------------------------------ command line
 
 
-def script_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """Flags every example and demo takes: ``--out`` (default ``outputs/<name>``), ``--seed``, ``--smoke``.
-
-    ``--smoke`` (alias ``--quick``) asks for tiny sizes and counts: the form the tests run.
-    """
-    p = argparse.ArgumentParser(prog=f"{name}.py", description=description)
-    p.add_argument("--out", type=Path, default=Path("outputs") / name, help="folder for the CSV files and figures")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", "--quick", dest="smoke", action="store_true",
-                   help="tiny sizes and counts, for the tests (--quick is an alias)")
-    return p
-
-
-def add_device_flag(parser: argparse.ArgumentParser) -> None:
-    """``--device`` (default ``cuda`` when available, else ``cpu``)."""
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def add_solver_flags(parser: argparse.ArgumentParser) -> None:
-    """``--precision`` (autocast dtype of the vector field), ``--odeint`` (mpnode or torchdiffeq), ``--device``."""
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="float32",
-                        help="autocast dtype of the vector field")
-    parser.add_argument("--odeint", choices=["mpnode", "torchdiffeq"], default="mpnode",
-                        help="which solver runs the ODE")
-    add_device_flag(parser)
-
-
-def add_method_flags(parser: argparse.ArgumentParser, steps: int | None, rtol: float = 1e-5,
-                     atol: float = 1e-7) -> None:
-    """``--method``: a fixed-grid method (with ``--steps`` unless ``steps`` is ``None``: then the script's output
-    times are the grid) or an adaptive one with ``--rtol``/``--atol``."""
-    parser.add_argument("--method", default="rk4",
-                        help="fixed-grid (rk4, euler, midpoint, ...) or adaptive (dopri5, tsit5, "
-                             "bosh3, ...) with --rtol/--atol")
-    if steps is not None:
-        parser.add_argument("--steps", type=int, default=steps, help="steps of a fixed-grid method")
-    parser.add_argument("--rtol", type=float, default=rtol, help="relative tolerance of an adaptive method")
-    parser.add_argument("--atol", type=float, default=atol, help="absolute tolerance of an adaptive method")
-
-
 def is_adaptive(method: str) -> bool:
     """Whether ``method`` (a name in ``mpnode.core.TABLEAUX``) chooses its own steps."""
     from mpnode.core import get_tableau
@@ -211,20 +184,6 @@ def is_adaptive(method: str) -> bool:
 def tolerance_kwargs(args: argparse.Namespace) -> dict[str, float]:
     """``rtol``/``atol`` for an adaptive ``args.method`` (either solver takes them), nothing for a fixed grid."""
     return dict(rtol=args.rtol, atol=args.atol) if is_adaptive(args.method) else {}
-
-
-def add_number_flags(parser: argparse.ArgumentParser, **defaults: int | float) -> None:
-    """One ``--name`` flag per keyword, typed like its default (``data_size=1000`` gives ``--data-size``, an int)."""
-    for name, default in defaults.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
-
-
-def setup(args: argparse.Namespace) -> torch.device:
-    """Seed Python's and torch's generators with ``args.seed``, create ``args.out``, return ``args.device`` (or cpu)."""
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    return torch.device(getattr(args, "device", "cpu"))
 
 
 # ------------------------------------------------------------------ CSV
@@ -262,13 +221,6 @@ class CSVLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def write_csv(path: Path, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str] | None = None) -> None:
-    """All ``rows`` to ``path`` at once (header: ``fieldnames`` or the first row's keys)."""
-    with CSVLog(path, fieldnames) as log:
-        for row in rows:
-            log.write(**row)
 
 
 # ------------------------------------------------------------------ tables

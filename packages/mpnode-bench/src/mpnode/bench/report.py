@@ -329,25 +329,28 @@ class SpeedTarget:
     what: str
 
 
+def _targets(device_type: str, problem: str, sizes: str, *rows: tuple[str, str, float, str]) -> list[SpeedTarget]:
+    """One [`SpeedTarget`][mpnode.bench.report.SpeedTarget] per ``(numerator, denominator, bound, what)`` row."""
+    return [SpeedTarget(device_type, problem, sizes, *row) for row in rows]
+
+
+_OVERHEAD_BOUND = (
+    ("mpnode/float32", "torchdiffeq/float32", 1.0, "overhead-bound field, the default no slower than torchdiffeq"),
+    ("mpnode-direct/float32", "torchdiffeq/float32", 1.0, "overhead-bound field, direct no slower than torchdiffeq"),
+)
+
 SPEED_TARGETS = (
-    SpeedTarget("cpu", "mlp", "width=512", "mpnode-direct/bfloat16", "torchdiffeq-nocache/bfloat16", 0.90,
-                "direct beats the equally accurate peer (torchdiffeq bf16, cast cache off)"),
-    SpeedTarget("cpu", "mlp", "width=512", "mpnode/bfloat16", "torchdiffeq/float32", 0.45,
-                "the default in bf16 vs torchdiffeq fp32"),
-    SpeedTarget("cpu", "mlp", "width=512", "mpnode/bfloat16", "mpnode-direct/bfloat16", 1.35,
-                "recompute vs direct (the recompute floor is 4/3)"),
-    SpeedTarget("cpu", "conv", "", "mpnode/bfloat16", "torchdiffeq/float32", 1.0,
-                "the default in bf16 no slower than torchdiffeq fp32"),
-    SpeedTarget("cpu", "conv", "", "mpnode-direct/bfloat16", "torchdiffeq-nocache/bfloat16", 1.0,
-                "direct bf16 no slower than torchdiffeq bf16 without the cast cache"),
-    SpeedTarget("cpu", "demo", "", "mpnode/float32", "torchdiffeq/float32", 1.0,
-                "overhead-bound field, the default no slower than torchdiffeq"),
-    SpeedTarget("cpu", "demo", "", "mpnode-direct/float32", "torchdiffeq/float32", 1.0,
-                "overhead-bound field, direct no slower than torchdiffeq"),
-    SpeedTarget("cuda", "demo", "", "mpnode/float32", "torchdiffeq/float32", 1.0,
-                "overhead-bound field, the default no slower than torchdiffeq"),
-    SpeedTarget("cuda", "demo", "", "mpnode-direct/float32", "torchdiffeq/float32", 1.0,
-                "overhead-bound field, direct no slower than torchdiffeq"),
+    *_targets("cpu", "mlp", "width=512",
+              ("mpnode-direct/bfloat16", "torchdiffeq-nocache/bfloat16", 0.90,
+               "direct beats the equally accurate peer (torchdiffeq bf16, cast cache off)"),
+              ("mpnode/bfloat16", "torchdiffeq/float32", 0.45, "the default in bf16 vs torchdiffeq fp32"),
+              ("mpnode/bfloat16", "mpnode-direct/bfloat16", 1.35, "recompute vs direct (the recompute floor is 4/3)")),
+    *_targets("cpu", "conv", "",
+              ("mpnode/bfloat16", "torchdiffeq/float32", 1.0, "the default in bf16 no slower than torchdiffeq fp32"),
+              ("mpnode-direct/bfloat16", "torchdiffeq-nocache/bfloat16", 1.0,
+               "direct bf16 no slower than torchdiffeq bf16 without the cast cache")),
+    *_targets("cpu", "demo", "", *_OVERHEAD_BOUND),
+    *_targets("cuda", "demo", "", *_OVERHEAD_BOUND),
 )
 """The targets of issue 17 that are ratios of two rows (CPU, 1 thread; and the overhead-bound case on a GPU)."""
 GPU_SPEEDUP_TARGET, GPU_PEAK_TARGET = 2.0, 0.5

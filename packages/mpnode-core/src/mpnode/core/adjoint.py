@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from .backward import AdjointResult, BackwardPlan, BackwardSteps, run_adjoint
 from .contracts import Kept, Problem, SavedReader, SolveInputs, StepGraph, StoreSetup, Trajectory
-from .forward import TrackedForward, tracked_forward
+from .forward import TrackedForward, forget_cached_casts, tracked_forward
 from .guards import check_solution, first_order_only, refuse_batched_gradients
 from .march import March
 from .parameters import reachable_grad_tensors
@@ -171,6 +171,7 @@ def _check_scaling(scaling: object) -> AdjointScaling | bool | None:
 def _solve_without_graph(problem: Problem, march: March, inputs: SolveInputs, name: str) -> torch.Tensor:
     """A solve nothing will differentiate: march under ``no_grad`` from a copy of ``y0``, keep nothing."""
     nfe0 = problem.field.nfe
+    forget_cached_casts(problem.policy)
     with torch.no_grad(), problem.policy.autocast():
         outputs, trajectory = march.march(problem, inputs, inputs.y0.detach().clone(), KEEP_NOTHING)
     check_solution(outputs, problem.policy)

@@ -425,26 +425,23 @@ class BackwardSteps:
 
     def rebuild(self, n: int, y: torch.Tensor, first: torch.Tensor | None, with_end_slope: bool) -> StepGraph:
         """Step ``n``'s graph evaluated again from its start state ``y`` and carried first stage ``first`` (as
-        stored, any dtype), with the forward's random state for the step.
+        stored, any dtype), with the forward's random state for the step and the tensors the forward read checked
+        ([`Replay.recomputing`][mpnode.core.replay.Replay.recomputing]).
 
         ``first`` is the step's carried first stage exactly when the forward carried one
         ([`FirstStageMode.CARRIED`][mpnode.core.contracts.FirstStageMode]: what ``saved.first_stage(n)`` of the
-        built-in checkpoints returns), else ``None``; a mismatch raises ``ValueError``.
-        """
-        carried = self.trajectory.first_stage[n] is FirstStageMode.CARRIED
-        if carried != (first is not None):
-            raise ValueError(
-                f"{type(self.strategy).__name__}: steps.rebuild(n={n}, ...) got first="
-                + ("None, but this step's first stage was carried from the previous step (methods that reuse their "
-                   "last stage without being first-same-as-last: adaptive_heun, fehlberg2, reuse_last_stage "
-                   "tableaux); keep it with the state and pass it, e.g. saved.first_stage(n) of the built-in "
-                   "checkpoints, which keep it" if carried else
-                   "a tensor, but this step evaluates its own first stage; pass first=None (saved.first_stage(n) "
-                   "of the built-in checkpoints is None there)")
-                + " (docs/strategies.md, 'Your own strategy')"
-            )
+        built-in checkpoints returns), else ``None``; a mismatch raises ``ValueError``.  A first stage the forward
+        reused from the previous step (first-same-as-last methods) is evaluated again without a graph and enters as
+        an input, as in a kept graph: its gradient reaches the previous step's last stage (``mu``), so every
+        strategy takes the same vector-Jacobian products."""
+        _check_first_stage(self.strategy, self.trajectory, n, first)
         self.replay.before_step(n)
-        return build_step_graph(self.plan, n, y, first, with_end_slope)
+        problem = self.plan.problem
+        with self.replay.recomputing(problem.field, n):
+            if first is None and self.trajectory.first_stage[n] is FirstStageMode.REUSED:
+                with torch.no_grad():
+                    first = problem.field(self.plan.stage_times[n][0], y.to(problem.policy.state_dtype))
+            return build_step_graph(self.plan, n, y, first, with_end_slope)
 
     def rerun(self, start: int, stop: int, y: torch.Tensor,
               first: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -454,6 +451,22 @@ class BackwardSteps:
         with torch.no_grad():
             return rerun(self.plan.problem, self.trajectory, self.plan.stage_times, start, stop, y.to(dtype),
                          None if first is None else first.to(dtype), before_step=self.replay.before_step)
+
+
+def _check_first_stage(strategy: AdjointStrategy, trajectory: Trajectory, n: int, first: torch.Tensor | None) -> None:
+    """Raise unless ``first`` is given exactly for a step whose first stage the forward carried."""
+    carried = trajectory.first_stage[n] is FirstStageMode.CARRIED
+    if carried != (first is not None):
+        raise ValueError(
+            f"{type(strategy).__name__}: steps.rebuild(n={n}, ...) got first="
+            + ("None, but this step's first stage was carried from the previous step (methods that reuse their "
+               "last stage without being first-same-as-last: adaptive_heun, fehlberg2, reuse_last_stage "
+               "tableaux); keep it with the state and pass it, e.g. saved.first_stage(n) of the built-in "
+               "checkpoints, which keep it" if carried else
+               "a tensor, but this step evaluates its own first stage; pass first=None (saved.first_stage(n) "
+               "of the built-in checkpoints is None there)")
+            + " (docs/strategies.md, 'Your own strategy')"
+        )
 
 
 def _refuse_untracked(graph: StepGraph, known: KnownTensors) -> None:
@@ -472,5 +485,7 @@ def _refuse_untracked(graph: StepGraph, known: KnownTensors) -> None:
             "odeint(..., adjoint_params=(...)) (include the module's parameters), or detach those that do not "
             "(tensor.detach(), or parameter.requires_grad_(False)). Without adjoint_params odeint differentiates the "
             "tensors func uses at its first evaluation, so a tensor first used later in the solve must be listed. "
+            "(If it replaced a tensor the forward pass read, e.g. an attribute or global set to the next batch's "
+            "encoding before this backward, call backward() before replacing it, or use adjoint=DirectAdjoint().) "
             "No gradient was written."
         )

@@ -27,14 +27,16 @@ caller commits the solve's counters.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from .contracts import ForwardingRecorder, Problem, Recorder, SolveInputs, Trajectory
-from .guards import VersionRecord, check_solution
+from .guards import FirstReads, VersionRecord, check_solution
 from .march import AdaptiveMarch, March
 from .parameters import CapturedTensorProbe
+from .precision import PrecisionPolicy
 from .replay import RandomStates, Replay, StepRandomness, cuda_devices, module_buffers, module_modes
 
 
@@ -82,10 +84,11 @@ def tracked_forward(problem: Problem, march: March, inputs: SolveInputs, recorde
         recorder = (_RefuseRandomness if adaptive else _RandomnessRecorder)(recorder, randomness)
     probe = CapturedTensorProbe()  # also without discovery: the modules called and the tensors read
     first_call = probe
-    if adaptive and randomness is not None:
-        first_call = _checked_call(probe, lambda: _refuse_draws(randomness))
+    if randomness is not None:
+        first_call = _checked_call(probe, functools.partial(_after_first_call, probe, randomness, adaptive))
     problem.field.next_call_hook = first_call
     nfe0 = problem.field.nfe
+    forget_cached_casts(problem.policy)
     try:
         with torch.no_grad(), problem.policy.autocast():
             outputs, trajectory = march.march(problem, inputs, inputs.y0.detach().clone(), recorder)
@@ -101,7 +104,7 @@ def tracked_forward(problem: Problem, march: March, inputs: SolveInputs, recorde
     buffers = module_buffers(modules)
     buffers += [x for x in probe.modified if all(x is not b for b in buffers)]
     replay = Replay(randomness if randomness is not None and randomness.consumed else None, buffers,
-                    module_modes(modules))
+                    module_modes(modules), FirstReads(probe.reads(), modules))
     versions = VersionRecord([*params, *inputs.constants, inputs.t, inputs.grid, *probe.unchanged_reads()])
     return outputs, TrackedForward(trajectory, params, replay, versions, nfe0)
 
@@ -116,6 +119,28 @@ ADAPTIVE_RANDOMNESS_REFUSED = (
     "captured), or accept gradients of fresh draws with adjoint=RecomputeAdjoint(replay_rng=False). (Noise that is "
     "not small against rtol/atol also makes adaptive steps collapse: prefer a fixed grid for stochastic fields.)"
 )
+
+
+def forget_cached_casts(policy: PrecisionPolicy) -> None:
+    """Empty autocast's weight-cast cache when the solve starts inside the caller's autocast region.
+
+    The cache maps a weight to its low-precision copy for the whole region and does not see in-place changes: a
+    weight used before the solve and then modified under ``no_grad`` would enter the forward as its stale copy,
+    while a recompute backward (its own autocast region) casts the current weight, and the gradient would match
+    neither.  Emptying it (a thread-local map) makes the solve cast each weight afresh, once; the caller's ops after
+    the solve cast theirs again (one cast and one low-precision copy per weight, where their earlier graph keeps
+    the old copy alive).
+    """
+    if policy.autocast_dtype is not None and torch.is_autocast_enabled(policy.device_type):
+        torch.clear_autocast_cache()
+
+
+def _after_first_call(probe: CapturedTensorProbe, randomness: StepRandomness, adaptive: bool) -> None:
+    """After the first evaluation: track the generators it passed as ``generator=``; on adaptive steps refuse a
+    draw."""
+    randomness.adopt(probe.generators)
+    if adaptive:
+        _refuse_draws(randomness)
 
 
 def _refuse_draws(randomness: StepRandomness) -> None:

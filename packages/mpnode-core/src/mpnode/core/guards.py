@@ -15,18 +15,26 @@
 * [`refuse_batched_gradients`][mpnode.core.guards.refuse_batched_gradients]: a batch of output gradients pushed through
   one
   backward pass (``jacobian(..., vectorize=True)``, ``is_grads_batched=True``).
+* [`FirstReads`][mpnode.core.guards.FirstReads]: a recomputation reads whatever ``func``'s modules and closures
+  hold *when backward runs*; a tensor *replaced* in between (``f.context = x2`` before the backward of a loss that
+  also holds a solve made with ``x1``) has no version counter to trip, so the tensors the forward's first
+  evaluation read are held and the recomputation is checked against them.
 * [`check_solution`][mpnode.core.guards.check_solution]: the forward's one end-of-solve host check (finite
   solution), made by each strategy before it commits the solve's counters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
+from .parameters import CapturedTensorProbe
 from .precision import PrecisionPolicy
+from .state import FlatVectorField
 
 
 class VersionRecord:
@@ -52,6 +60,108 @@ class VersionRecord:
                     "belong to the new values. Call backward() before changing it, or change a copy "
                     "(x = x.clone()). No gradient was written."
                 )
+
+
+#: The fixes named when a recomputation would read another tensor than the forward did.
+REPLACED_TENSOR_FIXES = (
+    "the backward pass recomputes the steps with what func reads now, so the gradient would belong to another "
+    "problem. Call backward() before replacing the tensor (e.g. one backward per solve), give each solve its own "
+    "tensor (odeint(functools.partial(f, context=x), ...) or a closure over a variable that is not reassigned, "
+    "instead of an attribute set before each solve), or use adjoint=DirectAdjoint(), which keeps the forward's "
+    "graphs and needs no recomputation. No gradient was written."
+)
+
+
+class FirstReads:
+    """The tensors the forward's first evaluation of ``func`` read without creating or receiving them (parameters,
+    buffers, captured constants, a module's context attribute), held until the backward pass.
+
+    * [`check_bindings`][mpnode.core.guards.FirstReads.check_bindings] (before the first recomputed step): every
+      attribute, parameter or buffer of the modules the solve saw that held one of them after the forward still
+      holds it (a loop over the modules' attributes; names the attribute);
+    * [`watch`][mpnode.core.guards.FirstReads.watch] (around the recomputation of step 0, whose first stage is
+      the forward's first evaluation again, at the same time and state): that evaluation runs through a
+      [`CapturedTensorProbe`][mpnode.core.parameters.CapturedTensorProbe] and must read every one of them
+      (catches a rebound closure cell or global; the probe's Python overhead on one evaluation per backward).
+
+    A replacement with equal values and no gradient (a tensor made afresh per call, e.g. by ``torch.from_numpy``)
+    is accepted.  Python numbers (``f.beta = 2.0``) are not tensors and are not seen.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], modules: Iterable[torch.nn.Module]) -> None:
+        self.tensors = list(tensors)
+        self.bindings = list(_bindings(modules, {id(x) for x in self.tensors}))
+        self.pending = True  # check_bindings still to run in this backward pass
+
+    def start_pass(self) -> None:
+        """A backward pass begins: check the bindings again before its first recomputed step."""
+        self.pending = True
+
+    def check_bindings(self) -> None:
+        """Raise if a module attribute that held one of the tensors now holds another (once per pass)."""
+        if not self.pending:
+            return
+        for module, entries, name, old in self.bindings:
+            now = entries.get(name)
+            if now is not old and not _same_constant(now, old):
+                raise RuntimeError(
+                    f"odeint: {type(module).__name__}.{name} (a tensor of shape {tuple(old.shape)} that func read "
+                    f"in this solve's forward pass) was replaced by "
+                    f"{'another tensor' if isinstance(now, torch.Tensor) else repr(now)} before its backward pass; "
+                    + REPLACED_TENSOR_FIXES
+                )
+        self.pending = False
+
+    @contextlib.contextmanager
+    def watch(self, field: FlatVectorField) -> Iterator[None]:
+        """Around the recomputation of step 0: its first evaluation of ``func`` must read every held tensor."""
+        field.next_call_hook = self._compare
+        try:
+            yield
+        finally:
+            field.next_call_hook = None
+
+    def _compare(self, func: Callable, t: torch.Tensor, y: Any) -> Any:
+        probe = CapturedTensorProbe()
+        out = probe(func, t, y)
+        reads = probe.reads()
+        seen, held = {id(x) for x in reads}, {id(x) for x in self.tensors}
+        fresh = [x for x in reads if id(x) not in held]
+        missing = [x for x in self.tensors if id(x) not in seen and not any(_same_constant(z, x) for z in fresh)]
+        if missing:
+            shapes = ", ".join(str(tuple(x.shape)) for x in missing)
+            instead = ", ".join(str(tuple(x.shape)) for x in fresh) or "none"
+            raise RuntimeError(
+                f"odeint: func read other tensors when backward recomputed its first evaluation than in the forward "
+                f"pass: {len(missing)} tensor(s) it read then (shapes {shapes}) were not read now (new ones read "
+                f"instead: {instead}), e.g. a module attribute, captured variable or global set to another tensor "
+                "between this solve and its backward; " + REPLACED_TENSOR_FIXES
+            )
+        return out
+
+
+def _bindings(modules: Iterable[torch.nn.Module],
+              ids: set[int]) -> Iterator[tuple[torch.nn.Module, dict[str, Any], str, torch.Tensor]]:
+    """``(module, entries, name, tensor)`` for each attribute, parameter or buffer of ``modules`` and their
+    submodules that holds a tensor whose id is in ``ids``; ``entries`` is the dict it lives in (the module's
+    ``__dict__``, ``_parameters`` or ``_buffers``: what ``module.name = ...`` rebinds).  Each module once."""
+    seen: set[int] = set()
+    for top in modules:
+        for m in top.modules():
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            attributes = vars(m)
+            for entries in (attributes, attributes.get("_parameters", {}), attributes.get("_buffers", {})):
+                yield from ((m, entries, k, v) for k, v in entries.items() if id(v) in ids)
+
+
+def _same_constant(now: object, old: torch.Tensor) -> bool:
+    """``now`` is a tensor without gradient equal to ``old`` (also without gradient): replacing one by the other
+    changes nothing the backward pass computes."""
+    return (isinstance(now, torch.Tensor) and not now.requires_grad and not old.requires_grad
+            and now.shape == old.shape and now.dtype == old.dtype and now.device == old.device
+            and bool(torch.equal(now, old)))
 
 
 def first_order_only(backward: Callable) -> Callable:

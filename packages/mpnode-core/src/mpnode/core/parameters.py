@@ -180,6 +180,8 @@ class CapturedTensorProbe:
             (by their version counters, e.g. a counter tensor ``func`` increments).
         modules: the modules called during the evaluation (also those ``func``
             reaches through globals), found with a forward pre-hook.
+        generators: the ``torch.Generator`` objects passed as ``generator=`` to the evaluation's random ops, each
+            with its state before its first draw (``get_state()``).
     """
 
     def __init__(self) -> None:
@@ -187,6 +189,8 @@ class CapturedTensorProbe:
         self.read: list[tuple[torch.Tensor, int]] = []
         self.modified: list[torch.Tensor] = []
         self.modules: list[torch.nn.Module] = []
+        self.generators: list[tuple[torch.Generator, torch.Tensor]] = []
+        self.data_reads: set[int] = set()
 
     def __call__(self, func: Callable, t: torch.Tensor, y: Any) -> Any:
         mode = _CapturedTensorMode(list(_tensors((t, y))))
@@ -207,7 +211,14 @@ class CapturedTensorProbe:
         self.read = list(mode.constants.values())
         self.modified = [x for x, version in self.read if x._version != version]
         self.modules = list(called.values())
+        self.generators = list(mode.generators.values())
+        self.data_reads = mode.data_reads
         return out
+
+    def reads(self) -> list[torch.Tensor]:
+        """The tensors the evaluation used without creating or receiving it, ``found`` then ``read``'s, except those
+        only asked for metadata (shape, dtype, device, ...: a lazily sized cache checked and rebuilt)."""
+        return [x for x in (*self.found, *(x for x, _ in self.read)) if id(x) in self.data_reads]
 
     def new_targets(self, known: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The found tensors not already among ``known``."""
@@ -222,7 +233,8 @@ class CapturedTensorProbe:
 
 class _CapturedTensorMode(TorchFunctionMode):
     """Records the tensor arguments not produced inside the evaluation: grad-requiring ones in
-    ``found``, the others with their version at first sight in ``constants``."""
+    ``found``, the others with their version at first sight in ``constants``; and the ``generator=`` arguments with
+    their state before the call that first uses each."""
 
     def __init__(self, inputs: Sequence[Any]) -> None:
         super().__init__()
@@ -230,21 +242,39 @@ class _CapturedTensorMode(TorchFunctionMode):
         self.produced = {id(x) for x in self.keep}
         self.found: dict[int, torch.Tensor] = {}
         self.constants: dict[int, tuple[torch.Tensor, int]] = {}
+        self.generators: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
+        self.data_reads: set[int] = set()  # ids of the captured tensors used by more than a metadata query
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        generator = kwargs.get("generator")
+        if isinstance(generator, torch.Generator) and id(generator) not in self.generators:
+            self.generators[id(generator)] = (generator, generator.get_state())
+        data = func not in _METADATA
         for x in _tensors((args, kwargs)):
             if id(x) not in self.produced:
                 if x.requires_grad:
                     self.found.setdefault(id(x), x)
                 elif id(x) not in self.constants:
                     self.constants[id(x)] = (x, x._version)
+                if data:
+                    self.data_reads.add(id(x))
         out = func(*args, **kwargs)
         for x in _tensors(out):
             if id(x) not in self.found and id(x) not in self.constants:
                 self.produced.add(id(x))
                 self.keep.append(x)
         return out
+
+
+#: Tensor properties and methods that read metadata, not values (as torch functions see them).
+_METADATA = frozenset(
+    [getattr(torch.Tensor, name).__get__ for name in ("shape", "dtype", "device", "ndim", "layout", "is_cuda",
+                                                      "requires_grad", "is_leaf")]
+    + [getattr(torch.Tensor, name) for name in ("size", "dim", "numel", "nelement", "__len__", "is_floating_point",
+                                                "is_complex", "stride", "element_size", "is_contiguous",
+                                                "get_device")]
+)
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:

@@ -6,7 +6,8 @@ forward pass without care (see docs/guarantees.md):
 * **random numbers** (dropout, ``torch.randn_like`` inside ``func``): the
   recomputation would draw fresh ones, and the gradient would belong to another
   trajectory.  [`StepRandomness`][mpnode.core.replay.StepRandomness] captures the random-number generators' states
-  (the CPU generator and the generator of every CUDA device, once CUDA is in use)
+  (the CPU generator and the generator of every CUDA device, once CUDA is in use, and every ``torch.Generator``
+  the field's first evaluation passes as ``generator=``)
   at the start of every step of the forward, *only once the field has
   consumed randomness* (until then each step starts from the solve's initial
   state, which is all that is kept), and [`Replay`][mpnode.core.replay.Replay] sets them again before
@@ -36,7 +37,11 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-RngState = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
+from .guards import FirstReads
+from .state import FlatVectorField
+
+#: the CPU generator's state, the tracked CUDA devices' and the tracked user generators'
+RngState = tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
 
 
 def cuda_devices(tensors: Iterable[torch.Tensor | None]) -> tuple[int, ...]:
@@ -52,23 +57,29 @@ def cuda_devices(tensors: Iterable[torch.Tensor | None]) -> tuple[int, ...]:
 
 
 class RandomStates:
-    """Reads and writes the CPU generator's and some CUDA generators' states."""
+    """Reads and writes the CPU generator's, some CUDA generators' and some user ``torch.Generator`` objects'
+    states (``user`` grows when a march finds one:
+    [`StepRandomness.adopt`][mpnode.core.replay.StepRandomness.adopt])."""
 
-    def __init__(self, devices: Sequence[int]) -> None:
+    def __init__(self, devices: Sequence[int], user: Sequence[torch.Generator] = ()) -> None:
         self.devices = tuple(devices)
+        self.user = list(user)
 
     def capture(self) -> RngState:
-        return torch.get_rng_state(), tuple(torch.cuda.get_rng_state(d) for d in self.devices)
+        return (torch.get_rng_state(), tuple(torch.cuda.get_rng_state(d) for d in self.devices),
+                tuple(g.get_state() for g in self.user))
 
     def restore(self, state: RngState) -> None:
-        cpu, cuda = state
+        cpu, cuda, user = state
         torch.set_rng_state(cpu)
         for d, s in zip(self.devices, cuda):
             torch.cuda.set_rng_state(s, d)
+        for g, s in zip(self.user, user):
+            g.set_state(s)
 
     @staticmethod
     def same(a: RngState, b: RngState) -> bool:
-        return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+        return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip((*a[1], *a[2]), (*b[1], *b[2])))
 
 
 class StepRandomness:
@@ -104,6 +115,18 @@ class StepRandomness:
             self.first_changed = n
         self.states.append(state)
 
+    def adopt(self, found: Sequence[tuple[torch.Generator, torch.Tensor]]) -> None:
+        """Track user generators first seen during the march (by the probe of the field's first evaluation), each
+        from its state before its first draw: the state it had at every step start captured so far (nothing of
+        the solve drew from it before)."""
+        new = [(g, state) for g, state in found if all(g is not h for h in self.generators.user)]
+        if not new:
+            return
+        self.generators.user += [g for g, _ in new]
+        extra = tuple(state for _, state in new)
+        self.initial = (*self.initial_state()[:2], self.initial_state()[2] + extra)
+        self.states = [(cpu, cuda, user + extra) for cpu, cuda, user in self.states]
+
     def finish(self) -> bool:
         """Whether the field consumed randomness during the forward (compares the final state)."""
         self.consumed = self.first_changed is not None or not RandomStates.same(self.generators.capture(),
@@ -130,7 +153,8 @@ def module_modes(modules: Iterable[torch.nn.Module]) -> list[tuple[torch.nn.Modu
 
 
 class Replay:
-    """What a recompute backward restores: per-step random states and modified buffers.
+    """What a recompute backward restores: per-step random states and modified buffers; and what it checks: the
+    tensors the forward's first evaluation read.
 
     Args:
         randomness: the forward's per-step generator states, or ``None`` when the
@@ -139,13 +163,16 @@ class Replay:
             their values at the start of backward are restored when it ends.
         modes: ``(module, training)`` as the forward ran each module; set for the
             backward pass, the caller's flags given back when it ends.
+        reads: the tensors the forward's first evaluation read, checked around recomputed steps
+            ([`recomputing`][mpnode.core.replay.Replay.recomputing]).
     """
 
     def __init__(self, randomness: StepRandomness | None = None, buffers: Sequence[torch.Tensor] = (),
-                 modes: Sequence[tuple[torch.nn.Module, bool]] = ()) -> None:
+                 modes: Sequence[tuple[torch.nn.Module, bool]] = (), reads: FirstReads | None = None) -> None:
         self.randomness = randomness
         self.buffers = list(buffers)
         self.modes = list(modes)
+        self.reads = reads
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -155,6 +182,8 @@ class Replay:
         generators = self.randomness.generators if self.randomness is not None else None
         outer = generators.capture() if generators is not None else None
         callers = [(m, m.training) for m, _ in self.modes]
+        if self.reads is not None:
+            self.reads.start_pass()
         try:
             for m, training in self.modes:
                 m.training = training  # per module (module.train() would recurse into children)
@@ -171,3 +200,12 @@ class Replay:
         """Set the generators to the state forward step ``n`` started from (no-op without randomness)."""
         if self.randomness is not None:
             self.randomness.generators.restore(self.randomness.state(n))
+
+    def recomputing(self, field: FlatVectorField, n: int) -> contextlib.AbstractContextManager:
+        """Around the evaluations that recompute step ``n`` from its start state: the tensors the forward read are
+        checked ([`FirstReads`][mpnode.core.guards.FirstReads]: their bindings before the pass's first recomputed
+        step, the reads of step 0's first evaluation, which is the forward's first evaluation again)."""
+        if self.reads is None:
+            return contextlib.nullcontext()
+        self.reads.check_bindings()
+        return self.reads.watch(field) if n == 0 else contextlib.nullcontext()

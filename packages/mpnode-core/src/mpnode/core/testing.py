@@ -43,7 +43,26 @@ __all__ = [
     "held_memory",
     "SyncCount",
     "count_host_syncs",
+    "relative_error",
+    "assert_relatively_close",
 ]
+
+# ---------------------------------------------------------------- comparisons
+
+
+def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
+    """``|result - reference| / |reference|`` in the Frobenius norm (a zero reference divides by 1e-300)."""
+    return float((result - reference).norm() / reference.norm().clamp_min(1e-300))
+
+
+def assert_relatively_close(results, references, tol: float = 1e-8) -> None:
+    """Each tensor of ``results`` within relative error ``tol`` of its partner in ``references`` (same length,
+    none of them None: a missing gradient fails)."""
+    for result, reference in zip(results, references, strict=True):
+        assert result is not None and reference is not None
+        error = relative_error(result, reference)
+        assert error < tol, (error, result, reference)
+
 
 # ---------------------------------------------------------------- reference problems
 

@@ -8,6 +8,8 @@ Submodules (import the one you need; none is imported eagerly):
 * [`mpnode.models.mnist`][mpnode.models.mnist]: the ODE-Net blocks for MNIST and the data helpers (torchvision:
   ``mnist`` extra);
 * [`mpnode.models.toy_data`][mpnode.models.toy_data]: 8 Gaussians, checkerboard, two spirals, circles;
+* [`mpnode.models.cli`][mpnode.models.cli]: the command line the example scripts share (precision and solver
+  choice, device, seed, output folder, sizes) and their CSV writer.
 """
 
 __version__ = "0.1.0"
