@@ -47,6 +47,98 @@ def test_a_metered_graph_is_freed_with_its_last_reference(chain):
     assert ref() is None
 
 
+class _SaveOne(torch.autograd.Function):
+    """Saves exactly the given tensor ``keep`` for backward."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        ctx.save_for_backward(keep)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2, None
+
+
+def _graph(x, sizes):
+    """An output whose graph saves one fresh float32 tensor of each size (a new storage each, from the allocator)."""
+    out = x
+    for n in sizes:
+        out = _SaveOne.apply(out, torch.ones(n))
+    return out
+
+
+def test_a_graph_freed_before_the_measurement_is_not_counted():
+    x = torch.ones(2, requires_grad=True)
+    with meters.held_memory() as meter:
+        kept = _graph(x, [1000])
+        dropped = _graph(x, [3000, 500])
+        del dropped
+        assert meter.bytes == 4000 and meter.peak_bytes == 4000 + 14000
+    assert meter.bytes == 4000 and meter.bytes_by_dtype() == {torch.float32: 4000}
+    kept.sum().backward()  # frees the graph: the figure stays the one at the end of the block
+    assert meter.bytes == 4000 and [s.nbytes for s in meter.storages] == [4000]
+
+
+def test_the_same_computation_gives_the_same_figure_every_time():
+    """Steps whose graphs are dropped (rejected steps) between kept ones: the allocator reuses their addresses at
+    will, so a meter keyed by address gave a different figure on each run; only the kept graphs count."""
+    x = torch.ones(2, requires_grad=True)
+
+    def solve():
+        kept = []
+        for n in range(1, 40):
+            rejected = _graph(x, [64 * n, 16 * n])
+            del rejected
+            kept.append(_graph(x, [32 * n]))
+        return kept
+
+    figures = []
+    for _ in range(3):
+        with meters.held_memory() as meter:
+            kept = solve()
+        figures.append(meter.bytes)
+        del kept
+    assert figures == [4 * 32 * sum(range(1, 40))] * 3
+
+
+def test_a_storage_at_a_freed_storage_address_counts_as_itself():
+    """Two storages over one buffer, one after the other: the same address, told apart by identity."""
+    buf = bytearray(4000)
+    x = torch.ones(2, requires_grad=True)
+    with meters.held_memory() as meter:
+        first = _SaveOne.apply(x, torch.frombuffer(buf, dtype=torch.float32))  # 4000 bytes
+        del first  # the graph and the only tensor on that storage go
+        second = _SaveOne.apply(x, torch.frombuffer(buf, dtype=torch.int8, count=1000))  # 1000 bytes, same address
+    assert meter.bytes == 1000 and meter.bytes_by_dtype() == {torch.int8: 1000}
+    del second
+
+
+def test_exclusion_is_by_storage_not_by_address():
+    buf = bytearray(400)
+    x = torch.ones(2, requires_grad=True)
+    weight = torch.frombuffer(buf, dtype=torch.float32)
+    meter = meters.held_memory(exclude=[weight])
+    del weight  # its storage goes; a new one takes its address
+    with meter:
+        out = _SaveOne.apply(x, torch.frombuffer(buf, dtype=torch.float32))
+    assert meter.bytes == 400, out.shape
+
+
+def test_a_meter_entered_again_counts_what_it_packed_before():
+    """AutoAdjoint enters its meter once per step."""
+    x = torch.ones(2, requires_grad=True)
+    meter = meters.held_memory()
+    kept = []
+    for n in (100, 200):
+        with meter:
+            kept.append(_graph(x, [n]))
+        assert meter.bytes == 4 * sum(k for k in (100, 200) if k <= n)
+    kept.pop()
+    with meter:
+        assert meter.bytes == 400  # live while active
+
+
 def test_chained_meter_hands_tensors_on_to_the_outer_hooks():
     packed = []
 
