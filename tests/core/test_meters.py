@@ -139,6 +139,39 @@ def test_a_meter_entered_again_counts_what_it_packed_before():
         assert meter.bytes == 400  # live while active
 
 
+def _saved_storages(root, exclude):
+    """Independent count: bytes of the distinct storages saved by the autograd nodes reachable from ``root``."""
+    excluded = {id(t.untyped_storage()) for t in exclude}
+    seen, stack, found = set(), [root], {}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in (a for a in dir(node) if a.startswith("_saved_")):
+            value = getattr(node, name)
+            for x in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(x, torch.Tensor) and id(x.untyped_storage()) not in excluded:
+                    found[id(x.untyped_storage())] = x.untyped_storage().nbytes()
+        stack += [fn for fn, _ in node.next_functions]
+    return sum(found.values())
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint"])
+def test_the_meter_counts_what_the_graph_saves(method):
+    """Against a walk of torchdiffeq's graph.  Its field wrapper evaluates ``y.abs()`` at every call and drops the
+    result: that saved tensor is freed at once and must not count.  (rk4 is left out: it multiplies by Python numbers,
+    which autograd saves as 0-dim tensors without passing them to the hooks.)"""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    torch.manual_seed(0)
+    field = testing.MLPField(dim=4, width=8)
+    y0 = torch.randn(3, 4, requires_grad=True)
+    weights = list(field.parameters())
+    with meters.held_memory(exclude=weights) as meter:
+        out = torchdiffeq.odeint(field, y0, torch.linspace(0, 1, 9), method=method)
+    assert meter.bytes == _saved_storages(out.grad_fn, weights) > 0
+
+
 def test_chained_meter_hands_tensors_on_to_the_outer_hooks():
     packed = []
 
