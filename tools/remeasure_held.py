@@ -3,11 +3,12 @@
 Held bytes do not depend on the machine's load, times do: after a fix of the held-memory meter
 (``mpnode.core.meters``) this re-runs each row's measured call (``mpnode.bench.runner``'s, one forward and backward,
 untimed) and replaces ``held_bytes`` and ``held_vs_torchdiffeq``; every other field stays as it was measured.  A row
-whose loss, steps or evaluation count come out different is an error (the code changed since: rerun the suite).
-The meta gets ``held_remeasured`` (date, torch, command); ``results.csv``, ``summary.txt``, the growth fits and the
-plots are re-rendered from the rows as ``mpnode-bench plot`` does.
+whose steps or evaluation count come out different, or its loss by more than ``LOSS_RTOL``, ran a different
+computation (the code changed since): that is an error, or with ``--keep-changed`` the row keeps its figure and is
+listed in the meta.  The meta gets ``held_remeasured`` (date, torch, command, rows kept); ``results.csv``,
+``summary.txt``, the growth fits and the plots are re-rendered from the rows as ``mpnode-bench plot`` does.
 
-    python tools/remeasure_held.py benchmarks/results/<date>/<suite>/results.json [--dry]
+    python tools/remeasure_held.py benchmarks/results/<date>/<suite>/results.json [--dry] [--keep-changed]
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from mpnode.bench.problems import build
 from mpnode.bench.report import read_results_json
 from mpnode.bench.runner import REFERENCE, BenchRow, Case
 
+LOSS_RTOL = 1e-3  # float rounding of a changed summation order passes; a different solve does not
+
 
 def case_of(row: BenchRow) -> Case:
     """The one-implementation, untimed case that measures ``row`` again."""
@@ -36,9 +39,11 @@ def case_of(row: BenchRow) -> Case:
                 atol=row.atol if adaptive else None)
 
 
-def remeasure(rows: Sequence[BenchRow], seed: int, log=print) -> list[str]:
-    """Replace ``held_bytes`` (and ``held_vs_torchdiffeq``) of every measured row in place; returns the changes."""
-    device, changes, instances = torch.device("cpu"), [], {}
+def remeasure(rows: Sequence[BenchRow], seed: int, keep_changed: bool = False, log=print
+              ) -> tuple[list[str], list[str]]:
+    """Replace ``held_bytes`` (and ``held_vs_torchdiffeq``) of every measured row in place; returns the changes
+    and the rows kept as they were (``keep_changed``: their computation changed since)."""
+    device, changes, kept, instances = torch.device("cpu"), [], [], {}
     for row in rows:
         if row.error or row.held_bytes is None:
             continue
@@ -51,11 +56,15 @@ def remeasure(rows: Sequence[BenchRow], seed: int, log=print) -> list[str]:
         fresh = runner._new_row(row.suite, case, case.impls[0], device)
         start = time.perf_counter()
         runner._measure_once(case.impls[0], case, instances[key], device, fresh)
-        stored = {k: getattr(row, k) for k in ("loss", "steps", "nfe") if getattr(row, k) is not None}
-        if {k: getattr(fresh, k) for k in stored} != stored:  # (older files have no nfe)
-            raise SystemExit(f"remeasure_held: {row.problem} {row.sizes} {row.steps} {row.impl}: loss/steps/nfe "
-                             f"{(fresh.loss, fresh.steps, fresh.nfe)} != stored {stored}: "
-                             "the computation changed since this file was written; rerun the suite instead")
+        changed = _changed(row, fresh)
+        if changed:
+            what = f"{row.problem} {row.sizes} steps={row.steps} {row.impl}: {changed}"
+            if not keep_changed:
+                raise SystemExit(f"remeasure_held: {what}: the computation changed since this file was written; "
+                                 "rerun the suite (or --keep-changed to leave such rows as they are)")
+            log(f"kept as run: {what}")
+            kept.append(what)
+            continue
         if fresh.held_bytes != row.held_bytes:
             changes.append(f"{row.problem} {row.sizes} steps={row.steps} {row.impl}: "
                            f"{row.held_bytes} -> {fresh.held_bytes} bytes")
@@ -63,7 +72,16 @@ def remeasure(rows: Sequence[BenchRow], seed: int, log=print) -> list[str]:
             f"({time.perf_counter() - start:.1f} s)")
         row.held_bytes = fresh.held_bytes
     _held_ratios(rows)
-    return changes
+    return changes, kept
+
+
+def _changed(row: BenchRow, fresh: BenchRow) -> str:
+    """How the fresh measurement's computation differs from the stored row's ('' if it does not)."""
+    diffs = [f"{k} {getattr(fresh, k)} != {getattr(row, k)}" for k in ("steps", "nfe")
+             if getattr(row, k) is not None and getattr(fresh, k) != getattr(row, k)]  # (older files have no nfe)
+    if row.loss is not None and (fresh.loss is None or abs(fresh.loss - row.loss) > LOSS_RTOL * abs(row.loss)):
+        diffs.append(f"loss {fresh.loss} != {row.loss}")
+    return ", ".join(diffs)
 
 
 def _held_ratios(rows: Sequence[BenchRow]) -> None:
@@ -83,17 +101,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="a results.json written by mpnode-bench run")
     parser.add_argument("--seed", type=int, default=0, help="the seed the suite ran with (mpnode-bench's default 0)")
     parser.add_argument("--dry", action="store_true", help="measure and print, write nothing")
+    parser.add_argument("--keep-changed", action="store_true",
+                        help="leave rows whose computation changed since as they are (listed in the meta)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     meta, rows = read_results_json(args.results)
-    changes = remeasure(rows, args.seed)
+    changes, kept = remeasure(rows, args.seed, args.keep_changed)
     print(f"{len(changes)} held figure(s) changed" + "".join(f"\n  {c}" for c in changes))
+    if kept:
+        print(f"{len(kept)} row(s) kept as run" + "".join(f"\n  {c}" for c in kept))
     if args.dry:
         return 0
     meta["held_remeasured"] = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
         "command": "python tools/remeasure_held.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "note": "held_bytes and held_vs_torchdiffeq re-measured with the fixed held-memory meter; times as run",
+        "kept_as_run": kept,
     }
     plots = any(args.results.parent.glob("*.png"))
     return cli._emit(rows, {k: v for k, v in meta.items() if k != "growth"}, args.results.parent, plots=plots)

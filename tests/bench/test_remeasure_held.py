@@ -48,10 +48,15 @@ def test_held_bytes_are_measured_again_and_the_rest_kept(smoke_results):
             [r["held_bytes"] for r in measured if r["held_bytes"] is not None]
 
 
-def test_a_row_whose_computation_changed_is_refused(smoke_results):
+def test_a_row_whose_computation_changed_is_refused_or_kept_as_run(smoke_results):
     data = json.loads(smoke_results.read_text())
     row = next(r for r in data["rows"] if r["held_bytes"] is not None)
     row["loss"] += 1.0
+    row["held_bytes"] = 1
     smoke_results.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="rerun the suite"):
         remeasure_held.main([str(smoke_results), "--dry"])
+    assert remeasure_held.main([str(smoke_results), "--keep-changed"]) == 0
+    after = json.loads(smoke_results.read_text())
+    assert after["rows"][data["rows"].index(row)]["held_bytes"] == 1  # left as it was
+    assert [row["impl"] in k for k in after["meta"]["held_remeasured"]["kept_as_run"]] == [True]
