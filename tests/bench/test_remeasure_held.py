@@ -35,12 +35,13 @@ def test_held_bytes_are_measured_again_and_the_rest_kept(smoke_results):
     data = json.loads(smoke_results.read_text())
     for r in data["rows"]:
         if r["held_bytes"] is not None:
-            r["held_bytes"] = 1  # a wrong figure, as a faulty meter would have written
+            r["held_bytes"], r["held_vs_torchdiffeq"] = 1, None  # wrong figures, as a faulty meter would have written
     smoke_results.write_text(json.dumps(data))
     assert remeasure_held.main([str(smoke_results)]) == 0
     again = _rows(smoke_results)
     assert again == measured  # held bytes and their ratios back, times and the rest untouched
     assert any(r["held_bytes"] for r in again)
+    assert any(r["held_vs_torchdiffeq"] and r["axis"] == "adaptive" and r["steps"] != 0 for r in again)
     meta = json.loads(smoke_results.read_text())["meta"]
     assert "remeasure_held.py" in meta["held_remeasured"]["command"] and meta["growth"]
     with (smoke_results.parent / "results.csv").open() as fh:
