@@ -4,9 +4,11 @@ Held bytes do not depend on the machine's load, times do: after a fix of the hel
 (``mpnode.core.meters``) this re-runs each row's measured call (``mpnode.bench.runner``'s, one forward and backward,
 untimed) and replaces ``held_bytes`` and ``held_vs_torchdiffeq``; every other field stays as it was measured.  A row
 whose steps or evaluation count come out different, or its loss by more than ``LOSS_RTOL``, ran a different
-computation (the code changed since): that is an error, or with ``--keep-changed`` the row keeps its figure and is
-listed in the meta.  The meta gets ``held_remeasured`` (date, torch, command, rows kept); ``results.csv``,
-``summary.txt``, the growth fits and the plots are re-rendered from the rows as ``mpnode-bench plot`` does.
+computation (the code changed since): that is an error, or with ``--keep-changed`` the row keeps its figures and is
+listed in the meta.  A change that leaves all three as they were (say, how many weight casts a strategy keeps) is
+not seen: before quoting a figure that moved, compare with the code's history.  The meta gets ``held_remeasured``
+(date, torch, command, rows kept); ``results.csv``, ``summary.txt``, the growth fits and the plots are re-rendered
+from the rows as ``mpnode-bench plot`` does.
 
     python tools/remeasure_held.py benchmarks/results/<date>/<suite>/results.json [--dry] [--keep-changed]
 """
@@ -43,7 +45,7 @@ def remeasure(rows: Sequence[BenchRow], seed: int, keep_changed: bool = False, l
               ) -> tuple[list[str], list[str]]:
     """Replace ``held_bytes`` (and ``held_vs_torchdiffeq``) of every measured row in place; returns the changes
     and the rows kept as they were (``keep_changed``: their computation changed since)."""
-    device, changes, kept, instances = torch.device("cpu"), [], [], {}
+    device, changes, kept, instances, skip = torch.device("cpu"), [], [], {}, set()
     for row in rows:
         if row.error or row.held_bytes is None:
             continue
@@ -64,6 +66,7 @@ def remeasure(rows: Sequence[BenchRow], seed: int, keep_changed: bool = False, l
                                  "rerun the suite (or --keep-changed to leave such rows as they are)")
             log(f"kept as run: {what}")
             kept.append(what)
+            skip.add(id(row))
             continue
         if fresh.held_bytes != row.held_bytes:
             changes.append(f"{row.problem} {row.sizes} steps={row.steps} {row.impl}: "
@@ -71,7 +74,7 @@ def remeasure(rows: Sequence[BenchRow], seed: int, keep_changed: bool = False, l
         log(f"{row.problem} {row.sizes} {row.steps} {row.impl}: {row.held_bytes} -> {fresh.held_bytes} "
             f"({time.perf_counter() - start:.1f} s)")
         row.held_bytes = fresh.held_bytes
-    _held_ratios(rows)
+    _held_ratios(rows, skip)
     return changes, kept
 
 
@@ -84,15 +87,16 @@ def _changed(row: BenchRow, fresh: BenchRow) -> str:
     return ", ".join(diffs)
 
 
-def _held_ratios(rows: Sequence[BenchRow]) -> None:
-    """``held_vs_torchdiffeq`` against torchdiffeq float32 of the same case, as the runner computes it."""
+def _held_ratios(rows: Sequence[BenchRow], skip: set[int] = frozenset()) -> None:
+    """``held_vs_torchdiffeq`` against torchdiffeq float32 of the same case, as the runner computes it (rows whose
+    ``id`` is in ``skip``, kept as run, keep theirs)."""
     def case_key(r: BenchRow) -> tuple:  # an adaptive row's steps are its own accepted steps, its method may be too
         return r.problem, r.sizes, r.axis, r.steps if r.rtol is None else None, r.rtol, r.atol
 
     refs = {case_key(r): r for r in rows if r.impl == REFERENCE}
     for r in rows:
         ref = refs.get(case_key(r))
-        if ref is not None:
+        if ref is not None and id(r) not in skip:
             r.held_vs_torchdiffeq = runner.ratio(r.held_bytes, ref.held_bytes)
 
 
