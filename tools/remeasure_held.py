@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import torch
@@ -87,7 +88,7 @@ def _changed(row: BenchRow, fresh: BenchRow) -> str:
     return ", ".join(diffs)
 
 
-def _held_ratios(rows: Sequence[BenchRow], skip: set[int] = frozenset()) -> None:
+def _held_ratios(rows: Sequence[BenchRow], skip: AbstractSet[int] = frozenset()) -> None:
     """``held_vs_torchdiffeq`` against torchdiffeq float32 of the same case, as the runner computes it (rows whose
     ``id`` is in ``skip``, kept as run, keep theirs)."""
     def case_key(r: BenchRow) -> tuple:  # an adaptive row's steps are its own accepted steps, its method may be too
@@ -101,7 +102,7 @@ def _held_ratios(rows: Sequence[BenchRow], skip: set[int] = frozenset()) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("results", type=Path, help="a results.json written by mpnode-bench run")
     parser.add_argument("--seed", type=int, default=0, help="the seed the suite ran with (mpnode-bench's default 0)")
     parser.add_argument("--dry", action="store_true", help="measure and print, write nothing")
