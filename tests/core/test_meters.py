@@ -125,6 +125,22 @@ def test_exclusion_is_by_storage_not_by_address():
     assert meter.bytes == 400, out.shape
 
 
+def test_a_meter_and_its_graph_go_without_the_garbage_collector():
+    """No reference cycle: what the meter keeps is freed by reference counting alone (a long training loop with
+    AutoAdjoint makes one meter per solve)."""
+    x, keep = torch.ones(2, requires_grad=True), torch.ones(100)  # ``keep`` outlives the graph that saved it
+    gc.disable()
+    try:
+        meter = meters.held_memory()
+        with meter:
+            out = _SaveOne.apply(_graph(x, [200]), keep)
+        ledger = weakref.ref(meter._forward)
+        del meter, out
+        assert ledger() is None
+    finally:
+        gc.enable()
+
+
 def test_a_meter_entered_again_counts_what_it_packed_before():
     """AutoAdjoint enters its meter once per step."""
     x = torch.ones(2, requires_grad=True)

@@ -71,77 +71,69 @@ class HeldStorage:
 class _Record:
     """A storage seen by a meter and how many of autograd's saved tensors (slots) refer to it now."""
 
-    __slots__ = ("ledger", "slots", "storage")
+    __slots__ = ("slots", "storage")
 
-    def __init__(self, storage: HeldStorage, ledger: _Ledger) -> None:
-        self.storage, self.ledger, self.slots = storage, ledger, 0
-
-    def acquire(self) -> None:
-        self.slots += 1
-        if self.slots == 1:
-            self.ledger.hold(self)
-
-    def release(self) -> None:
-        self.slots -= 1
-        if self.slots == 0:
-            self.ledger.let_go(self)
+    def __init__(self, storage: HeldStorage) -> None:
+        self.storage, self.slots = storage, 0
 
 
 class _Ledger:
     """The records held now (at least one live slot), their total bytes and the most held at once.
 
     ``index`` finds the record of a live storage by the identity of its Python object (``id`` -> weak reference,
-    record); an entry goes when its storage is freed, so a later storage at the same address or ``id`` gets its own.
+    record), so a later storage at the same address or ``id`` gets its own; entries of freed storages are dropped
+    as the index grows.  Nothing here refers back to the ledger: it is freed with its meter and last slot.
     """
 
     def __init__(self) -> None:
-        self.held: dict[int, _Record] = {}  # id(record) -> record
+        self.held: set[_Record] = set()
         self.live_bytes = 0
         self.peak_bytes = 0
         self.index: dict[int, tuple[weakref.ref, _Record]] = {}
+        self._prune_at = 64
 
     def record(self, storage: torch.UntypedStorage, x: torch.Tensor) -> _Record:
-        key = id(storage)
-        entry = self.index.get(key)
+        entry = self.index.get(id(storage))
         if entry is not None and entry[0]() is storage:
             return entry[1]
-        rec = _Record(HeldStorage(storage.nbytes(), x.dtype, x.device), self)
-        index = self.index
-
-        def forget(ref: weakref.ref, key: int = key) -> None:
-            if key in index and index[key][0] is ref:
-                del index[key]
-
-        self.index[key] = (weakref.ref(storage, forget), rec)
+        if len(self.index) >= self._prune_at:
+            self.index = {k: e for k, e in self.index.items() if e[0]() is not None}
+            self._prune_at = 2 * len(self.index) + 64
+        rec = _Record(HeldStorage(storage.nbytes(), x.dtype, x.device))
+        self.index[id(storage)] = (weakref.ref(storage), rec)
         return rec
 
-    def hold(self, rec: _Record) -> None:
-        self.held[id(rec)] = rec
-        self.live_bytes += rec.storage.nbytes
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+    def acquire(self, rec: _Record) -> None:
+        rec.slots += 1
+        if rec.slots == 1:
+            self.held.add(rec)
+            self.live_bytes += rec.storage.nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
-    def let_go(self, rec: _Record) -> None:
-        del self.held[id(rec)]
-        self.live_bytes -= rec.storage.nbytes
+    def release(self, rec: _Record) -> None:
+        rec.slots -= 1
+        if rec.slots == 0:
+            self.held.discard(rec)
+            self.live_bytes -= rec.storage.nbytes
 
     def storages(self) -> tuple[HeldStorage, ...]:
-        return tuple(rec.storage for rec in list(self.held.values()))
+        return tuple(rec.storage for rec in list(self.held))
 
 
 class _Slot:
     """What autograd stores for one saved tensor while a meter is active: ``packed`` (a detached alias, or the
-    outer hooks' packing) and the record it keeps held until autograd frees this slot."""
+    outer hooks' packing) and the record it keeps held in ``ledger`` until autograd frees this slot."""
 
-    __slots__ = ("packed", "record")
+    __slots__ = ("ledger", "packed", "record")
 
-    def __init__(self, packed: Any, record: _Record | None) -> None:
-        self.packed, self.record = packed, record
+    def __init__(self, packed: Any, ledger: _Ledger, record: _Record | None) -> None:
+        self.packed, self.ledger, self.record = packed, ledger, record
         if record is not None:
-            record.acquire()
+            ledger.acquire(record)
 
     def __del__(self) -> None:
         if self.record is not None:
-            self.record.release()
+            self.ledger.release(self.record)
 
 
 class HeldMemory:
@@ -213,16 +205,18 @@ class HeldMemory:
         hooks.__exit__(*exc)
         self._at_exit = self._forward.storages()
 
-    def record(self, x: torch.Tensor) -> _Record | None:
-        """The record of ``x``'s storage (in the recompute ledger inside a backward pass), or ``None`` for what is
-        not counted: excluded storages, empty ones, non-strided tensors and tensor subclasses without a storage."""
+    def slot(self, x: torch.Tensor, packed: Any) -> _Slot:
+        """What the pack hook returns for ``x``: ``packed`` and the record of ``x``'s storage (in the recompute
+        ledger inside a backward pass), none for what is not counted: excluded storages, empty ones, non-strided
+        tensors and tensor subclasses without a storage."""
+        ledger = self._recompute if in_backward_pass() else self._forward
         s = _storage(x)
         if s is None or s.nbytes() == 0:
-            return None
+            return _Slot(packed, ledger, None)
         excluded = self._excluded.get(id(s))
         if excluded is not None and excluded() is s:
-            return None
-        return (self._recompute if in_backward_pass() else self._forward).record(s, x)
+            return _Slot(packed, ledger, None)
+        return _Slot(packed, ledger, ledger.record(s, x))
 
     def __repr__(self) -> str:
         return f"HeldMemory(bytes={self.bytes}, peak_bytes={self.peak_bytes}, recompute_bytes={self.recompute_bytes})"
@@ -241,7 +235,7 @@ def _hooks(meter: HeldMemory, outer: Hooks | None) -> Hooks:
     """The meter's pack/unpack pair: a slot holding the record and a detached alias (or ``outer``'s packing)."""
 
     def pack(x: torch.Tensor) -> _Slot:
-        return _Slot(x.detach() if outer is None else outer[0](x), meter.record(x))
+        return meter.slot(x, x.detach() if outer is None else outer[0](x))
 
     if outer is None:
         return pack, _unpack
