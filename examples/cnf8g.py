@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     for it in range(args.iters):
         x = sample("8gaussians", args.batch, gen).to(device)
         start = time.perf_counter()
-        with held_memory(exclude=weights) as held:  # counts the bytes autograd saves for backward
+        with held_memory(exclude=weights) as held:  # peak_bytes: what the forward held for backward
             with autocast:
                 loss = -cnf.log_prob(x, odeint, t, **solve_kw).mean()
             opt.zero_grad(set_to_none=True)
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
             grad_scaler.update()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        rows.append(dict(iteration=it, loss=loss.item(), time_s=time.perf_counter() - start, held_bytes=held.bytes))
+        rows.append(dict(iteration=it, loss=loss.item(), time_s=time.perf_counter() - start,
+                         held_bytes=held.peak_bytes))
         if it % 25 == 0 or it == args.iters - 1:
             print(f"iter {it:4d} | loss {rows[-1]['loss']:.4f} | {rows[-1]['time_s'] * 1e3:.0f} ms", flush=True)
     write_csv(args.out / "cnf8g.csv", rows)

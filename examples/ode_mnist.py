@@ -121,14 +121,14 @@ def train_epoch(model, loader, opt, grad_scaler, autocast, device, schedule, sna
         x, y = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
         n0 = func.nfe
-        with held_memory(exclude=weights) as held:  # counts the bytes autograd saves for backward
+        with held_memory(exclude=weights) as held:  # peak_bytes: what the forward held for backward
             with autocast:
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
             n1 = func.nfe
             grad_scaler.scale(loss).backward()
         if i == 0:
-            held_bytes = held.bytes
+            held_bytes = held.peak_bytes
         nfe_f += n1 - n0
         nfe_b += func.nfe - n1  # mpnode recomputes each step in backward; torchdiffeq backpropagates its graph
         grad_scaler.step(opt)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     for it in range(args.iters):
         x = draw(args, args.batch, gen).to(device)
         start = time.perf_counter()
-        with held_memory(exclude=weights) as held:  # counts the bytes autograd saves for backward
+        with held_memory(exclude=weights) as held:  # peak_bytes: what the forward held for backward
             with autocast:
                 loss, parts = otflow_loss(potential, x, odeint, alphas=alphas, **solve_kw)
             opt.zero_grad(set_to_none=True)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         rows.append(dict(iteration=it, loss=loss.item(), **parts, time_s=time.perf_counter() - start,
-                         held_bytes=held.bytes))
+                         held_bytes=held.peak_bytes))
         if it % 25 == 0 or it == args.iters - 1:
             print(f"iter {it:4d} | loss {rows[-1]['loss']:.4f} | NLL {parts['nll']:.4f} | "
                   f"{rows[-1]['time_s'] * 1e3:.0f} ms", flush=True)

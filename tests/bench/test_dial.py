@@ -60,7 +60,8 @@ def test_held_memory_orders_the_strategies(dial_rows):
     assert held["mpnode-segmented/float32"] < held["mpnode/float32"] < held["mpnode-direct/float32"]
     assert held["mpnode-direct/float32"] > 5 * held["mpnode/float32"]
     assert held["mpnode/bfloat16"] < held["mpnode/float32"]
-    assert held["mpnode-auto/float32+budget-1GiB"] is None  # its own meter hides its graphs (documented)
+    # AutoAdjoint's own meter hands every tensor on to the runner's; within budget it keeps what direct keeps
+    assert held["mpnode-auto/float32+budget-1GiB"] == held["mpnode-direct/float32"]
 
 
 def test_the_floor_is_torchdiffeq_direct_plus_one_graph_free_forward(dial_rows):

@@ -41,11 +41,11 @@ def test_held_memory_deduplicates_views_and_excludes(device):
     keep = torch.zeros(100, 10, device=device)
     other = torch.zeros(50, device=device)
     with held_memory(exclude=[other]) as meter:
-        _SaveOne.apply(x, keep)
-        _SaveOne.apply(x, keep[3])  # a view: same storage
-        _SaveOne.apply(x, keep.t())
-        _SaveOne.apply(x, other)  # excluded
-    assert meter.bytes == 100 * 10 * 4
+        outs = [_SaveOne.apply(x, keep),
+                _SaveOne.apply(x, keep[3]),  # a view: same storage
+                _SaveOne.apply(x, keep.t()),
+                _SaveOne.apply(x, other)]  # excluded
+    assert meter.bytes == 100 * 10 * 4 and len(outs) == 4  # (counted while the outputs keep their graphs)
 
 
 def test_held_memory_separates_packs_made_during_backward(device):
@@ -71,6 +71,15 @@ def test_held_memory_separates_packs_made_during_backward(device):
         assert meter.recompute_bytes == 64 * 64 * 4
     else:  # device threads see the hooks only if torch propagates them; never as held memory
         assert meter.recompute_bytes in (0, 64 * 64 * 4)
+
+
+def test_profile_of_forward_and_backward_reports_what_the_forward_held(device):
+    x = torch.randn(3, device=device, requires_grad=True)
+    keep = torch.zeros(1000, device=device)
+    with profile(device, sync_count=False) as rec:
+        _SaveOne.apply(x, keep).sum().backward()
+    assert rec.held_bytes == 4000  # the most held at once: before backward freed the graph
+    assert rec.held is not None and rec.held.bytes == 0  # nothing is held when the region ends
 
 
 @pytest.mark.parametrize("k", [0, 1, 5])

@@ -161,8 +161,9 @@ def test_held_memory_is_one_checkpoint_per_accepted_step(method, carries, rtol, 
     y0 = torch.randn(64, 3, requires_grad=True)
     stats = SolverStats()
     with saved_bytes() as meter:
-        odeint(field, y0, torch.tensor([0.0, 12.0]), method=method, rtol=rtol, atol=rtol / 100,
-               options={"stats": stats})
+        out = odeint(field, y0, torch.tensor([0.0, 12.0]), method=method, rtol=rtol, atol=rtol / 100,
+                     options={"stats": stats})
+    assert out.grad_fn is not None  # the meter counts what the output's graph holds
     rows = stats.steps * (2 if carries else 1) - (1 if carries else 0)  # the first step's first stage is not carried
     per_row = y0.numel() * 4
     assert rows * per_row <= meter.bytes <= rows * per_row + 64 * per_row  # the last chunk is trimmed: no growth slack

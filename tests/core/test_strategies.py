@@ -92,7 +92,7 @@ def _held(strategy, saved_bytes, precision="float32", amp=None):
     y0 = torch.randn(BATCH, DIM, requires_grad=True)
     t = torch.linspace(0, 1, N_STEPS + 1)
     stats = SolverStats()
-    with saved_bytes(excluded={(str(p.device), p.untyped_storage().data_ptr()) for p in field.parameters()}) as meter:
+    with saved_bytes(exclude=field.parameters()) as meter:
         out = odeint(field, y0, t, method="rk4", adjoint=strategy, options={"stats": stats})
     out[-1].sum().backward()
     return meter.bytes, stats
@@ -117,14 +117,33 @@ def test_auto_picks_the_fastest_strategy_that_fits(saved_bytes):
     for budget, expected in budgets:
         held, stats = _held(AutoAdjoint(budget_bytes=budget), saved_bytes)
         assert stats.last_adjoint == expected
+        assert held <= budget  # the graphs a fallback dropped are no longer held, so not counted
         if expected == "direct":
-            assert held <= budget
-        # (a fallback's meter here also saw the graphs it dropped; what it keeps is the chosen strategy's:)
+            assert held == direct_bytes
         elif expected == "recompute":
-            assert recompute_bytes <= budget
+            assert held == recompute_bytes
         else:
             kept, _ = _held(SegmentedAdjoint(checkpoints=budget // row), saved_bytes)
-            assert kept <= budget
+            assert held == kept
+
+
+def test_auto_does_not_count_a_rejected_step_against_its_budget(saved_bytes):
+    """A rejected attempt's graph is dropped at once: with a budget of exactly what direct keeps, auto stays direct."""
+    def solve(strategy):
+        torch.manual_seed(0)
+        field = MLPField(dim=DIM, width=16)
+        y0 = torch.randn(BATCH, DIM, requires_grad=True)
+        stats = SolverStats()
+        with saved_bytes(exclude=field.parameters()) as meter:
+            out = odeint(field, y0, torch.tensor([0.0, 4.0]), rtol=1e-7, atol=1e-9, adjoint=strategy,
+                         options={"stats": stats})
+        assert out.grad_fn is not None  # the meter counts what the output's graph holds
+        return meter.bytes, stats
+
+    direct, stats = solve(DirectAdjoint())
+    assert stats.rejected_steps > 0
+    auto, stats = solve(AutoAdjoint(budget_bytes=direct))
+    assert stats.last_adjoint == "direct" and auto == direct
 
 
 def test_auto_falls_back_during_an_adaptive_solve():
@@ -147,9 +166,9 @@ def test_segmented_keeps_at_most_its_budget_for_adaptive_steps(saved_bytes):
     y0 = torch.randn(BATCH, DIM, requires_grad=True)
     stats = SolverStats()
     with saved_bytes() as meter:
-        odeint(field, y0, torch.tensor([0.0, 4.0]), rtol=1e-7, atol=1e-9, adjoint=SegmentedAdjoint(checkpoints=5),
-               options={"stats": stats})
-    assert stats.steps > 10 and meter.bytes <= 5 * BATCH * DIM * 4
+        out = odeint(field, y0, torch.tensor([0.0, 4.0]), rtol=1e-7, atol=1e-9,
+                     adjoint=SegmentedAdjoint(checkpoints=5), options={"stats": stats})
+    assert stats.steps > 10 and 0 < meter.bytes <= 5 * BATCH * DIM * 4, out.shape  # (while ``out`` keeps the graph)
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])

@@ -143,15 +143,6 @@ class Impl:
     def is_low_precision(self) -> bool:
         return self.precision != "float32"
 
-    @property
-    def held_measurable(self) -> bool:
-        """Whether the saved-tensor meter sees what this implementation holds for backward.
-
-        Not for ``mpnode-auto``: ``AutoAdjoint`` meters its kept graphs with its own
-        ``saved_tensors_hooks``, which hide them from any outer hook (the benchmark's meter included).
-        """
-        return self.solver != "mpnode-auto"
-
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         return experiment.autocast(self.precision, device, cache=self.solver != "torchdiffeq-nocache")
 

@@ -11,9 +11,9 @@ Four pieces, each usable alone, and [`profile`][mpnode.bench.profilers.profile] 
 * [`time_fn`][mpnode.bench.profilers.time_fn]: warm-up, then ``repeats`` timed calls; CUDA events on a GPU,
   ``time.perf_counter`` elsewhere; returns a [`Timing`][mpnode.bench.profilers.Timing] (median, min, max,
   interquartile spread, every sample).
-* [`held_memory`][mpnode.core.meters.held_memory]: bytes of the distinct storages packed for backward
+* [`held_memory`][mpnode.core.meters.held_memory]: bytes of the distinct storages that tensors saved for backward
   through ``torch.autograd.graph.saved_tensors_hooks`` (this includes
-  ``ctx.save_for_backward``, hence mpnode's checkpoints), i.e. the memory a
+  ``ctx.save_for_backward``, hence mpnode's checkpoints) still hold, i.e. the memory a
   forward pass keeps alive for its backward pass;
 * [`count_host_syncs`][mpnode.core.testing.count_host_syncs]: calls of ``aten._local_scalar_dense`` (every
   ``.item()``, ``bool(tensor)``, ``float(tensor)``) seen by a ``TorchDispatchMode``.
@@ -201,10 +201,13 @@ class ProfileRecord:
         time_s: wall time of the region in seconds (device-synchronised on CUDA).
         peak_bytes: CUDA peak allocated bytes in the region (reset at entry); ``None`` off CUDA.
         start_bytes: CUDA allocated bytes at entry; ``None`` off CUDA.
-        held_bytes: bytes of distinct storages packed for backward outside backward passes.
-        recompute_bytes: bytes of distinct storages packed inside backward passes.
+        held_bytes: the most bytes held for backward at once in the region
+            ([`peak_bytes`][mpnode.core.meters.HeldMemory.peak_bytes]): with the backward pass inside the region,
+            what the forward held before backward freed it.
+        recompute_bytes: the most bytes held at once by tensors saved inside backward passes.
         host_syncs: ``aten._local_scalar_dense`` calls, or ``None`` when ``sync_count=False``.
-        held: the full [`HeldMemory`][mpnode.core.meters.HeldMemory] (per-storage detail).
+        held: the full [`HeldMemory`][mpnode.core.meters.HeldMemory] (its per-storage detail is what was still held
+            when the region ended).
     """
 
     time_s: float | None = None
@@ -249,5 +252,5 @@ def profile(
     # ExitStack closed the stopwatch first (LIFO), then the counter, hooks and the peak meter.
     rec.time_s = sw.elapsed_s
     rec.peak_bytes, rec.start_bytes = peak.peak_bytes, peak.start_bytes
-    rec.held, rec.held_bytes, rec.recompute_bytes = held, held.bytes, held.recompute_bytes
+    rec.held, rec.held_bytes, rec.recompute_bytes = held, held.peak_bytes, held.recompute_bytes
     rec.host_syncs = None if syncs is None else syncs.count

@@ -236,7 +236,7 @@ def _measure_once(impl: Impl, case: Case, inst: Instance, device: torch.device, 
     if case.discretization.adaptive:
         assert count.accepted is not None, "every solver reports its accepted steps"
         row.steps = count.accepted
-    row.held_bytes = held.bytes if impl.held_measurable else None
+    row.held_bytes = held.bytes
     row.peak_bytes = None if pk.peak_bytes is None or pk.start_bytes is None else pk.peak_bytes - pk.start_bytes
     row.syncs_forward, row.syncs_backward = fsync.count, bsync.count
     row.loss = float(loss.detach())
