@@ -38,7 +38,8 @@ from .guards import FirstReads, VersionRecord, check_solution
 from .march import AdaptiveMarch, March
 from .parameters import CapturedTensorProbe
 from .precision import PrecisionPolicy
-from .replay import (RandomStates, Replay, StepRandomness, StepTensors, cuda_devices, module_buffers, module_modes)
+from .replay import (RandomStates, Replay, StepRandomness, StepTensors, cuda_devices, module_buffers, module_modes,
+                     parametrize_cache_off)
 
 
 @dataclass
@@ -94,7 +95,7 @@ def tracked_forward(problem: Problem, march: March, inputs: SolveInputs, recorde
     nfe0 = problem.field.nfe
     forget_cached_casts(problem.policy)
     try:
-        with torch.no_grad(), problem.policy.autocast():
+        with torch.no_grad(), problem.policy.autocast(), parametrize_cache_off():
             outputs, trajectory = march.march(problem, inputs, inputs.y0.detach().clone(), recorder)
     finally:
         problem.field.next_call_hook = None

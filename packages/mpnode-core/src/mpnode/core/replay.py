@@ -247,6 +247,26 @@ def output_neutral_buffers(modules: Iterable[torch.nn.Module]) -> list[torch.Ten
     return [b for m in norms for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
 
 
+@contextlib.contextmanager
+def parametrize_cache_off() -> Iterator[None]:
+    """Turn ``torch.nn.utils.parametrize.cached()`` off for a graph-free forward or a recompute backward.
+
+    Inside ``cached()`` the first access of a parametrized weight stores it for the whole region: computed in the
+    graph-free forward it would be stored without a graph, so the recomputation (and the caller's own uses of the
+    weight in the region) would read it with no gradient to the original parameters.  With caching off each
+    evaluation computes the weight from them, as outside ``cached()`` (the caller's cache is left as it was).
+    ``_cache_enabled`` is torch's private counter of the nested ``cached()`` regions.
+    """
+    from torch.nn.utils import parametrize
+
+    enabled = getattr(parametrize, "_cache_enabled", 0)
+    parametrize._cache_enabled = 0
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled = enabled
+
+
 def module_buffers(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
     """The buffers of ``modules`` and their submodules, each once."""
     return list({id(b): b for m in modules for b in m.buffers()}.values())
@@ -284,8 +304,8 @@ class Replay:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Around a whole backward pass: the forward's module modes are set; the caller's generator states, buffers
-        and module modes are restored at exit."""
+        """Around a whole backward pass: the forward's module modes are set, ``parametrize.cached()`` is off; the
+        caller's generator states, buffers and module modes are restored at exit."""
         saved = [(b, b.detach().clone()) for b in self.buffers]
         generators = self.randomness.generators if self.randomness is not None else None
         outer = generators.capture() if generators is not None else None
@@ -295,7 +315,8 @@ class Replay:
         try:
             for m, training in self.modes:
                 m.training = training  # per module (module.train() would recurse into children)
-            yield
+            with parametrize_cache_off():
+                yield
         finally:
             for m, training in callers:
                 m.training = training
