@@ -888,3 +888,64 @@ def test_parametrize_cached_around_solve_and_backward(strategy):
             loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in lin.parameters()]))
     assert _rel(grads[0], grads[1]) < 1e-6
+
+
+def test_rebound_encoding_in_a_summed_loss_names_the_rebinding():
+    """Lambdas made in a loop read the loop's latest encoding: the first solve's backward meets the second one
+    (the message named only adjoint_params, which would not help)."""
+    torch.manual_seed(5)
+    lin, encoder = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    y0, t = torch.randn(3, 4), torch.linspace(0, 1, 3)
+    total = 0
+    for x in (torch.randn(4), torch.randn(4)):
+        c = encoder(x)
+        total = total + odeint(lambda t, y: torch.tanh(lin(y) + c), y0, t, method="rk4",
+                               options={"step_size": 0.25}).pow(2).sum()
+    with pytest.raises(RuntimeError, match=r"computed from the same 2 grad-requiring.*rebound.*lambda made in a "
+                                           r"loop.*adjoint_params would not help.*DirectAdjoint\(\)"):
+        total.backward()
+    assert all(p.grad is None for p in (*lin.parameters(), *encoder.parameters()))
+
+
+class _SinceStepStart(torch.nn.Module):
+    """Reads the step's start time that its callback_step stores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.t0 = None
+
+    def callback_step(self, t0, y0, dt):
+        self.t0 = t0
+
+    def forward(self, t, y):
+        return torch.tanh(self.lin(y)) + 0.1 * (t - self.t0)
+
+
+def test_field_reading_what_a_callback_sets_names_callbacks():
+    f = _SinceStepStart()
+    out = odeint(f, torch.randn(3, 4), torch.linspace(0, 1, 3), method="rk4", options={"step_size": 0.25})
+    with pytest.raises(RuntimeError, match=r"read other tensors.*a callback sets \(callback_step.*do not run while "
+                                           r"backward recomputes.*DirectAdjoint\(\)"):
+        out.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["constant-context", "encoded-context"])
+def test_context_replaced_before_backward_is_refused_with_a_bfloat16_checkpoint(grad, device):
+    """The output comparison is made at the forward's own state when the checkpoint of y0 was rounded."""
+    field = _Conditioned(device)
+    encoder, contexts = _two_contexts(device, grad)
+    loss = _loss_of_two_solves(odeint, lambda c: setattr(field, "context", c), field, contexts, device,
+                               adjoint=RecomputeAdjoint(checkpoint_dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"_Conditioned\.context .*replaced by another tensor"):
+        loss.backward()
+
+
+def test_self_rebinding_field_with_a_bfloat16_checkpoint_is_not_refused():
+    torch.manual_seed(6)
+    f = _Monitored()
+    y0, t = torch.randn(5, 4), torch.linspace(0, 1, 3)
+    for _ in range(2):
+        odeint(f, y0, t, method="rk4", options={"step_size": 0.25},
+               adjoint=RecomputeAdjoint(checkpoint_dtype=torch.bfloat16)).pow(2).sum().backward()
+    assert all(p.grad is not None for p in f.parameters())

@@ -148,8 +148,9 @@ class FirstReads:
             f"odeint: func read other tensors when backward recomputed its first evaluation than in the forward "
             f"pass: {len(missing)} tensor(s) it read then (shapes {shapes}) were not read now (new ones read "
             f"instead: {instead}), e.g. a module attribute, captured variable or global set to another tensor "
-            "between this solve and its backward (or by a callback: callbacks do not run while steps are "
-            "recomputed); " + REPLACED_TENSOR_FIXES
+            "between this solve and its backward, or one a callback sets (callback_step and the other callbacks do "
+            "not run while backward recomputes steps, so func sees what the last callback left); "
+            + REPLACED_TENSOR_FIXES
         )
 
     def _same_output(self, func: Callable, t: torch.Tensor, y: Any, out: Any, reset: Callable[[], None]) -> bool:
