@@ -899,7 +899,7 @@ def test_rebound_encoding_in_a_summed_loss_names_the_rebinding():
     total = 0
     for x in (torch.randn(4), torch.randn(4)):
         c = encoder(x)
-        total = total + odeint(lambda t, y: torch.tanh(lin(y) + c), y0, t, method="rk4",
+        total = total + odeint(lambda t, y: torch.tanh(lin(y) + c), y0, t, method="rk4",  # noqa: B023 (the late binding under test)
                                options={"step_size": 0.25}).pow(2).sum()
     with pytest.raises(RuntimeError, match=r"computed from the same 2 grad-requiring.*rebound.*lambda made in a "
                                            r"loop.*adjoint_params would not help.*DirectAdjoint\(\)"):
@@ -934,7 +934,7 @@ def test_field_reading_what_a_callback_sets_names_callbacks():
 def test_context_replaced_before_backward_is_refused_with_a_bfloat16_checkpoint(grad, device):
     """The output comparison is made at the forward's own state when the checkpoint of y0 was rounded."""
     field = _Conditioned(device)
-    encoder, contexts = _two_contexts(device, grad)
+    _, contexts = _two_contexts(device, grad)
     loss = _loss_of_two_solves(odeint, lambda c: setattr(field, "context", c), field, contexts, device,
                                adjoint=RecomputeAdjoint(checkpoint_dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match=r"_Conditioned\.context .*replaced by another tensor"):

@@ -38,8 +38,16 @@ from .guards import FirstReads, VersionRecord, check_solution
 from .march import AdaptiveMarch, March
 from .parameters import CapturedTensorProbe
 from .precision import PrecisionPolicy
-from .replay import (RandomStates, Replay, StepRandomness, StepTensors, cuda_devices, module_buffers, module_modes,
-                     parametrize_cache_off)
+from .replay import (
+    RandomStates,
+    Replay,
+    StepRandomness,
+    StepTensors,
+    cuda_devices,
+    module_buffers,
+    module_modes,
+    parametrize_cache_off,
+)
 
 
 @dataclass
@@ -109,8 +117,9 @@ def tracked_forward(problem: Problem, march: March, inputs: SolveInputs, recorde
     modules = [*inputs.modules, *probe.modules]
     buffers = module_buffers(modules)
     buffers += [x for x in probe.modified if all(x is not b for b in buffers)]
+    reads = FirstReads(probe.reads(), modules, first_evaluation[0] if first_evaluation else None)
     replay = Replay(randomness if randomness is not None and randomness.consumed else None, buffers,
-                    module_modes(modules), FirstReads(probe.reads(), modules, first_evaluation[0] if first_evaluation else None), tensors)
+                    module_modes(modules), reads, tensors)
     versions = VersionRecord([*params, *inputs.constants, inputs.t, inputs.grid, *probe.unchanged_reads()])
     return outputs, TrackedForward(trajectory, params, replay, versions, nfe0)
 

@@ -33,6 +33,7 @@ Both are generic over adjoint strategies: a strategy that recomputes steps wraps
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -149,8 +150,8 @@ class StepTensors:
 
     ``candidates``: the buffers of the modules the solve sees (``modules``, and those called during step 0:
     [`see`][mpnode.core.replay.StepTensors.see]).  [`at_step`][mpnode.core.replay.StepTensors.at_step]
-    (called when step ``n`` starts, before its evaluations, on a fixed grid) keeps a copy of every candidate at
-    step 0, compares them at step 1 to find the ``mutated`` ones, and from then on keeps a copy of those only
+    (called when step ``n`` starts, before its evaluations, on a fixed grid) compares them at step 1 with their
+    values before the march (kept for step 0) to find the ``mutated`` ones, and from then on keeps a copy of those only
     (their bytes per step: ``row_bytes``).  [`finish`][mpnode.core.replay.StepTensors.finish] refuses a candidate
     first modified after step 1 (its per-step values were not kept).  An adaptive march (``per_step=False``)
     cannot be replayed per step (rejected attempts and reused stages also modify them): there the mutated tensors
@@ -160,16 +161,20 @@ class StepTensors:
 
     def __init__(self, modules: Sequence[torch.nn.Module], per_step: bool) -> None:
         self.modules = list(modules)
+        self.thread = threading.get_ident()  # the hook in see() is global: other threads' modules are ignored
         self.per_step = per_step
         self.candidates: list[torch.Tensor] = []
-        self.first: list[torch.Tensor] = []  # every candidate's value at step 0
+        self.first: list[torch.Tensor | None] = []  # every candidate's value at step 0 (the mutated ones' after
+        # finish)
         self.mutated: list[int] = []  # indices into candidates
         self.values: list[list[torch.Tensor]] = []  # steps 1, 2, ...: the mutated ones' values
         self.refusal: str | None = None  # raised when a step is recomputed (a kept-graph backward needs no replay)
+        self.steps = 0  # at_step calls so far
+        self._add(module_buffers(self.modules))  # before the march: step 0's values
 
     def see(self, module: torch.nn.Module, args: object = None) -> None:
         """A module called during step 0 (a forward pre-hook, so before it modifies its buffers): track them."""
-        if all(module is not m for m in self.modules):
+        if threading.get_ident() == self.thread and all(module is not m for m in self.modules):
             self.modules.append(module)
             self._add(module_buffers([module]))
 
@@ -186,9 +191,8 @@ class StepTensors:
         return sum(self.candidates[i].nbytes for i in self.mutated) if self.per_step else 0
 
     def at_step(self, n: int) -> None:
-        if n == 0:
-            self._add(module_buffers(self.modules))
-        if n != 0 and not self.candidates:
+        self.steps += 1
+        if n == 0 or not self.candidates:
             return
         if n == 1:
             self.mutated = self._changed(range(len(self.candidates)))
@@ -198,22 +202,26 @@ class StepTensors:
 
     def finish(self) -> None:
         """After the march: refuse a tensor modified after step 1 that is not tracked."""
-        if self.first:
+        if self.first and self.steps <= 1:  # one step: nothing compared yet
+            self.mutated = self._changed(range(len(self.candidates)))
+            self._refuse([i for i in self.mutated if not self.per_step and not self._neutral(i)])
+        elif self.first:
             late = self._changed(i for i in range(len(self.candidates)) if i not in self.mutated)
             self._refuse([i for i in late if self.per_step or not self._neutral(i)])
-        if not self.per_step:
-            self.first = []
+        # keep step 0's values of the mutated ones only (the others are as the forward left them)
+        self.first = [x if i in self.mutated and self.per_step else None for i, x in enumerate(self.first)]
 
     def restore(self, n: int) -> None:
         """Set the tracked tensors to the values step ``n`` started from (without bumping version counters); raise
         if they cannot be replayed."""
         if self.refusal is not None:
             raise RuntimeError(self.refusal)
-        if not self.per_step or not self.first:
+        if not self.per_step or not self.mutated:
             return
         if n == 0:
             for x, value in zip(self.candidates, self.first):
-                x.data.copy_(value)
+                if value is not None:
+                    x.data.copy_(value)
             return
         for i, value in zip(self.mutated, self.values[n - 1] if self.mutated else ()):
             self.candidates[i].data.copy_(value)
@@ -222,7 +230,7 @@ class StepTensors:
         return any(self.candidates[i] is b for b in output_neutral_buffers(self.modules))
 
     def _changed(self, indices: Iterable[int]) -> list[int]:
-        return [i for i in indices if not torch.equal(self.candidates[i], self.first[i])]
+        return [i for i in indices if not torch.equal(self.candidates[i], self.first[i])]  # type: ignore[arg-type]
 
     def _refuse(self, indices: Sequence[int]) -> None:
         if indices and self.refusal is None:
@@ -235,7 +243,8 @@ class StepTensors:
                    "too, so their per-step values cannot be replayed)" if not self.per_step else
                    "(they were first modified after the first step, so their per-step values were not kept)")
                 + ". Use adjoint=DirectAdjoint() (it keeps the forward's graphs), a fixed grid (options="
-                "{'step_size': ...} or a fixed method such as method='rk4'), or module.eval() for the solve. No gradient was written."
+                "{'step_size': ...} or a fixed method such as method='rk4'), or module.eval() for the solve. "
+                "No gradient was written."
             )
 
 
