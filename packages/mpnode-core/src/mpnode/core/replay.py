@@ -191,6 +191,8 @@ class StepTensors:
         return sum(self.candidates[i].nbytes for i in self.mutated) if self.per_step else 0
 
     def at_step(self, n: int) -> None:
+        """Step ``n`` starts (fixed grid) or was accepted (adaptive): find the mutated buffers (at step 1), keep
+        their values (fixed grid)."""
         self.steps += 1
         if n == 0 or not self.candidates:
             return
