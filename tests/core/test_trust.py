@@ -741,3 +741,211 @@ def test_a_cache_rebuilt_for_a_new_batch_size_is_not_refused(strategy, device):
             out = solve(field, y0, t, method="rk4", options={"step_size": 0.1}, **kwargs)
             grads.append(torch.autograd.grad(out[-1].pow(2).sum(), (y0, *field.parameters())))
         _close(*grads)
+
+
+# -- tensors the field modifies as it runs; rebinding by the field itself ------------------------------------------
+
+
+def _spectral(api: str) -> torch.nn.Module:
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(6, 6).double()
+    if api == "parametrizations":
+        return torch.nn.utils.parametrizations.spectral_norm(lin)
+    return torch.nn.utils.spectral_norm(lin)
+
+
+@pytest.mark.parametrize("api", ["parametrizations", "hook"])
+@pytest.mark.parametrize("strategy", list(RECOMPUTING))
+def test_spectral_norm_in_training_mode_matches_torchdiffeq(api, strategy):
+    """Power iteration updates u/v in place at every evaluation and they change the output: each recomputed step
+    must start from the forward's values (dL/dtheta was 4e-2..1e-1 off, silently)."""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    lin = _spectral(api)
+    state = {k: v.clone() for k, v in lin.state_dict().items()}
+    y0 = torch.randn(3, 6, dtype=torch.float64)
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    grads = []
+    for solve, kwargs in ((odeint, {"adjoint": RECOMPUTING[strategy]()}), (torchdiffeq.odeint, {})):
+        lin.load_state_dict(state)
+        lin.zero_grad()
+        solve(lambda t, y: torch.tanh(lin(y)), y0, t, method="rk4", options={"step_size": 0.125},
+              **kwargs).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lin.parameters()]))
+        after = {k: v.clone() for k, v in lin.state_dict().items()}
+    assert _rel(grads[0], grads[1]) < 1e-10
+    assert all(torch.equal(after[k], lin.state_dict()[k]) for k in after)
+
+
+def test_batch_norm_in_training_mode_still_matches_torchdiffeq():
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh()).double()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    y0 = torch.randn(5, 4, dtype=torch.float64)
+    grads, stats = [], []
+    for solve, kwargs in ((odeint, {"adjoint": RecomputeAdjoint()}), (torchdiffeq.odeint, {})):
+        net.load_state_dict(state)
+        net.zero_grad()
+        solve(lambda t, y: net(y), y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
+              options={"step_size": 0.25}, **kwargs).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        stats.append(net[1].running_mean.clone())
+    assert _rel(grads[0], grads[1]) < 1e-10
+    assert _rel(stats[0], stats[1]) < 1e-12
+
+
+def test_spectral_norm_in_training_mode_on_adaptive_steps_is_refused():
+    lin = _spectral("parametrizations")
+    out = odeint(lambda t, y: torch.tanh(lin(y)), torch.randn(3, 6, dtype=torch.float64),
+                 torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5", adjoint=RecomputeAdjoint())
+    with pytest.raises(RuntimeError, match=r"modifies 2 buffer.*DirectAdjoint\(\).*fixed grid"):
+        out.sum().backward()
+    assert all(p.grad is None for p in lin.parameters())
+
+
+class _Monitored(torch.nn.Module):
+    """Rebinds its own tensor attributes at every call (an NFE counter, an energy monitor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.nfe = torch.zeros(())
+        self.energy = torch.zeros(())
+
+    def forward(self, t, y):
+        dy = torch.tanh(self.lin(y))
+        self.nfe = self.nfe + 1
+        self.energy = self.energy + dy.detach().pow(2).mean()
+        return dy
+
+
+class _CachedEmbedding(torch.nn.Module):
+    """Caches a time embedding (no gradient) on itself, rebuilt only when t changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.cached_t, self.embedding = None, None
+
+    def forward(self, t, y):
+        if self.cached_t != float(t):
+            self.embedding, self.cached_t = torch.sin(torch.arange(4.0) * float(t)), float(t)
+        return torch.tanh(self.lin(y) + self.embedding)
+
+
+@pytest.mark.parametrize("field", [_Monitored, _CachedEmbedding])
+@pytest.mark.parametrize("strategy", list(RECOMPUTING))
+def test_fields_rebinding_their_own_tensors_are_not_refused(field, strategy):
+    """Each solve backpropagated at once: nothing was replaced between solve and backward (was refused)."""
+    torch.manual_seed(3)
+    f = field()
+    y0, t = torch.randn(5, 4), torch.linspace(0, 1, 3)
+    for _ in range(2):
+        grads = []  # two recomputing solves in a row: the second's first evaluation reads what the first left
+        for adjoint in (RECOMPUTING[strategy](), RECOMPUTING[strategy](), DirectAdjoint()):
+            f.zero_grad()
+            odeint(f, y0, t, method="euler", options={"step_size": 0.25}, adjoint=adjoint).pow(2).sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in f.parameters()]))
+        assert _rel(grads[1], grads[2]) < 1e-6
+
+
+def test_whole_number_options_accept_numpy_ints_and_integral_floats():
+    np = pytest.importorskip("numpy")
+    lin = torch.nn.Linear(3, 3)
+
+    def f(t, y):
+        return lin(y)
+
+    y0, t = torch.randn(2, 3), torch.linspace(0, 1, 3)
+    ref = odeint(f, y0, t, method="dopri5")
+    for kwargs in ({"options": {"max_num_steps": np.int64(1000)}}, {"options": {"max_num_steps": 1e4}},
+                   {"adjoint": AutoAdjoint(budget_bytes=1e9)}, {"adjoint": SegmentedAdjoint(checkpoints=np.int64(4))}):
+        assert torch.equal(odeint(f, y0, t, method="dopri5", **kwargs), ref)
+    with pytest.raises(ValueError, match=r"checkpoints must be a whole number >= 1, got 2\.5 \(a fraction\)"):
+        SegmentedAdjoint(checkpoints=2.5)
+
+
+class _Symmetric(torch.nn.Module):
+    def forward(self, x):
+        return x.triu() + x.triu(1).T
+
+
+@pytest.mark.parametrize("strategy", list(RECOMPUTING))
+def test_parametrize_cached_around_solve_and_backward(strategy):
+    """``with parametrize.cached(): loss = odeint(...) + uses of the weight; loss.backward()`` (was refused; and a
+    weight cached by the graph-free forward would have reached the caller's later uses without a gradient)."""
+    parametrize = torch.nn.utils.parametrize
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(4, 4)
+    parametrize.register_parametrization(lin, "weight", _Symmetric())
+    y0, x = torch.randn(5, 4), torch.randn(2, 4)
+    grads = []
+    for adjoint in (RECOMPUTING[strategy](), DirectAdjoint()):
+        lin.zero_grad()
+        with parametrize.cached():
+            loss = odeint(lambda t, y: torch.tanh(lin(y)), y0, torch.linspace(0, 1, 3), method="rk4",
+                          options={"step_size": 0.25}, adjoint=adjoint).pow(2).sum() + lin(x).pow(2).sum()
+            loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lin.parameters()]))
+    assert _rel(grads[0], grads[1]) < 1e-6
+
+
+def test_rebound_encoding_in_a_summed_loss_names_the_rebinding():
+    """Lambdas made in a loop read the loop's latest encoding: the first solve's backward meets the second one
+    (the message named only adjoint_params, which would not help)."""
+    torch.manual_seed(5)
+    lin, encoder = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    y0, t = torch.randn(3, 4), torch.linspace(0, 1, 3)
+    total = 0
+    for x in (torch.randn(4), torch.randn(4)):
+        c = encoder(x)
+        total = total + odeint(lambda t, y: torch.tanh(lin(y) + c), y0, t, method="rk4",  # noqa: B023 (the late binding under test)
+                               options={"step_size": 0.25}).pow(2).sum()
+    with pytest.raises(RuntimeError, match=r"computed from the same 2 grad-requiring.*rebound.*lambda made in a "
+                                           r"loop.*adjoint_params would not help.*DirectAdjoint\(\)"):
+        total.backward()
+    assert all(p.grad is None for p in (*lin.parameters(), *encoder.parameters()))
+
+
+class _SinceStepStart(torch.nn.Module):
+    """Reads the step's start time that its callback_step stores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.t0 = None
+
+    def callback_step(self, t0, y0, dt):
+        self.t0 = t0
+
+    def forward(self, t, y):
+        return torch.tanh(self.lin(y)) + 0.1 * (t - self.t0)
+
+
+def test_field_reading_what_a_callback_sets_names_callbacks():
+    f = _SinceStepStart()
+    out = odeint(f, torch.randn(3, 4), torch.linspace(0, 1, 3), method="rk4", options={"step_size": 0.25})
+    with pytest.raises(RuntimeError, match=r"read other tensors.*a callback sets \(callback_step.*do not run while "
+                                           r"backward recomputes.*DirectAdjoint\(\)"):
+        out.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["constant-context", "encoded-context"])
+def test_context_replaced_before_backward_is_refused_with_a_bfloat16_checkpoint(grad, device):
+    """The output comparison is made at the forward's own state when the checkpoint of y0 was rounded."""
+    field = _Conditioned(device)
+    _, contexts = _two_contexts(device, grad)
+    loss = _loss_of_two_solves(odeint, lambda c: setattr(field, "context", c), field, contexts, device,
+                               adjoint=RecomputeAdjoint(checkpoint_dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"_Conditioned\.context .*replaced by another tensor"):
+        loss.backward()
+
+
+def test_self_rebinding_field_with_a_bfloat16_checkpoint_is_not_refused():
+    torch.manual_seed(6)
+    f = _Monitored()
+    y0, t = torch.randn(5, 4), torch.linspace(0, 1, 3)
+    for _ in range(2):
+        odeint(f, y0, t, method="rk4", options={"step_size": 0.25},
+               adjoint=RecomputeAdjoint(checkpoint_dtype=torch.bfloat16)).pow(2).sum().backward()
+    assert all(p.grad is not None for p in f.parameters())

@@ -38,6 +38,7 @@ import torch
 
 from .contracts import FirstStageMode, Problem, StepGraph, Trajectory
 from .graphs import evaluate_step
+from .guards import REPLACED_TENSOR_FIXES
 from .march import rerun
 from .parameters import KnownTensors
 from .replay import Replay
@@ -477,6 +478,14 @@ def _refuse_untracked(graph: StepGraph, known: KnownTensors) -> None:
     """
     roots = [*graph.stages.ks, *([graph.end_slope] if graph.end_slope is not None else [])]
     lost = known.untracked(roots, graph.leaves())
+    if lost and known.computed_from(lost):
+        raise RuntimeError(
+            f"odeint: func now reads a tensor computed from the same {len(lost)} grad-requiring tensor(s) (shapes "
+            f"{', '.join(str(tuple(p.shape)) for p in lost)}) as a tensor it read in this solve's forward pass, "
+            "but not that tensor: a captured variable, attribute or global was rebound between the solve and its "
+            "backward (e.g. a lambda made in a loop reads the loop's latest variable, not the one of its solve), "
+            "and adjoint_params would not help; " + REPLACED_TENSOR_FIXES
+        )
     if lost:
         shapes = ", ".join(str(tuple(p.shape)) for p in lost)
         raise ValueError(

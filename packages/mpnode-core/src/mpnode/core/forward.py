@@ -31,13 +31,23 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .contracts import ForwardingRecorder, Problem, Recorder, SolveInputs, Trajectory
 from .guards import FirstReads, VersionRecord, check_solution
 from .march import AdaptiveMarch, March
 from .parameters import CapturedTensorProbe
 from .precision import PrecisionPolicy
-from .replay import RandomStates, Replay, StepRandomness, cuda_devices, module_buffers, module_modes
+from .replay import (
+    RandomStates,
+    Replay,
+    StepRandomness,
+    StepTensors,
+    cuda_devices,
+    module_buffers,
+    module_modes,
+    parametrize_cache_off,
+)
 
 
 @dataclass
@@ -82,19 +92,23 @@ def tracked_forward(problem: Problem, march: March, inputs: SolveInputs, recorde
         randomness = StepRandomness(RandomStates(cuda_devices([inputs.y0, *inputs.params, *inputs.constants])))
         randomness.start()
         recorder = (_RefuseRandomness if adaptive else _RandomnessRecorder)(recorder, randomness)
+    tensors = StepTensors(inputs.modules, not adaptive)
+    recorder = _TensorsRecorder(recorder, tensors)
     probe = CapturedTensorProbe()  # also without discovery: the modules called and the tensors read
     first_call = probe
     if randomness is not None:
         first_call = _checked_call(probe, functools.partial(_after_first_call, probe, randomness, adaptive))
-    problem.field.next_call_hook = first_call
+    first_evaluation: list = []
+    problem.field.next_call_hook = _seeing_modules(first_call, tensors, first_evaluation)
     nfe0 = problem.field.nfe
     forget_cached_casts(problem.policy)
     try:
-        with torch.no_grad(), problem.policy.autocast():
+        with torch.no_grad(), problem.policy.autocast(), parametrize_cache_off():
             outputs, trajectory = march.march(problem, inputs, inputs.y0.detach().clone(), recorder)
     finally:
         problem.field.next_call_hook = None
     check_solution(outputs, problem.policy)
+    tensors.finish()
     if randomness is not None and randomness.finish() and adaptive:
         raise RuntimeError(ADAPTIVE_RANDOMNESS_REFUSED)
     params = list(inputs.params)
@@ -103,8 +117,9 @@ def tracked_forward(problem: Problem, march: March, inputs: SolveInputs, recorde
     modules = [*inputs.modules, *probe.modules]
     buffers = module_buffers(modules)
     buffers += [x for x in probe.modified if all(x is not b for b in buffers)]
+    reads = FirstReads(probe.reads(), modules, first_evaluation[0] if first_evaluation else None)
     replay = Replay(randomness if randomness is not None and randomness.consumed else None, buffers,
-                    module_modes(modules), FirstReads(probe.reads(), modules))
+                    module_modes(modules), reads, tensors)
     versions = VersionRecord([*params, *inputs.constants, inputs.t, inputs.grid, *probe.unchanged_reads()])
     return outputs, TrackedForward(trajectory, params, replay, versions, nfe0)
 
@@ -149,6 +164,22 @@ def _refuse_draws(randomness: StepRandomness) -> None:
         raise RuntimeError(ADAPTIVE_RANDOMNESS_REFUSED)
 
 
+def _seeing_modules(call, tensors: StepTensors, first: list):
+    """A one-shot field hook: ``call``, with every module called shown to ``tensors`` before it runs; appends
+    ``(t, y, output)`` to ``first`` (held for [`FirstReads`][mpnode.core.guards.FirstReads]: one state-sized output)."""
+
+    def seeing(func, t, y):
+        handle = register_module_forward_pre_hook(tensors.see)
+        try:
+            out = call(func, t, y)
+        finally:
+            handle.remove()
+        first.append((t, y, out))
+        return out
+
+    return seeing
+
+
 def _checked_call(probe, check):
     """A one-shot field hook: the evaluation (through ``probe`` when discovering), then ``check()``."""
 
@@ -182,4 +213,20 @@ class _RandomnessRecorder(ForwardingRecorder[Recorder]):
 
     def record(self, n, y, first_stage):
         self.randomness.at_step(n)
+        self.inner.record(n, y, first_stage)
+
+
+class _TensorsRecorder(ForwardingRecorder[Recorder]):
+    """Passes each step on to ``inner`` after keeping the values of the buffers the field modifies in place
+    ([`StepTensors`][mpnode.core.replay.StepTensors]); their bytes per step count against an AutoAdjoint budget."""
+
+    def __init__(self, inner: Recorder, tensors: StepTensors) -> None:
+        self.inner, self.tensors = inner, tensors
+
+    def record(self, n, y, first_stage):
+        self.tensors.at_step(n)
+        if n == 1 and self.tensors.row_bytes:
+            count = getattr(self.inner, "count_row_bytes", None)
+            if count is not None:
+                count(self.tensors.row_bytes)
         self.inner.record(n, y, first_stage)

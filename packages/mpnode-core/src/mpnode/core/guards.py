@@ -88,56 +88,106 @@ class FirstReads:
     is accepted.  Python numbers (``f.beta = 2.0``) are not tensors and are not seen.
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], modules: Iterable[torch.nn.Module]) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], modules: Iterable[torch.nn.Module],
+                 first: tuple[Any, Any, Any] | None = None) -> None:
         self.tensors = list(tensors)
         self.bindings = list(_bindings(modules, {id(x) for x in self.tensors}))
+        self.first = first  # the forward's first evaluation: (t, y, output)
         self.pending = True  # check_bindings still to run in this backward pass
+        self.replaced: list[str] = []  # the rebound attributes that held a tensor without gradient
 
     def start_pass(self) -> None:
         """A backward pass begins: check the bindings again before its first recomputed step."""
         self.pending = True
 
     def check_bindings(self) -> None:
-        """Raise if a module attribute that held one of the tensors now holds another (once per pass)."""
+        """Raise if a module attribute that held one of the grad-requiring tensors now holds another (once per
+        pass); one that held a tensor without gradient is noted for [`watch`][mpnode.core.guards.FirstReads.watch],
+        which refuses it only if the output of the first evaluation changed."""
         if not self.pending:
             return
+        self.replaced = []
         for module, entries, name, old in self.bindings:
             now = entries.get(name)
             if now is not old and not _same_constant(now, old):
-                raise RuntimeError(
-                    f"odeint: {type(module).__name__}.{name} (a tensor of shape {tuple(old.shape)} that func read "
-                    f"in this solve's forward pass) was replaced by "
-                    f"{'another tensor' if isinstance(now, torch.Tensor) else repr(now)} before its backward pass; "
-                    + REPLACED_TENSOR_FIXES
-                )
+                what = (f"{type(module).__name__}.{name} (a tensor of shape {tuple(old.shape)} that func read in this "
+                        f"solve's forward pass) was replaced by "
+                        f"{'another tensor' if isinstance(now, torch.Tensor) else repr(now)} before its backward pass")
+                if old.requires_grad:
+                    raise RuntimeError(f"odeint: {what}; " + REPLACED_TENSOR_FIXES)
+                self.replaced.append(what)
         self.pending = False
 
     @contextlib.contextmanager
-    def watch(self, field: FlatVectorField) -> Iterator[None]:
-        """Around the recomputation of step 0: its first evaluation of ``func`` must read every held tensor."""
-        field.next_call_hook = self._compare
+    def watch(self, field: FlatVectorField, reset: Callable[[], None]) -> Iterator[None]:
+        """Around the recomputation of step 0: its first evaluation of ``func`` must read every held tensor, or
+        (tensors without gradient) give the forward's output again; ``reset()`` sets step 0's replayed state."""
+        field.next_call_hook = functools.partial(self._compare, reset=reset)
         try:
             yield
         finally:
             field.next_call_hook = None
 
-    def _compare(self, func: Callable, t: torch.Tensor, y: Any) -> Any:
+    def _compare(self, func: Callable, t: torch.Tensor, y: Any, reset: Callable[[], None]) -> Any:
         probe = CapturedTensorProbe()
         out = probe(func, t, y)
         reads = probe.reads()
         seen, held = {id(x) for x in reads}, {id(x) for x in self.tensors}
         fresh = [x for x in reads if id(x) not in held]
         missing = [x for x in self.tensors if id(x) not in seen and not any(_same_constant(z, x) for z in fresh)]
-        if missing:
-            shapes = ", ".join(str(tuple(x.shape)) for x in missing)
-            instead = ", ".join(str(tuple(x.shape)) for x in fresh) or "none"
-            raise RuntimeError(
-                f"odeint: func read other tensors when backward recomputed its first evaluation than in the forward "
-                f"pass: {len(missing)} tensor(s) it read then (shapes {shapes}) were not read now (new ones read "
-                f"instead: {instead}), e.g. a module attribute, captured variable or global set to another tensor "
-                "between this solve and its backward; " + REPLACED_TENSOR_FIXES
-            )
-        return out
+        if not missing and not self.replaced:
+            return out
+        if not any(x.requires_grad for x in missing) and self._same_output(func, t, y, out, reset):
+            return out if self.first is None or _same_input(self.first, t, y) else _again(func, t, y, reset)
+        if self.replaced:
+            raise RuntimeError("odeint: " + "; ".join(self.replaced) + ", and func's output changed; "
+                               + REPLACED_TENSOR_FIXES)
+        shapes = ", ".join(str(tuple(x.shape)) for x in missing)
+        instead = ", ".join(str(tuple(x.shape)) for x in fresh) or "none"
+        raise RuntimeError(
+            f"odeint: func read other tensors when backward recomputed its first evaluation than in the forward "
+            f"pass: {len(missing)} tensor(s) it read then (shapes {shapes}) were not read now (new ones read "
+            f"instead: {instead}), e.g. a module attribute, captured variable or global set to another tensor "
+            "between this solve and its backward, or one a callback sets (callback_step and the other callbacks do "
+            "not run while backward recomputes steps, so func sees what the last callback left); "
+            + REPLACED_TENSOR_FIXES
+        )
+
+    def _same_output(self, func: Callable, t: torch.Tensor, y: Any, out: Any, reset: Callable[[], None]) -> bool:
+        """Whether the recomputation's first evaluation gives the forward's output at the forward's input (evaluated
+        once more there when the recomputation starts from a rounded checkpoint)."""
+        if self.first is None:
+            return False
+        t0, y0, out0 = self.first
+        if not _same_input(self.first, t, y):
+            reset()
+            with torch.no_grad():
+                out = func(t0, y0)
+        return _same_tensors(out, out0)
+
+
+def _same_input(first: tuple[Any, Any, Any], t: torch.Tensor, y: Any) -> bool:
+    return _same_tensors((first[0], first[1]), (t, y))
+
+
+def _same_tensors(a: Any, b: Any) -> bool:
+    xs, ys = list(_flat_tensors(a)), list(_flat_tensors(b))
+    return len(xs) == len(ys) and all(x.shape == z.shape and x.dtype == z.dtype and bool(torch.equal(x.detach(), z))
+                                      for x, z in zip(xs, ys))
+
+
+def _flat_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _flat_tensors(x)
+
+
+def _again(func: Callable, t: torch.Tensor, y: Any, reset: Callable[[], None]) -> Any:
+    """The recomputation's first evaluation once more, from step 0's replayed state (a check evaluation ran)."""
+    reset()
+    return func(t, y)
 
 
 def _bindings(modules: Iterable[torch.nn.Module],

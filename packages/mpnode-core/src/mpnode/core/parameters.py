@@ -312,6 +312,13 @@ class KnownTensors:
     def __init__(self, known: Sequence[torch.Tensor]) -> None:
         self.ids = {id(p) for p in known}
         self.stop = {(p.grad_fn, p.output_nr) for p in known if p.grad_fn is not None}
+        self.computed = [p for p in known if p.grad_fn is not None]  # differentiated non-leaves (an encoding)
+
+    def computed_from(self, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Those of ``leaves`` that a differentiated non-leaf was computed from: a tensor computed from them that the
+        solve does not differentiate most likely replaced that one (a rebound variable or attribute)."""
+        ancestors = {id(x) for x in KnownTensors(()).untracked(self.computed)} if self.computed else set()
+        return [x for x in leaves if id(x) in ancestors]
 
     def untracked(self, roots: Sequence[torch.Tensor], extra: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
         """The untracked leaves reachable from ``roots``; ``extra`` are more known leaves (the step's inputs)."""

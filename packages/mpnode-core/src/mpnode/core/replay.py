@@ -33,6 +33,7 @@ Both are generic over adjoint strategies: a strategy that recomputes steps wraps
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -142,6 +143,141 @@ class StepRandomness:
         return self.states[n - self.first_changed]
 
 
+class StepTensors:
+    """Per-step values of the tensors the field itself modifies in place while it runs (spectral norm's power
+    iteration vectors ``u``/``v``, BatchNorm's running statistics, a counter buffer), for a recompute backward to
+    set before it evaluates each step again.
+
+    ``candidates``: the buffers of the modules the solve sees (``modules``, and those called during step 0:
+    [`see`][mpnode.core.replay.StepTensors.see]).  [`at_step`][mpnode.core.replay.StepTensors.at_step]
+    (called when step ``n`` starts, before its evaluations, on a fixed grid) compares them at step 1 with their
+    values before the march (kept for step 0) to find the ``mutated`` ones, and from then on keeps a copy of those only
+    (their bytes per step: ``row_bytes``).  [`finish`][mpnode.core.replay.StepTensors.finish] refuses a candidate
+    first modified after step 1 (its per-step values were not kept).  An adaptive march (``per_step=False``)
+    cannot be replayed per step (rejected attempts and reused stages also modify them): there the mutated tensors
+    must not change the field's output (BatchNorm's running statistics in training mode), else the solve is
+    refused.
+    """
+
+    def __init__(self, modules: Sequence[torch.nn.Module], per_step: bool) -> None:
+        self.modules = list(modules)
+        self.thread = threading.get_ident()  # the hook in see() is global: other threads' modules are ignored
+        self.per_step = per_step
+        self.candidates: list[torch.Tensor] = []
+        self.first: list[torch.Tensor | None] = []  # every candidate's value at step 0 (the mutated ones' after
+        # finish)
+        self.mutated: list[int] = []  # indices into candidates
+        self.values: list[list[torch.Tensor]] = []  # steps 1, 2, ...: the mutated ones' values
+        self.refusal: str | None = None  # raised when a step is recomputed (a kept-graph backward needs no replay)
+        self.steps = 0  # at_step calls so far
+        self._add(module_buffers(self.modules))  # before the march: step 0's values
+
+    def see(self, module: torch.nn.Module, args: object = None) -> None:
+        """A module called during step 0 (a forward pre-hook, so before it modifies its buffers): track them."""
+        if threading.get_ident() == self.thread and all(module is not m for m in self.modules):
+            self.modules.append(module)
+            self._add(module_buffers([module]))
+
+    def _add(self, buffers: Iterable[torch.Tensor]) -> None:
+        known = {id(x) for x in self.candidates}
+        for b in buffers:
+            if id(b) not in known:
+                known.add(id(b))
+                self.candidates.append(b)
+                self.first.append(b.detach().clone())
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(self.candidates[i].nbytes for i in self.mutated) if self.per_step else 0
+
+    def at_step(self, n: int) -> None:
+        """Step ``n`` starts (fixed grid) or was accepted (adaptive): find the mutated buffers (at step 1), keep
+        their values (fixed grid)."""
+        self.steps += 1
+        if n == 0 or not self.candidates:
+            return
+        if n == 1:
+            self.mutated = self._changed(range(len(self.candidates)))
+            self._refuse([i for i in self.mutated if not self.per_step and not self._neutral(i)])
+        if self.per_step and self.mutated:
+            self.values.append([self.candidates[i].detach().clone() for i in self.mutated])
+
+    def finish(self) -> None:
+        """After the march: refuse a tensor modified after step 1 that is not tracked."""
+        if self.first and self.steps <= 1:  # one step: nothing compared yet
+            self.mutated = self._changed(range(len(self.candidates)))
+            self._refuse([i for i in self.mutated if not self.per_step and not self._neutral(i)])
+        elif self.first:
+            late = self._changed(i for i in range(len(self.candidates)) if i not in self.mutated)
+            self._refuse([i for i in late if self.per_step or not self._neutral(i)])
+        # keep step 0's values of the mutated ones only (the others are as the forward left them)
+        self.first = [x if i in self.mutated and self.per_step else None for i, x in enumerate(self.first)]
+
+    def restore(self, n: int) -> None:
+        """Set the tracked tensors to the values step ``n`` started from (without bumping version counters); raise
+        if they cannot be replayed."""
+        if self.refusal is not None:
+            raise RuntimeError(self.refusal)
+        if not self.per_step or not self.mutated:
+            return
+        if n == 0:
+            for x, value in zip(self.candidates, self.first):
+                if value is not None:
+                    x.data.copy_(value)
+            return
+        for i, value in zip(self.mutated, self.values[n - 1] if self.mutated else ()):
+            self.candidates[i].data.copy_(value)
+
+    def _neutral(self, i: int) -> bool:
+        return any(self.candidates[i] is b for b in output_neutral_buffers(self.modules))
+
+    def _changed(self, indices: Iterable[int]) -> list[int]:
+        return [i for i in indices if not torch.equal(self.candidates[i], self.first[i])]  # type: ignore[arg-type]
+
+    def _refuse(self, indices: Sequence[int]) -> None:
+        if indices and self.refusal is None:
+            shapes = ", ".join(str(tuple(self.candidates[i].shape)) for i in indices)
+            self.refusal = (
+                f"odeint: func modifies {len(indices)} buffer(s) in place as it runs (shapes {shapes}; e.g. spectral "
+                "norm's power iteration in training mode) and they change its output, so a recompute backward "
+                "would evaluate each step with other values than the forward did "
+                + ("(this solve chooses its steps adaptively, and rejected attempts and reused stages modify them "
+                   "too, so their per-step values cannot be replayed)" if not self.per_step else
+                   "(they were first modified after the first step, so their per-step values were not kept)")
+                + ". Use adjoint=DirectAdjoint() (it keeps the forward's graphs), a fixed grid (options="
+                "{'step_size': ...} or a fixed method such as method='rk4'), or module.eval() for the solve. "
+                "No gradient was written."
+            )
+
+
+def output_neutral_buffers(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
+    """The buffers a module updates in training mode without reading them for its output: the running statistics
+    of batch/instance norms in training mode (their output uses the batch's statistics)."""
+    norms = [m for top in modules for m in top.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training]
+    return [b for m in norms for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+
+@contextlib.contextmanager
+def parametrize_cache_off() -> Iterator[None]:
+    """Turn ``torch.nn.utils.parametrize.cached()`` off for a graph-free forward or a recompute backward.
+
+    Inside ``cached()`` the first access of a parametrized weight stores it for the whole region: computed in the
+    graph-free forward it would be stored without a graph, so the recomputation (and the caller's own uses of the
+    weight in the region) would read it with no gradient to the original parameters.  With caching off each
+    evaluation computes the weight from them, as outside ``cached()`` (the caller's cache is left as it was).
+    ``_cache_enabled`` is torch's private counter of the nested ``cached()`` regions.
+    """
+    from torch.nn.utils import parametrize
+
+    enabled = getattr(parametrize, "_cache_enabled", 0)
+    parametrize._cache_enabled = 0
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled = enabled
+
+
 def module_buffers(modules: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
     """The buffers of ``modules`` and their submodules, each once."""
     return list({id(b): b for m in modules for b in m.buffers()}.values())
@@ -165,19 +301,22 @@ class Replay:
             backward pass, the caller's flags given back when it ends.
         reads: the tensors the forward's first evaluation read, checked around recomputed steps
             ([`recomputing`][mpnode.core.replay.Replay.recomputing]).
+        tensors: the per-step values of the buffers the field modifies in place, set before each recomputed step.
     """
 
     def __init__(self, randomness: StepRandomness | None = None, buffers: Sequence[torch.Tensor] = (),
-                 modes: Sequence[tuple[torch.nn.Module, bool]] = (), reads: FirstReads | None = None) -> None:
+                 modes: Sequence[tuple[torch.nn.Module, bool]] = (), reads: FirstReads | None = None,
+                 tensors: StepTensors | None = None) -> None:
         self.randomness = randomness
+        self.tensors = tensors
         self.buffers = list(buffers)
         self.modes = list(modes)
         self.reads = reads
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Around a whole backward pass: the forward's module modes are set; the caller's generator states, buffers
-        and module modes are restored at exit."""
+        """Around a whole backward pass: the forward's module modes are set, ``parametrize.cached()`` is off; the
+        caller's generator states, buffers and module modes are restored at exit."""
         saved = [(b, b.detach().clone()) for b in self.buffers]
         generators = self.randomness.generators if self.randomness is not None else None
         outer = generators.capture() if generators is not None else None
@@ -187,7 +326,8 @@ class Replay:
         try:
             for m, training in self.modes:
                 m.training = training  # per module (module.train() would recurse into children)
-            yield
+            with parametrize_cache_off():
+                yield
         finally:
             for m, training in callers:
                 m.training = training
@@ -197,7 +337,9 @@ class Replay:
                 b.data.copy_(value)  # .data: the forward's values again, so the version counter is left alone
 
     def before_step(self, n: int) -> None:
-        """Set the generators to the state forward step ``n`` started from (no-op without randomness)."""
+        """Set the generators and the buffers the field modifies to the state forward step ``n`` started from."""
+        if self.tensors is not None:
+            self.tensors.restore(n)
         if self.randomness is not None:
             self.randomness.generators.restore(self.randomness.state(n))
 
@@ -208,4 +350,4 @@ class Replay:
         if self.reads is None:
             return contextlib.nullcontext()
         self.reads.check_bindings()
-        return self.reads.watch(field) if n == 0 else contextlib.nullcontext()
+        return self.reads.watch(field, lambda: self.before_step(0)) if n == 0 else contextlib.nullcontext()

@@ -223,6 +223,10 @@ class _BudgetedKept(ForwardingRecorder[Kept], Kept):
     def finish(self) -> tuple[list[torch.Tensor], SavedReader]:
         return self.inner.finish()
 
+    def count_row_bytes(self, nbytes: int) -> None:
+        """Each recorded step also holds ``nbytes`` of the field's in-place-modified buffers (for their replay)."""
+        self.row_bytes += nbytes
+
     def _unsized(self) -> StoreSetup:
         return StoreSetup(**{**self.setup.__dict__, "rows": None})
 

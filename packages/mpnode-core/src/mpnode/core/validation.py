@@ -9,6 +9,7 @@ a user tableau checks itself ([`ButcherTableau`][mpnode.core.tableau.ButcherTabl
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -104,16 +105,15 @@ def check_number(name: str, value: Any, *, positive: bool = True, finite: bool =
                  integer: bool = False, hint: str = "") -> Any:
     """``value`` checked and returned as a float (an int with ``integer``); the errors name ``name`` and the range.
 
-    ``positive``: ``> 0``, else ``>= 0``; ``finite``: inf is refused; ``at_most``: an upper bound; ``integer``: an
-    ``int`` (not a bool) is required; ``hint`` is appended to the messages.  A value that is not a number (a bool or
+    ``positive``: ``> 0``, else ``>= 0``; ``finite``: inf is refused; ``at_most``: an upper bound; ``integer``: a whole
+    number (an int, ``numpy.int64``, a one-element integer tensor or an integral float such as ``1e4``; not a bool) is
+    required and returned as an ``int``; ``hint`` is appended to the messages.  A value that is not a number (a bool or
     a string such as ``"0.1"`` included) raises
     ``TypeError`` (``ValueError`` for a count), one out of range ``ValueError``, e.g. ``"options['first_step'] must
     be positive and finite, got -1.0"``.
     """
     if integer:
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
-            raise ValueError(f"{name} must be an int >= {1 if positive else 0}, got {value!r}{hint}")
-        return value
+        return _check_count(name, value, 1 if positive else 0, hint)
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {value!r}{hint}")
     if isinstance(value, (str, bytes)):  # float() would parse it; torchdiffeq refuses strings too
@@ -137,3 +137,22 @@ def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def _check_count(name: str, value: Any, least: int, hint: str) -> int:
+    """``value`` as an ``int >= least``: integers of any kind (``numbers.Integral``, integer tensors of one element)
+    and integral floats are accepted (as torchdiffeq accepts them); a bool, a fraction or a non-number raises
+    ``ValueError``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        count = int(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+            and float(value).is_integer():
+        count = int(value)
+    else:
+        kind = "a fraction" if isinstance(value, numbers.Real) and not isinstance(value, bool) else "not a whole number"
+        raise ValueError(f"{name} must be a whole number >= {least}, got {value!r} ({kind}){hint}")
+    if count < least:
+        raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}{hint}")
+    return count
