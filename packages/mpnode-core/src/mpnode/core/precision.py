@@ -132,7 +132,7 @@ class FieldPrecision:
             carries bfloat16 rounding).
         noise: per output part, the relative size of that rounding: the unit roundoff of ``dtypes``, less where
             the low-precision term is added to a larger, more precise one (a float32 physics model plus a small
-            bfloat16 correction), more where an addition cancels.
+            bfloat16 correction).
     """
 
     dtypes: tuple[torch.dtype, ...]
@@ -163,18 +163,23 @@ class RoundoffTrace(TorchFunctionMode):
     its own and its floating tensor arguments', and ``r`` = the larger of its dtype's unit roundoff and
 
     * for an addition or subtraction ``a ± b``: ``(r_a rms(a) + r_b rms(b)) / rms(a ± b)``, the first-order error
-      of a sum: a small bfloat16 term added to a large float32 one adds little noise, a cancellation amplifies it;
+      of a sum, at most the larger of ``r_a``, ``r_b``: a small bfloat16 term added to a large float32 one adds
+      little noise;
     * for a concatenation (``cat``, ``stack``): the RMS of the parts' noise over the RMS of the result;
     * for any other function: the largest ``r`` of its arguments (relative rounding passes through a
       well-conditioned op: ``.float()``, a scale, ``tanh``, a matmul, ``torch.autograd.grad``).
+
+    A cancellation (a sum much smaller than its terms) would amplify the relative noise; it is not modelled, here
+    as inside a matmul: the noise bound built on ``r`` ([`RoundoffNoise`][mpnode.core.tolerance.RoundoffNoise]) is
+    calibrated on the unit roundoff of fields that cancel in places (a CNF's ``1 - tanh^2``), and raising it there
+    costs accuracy.
 
     So ``net(y).float()``, ``gamma * net(y)`` and ``torch.cat([net(y), zeros])`` carry bfloat16 at bfloat16's
     unit roundoff when ``net`` ran in bfloat16 under autocast; a float64 field, or one made of ops autocast keeps in
     float32, carries its own dtype.  Integer and boolean results carry nothing (a comparison selects values, it does
     not round them), and the ``*_like``/``new_*`` factories inherit nothing.  Values that leave tensors
-    (``.item()``, ``float(x)``) escape it, and cancellation inside one op (a matmul whose rows sum to zero) is not
-    seen.  Entered on a field's first evaluation only: Python overhead per torch call, and a few reductions (and
-    host reads) per addition, of that one evaluation.
+    (``.item()``, ``float(x)``) escape it.  Entered on a field's first evaluation only: Python overhead per torch
+    call, and a few reductions (and host reads) per addition, of that one evaluation.
     """
 
     #: functions whose result depends on their tensor arguments' shape, dtype and device only
@@ -250,10 +255,12 @@ def _noise_of(name: str, inputs: Sequence[tuple[torch.Tensor, Any, float]], out:
         weights = [1.0] * len(inputs)
         if isinstance(alpha, (int, float)) and len(inputs) == 2:
             weights[1] = abs(alpha)  # add(a, b, alpha=c) adds c * b
-        return sum(w * r * m for w, (_, _, r), m in zip(weights, inputs, rms[1:])) / rms[0]
-    sizes = [x.numel() for x, _, _ in inputs]
-    noise = sum(n * (r * m) ** 2 for n, (_, _, r), m in zip(sizes, inputs, rms[1:]))
-    return math.sqrt(noise / sum(n * m * m for n, m in zip(sizes, rms[1:])))
+        noise = sum(w * r * m for w, (_, _, r), m in zip(weights, inputs, rms[1:])) / rms[0]
+    else:
+        sizes = [x.numel() for x, _, _ in inputs]
+        noise = math.sqrt(sum(n * (r * m) ** 2 for n, (_, _, r), m in zip(sizes, inputs, rms[1:]))
+                          / sum(n * m * m for n, m in zip(sizes, rms[1:])))
+    return min(noise, largest)  # a cancellation is not modelled (the noise bound is calibrated without it)
 
 
 def _rms(xs: Sequence[torch.Tensor]) -> list[float]:
