@@ -15,7 +15,14 @@ import torch
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 
-from mpnode.core import MixedPrecisionToleranceWarning, SolverStats, odeint  # noqa: E402
+from mpnode.core import (  # noqa: E402
+    AutoAdjoint,
+    MixedPrecisionToleranceWarning,
+    RecomputeAdjoint,
+    SegmentedAdjoint,
+    SolverStats,
+    odeint,
+)
 from mpnode.core.methods import get_tableau  # noqa: E402
 from mpnode.core.precision import FieldPrecision, field_roundoff, unit_roundoff  # noqa: E402
 from mpnode.core.state import FlatState, FlatVectorField  # noqa: E402
@@ -479,10 +486,14 @@ def test_judge_parts_judges_each_part_against_its_own_noise():
 # -- checkpoints follow the field's precision -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("adjoint", ["recompute", "segmented", "auto"])
 @pytest.mark.parametrize("method, options", [("dopri5", {}), ("rk4", {"step_size": 0.05})])
-def test_default_checkpoints_follow_the_precision_the_field_runs_in(method, options, device):
+def test_default_checkpoints_follow_the_precision_the_field_runs_in(method, options, adjoint, device):
     """A field autocast does not lower gets the no-autocast gradients exactly (float32 checkpoints); before,
-    bfloat16 checkpoints made dL/dθ 35-225x less accurate.  A lowered field keeps bfloat16 checkpoints."""
+    bfloat16 checkpoints made dL/dθ 35-225x less accurate.  A lowered field keeps bfloat16 checkpoints.  (A fixed
+    grid records its first state before the first evaluation: the stores hold it until the dtype is known.)"""
+    strategy = {"recompute": RecomputeAdjoint, "segmented": lambda: SegmentedAdjoint(checkpoints=3),
+                "auto": lambda: AutoAdjoint(budget_bytes=1)}[adjoint]
     rate = torch.linspace(-3.0, -0.1, 8, device=device)
     y0, t = torch.randn(16, 8, device=device), torch.linspace(0, 3, 4, device=device)
     lowered = MLPField(dim=8, width=16).to(device)
@@ -497,7 +508,7 @@ def test_default_checkpoints_follow_the_precision_the_field_runs_in(method, opti
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), warnings.catch_warnings():
             warnings.simplefilter("ignore", MixedPrecisionToleranceWarning)
-            y = odeint(func, y0, t, method=method, rtol=1e-7, atol=1e-7, options=options)
+            y = odeint(func, y0, t, method=method, rtol=1e-7, atol=1e-7, options=options, adjoint=strategy())
             grads = torch.autograd.grad(y[-1].float().pow(2).sum(), params)
         return torch.cat([g.reshape(-1) for g in grads]), set(saved)
 

@@ -17,6 +17,7 @@ The built-in strategies are in [`mpnode.core.strategies`][mpnode.core.strategies
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,17 +140,23 @@ class AdjointStrategy(abc.ABC):
 
     def _store_setup(self, problem: Problem, inputs: SolveInputs) -> StoreSetup:
         fixed = inputs.grid_host is not None  # the number of steps is known before the march
-        field, policy = problem.field, problem.policy
-        follow = None  # by default under autocast, checkpoints follow what the field turns out to run in
-        if self.checkpoint_dtype is None and policy.lowered_dtype is not None:
-            def follow() -> torch.dtype | None:
-                return None if field.precision is None else policy.checkpoint_dtype_for(field.precision)
         return StoreSetup(
             width=inputs.y0.shape[0], dtype=self.resolved_checkpoint_dtype(problem), device=inputs.y0.device,
             rows=inputs.grid_host.numel() - 1 if inputs.grid_host is not None else None,
             carries=not fixed and problem.tableau.carries_first_stage,
-            need_times=inputs.times_need_grad, params=tuple(inputs.params), follow_field=follow,
+            need_times=inputs.times_need_grad, params=tuple(inputs.params), follow_field=self._follow_field(problem),
         )
+
+    def _follow_field(self, problem: Problem) -> Callable[[], torch.dtype | None] | None:
+        """By default under autocast, checkpoints follow what the field turns out to run in (``StoreSetup``)."""
+        field, policy = problem.field, problem.policy
+        if self.checkpoint_dtype is not None or policy.lowered_dtype is None:
+            return None
+
+        def settled() -> torch.dtype | None:
+            return None if field.precision is None else policy.checkpoint_dtype_for(field.precision)
+
+        return settled
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(checkpoint_dtype={self.checkpoint_dtype}, scaling={self.scaling!r}, "
