@@ -17,6 +17,7 @@ The built-in strategies are in [`mpnode.core.strategies`][mpnode.core.strategies
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,8 @@ class AdjointStrategy(abc.ABC):
 
     Args:
         checkpoint_dtype: dtype of stored states; ``None`` = the autocast dtype for a
-            float32 state under autocast, else the state's dtype (autocast never lowers float64).
+            float32 state under autocast when the field's first evaluation shows it runs in that dtype, else the
+            state's dtype (autocast never lowers float64, nor the ops it keeps in float32).
             float16 rows are stored scaled by a power of two each (no range loss).
         scaling: adjoint scaling for float16 backward passes: an ``AdjointScaling``
             (e.g. ``mpnode.scaler.DynamicAdjointScaler()``), ``None`` = automatic (the
@@ -98,7 +100,9 @@ class AdjointStrategy(abc.ABC):
     # -- shared ---------------------------------------------------------------------------------------
 
     def resolved_checkpoint_dtype(self, problem: Problem) -> torch.dtype:
-        return self.checkpoint_dtype or problem.policy.default_checkpoint_dtype
+        """``checkpoint_dtype``, else the policy's for the precision the field was found to run in (before its first
+        evaluation: the autocast dtype for a float32 state)."""
+        return self.checkpoint_dtype or problem.policy.checkpoint_dtype_for(problem.field.precision)
 
     def resolved_scaling(self, problem: Problem) -> AdjointScaling:
         if isinstance(self.scaling, AdjointScaling):
@@ -140,8 +144,19 @@ class AdjointStrategy(abc.ABC):
             width=inputs.y0.shape[0], dtype=self.resolved_checkpoint_dtype(problem), device=inputs.y0.device,
             rows=inputs.grid_host.numel() - 1 if inputs.grid_host is not None else None,
             carries=not fixed and problem.tableau.carries_first_stage,
-            need_times=inputs.times_need_grad, params=tuple(inputs.params),
+            need_times=inputs.times_need_grad, params=tuple(inputs.params), follow_field=self._follow_field(problem),
         )
+
+    def _follow_field(self, problem: Problem) -> Callable[[], torch.dtype | None] | None:
+        """By default under autocast, checkpoints follow what the field turns out to run in (``StoreSetup``)."""
+        field, policy = problem.field, problem.policy
+        if self.checkpoint_dtype is not None or policy.lowered_dtype is None:
+            return None
+
+        def settled() -> torch.dtype | None:
+            return None if field.precision is None else policy.checkpoint_dtype_for(field.precision)
+
+        return settled
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(checkpoint_dtype={self.checkpoint_dtype}, scaling={self.scaling!r}, "

@@ -17,7 +17,7 @@ row's largest element still underflow (float16's subnormal floor).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,17 +110,35 @@ class CheckpointStore:
     of 16, 32, ... up to 1024 rows are added as needed and [`finish`][mpnode.core.checkpoints.CheckpointStore.finish]
     trims the last one, so at most one chunk (at most half the data, or 1024 rows) is ever copied.  Rows in
     float16/float8 are scaled by a power of two each (see the module docstring): 4 more bytes per row.
+
+    With ``follow`` (``StoreSetup.follow_field``) the dtype is the one it returns once it returns one (after the
+    field's first evaluation); rows appended before that are held as given and stored then (or at ``finish``, in
+    ``dtype``).
     """
 
-    def __init__(self, width: int, dtype: torch.dtype, device: torch.device, rows: int | None = None) -> None:
-        self.width, self.dtype, self.device = width, dtype, device
-        self.scaled = needs_row_scaling(dtype)
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device, rows: int | None = None,
+                 follow: Callable[[], torch.dtype | None] | None = None) -> None:
+        self.width, self.device = width, device
         self.chunks: list[torch.Tensor] = []
         self.scales: list[torch.Tensor] = []
         self._used = 0  # rows used in the last chunk
-        self._fixed = rows is not None
-        if rows is not None:
-            self._add_chunk(rows)
+        self._rows, self._fixed = rows, rows is not None
+        self._follow = follow
+        self._pending: list[torch.Tensor] = []  # rows appended before the dtype was known
+        self._use(dtype)
+
+    def _use(self, dtype: torch.dtype) -> None:
+        self.dtype, self.scaled = dtype, needs_row_scaling(dtype)
+        if self._rows is not None and self._follow is None:
+            self._add_chunk(self._rows)
+
+    def _settle(self, dtype: torch.dtype) -> None:
+        """Fix the dtype and store the rows held until now."""
+        self._follow = None
+        self._use(dtype)
+        pending, self._pending = self._pending, []
+        for row in pending:
+            self.append(row)
 
     def _add_chunk(self, size: int) -> None:
         self.chunks.append(torch.empty((size, self.width), dtype=self.dtype, device=self.device))
@@ -129,10 +147,16 @@ class CheckpointStore:
         self._used = 0
 
     def __len__(self) -> int:
-        return sum(c.shape[0] for c in self.chunks[:-1]) + self._used if self.chunks else 0
+        return (sum(c.shape[0] for c in self.chunks[:-1]) + self._used if self.chunks else 0) + len(self._pending)
 
     def append(self, row: torch.Tensor) -> None:
         """Store ``row`` (cast to the store's dtype; scaled first when the store is scaled)."""
+        if self._follow is not None:
+            dtype = self._follow()
+            if dtype is None:
+                self._pending.append(row.detach().clone())
+                return
+            self._settle(dtype)
         if not self.chunks or self._used == self.chunks[-1].shape[0]:
             if self._fixed:
                 raise IndexError("CheckpointStore: more rows than the fixed size it was created with")
@@ -145,6 +169,8 @@ class CheckpointStore:
 
     def finish(self) -> StoredRows:
         """The rows stored (the last chunk trimmed if needed)."""
+        if self._follow is not None:
+            self._settle(self._follow() or self.dtype)
         if self.chunks and self._used < self.chunks[-1].shape[0]:
             self.chunks[-1] = self.chunks[-1][: self._used].clone()
             if self.scaled:
@@ -175,8 +201,10 @@ class EveryStepCheckpoints(Kept):
     """Keeps every accepted step's start state (and carried first stage) in the checkpoint dtype."""
 
     def __init__(self, setup: StoreSetup) -> None:
-        self.states = CheckpointStore(setup.width, setup.dtype, setup.device, setup.rows)
-        self.first_stages = CheckpointStore(setup.width, setup.dtype, setup.device) if setup.carries else None
+        follow = setup.follow_field
+        self.states = CheckpointStore(setup.width, setup.dtype, setup.device, setup.rows, follow)
+        self.first_stages = CheckpointStore(setup.width, setup.dtype, setup.device, None, follow) \
+            if setup.carries else None
         self.first_row: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -227,16 +255,28 @@ class SparseCheckpoints(Kept):
     ``k`` doubles (dropping every other checkpoint) when the count of an adaptive march would exceed it."""
 
     def __init__(self, setup: StoreSetup, budget: int) -> None:
-        self.dtype = setup.dtype
+        self.setup = setup
+        self.dtype: torch.dtype | None = setup.settled_dtype()  # None: rows are held as given until it is known
         self.budget = budget
         self.every = max(1, -(-setup.rows // budget)) if setup.rows else 1
         self.kept: dict[int, tuple[Encoded, Encoded | None]] = {}  # step -> its state and carried first stage
 
+    def _encode(self, row: torch.Tensor) -> Encoded:
+        return (row.detach().clone(), None) if self.dtype is None else encode_row(row, self.dtype)
+
+    def _settle(self, dtype: torch.dtype) -> None:
+        """Fix the dtype and encode the rows held until now."""
+        self.dtype = dtype
+        for m, (state, first) in self.kept.items():
+            self.kept[m] = (encode_row(state[0], dtype), None if first is None else encode_row(first[0], dtype))
+
     def record(self, n: int, y: torch.Tensor, first_stage: torch.Tensor | None) -> None:
+        if self.dtype is None and (dtype := self.setup.settled_dtype()) is not None:
+            self._settle(dtype)
         if n % self.every:
             return
-        first = None if first_stage is None else encode_row(first_stage, self.dtype)
-        self.kept[n] = (encode_row(y, self.dtype), first)
+        first = None if first_stage is None else self._encode(first_stage)
+        self.kept[n] = (self._encode(y), first)
         while len(self.kept) > self.budget:  # adaptive steps: thin to every other checkpoint
             self.every *= 2
             self.kept = {m: v for m, v in self.kept.items() if m % self.every == 0}
@@ -244,6 +284,8 @@ class SparseCheckpoints(Kept):
     def finish(self) -> tuple[list[torch.Tensor], SavedReader]:
         """Per kept step its encoded row (and its scale for narrow-range dtypes), then the same for a carried
         first stage."""
+        if self.dtype is None:
+            self._settle(self.setup.settled_dtype() or self.setup.dtype)
         index = sorted(self.kept)
         has_first = [self.kept[m][1] is not None for m in index]
         out: list[torch.Tensor] = []

@@ -276,12 +276,15 @@ class StoreSetup:
 
     Attributes:
         width: entries of a flat state ``D``.
-        dtype: the checkpoint dtype.
+        dtype: the checkpoint dtype (when ``follow_field`` is set: until the field's first evaluation).
         device: the state's device.
         rows: the number of steps when known before the march (fixed grids), else ``None``.
         carries: steps may carry their first stage (it must be kept with the state).
         need_times: kept graphs must trace the step times.
         params: the differentiated tensors (not counted as held memory).
+        follow_field: when set, the checkpoint dtype follows the precision the field turns out to run in: it
+            returns that dtype, or ``None`` before the field's first evaluation (a fixed grid records its first
+            state before evaluating it; the built-in stores hold such rows in the state's dtype until then).
     """
 
     width: int
@@ -291,6 +294,11 @@ class StoreSetup:
     carries: bool
     need_times: bool
     params: tuple[torch.Tensor, ...] = ()
+    follow_field: Callable[[], torch.dtype | None] | None = None
+
+    def settled_dtype(self) -> torch.dtype | None:
+        """The checkpoint dtype if it is known now, else ``None``."""
+        return self.dtype if self.follow_field is None else self.follow_field()
 
 
 #: Reads the tensors a strategy saved for backward (autograd's unpacked copies) into what its backward pass uses.

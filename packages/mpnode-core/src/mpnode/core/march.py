@@ -32,7 +32,6 @@ from .controllers import StepSizeController, next_step
 from .grids import GridRule, StepSizeGrid
 from .options import AdaptiveOptions
 from .outputs import DenseOutput, OutputPlacement, OutputRule, place_on_grid
-from .precision import field_roundoff
 from .rk import StagePerturbation, Stages, stage_time_table, weighted_sum
 from .step import KEEP_NOTHING, Step, StepInterpolant, first_stage, take_step
 from .tableau import ButcherTableau
@@ -217,7 +216,7 @@ class AdaptiveMarch(March):
         self.tolerance = tolerance
         self.options = options
         self.output_rule = DenseOutput(tableau)
-        #: of the latest march: the least precise dtype of the field's first evaluation, and the accepted steps
+        #: of the latest march: the coarsest precision the field's first evaluation carried, and the accepted steps
         #: that passed on the noise criterion only
         self.field_dtype: torch.dtype | None = None
         self.noise_accepted = 0
@@ -243,15 +242,21 @@ class AdaptiveMarch(March):
         """The attempt's error ratio (accept when ``<= 1``; the controller's input) and whether only the rounding
         noise of the field made it pass; one host read.  Without noise: ``norm(err / tol)``, torchdiffeq's."""
         tol = self.tolerance
+        overflow = tol.norm is None  # a non-finite default norm: recomputed without overflow (tiny rtol/atol)
         if noise is None:
             ratio = float(tol.error_ratio(err, y, y1))
             tol.check_norm_value(ratio, lambda: err / tol.scale(y, y1))
+            if not math.isfinite(ratio) and overflow:
+                ratio = float(tol.error_ratio(err, y, y1, safe=True))
             return (ratio if math.isfinite(ratio) else math.inf), False
-        plain, floor = tol.noisy_error_ratios(err, y, y1, noise.size(h, stages.ks)).tolist()
-        tol.check_norm_value(plain, lambda: err / tol.scale(y, y1))
-        if not (math.isfinite(plain) and math.isfinite(floor)):
+        size = noise.size(h, stages.ks)
+        plains, floors = tol.noisy_error_ratios(err, y, y1, size).tolist()
+        tol.check_norm_value(plains[0], lambda: err / tol.scale(y, y1))
+        if not all(map(math.isfinite, plains + floors)) and overflow:
+            plains, floors = tol.noisy_error_ratios(err, y, y1, size, safe=True).tolist()
+        if not all(map(math.isfinite, plains + floors)):
             return math.inf, False
-        return noise.judge(plain, floor)
+        return noise.judge_parts(plains, floors)
 
     def warn_if_noise_accepted(self, stacklevel: int) -> None:
         """One [`MixedPrecisionToleranceWarning`][mpnode.core.march.MixedPrecisionToleranceWarning] when the latest
@@ -313,9 +318,10 @@ class _AdaptiveRun:
         self.t0 = self.outputs[0]
         self.k_first, self.start = first_stage(problem, recorder, self._time(self.t0), y0,
                                                StagePerturbation(direction=self.direction))
-        march.field_dtype = f.out_dtype  # what the field ran in decides, not whether autocast is on
-        u = field_roundoff(f.out_dtype, problem.policy.state_dtype)
-        self.noise = RoundoffNoise(u, tab.b_err) if u else None
+        precision = f.precision  # what the field ran in decides (found on its first evaluation), not autocast
+        assert precision is not None, "the first stage evaluates the field"
+        march.field_dtype = precision.coarsest
+        self.noise = RoundoffNoise.for_field(precision, f.layout, tab.b_err)
         self.mode = FirstStageMode.AT_NODE
         self.h = opts.first_step if opts.first_step is not None else initial_step(
             f, self.t0, self.direction, y0, self.k_first, tab.order, march.tolerance, torch.float64

@@ -24,12 +24,14 @@ import functools
 import itertools
 import threading
 import types
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
+
+from .precision import tensors_in as _tensors
 
 
 def gradient_targets(func: Callable, adjoint_params: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -275,18 +277,6 @@ _METADATA = frozenset(
                                                 "is_complex", "stride", "element_size", "is_contiguous",
                                                 "get_device")]
 )
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """The tensors in nested tuples, lists and dicts (what torch functions take and return)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            yield from _tensors(x)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            yield from _tensors(x)
 
 
 def _leaf_node_type() -> type:

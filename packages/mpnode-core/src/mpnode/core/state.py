@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 
-from .precision import LOW_PRECISION_Y0_DTYPES
+from .precision import LOW_PRECISION_Y0_DTYPES, FieldPrecision, RoundoffTrace
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -66,9 +67,10 @@ class FlatVectorField:
     structure, both in ``y0``'s dtype (``layout.user_dtype``, as torchdiffeq does).  The result is checked
     (structure, shape, floating dtype) and cast to the state dtype, so stage
     sums are accumulated in high precision whatever dtype autocast produced.
-    Every call is counted in ``nfe``; ``out_dtype`` is the least precise dtype
-    among the outputs of the latest call (before the cast), ``None`` before the
-    first: the precision the field actually ran in.  A ``func`` that modifies
+    Every call is counted in ``nfe``.  ``precision`` is the precision the field actually runs in, per output part
+    ([`FieldPrecision`][mpnode.core.precision.FieldPrecision]): found on the first call by following every torch
+    call of that evaluation ([`RoundoffTrace`][mpnode.core.precision.RoundoffTrace]), ``None`` before it.  A
+    ``func`` that modifies
     ``y`` in place raises (`IN_PLACE_INPUT`): the solver reuses ``y`` for
     the step's other stages and the next state.
     """
@@ -77,7 +79,7 @@ class FlatVectorField:
         self.func = func
         self.layout = layout
         self.nfe = 0
-        self.out_dtype: torch.dtype | None = None
+        self.precision: FieldPrecision | None = None
         #: one-shot hook: the next evaluation runs as ``hook(func, t, y)`` (e.g. a CapturedTensorProbe)
         self.next_call_hook: Callable | None = None
 
@@ -85,19 +87,23 @@ class FlatVectorField:
         self.nfe += 1
         lay = self.layout
         version = None if y.is_inference() else y._version
-        if self.next_call_hook is not None:
-            hook, self.next_call_hook = self.next_call_hook, None
-            out = hook(self.func, t.to(lay.user_dtype), lay.unflatten(y, dtype=lay.user_dtype))
-        else:
-            out = self.func(t.to(lay.user_dtype), lay.unflatten(y, dtype=lay.user_dtype))
+        trace = RoundoffTrace() if self.precision is None else None
+        with trace if trace is not None else contextlib.nullcontext():
+            if self.next_call_hook is not None:
+                hook, self.next_call_hook = self.next_call_hook, None
+                out = hook(self.func, t.to(lay.user_dtype), lay.unflatten(y, dtype=lay.user_dtype))
+            else:
+                out = self.func(t.to(lay.user_dtype), lay.unflatten(y, dtype=lay.user_dtype))
         if version is not None and y._version != version:
             raise RuntimeError(IN_PLACE_INPUT)
         if not lay.is_tuple and isinstance(out, torch.Tensor) and out.shape == lay.shapes[0] \
                 and out.dtype.is_floating_point:  # the common case, checked without the general path
-            self.out_dtype = out.dtype
+            if trace is not None:
+                self.precision = trace.precision((out,))
             return out.reshape(-1).to(lay.dtype)
         parts = self._check(out)
-        self.out_dtype = max((p.dtype for p in parts), key=lambda d: torch.finfo(d).eps)
+        if trace is not None:
+            self.precision = trace.precision(parts)
         if not lay.is_tuple:
             return parts[0].reshape(-1).to(lay.dtype)
         return torch.cat([p.reshape(-1).to(lay.dtype) for p in parts])

@@ -198,7 +198,6 @@ class _BudgetedKept(ForwardingRecorder[Kept], Kept):
     def __init__(self, setup: StoreSetup, budget_bytes: int) -> None:
         self.setup = setup
         self.budget = budget_bytes
-        self.row_bytes = setup.width * setup.dtype.itemsize
         self.strategy: AdjointStrategy = DirectAdjoint()
         self.inner: Kept = KeptGraphs(setup.need_times)
         self.meter: HeldMemory = held_memory(exclude=setup.params, chain=True)  # bytes the kept graphs hold
@@ -206,6 +205,11 @@ class _BudgetedKept(ForwardingRecorder[Kept], Kept):
 
     def graph_context(self) -> HeldMemory:
         return self.meter
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one checkpoint row (in the dtype that follows the field, once it is known)."""
+        return self.setup.width * (self.setup.settled_dtype() or self.setup.dtype).itemsize
 
     def keep(self, n: int, graph: StepGraph) -> None:
         self.inner.keep(n, graph)

@@ -13,11 +13,12 @@ The step-size controllers that turn the ratio into the next step live in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from .precision import FieldPrecision
 from .state import FlatState
 from .validation import check_number
 
@@ -25,6 +26,14 @@ from .validation import check_number
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(mean(x^2))`` over all elements."""
     return x.abs().pow(2).mean().sqrt()
+
+
+def scaled_rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """``rms_norm`` computed as ``m * rms(x / m)`` with ``m = max|x|``: no overflow of the squares (a scaled error
+    of 1e20 in float32, from tolerances of 1e-20), at the cost of one more reduction; used when the plain one
+    overflowed."""
+    m = x.abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+    return m * rms_norm(x / m)
 
 
 class Tolerance:
@@ -53,10 +62,13 @@ class Tolerance:
     def scale(self, y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
         return self.atol + self.rtol * torch.max(y0.abs(), y1.abs())
 
-    def apply_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The norm of a flat vector, in the user's structure (0 for an empty state: it has no error to control)."""
+    def apply_norm(self, x: torch.Tensor, safe: bool = False) -> torch.Tensor:
+        """The norm of a flat vector, in the user's structure (0 for an empty state: it has no error to control);
+        ``safe``: the default norm without overflow ([`scaled_rms_norm`][mpnode.core.tolerance.scaled_rms_norm])."""
         if x.numel() == 0:
             return x.new_zeros(())
+        if self.norm is None and self.layout.is_tuple:
+            return self.part_norms(x, safe).max()
         if self.norm is not None:
             out = self.norm(self.layout.unflatten(x))
             if not isinstance(out, torch.Tensor):
@@ -70,10 +82,15 @@ class Tolerance:
                     f"to one number (a 0-dim tensor), e.g. lambda e: e.abs().max()"
                 )
             return out.reshape(())
-        if not self.layout.is_tuple:
-            return rms_norm(x)
-        parts = torch.split(x, list(self.layout.sizes))
-        return torch.stack([rms_norm(p) for p in parts if p.numel()]).max()
+        return scaled_rms_norm(x) if safe else rms_norm(x)
+
+    def part_norms(self, x: torch.Tensor, safe: bool = False) -> torch.Tensor:
+        """``(P,)``: with the default norm, the RMS norm of each non-empty part of a tuple state (their max is the
+        solve's norm, torchdiffeq's); else the one norm of ``x``."""
+        if self.norm is not None or not self.layout.is_tuple or x.numel() == 0:
+            return self.apply_norm(x, safe).reshape(1)
+        rms = scaled_rms_norm if safe else rms_norm
+        return torch.stack([rms(p) for p in torch.split(x, list(self.layout.sizes)) if p.numel()])
 
     def check_norm_value(self, value: float, scaled: Callable[[], torch.Tensor]) -> None:
         """Raise if the user's ``norm`` returned ``value`` < 0, or NaN for a finite input ``scaled()``.
@@ -91,21 +108,23 @@ class Tolerance:
             raise ValueError("options['norm'] returned NaN for a finite scaled error; check it on a finite tensor (a "
                              "0/0 or sqrt of a negative number inside it), or drop it to use the RMS norm")
 
-    def error_ratio(self, err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
-        """``norm(err / tol)``, a 0-dim tensor in the state's dtype."""
-        return self.apply_norm(err / self.scale(y0, y1))
+    def error_ratio(self, err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, safe: bool = False) -> torch.Tensor:
+        """``norm(err / tol)``, a 0-dim tensor in the state's dtype (``safe``: see ``apply_norm``)."""
+        return self.apply_norm(err / self.scale(y0, y1), safe)
 
     def noisy_error_ratios(
-        self, err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, noise: torch.Tensor
+        self, err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, noise: torch.Tensor, safe: bool = False
     ) -> torch.Tensor:
-        """``[norm(err / tol), norm(noise / tol)]`` as one ``(2,)`` tensor (one host read for both).
+        """``[norms(err / tol), norms(noise / tol)]`` as one ``(2, P)`` tensor (one host read for all), with
+        ``norms`` = [`part_norms`][mpnode.core.tolerance.Tolerance.part_norms]: per part of a tuple state under the
+        default norm (each part is judged against its own noise), else ``P = 1``.
 
         ``noise`` is the per-element size of the rounding noise in ``err``
-        ([`RoundoffNoise.size`][mpnode.core.tolerance.RoundoffNoise.size]): the second entry is the ratio an estimate
+        ([`RoundoffNoise.size`][mpnode.core.tolerance.RoundoffNoise.size]): the second row is the ratio an estimate
         made of rounding alone would reach, in the same weighted norm as the first.
         """
         scale = self.scale(y0, y1)
-        return torch.stack([self.apply_norm(err / scale), self.apply_norm(noise / scale)])
+        return torch.stack([self.part_norms(err / scale, safe), self.part_norms(noise / scale, safe)])
 
 
 class RoundoffNoise:
@@ -118,7 +137,9 @@ class RoundoffNoise:
     part does (the weights ``b_err`` sum to zero).  The estimate therefore carries
     noise bounded by about ``N = u |h| sum_i |b_err_i| |k_i|`` per element
     ([`size`][mpnode.core.tolerance.RoundoffNoise.size]): it scales with the step and the stages, not with the solution,
-    so a tolerance below it cannot be met by shrinking the step.
+    so a tolerance below it cannot be met by shrinking the step.  ``u`` is a number, or a per-element ``(D,)`` tensor
+    when the parts of a tuple state run in different precisions
+    ([`for_field`][mpnode.core.tolerance.RoundoffNoise.for_field]; 0 where a part is as precise as the state).
 
     [`judge`][mpnode.core.tolerance.RoundoffNoise.judge] turns the two tolerance-weighted norms ``plain = norm(e /
     tol)`` and ``floor = norm(N / tol)`` into the ratio that decides the step and feeds the controller (accept when ``<=
@@ -138,13 +159,31 @@ class RoundoffNoise:
     #: MLP, linear and hypernetwork (CNF) fields under bfloat16/float16 with dopri5; half of the bound is removed
     EXPECTED = 0.5
 
-    def __init__(self, unit_roundoff: float, b_err: Any) -> None:
-        if not unit_roundoff > 0:
+    def __init__(self, unit_roundoff: float | torch.Tensor, b_err: Any) -> None:
+        if isinstance(unit_roundoff, torch.Tensor):
+            if not (bool((unit_roundoff >= 0).all()) and bool((unit_roundoff > 0).any())):
+                raise ValueError("a per-element unit_roundoff must be >= 0 everywhere and positive somewhere")
+            self.unit_roundoff: float | torch.Tensor = unit_roundoff
+        elif not unit_roundoff > 0:
             raise ValueError(f"unit_roundoff must be positive, got {unit_roundoff}")
-        self.unit_roundoff = float(unit_roundoff)
+        else:
+            self.unit_roundoff = float(unit_roundoff)
         self.weights = [abs(float(w)) for w in b_err]
         if not any(self.weights):
             raise ValueError("b_err has no non-zero weight: the tableau has no error estimate")
+
+    @classmethod
+    def for_field(cls, precision: FieldPrecision, layout: FlatState, b_err: Any) -> RoundoffNoise | None:
+        """The noise of a field whose output parts carry ``precision`` (found on its first evaluation), on states of
+        ``layout``; ``None`` when every part is as precise as the state (then the ratio is torchdiffeq's)."""
+        parts = precision.roundoff(layout.dtype)
+        if not any(parts):
+            return None
+        if len(set(parts)) == 1:
+            return cls(parts[0], b_err)
+        per_part = torch.tensor(parts, dtype=layout.dtype)
+        sizes = torch.tensor(layout.sizes)
+        return cls(per_part.repeat_interleave(sizes).to(layout.device), b_err)
 
     def size(self, h: float, ks: Any) -> torch.Tensor:
         """The per-element bound ``u |h| sum_i |b_err_i| |k_i|`` of the estimate's noise, in the stages' dtype."""
@@ -161,8 +200,17 @@ class RoundoffNoise:
         ratio = truncation / max(1.0, floor)
         return ratio, plain > 1.0 >= ratio
 
+    def judge_parts(self, plains: Sequence[float], floors: Sequence[float]) -> tuple[float, bool]:
+        """[`judge`][mpnode.core.tolerance.RoundoffNoise.judge] per part (the rows of
+        [`Tolerance.noisy_error_ratios`][mpnode.core.tolerance.Tolerance.noisy_error_ratios]): the largest ratio, and
+        whether the step passes only because of some part's noise.  A part without noise (``floor = 0``) is judged as
+        torchdiffeq judges it, whatever the other parts' noise."""
+        ratio = max(self.judge(p, f)[0] for p, f in zip(plains, floors))
+        return ratio, max(plains) > 1.0 >= ratio
+
     def __repr__(self) -> str:
-        return f"RoundoffNoise(unit_roundoff={self.unit_roundoff:g})"
+        u = self.unit_roundoff
+        return f"RoundoffNoise(unit_roundoff={float(u.max()) if isinstance(u, torch.Tensor) else u:g})"
 
 
 def _refuse_zero_tolerances(rtol: float | torch.Tensor, atol: float | torch.Tensor) -> None:
@@ -234,19 +282,32 @@ def initial_step(
     ``<= 1e-15``); the result is ``min(100 h0, h1)``.
     """
     scale = tol.atol + tol.rtol * y0.abs()
-    d = torch.stack([tol.apply_norm(y0 / scale), tol.apply_norm(f0 / scale)]).abs().tolist()
-    d0, d1 = d
-    tol.check_norm_value(d0, lambda: y0 / scale)
-    tol.check_norm_value(d1, lambda: f0 / scale)
+    d0, d1 = _norms(tol, [y0, f0], scale)
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     h0 = float(torch.tensor(h0, dtype=y0.dtype))  # torchdiffeq forms h0 in the state's dtype
     y1 = torch.add(y0, f0, alpha=direction * h0)  # the Euler probe goes the way time goes
     t1 = torch.tensor(t0 + direction * h0, dtype=time_dtype, device=y0.device)
-    slope_change = (f(t1, y1) - f0) / scale
-    d2 = float(tol.apply_norm(slope_change).abs()) / h0
-    tol.check_norm_value(d2, lambda: slope_change)
+    (d2,) = _norms(tol, [f(t1, y1) - f0], scale)
+    d2 /= h0
     if d1 <= 1e-15 and d2 <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)
     else:
         h1 = (0.01 / max(d1, d2)) ** (1.0 / order)
     return min(100 * h0, h1)
+
+
+def _norms(tol: Tolerance, xs: Sequence[torch.Tensor], scale: torch.Tensor) -> list[float]:
+    """``|norm(x / scale)|`` of each vector (one host read).  Recomputed without overflow when a tolerance so small
+    that the squares overflow (1e-20 in float32) made one infinite; refused when ``x / scale`` itself overflows for
+    a finite ``x`` (tolerances near the dtype's smallest numbers)."""
+    scaled = [x / scale for x in xs]
+    out = torch.stack([tol.apply_norm(x) for x in scaled]).abs().tolist()
+    for value, x in zip(out, scaled):
+        tol.check_norm_value(value, lambda x=x: x)
+    if all(math.isfinite(v) for v in out) or tol.norm is not None:
+        return out
+    out = torch.stack([tol.apply_norm(x, safe=True) for x in scaled]).abs().tolist()
+    if not all(math.isfinite(v) for v in out) and all(bool(torch.isfinite(x).all()) for x in xs):
+        raise ValueError(f"odeint: rtol/atol are too small for the state's {scale.dtype}: the scaled state "
+                         "y / (atol + rtol |y|) overflows it; give tolerances above 1e-30, or a float64 state")
+    return out
