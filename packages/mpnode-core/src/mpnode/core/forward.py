@@ -174,10 +174,19 @@ def _seeing_modules(call, tensors: StepTensors, first: list):
             out = call(func, t, y)
         finally:
             handle.remove()
-        first.append((t, y, out))
+        first.append(_detached((t, y, out)))  # values only: a kept graph of this evaluation is not held twice
         return out
 
     return seeing
+
+
+def _detached(obj):
+    """``obj`` with each tensor in its nested tuples and lists detached (the same storage, no graph)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detached(x) for x in obj)
+    return obj
 
 
 def _checked_call(probe, check):

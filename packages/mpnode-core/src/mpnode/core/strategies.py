@@ -202,6 +202,7 @@ class _BudgetedKept(ForwardingRecorder[Kept], Kept):
         self.inner: Kept = KeptGraphs(setup.need_times)
         self.meter: HeldMemory = held_memory(exclude=setup.params, chain=True)  # bytes the kept graphs hold
         self.carried: set[int] = set()  # steps whose first stage is carried (the others' are recomputable)
+        self.replay_row_bytes = 0  # bytes per step of the field's in-place-modified buffers kept for their replay
 
     def graph_context(self) -> HeldMemory:
         return self.meter
@@ -209,7 +210,7 @@ class _BudgetedKept(ForwardingRecorder[Kept], Kept):
     @property
     def row_bytes(self) -> int:
         """Bytes of one checkpoint row (in the dtype that follows the field, once it is known)."""
-        return self.setup.width * (self.setup.settled_dtype() or self.setup.dtype).itemsize
+        return self.setup.width * (self.setup.settled_dtype() or self.setup.dtype).itemsize + self.replay_row_bytes
 
     def keep(self, n: int, graph: StepGraph) -> None:
         self.inner.keep(n, graph)
@@ -229,7 +230,7 @@ class _BudgetedKept(ForwardingRecorder[Kept], Kept):
 
     def count_row_bytes(self, nbytes: int) -> None:
         """Each recorded step also holds ``nbytes`` of the field's in-place-modified buffers (for their replay)."""
-        self.row_bytes += nbytes
+        self.replay_row_bytes += nbytes
 
     def _unsized(self) -> StoreSetup:
         return StoreSetup(**{**self.setup.__dict__, "rows": None})
