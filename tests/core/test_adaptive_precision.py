@@ -544,3 +544,35 @@ def test_tolerances_below_what_the_state_dtype_can_scale_are_refused_naming_the_
     with pytest.raises(ValueError, match=r"rtol/atol are too small for the state's torch\.float32.*float64 state"):
         odeint(lambda t, y: -y, torch.ones(4, device=device), torch.tensor([0.0, 1.0], device=device), rtol=1e-44,
                atol=1e-44)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bfloat16-autocast"])
+def test_a_field_under_torch_func_vmap_is_solved_as_torchdiffeq_solves_it(autocast, device):
+    """vmap hides a batched tensor's values from the trace's weights (main raised 'Cannot access data pointer of
+    Tensor that doesn't have storage' on an addition inside vmap, also without autocast)."""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8).to(device)
+
+    def field(t, y):
+        return torch.func.vmap(lambda row: torch.tanh(lin(row)) + 0.1 * row)(y)
+
+    y0, t = torch.randn(4, 8, device=device), torch.tensor([0.0, 1.0], device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        ours = odeint(field, y0, t, rtol=1e-4, atol=1e-4)
+        theirs = torchdiffeq.odeint(field, y0, t, rtol=1e-4, atol=1e-4)
+    assert float((ours - theirs).detach().norm() / theirs.norm()) < (3e-2 if autocast else 1e-4)
+
+
+def test_where_carries_the_noise_of_the_values_it_selects(device):
+    """``where(mask, bfloat16 branch, float32 branch)`` selecting only the float32 branch is float32-accurate
+    (main gave it bfloat16's unit roundoff, and the noise test then accepted steps with truncation error)."""
+    net, y0 = _net(device), torch.randn(3, 4, device=device)
+    layout = FlatState(y0)
+    for mask_value, low in ((False, False), (True, True)):
+        field = FlatVectorField(lambda t, y, m=mask_value: torch.where(torch.full_like(y, m, dtype=torch.bool),
+                                                                       net(y).float(), -2.0 * y), layout)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            field(torch.tensor(0.0, dtype=torch.float64, device=device), layout.flatten(y0))
+        noise = field.precision.roundoff(torch.float32)[0]
+        assert (noise >= 2.0**-9) == low, (mask_value, noise)

@@ -165,7 +165,8 @@ class RoundoffTrace(TorchFunctionMode):
     * for an addition or subtraction ``a ± b``: ``(r_a rms(a) + r_b rms(b)) / rms(a ± b)``, the first-order error
       of a sum, at most the larger of ``r_a``, ``r_b``: a small bfloat16 term added to a large float32 one adds
       little noise;
-    * for a concatenation (``cat``, ``stack``): the RMS of the parts' noise over the RMS of the result;
+    * for a concatenation (``cat``, ``stack``): the RMS of the parts' noise over the RMS of the result, and likewise
+      for ``where(cond, a, b)`` over the values it selects;
     * for any other function: the largest ``r`` of its arguments (relative rounding passes through a
       well-conditioned op: ``.float()``, a scale, ``tanh``, a matmul, ``torch.autograd.grad``).
 
@@ -229,8 +230,28 @@ class RoundoffTrace(TorchFunctionMode):
             targets.append(args[0])  # x[i] = v: x now holds v's rounding
         for x in targets:
             if x.dtype.is_floating_point or x.dtype.is_complex:
-                self._mark(x, dtype, _noise_of(name, inputs, x, kwargs.get("alpha")))
+                noise = self._selected_noise(args, x) if name == "where" else None
+                self._mark(x, dtype, _noise_of(name, inputs, x, kwargs.get("alpha")) if noise is None else noise)
         return out
+
+    def _selected_noise(self, args: Any, out: torch.Tensor) -> float | None:
+        """``where(cond, a, b)``: the noise of the values it selects, as a concatenation of the selected parts
+        (``None``: not that call form, or values a batching transform hides)."""
+        if len(args) < 3 or not isinstance(args[0], torch.Tensor):
+            return None
+        try:
+            cond = args[0].bool().broadcast_to(out.shape)
+            parts = [(x.broadcast_to(out.shape)[mask], self.carries(x)[1]) for x, mask in ((args[1], cond),
+                                                                                           (args[2], ~cond))
+                     if isinstance(x, torch.Tensor) and x.dtype.is_floating_point]
+            rms = _rms([x for x, _ in parts])
+        except RuntimeError:
+            return None
+        sizes = [x.numel() for x, _ in parts]
+        total = sum(n * m * m for n, m in zip(sizes, rms))
+        if not total > 0.0 or not math.isfinite(total):
+            return max((r for _, r in parts), default=0.0)
+        return math.sqrt(sum(n * (r * m) ** 2 for n, (_, r), m in zip(sizes, parts, rms)) / total)
 
     def _mark(self, x: torch.Tensor, dtype: torch.dtype | None, noise: float) -> None:
         own = x.dtype if x.dtype.is_floating_point else None
@@ -248,7 +269,10 @@ def _noise_of(name: str, inputs: Sequence[tuple[torch.Tensor, Any, float]], out:
     additive, joining = name in RoundoffTrace.ADDITIVE, name in RoundoffTrace.JOINING
     if not (additive or joining) or out.dtype.is_complex or any(x.dtype.is_complex for x, _, _ in inputs):
         return largest
-    rms = _rms([out, *(x for x, _, _ in inputs)])
+    try:
+        rms = _rms([out, *(x for x, _, _ in inputs)])
+    except RuntimeError:  # values a batching transform (torch.func.vmap) hides: no weights to go by
+        return largest
     if not rms[0] > 0.0 or not all(map(math.isfinite, rms)):
         return largest  # an exact zero, or an overflow: no weights to go by
     if additive:
