@@ -94,7 +94,7 @@ NO_VERSION_CHECK = (guards_module.VersionRecord, "check", lambda self: None)
 NO_BUFFER_RESTORE = (forward_module, "module_buffers", lambda modules: [])
 NO_PROBE = (parameters_module.CapturedTensorProbe, "__call__", lambda self, func, t, y: func(t, y))
 UNSCALED_CHECKPOINTS = (checkpoints_module, "needs_row_scaling", lambda dtype: False)
-NO_READS_CHECK = (forward_module, "FirstReads", lambda tensors, modules: None)
+NO_READS_CHECK = (forward_module, "FirstReads", lambda tensors, modules, first=None: None)
 
 
 def variants(fields: dict[str, torch.nn.Module]) -> dict[str, tuple]:
@@ -133,7 +133,7 @@ GUARD_FUNCTIONS = {
     "rng replay (dropout)": [(replay_module.StepRandomness, n) for n in ("start", "at_step", "finish")]
     + [(replay_module.Replay, "before_step")],
     "buffer restore (batchnorm)": [(replay_module.Replay, "session")],
-    "replaced-tensor check": [(guards_module.FirstReads, n) for n in ("__init__", "check_bindings", "_compare")],
+    "replaced-tensor check": [(guards_module.FirstReads, n) for n in ("__init__", "check_bindings", "_compare", "_same_output")],
     "scaled float16 checkpoints": [(checkpoints_module, "row_scale"),
                                    (checkpoints_module.StoredRows, "row")],
 }
