@@ -133,7 +133,8 @@ GUARD_FUNCTIONS = {
     "rng replay (dropout)": [(replay_module.StepRandomness, n) for n in ("start", "at_step", "finish")]
     + [(replay_module.Replay, "before_step")],
     "buffer restore (batchnorm)": [(replay_module.Replay, "session")],
-    "replaced-tensor check": [(guards_module.FirstReads, n) for n in ("__init__", "check_bindings", "_compare", "_same_output")],
+    "replaced-tensor check": [(guards_module.FirstReads, n)
+                              for n in ("__init__", "check_bindings", "_compare", "_same_output")],
     "scaled float16 checkpoints": [(checkpoints_module, "row_scale"),
                                    (checkpoints_module.StoredRows, "row")],
 }

@@ -149,7 +149,7 @@ def _check_count(name: str, value: Any, least: int, hint: str) -> int:
         count = int(value)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
             and float(value).is_integer():
-        count = int(value)
+        count = int(float(value))
     else:
         kind = "a fraction" if isinstance(value, numbers.Real) and not isinstance(value, bool) else "not a whole number"
         raise ValueError(f"{name} must be a whole number >= {least}, got {value!r} ({kind}){hint}")
