@@ -353,12 +353,17 @@ def _adjoint_step(plan: BackwardPlan, source: BackwardSteps, m: int, acc: Adjoin
         acc.add_node_output(g[j])
 
 
+def _shapes(tensors: Sequence[torch.Tensor]) -> str:
+    """``"(2, 3), (4,)"``: the shapes of ``tensors``, for messages naming them."""
+    return ", ".join(str(tuple(p.shape)) for p in tensors)
+
+
 def _refuse_unread_non_leaves(params: Sequence[torch.Tensor], read: Sequence[bool]) -> None:
     """Raise if a listed ``adjoint_params`` tensor computed from others (a non-leaf) was read by no step: its
     gradient is zero, and the tensors it was computed from, which it exists to pass gradients on to, get none."""
     unread = [p for p, r in zip(params, read) if not r and not p.is_leaf]
     if unread:
-        shapes = ", ".join(str(tuple(p.shape)) for p in unread)
+        shapes = _shapes(unread)
         raise ValueError(
             f"odeint: {len(unread)} tensor(s) in adjoint_params (shapes {shapes}) are computed from other tensors "
             "(non-leaf, e.g. w * 1 or w.to(...)) and func never reads them, so they would get a zero gradient and "
@@ -481,13 +486,13 @@ def _refuse_untracked(graph: StepGraph, known: KnownTensors) -> None:
     if lost and known.computed_from(lost):
         raise RuntimeError(
             f"odeint: func now reads a tensor computed from the same {len(lost)} grad-requiring tensor(s) (shapes "
-            f"{', '.join(str(tuple(p.shape)) for p in lost)}) as a tensor it read in this solve's forward pass, "
+            f"{_shapes(lost)}) as a tensor it read in this solve's forward pass, "
             "but not that tensor: a captured variable, attribute or global was rebound between the solve and its "
             "backward (e.g. a lambda made in a loop reads the loop's latest variable, not the one of its solve), "
             "and adjoint_params would not help; " + REPLACED_TENSOR_FIXES
         )
     if lost:
-        shapes = ", ".join(str(tuple(p.shape)) for p in lost)
+        shapes = _shapes(lost)
         raise ValueError(
             f"odeint: func uses {len(lost)} tensor(s) that require grad but are not differentiated (shapes {shapes}), "
             "so their gradients would be lost. Pass every tensor that needs a gradient as "

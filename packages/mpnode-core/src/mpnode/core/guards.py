@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .parameters import CapturedTensorProbe
-from .precision import PrecisionPolicy
+from .precision import PrecisionPolicy, tensors_in
 from .state import FlatVectorField
 
 
@@ -171,17 +171,9 @@ def _same_input(first: tuple[Any, Any, Any], t: torch.Tensor, y: Any) -> bool:
 
 
 def _same_tensors(a: Any, b: Any) -> bool:
-    xs, ys = list(_flat_tensors(a)), list(_flat_tensors(b))
+    xs, ys = list(tensors_in(a)), list(tensors_in(b))
     return len(xs) == len(ys) and all(x.shape == z.shape and x.dtype == z.dtype and bool(torch.equal(x.detach(), z))
                                       for x, z in zip(xs, ys))
-
-
-def _flat_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            yield from _flat_tensors(x)
 
 
 def _again(func: Callable, t: torch.Tensor, y: Any, reset: Callable[[], None]) -> Any:
