@@ -394,6 +394,13 @@ def with_middle(middle: Callable[[], torch.nn.Module]) -> Callable[[Spec], Case]
     return lambda spec: base_case(spec, lambda v: Field(v, middle=middle()))
 
 
+def spectral_norm_layer() -> torch.nn.Module:
+    """``spectral_norm(Linear(8, 8))``, the same weights and power-iteration vectors at every build."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(8, 8))
+
+
 def events(spec: Spec, direction: float = 1.0) -> Case:
     """Until ``g = 0.6 - direction t - 0.1 mean(y) = 0`` (about t = 0.6 direction), ``t = [0, 2 direction]``;
     fixed grids step by 0.2."""
@@ -670,6 +677,9 @@ FEATURES = [
     # BatchNorm divides by the standard deviation of 4 samples and its gradient subtracts their mean: the field's
     # roundoff is amplified (measured up to 6x the other features' errors in bfloat16, float16 and float32)
     Feature("batchnorm", with_middle(lambda: torch.nn.BatchNorm1d(8)), stateful=True, tol_factor=4.0),
+    # spectral norm in training mode: a power iteration updates buffers that feed the output at every evaluation
+    # (replayed per step on fixed grids; refused on adaptive ones by the recomputing strategies)
+    Feature("spectral_norm", with_middle(spectral_norm_layer), applies=fixed_grids, stateful=True),
     Feature("events", events, check=_event_on_surface),
     Feature("callbacks", callbacks, check=_callbacks_as_documented),
     Feature("interp_cubic", interp_cubic, applies=fixed_grids),
